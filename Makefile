@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (the main job, CPU by default) and `make test` (the whole suite).
+# Both create .venv and install the package into it on first use; nothing else is needed but python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: an unpinned `torch` would pull several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench sweep clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m matryoshka loss-demo
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

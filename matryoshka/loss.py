@@ -1,0 +1,150 @@
+"""``matryoshka_loss``: the all-prefix Matryoshka reconstruction loss as one PyTorch op.
+
+    L = sum_g w_g * mean_b || x_b - b_dec - sum_{i < m_g} a_bi W_dec[i] ||^2
+
+Layering: validation -> backend choice -> a *scan* that returns squared residual norms (the only
+part that touches ``d``) -> prefix bookkeeping on those norms (``scan_layout``).  For sparse
+activations the scan yields ``k + 1`` norms per row whatever the number of prefixes; for dense ones
+it yields one norm per prefix.  Gradients reach ``x``, the activation values, ``W_dec`` and
+``b_dec`` through the scan's own backward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .prefixes import Prefixes
+from .reference import matryoshka_loss_reference
+from .scan_layout import SortedActs, fold_prefix_weights, unfold_prefix_losses
+from .sparse_acts import SparseActs
+from .torch_scan import dense_prefix_norms_torch, sparse_scan_torch
+from .validation import check_inputs, check_sparse_indices
+
+__all__ = ["MatryoshkaLossOutput", "matryoshka_loss", "MatryoshkaLoss", "resolve_backend"]
+
+
+@dataclass(frozen=True)
+class MatryoshkaLossOutput:
+    """``loss``: scalar with grad (float32, or float64 for float64 inputs).
+    ``per_prefix``: ``(G,)`` detached unweighted batch-mean loss of each prefix, for logging."""
+
+    loss: torch.Tensor
+    per_prefix: torch.Tensor
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` means the fused Triton kernels on CUDA tensors and the PyTorch scan otherwise."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the `triton` package; install it or use backend='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' on {device.type} tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before the first call, or use backend='torch'"
+            )
+    return backend
+
+
+def _sparse_scan(backend: str):
+    if backend == "triton":
+        from .kernels.sparse_scan_op import sparse_scan_triton
+
+        return sparse_scan_triton
+    return sparse_scan_torch
+
+
+def matryoshka_loss(
+    x: torch.Tensor,
+    acts: SparseActs | torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    prefixes: Prefixes,
+    backend: str = "auto",
+    validate: bool = True,
+) -> MatryoshkaLossOutput:
+    """Weighted sum of the reconstruction losses of every prefix in ``prefixes``, in one pass.
+
+    Args:
+        x: ``(B, d)`` inputs to reconstruct.
+        acts: ``SparseActs`` with ``(B, k)`` values and int64 indices (``-1`` = padding), or a dense
+            ``(B, n)`` activation tensor.
+        W_dec: ``(n, d)`` decoder; row ``i`` is latent ``i``'s direction.
+        b_dec: ``(d,)`` decoder bias, or ``None``.
+        prefixes: the prefix lengths (``<= n``) and weights.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (the plain loop over prefixes).
+        validate: check sparse indices for range and duplicates (one host sync).  With ``False``
+            an out-of-range index is ignored like padding and a duplicate counts twice.
+
+    Returns:
+        ``MatryoshkaLossOutput(loss, per_prefix)``.
+
+    Example:
+        >>> import torch
+        >>> from matryoshka import Prefixes, SparseActs, matryoshka_loss
+        >>> x, W = torch.randn(8, 16), torch.randn(32, 16)
+        >>> acts = SparseActs(torch.rand(8, 4), torch.randint(0, 32, (8, 1)) + torch.arange(4) * 8 % 32)
+        >>> out = matryoshka_loss(x, acts, W, None, Prefixes.every(32))
+        >>> out.per_prefix.shape
+        torch.Size([32])
+    """
+    check_inputs(x, acts, W_dec, b_dec, prefixes, backend)
+    backend = resolve_backend(backend, x.device)
+    n = W_dec.shape[0]
+    rows = max(x.shape[0], 1)
+    if isinstance(acts, SparseActs):
+        sorted_acts = SortedActs(acts, n)
+        if validate:
+            check_sparse_indices(sorted_acts.indices, n)
+    if backend == "reference":
+        loss, per_prefix = matryoshka_loss_reference(x, acts, W_dec, b_dec, prefixes)
+        return MatryoshkaLossOutput(loss, per_prefix)
+    if isinstance(acts, SparseActs):
+        norms = _sparse_scan(backend)(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
+        weights = fold_prefix_weights(sorted_acts, prefixes, norms.dtype)
+        loss = (weights * norms).sum() / rows
+        per_prefix = unfold_prefix_losses(norms, sorted_acts, prefixes).to(norms.dtype)
+        return MatryoshkaLossOutput(loss, per_prefix)
+    lengths, weights, _ = prefixes.on(x.device)
+    norms = dense_prefix_norms_torch(x, b_dec, W_dec, acts, prefixes.lengths)
+    loss = (norms * weights.to(norms.dtype)).sum() / rows
+    return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows)
+
+
+class MatryoshkaLoss(nn.Module):
+    """Module form of :func:`matryoshka_loss` with fixed prefixes and backend.
+
+    >>> loss_fn = MatryoshkaLoss(Prefixes.groups([64, 192, 512]))
+    >>> out = loss_fn(x, acts, sae.W_dec, sae.b_dec)    # doctest: +SKIP
+    """
+
+    def __init__(self, prefixes: Prefixes, backend: str = "auto", validate: bool = True) -> None:
+        super().__init__()
+        if not isinstance(prefixes, Prefixes):
+            raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
+        self.prefixes = prefixes
+        self.backend = backend
+        self.validate = validate
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        acts: SparseActs | torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor | None = None,
+    ) -> MatryoshkaLossOutput:
+        return matryoshka_loss(x, acts, W_dec, b_dec, self.prefixes, self.backend, self.validate)
+
+    def extra_repr(self) -> str:
+        return f"prefixes={self.prefixes!r}, backend={self.backend!r}"

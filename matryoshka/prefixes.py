@@ -1,0 +1,158 @@
+"""Prefix sets: which latent prefixes a Matryoshka loss scores, and with what weight.
+
+A prefix of length ``m`` is the first ``m`` latents; its loss is the squared error of reconstructing
+``x`` from those latents alone.  ``Prefixes`` holds the strictly increasing lengths
+``0 <= m_1 < ... < m_G`` and non-negative weights ``w_g``, plus the one derived table every backend
+needs: the cumulative weight ``F(m) = sum_{g : m_g <= m} w_g`` looked up at any latent index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Prefixes"]
+
+
+def _as_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(lengths)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"Prefixes: `lengths` must be integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"Prefixes: `lengths` must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError("Prefixes: `lengths` must hold at least one prefix length")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if bool((t < 0).any()):
+        raise ValueError(f"Prefixes: `lengths` must be >= 0, got min {int(t.min())}")
+    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+        raise ValueError("Prefixes: `lengths` must be strictly increasing")
+    return t
+
+
+def _as_weights(weights: Sequence[float] | torch.Tensor | None, num: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(num, dtype=torch.float64)
+    w = torch.as_tensor(weights)
+    if not (w.dtype.is_floating_point or w.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"Prefixes: `weights` must be real numbers, got dtype {w.dtype}")
+    if w.dim() != 1 or w.numel() != num:
+        raise ValueError(
+            f"Prefixes: `weights` must have shape ({num},) to match `lengths`, got {tuple(w.shape)}"
+        )
+    w = w.to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("Prefixes: `weights` must be finite")
+    if bool((w < 0).any()):
+        raise ValueError("Prefixes: `weights` must be >= 0")
+    return w
+
+
+class Prefixes:
+    """Strictly increasing prefix lengths ``m_g`` in ``[0, n]`` with weights ``w_g >= 0``.
+
+    The loss is ``sum_g w_g * mean_b ||x_b - b_dec - sum_{i < m_g} a_bi W_dec[i]||^2``.
+
+    Args:
+        lengths: strictly increasing non-negative ints.  Checked against ``n`` when the loss is called.
+        weights: one non-negative finite weight per length; default 1.0 each.
+
+    Use the builders for the common cases: :meth:`groups`, :meth:`every`, :meth:`sample`.
+    """
+
+    __slots__ = ("lengths", "weights", "_cumulative", "_device_cache")
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | torch.Tensor,
+        weights: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        self.lengths: torch.Tensor = _as_lengths(lengths)
+        self.weights: torch.Tensor = _as_weights(weights, self.lengths.numel())
+        # F[g] = w_1 + ... + w_g with F[0] = 0, kept in float64 so that differences F(b) - F(a)
+        # of long cumulative sums (G = n) do not lose the small weights to cancellation.
+        self._cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), self.weights.cumsum(0)])
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------- builders
+    @classmethod
+    def groups(cls, widths: Sequence[int], weights: Sequence[float] | None = None) -> Prefixes:
+        """Fixed nested groups given by their cumulative widths, e.g. ``[64, 192, 512]``.
+
+        This is the SAELens ``matryoshka_widths`` convention: the last width is usually ``n``.
+        """
+        return cls(widths, weights)
+
+    @classmethod
+    def every(
+        cls,
+        n: int,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        include_empty: bool = False,
+    ) -> Prefixes:
+        """Every prefix length ``1..n`` (``0..n`` with ``include_empty=True``)."""
+        if int(n) < 1:
+            raise ValueError(f"Prefixes.every: `n` must be >= 1, got {n}")
+        start = 0 if include_empty else 1
+        return cls(torch.arange(start, int(n) + 1), weights)
+
+    @classmethod
+    def sample(cls, n: int, num: int, generator: torch.Generator | None = None) -> Prefixes:
+        """The original Matryoshka recipe's random prefix set (Nabeshima, 2024).
+
+        Draws ``num - 1`` distinct lengths from ``1..n-1`` without replacement with
+        ``P(l) ∝ sqrt(l/n) - sqrt((l-1)/n)`` (short prefixes are likelier), adds ``n``, and gives
+        every length weight ``1/num``.
+        """
+        n, num = int(n), int(num)
+        if n < 1:
+            raise ValueError(f"Prefixes.sample: `n` must be >= 1, got {n}")
+        if not 1 <= num <= n:
+            raise ValueError(f"Prefixes.sample: `num` must be in [1, n={n}], got {num}")
+        drawn = torch.empty(0, dtype=torch.int64)
+        if num > 1:
+            probs = cls.sampling_probabilities(n)[:-1]  # lengths 1..n-1; n is always included
+            drawn = torch.multinomial(probs, num - 1, replacement=False, generator=generator) + 1
+        lengths = torch.cat([drawn.sort().values, torch.tensor([n])])
+        return cls(lengths, torch.full((num,), 1.0 / num, dtype=torch.float64))
+
+    @staticmethod
+    def sampling_probabilities(n: int) -> torch.Tensor:
+        """``P(l) = sqrt(l/n) - sqrt((l-1)/n)`` for ``l = 1..n`` (float64, sums to 1)."""
+        l = torch.arange(1, n + 1, dtype=torch.float64)
+        return torch.sqrt(l / n) - torch.sqrt((l - 1) / n)
+
+    # ----------------------------------------------------------------------------------- helpers
+    def __len__(self) -> int:
+        return self.lengths.numel()
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths[-1])
+
+    def __repr__(self) -> str:
+        g = len(self)
+        if g <= 8:
+            return f"Prefixes(lengths={self.lengths.tolist()}, weights={self.weights.tolist()})"
+        return f"Prefixes(G={g}, lengths=[{int(self.lengths[0])}, ..., {self.max_length}])"
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lengths int64, weights float64, cumulative float64)`` on ``device``, copied once."""
+        device = torch.device(device)
+        if device not in self._device_cache:
+            self._device_cache[device] = (
+                self.lengths.to(device),
+                self.weights.to(device),
+                self._cumulative.to(device),
+            )
+        return self._device_cache[device]
+
+    def check_against(self, n: int) -> None:
+        if self.max_length > n:
+            raise ValueError(
+                f"prefixes: lengths must be <= n = {n} (the number of latents, W_dec.shape[0]), "
+                f"got max length {self.max_length}"
+            )
+
+

@@ -1,0 +1,129 @@
+"""Argument checks for ``matryoshka_loss``: clear errors that name the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+from .prefixes import Prefixes
+from .sparse_acts import SparseActs
+
+__all__ = ["BACKENDS", "check_inputs", "check_sparse_indices"]
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(
+            f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+
+
+def _check_dtype_mix(named: dict[str, torch.Tensor]) -> None:
+    """float32 mixes with either half type (autocast does that); float64 mixes with nothing, and
+    float16 with bfloat16 has no common half type: both would silently change the precision."""
+    dtypes = {name: t.dtype for name, t in named.items()}
+    kinds = set(dtypes.values())
+    if torch.float64 in kinds and len(kinds) > 1:
+        raise TypeError(
+            "float64 inputs cannot be mixed with other float dtypes; got "
+            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
+        )
+    if {torch.float16, torch.bfloat16} <= kinds:
+        raise TypeError(
+            "float16 and bfloat16 inputs cannot be mixed; got "
+            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
+        )
+
+
+def check_inputs(
+    x: torch.Tensor,
+    acts: SparseActs | torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    prefixes: Prefixes,
+    backend: str,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for any malformed argument (no host sync)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(prefixes, Prefixes):
+        raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
+    _check_float("x", x)
+    _check_float("W_dec", W_dec)
+    if x.dim() != 2:
+        raise ValueError(f"`x` must have shape (B, d), got {tuple(x.shape)}")
+    if W_dec.dim() != 2:
+        raise ValueError(f"`W_dec` must have shape (n, d), got {tuple(W_dec.shape)}")
+    rows, d = x.shape
+    n = W_dec.shape[0]
+    if W_dec.shape[1] != d:
+        raise ValueError(
+            f"`W_dec` must have shape (n, d={d}) to match `x` of shape {tuple(x.shape)}, "
+            f"got {tuple(W_dec.shape)}"
+        )
+    named = {"x": x, "W_dec": W_dec}
+    if b_dec is not None:
+        _check_float("b_dec", b_dec)
+        if tuple(b_dec.shape) != (d,):
+            raise ValueError(f"`b_dec` must have shape (d,) = ({d},), got {tuple(b_dec.shape)}")
+        named["b_dec"] = b_dec
+    if isinstance(acts, SparseActs):
+        _check_float("acts.values", acts.values)
+        if not isinstance(acts.indices, torch.Tensor) or acts.indices.dtype != torch.int64:
+            got = acts.indices.dtype if isinstance(acts.indices, torch.Tensor) else type(acts.indices)
+            raise TypeError(f"`acts.indices` must be an int64 tensor, got {got}")
+        if acts.values.dim() != 2 or acts.values.shape[0] != rows:
+            raise ValueError(
+                f"`acts.values` must have shape (B={rows}, k), got {tuple(acts.values.shape)}"
+            )
+        if acts.indices.shape != acts.values.shape:
+            raise ValueError(
+                f"`acts.indices` must have the shape of `acts.values` {tuple(acts.values.shape)}, "
+                f"got {tuple(acts.indices.shape)}"
+            )
+        named["acts.values"] = acts.values
+        named["acts.indices"] = acts.indices
+    elif isinstance(acts, torch.Tensor):
+        _check_float("acts", acts)
+        if tuple(acts.shape) != (rows, n):
+            raise ValueError(
+                f"dense `acts` must have shape (B, n) = ({rows}, {n}), got {tuple(acts.shape)}"
+            )
+        named["acts"] = acts
+    else:
+        raise TypeError(
+            f"`acts` must be a SparseActs or a dense (B, n) tensor, got {type(acts).__name__}"
+        )
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(
+            "all tensors must be on one device; got "
+            + ", ".join(f"{k} on {v}" for k, v in devices.items())
+        )
+    named.pop("acts.indices", None)
+    _check_dtype_mix(named)
+    prefixes.check_against(n)
+
+
+def check_sparse_indices(sorted_indices: torch.Tensor, n: int) -> None:
+    """Out-of-range and duplicated latent indices, with one host sync for both checks.
+
+    ``sorted_indices`` is each row sorted ascending with padding (-1) moved to the end.
+    """
+    if sorted_indices.numel() == 0:
+        return
+    out_of_range = ((sorted_indices < -1) | (sorted_indices >= n)).any()
+    active = sorted_indices[:, 1:] >= 0
+    duplicated = ((sorted_indices[:, 1:] == sorted_indices[:, :-1]) & active).any()
+    bad_range, bad_dup = torch.stack([out_of_range, duplicated]).tolist()
+    if bad_range:
+        raise ValueError(
+            f"`acts.indices` must lie in [0, n) = [0, {n}) or be -1 for padding; "
+            f"found {int(sorted_indices[(sorted_indices < -1) | (sorted_indices >= n)][0])}"
+        )
+    if bad_dup:
+        raise ValueError("`acts.indices` must not repeat a latent within a row")
