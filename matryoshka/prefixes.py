@@ -17,12 +17,12 @@ __all__ = ["Prefixes"]
 
 def _as_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(lengths)
+    if t.numel() == 0:
+        raise ValueError("Prefixes: `lengths` must hold at least one prefix length")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"Prefixes: `lengths` must be integers, got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"Prefixes: `lengths` must be 1-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError("Prefixes: `lengths` must hold at least one prefix length")
     t = t.to(device="cpu", dtype=torch.int64)
     if bool((t < 0).any()):
         raise ValueError(f"Prefixes: `lengths` must be >= 0, got min {int(t.min())}")
@@ -61,7 +61,7 @@ class Prefixes:
     Use the builders for the common cases: :meth:`groups`, :meth:`every`, :meth:`sample`.
     """
 
-    __slots__ = ("lengths", "weights", "_cumulative", "_device_cache")
+    __slots__ = ("lengths", "weights", "max_length", "_cumulative", "_device_cache")
 
     def __init__(
         self,
@@ -70,6 +70,8 @@ class Prefixes:
     ) -> None:
         self.lengths: torch.Tensor = _as_lengths(lengths)
         self.weights: torch.Tensor = _as_weights(weights, self.lengths.numel())
+        # A plain int, so that checks against n stay host-side even inside torch.compile.
+        self.max_length: int = int(self.lengths[-1])
         # F[g] = w_1 + ... + w_g with F[0] = 0, kept in float64 so that differences F(b) - F(a)
         # of long cumulative sums (G = n) do not lose the small weights to cancellation.
         self._cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), self.weights.cumsum(0)])
@@ -126,10 +128,6 @@ class Prefixes:
     # ----------------------------------------------------------------------------------- helpers
     def __len__(self) -> int:
         return self.lengths.numel()
-
-    @property
-    def max_length(self) -> int:
-        return int(self.lengths[-1])
 
     def __repr__(self) -> str:
         g = len(self)

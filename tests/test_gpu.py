@@ -1,0 +1,60 @@
+"""Compiled-kernel tests that need a CUDA GPU: half precision and large shapes.  Skipped without one."""
+
+import pytest
+import torch
+
+from matryoshka import Prefixes, SparseActs, matryoshka_loss
+
+from .helpers import make_problem
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    p = make_problem(64, 300, 1000, 32, torch.float32, "cuda", pad_fraction=0.1)
+    prefixes = Prefixes.every(1000, include_empty=True)
+    half = [t.to(dtype) for t in (p.x, p.values, p.W_dec, p.b_dec)]
+    leaves = [t.detach().clone().requires_grad_() for t in half]
+    twins = [t.detach().float().requires_grad_() for t in half]  # same rounded inputs, float32 math
+    out = matryoshka_loss(leaves[0], SparseActs(leaves[1], p.indices), leaves[2], leaves[3], prefixes, "triton")
+    ref = matryoshka_loss(twins[0], SparseActs(twins[1], p.indices), twins[2], twins[3], prefixes, "reference")
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=0)
+    out.loss.backward()
+    ref.loss.backward()
+    for a, b in zip(leaves, twins):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=2e-2, atol=2e-2 * b.grad.abs().max().item())
+
+
+def test_large_d_n_k():
+    """d = 16384 (16 chunks), n = 2^20 (int64 addressing of W_dec), k = 512."""
+    B, d, n, k = 8, 16384, 1 << 20, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, d, device="cuda", generator=g)
+    W = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.stack([torch.randperm(n, device="cuda", generator=g)[:k] for _ in range(B)])
+    idx[:, 0] = n - 1  # the last row of W_dec: byte offset beyond 2^31
+    v = torch.rand(B, k, device="cuda", generator=g)
+    prefixes = Prefixes.groups([1024, 65536, n])
+    out = matryoshka_loss(x, SparseActs(v, idx), W, None, prefixes, "triton")
+    rows = W[idx].float()  # (B, k, d): the gathered decoder rows, small where W_dec[:m] is not
+    want = torch.stack([
+        ((x - ((v * (idx < m)).unsqueeze(-1) * rows).sum(1)) ** 2).sum(1).mean()
+        for m in prefixes.lengths.tolist()
+    ])
+    torch.testing.assert_close(out.per_prefix, want, rtol=1e-3, atol=0)
+
+
+def test_compiled_kernels_match_reference_every_prefix():
+    p = make_problem(33, 777, 513, 17, torch.float32, "cuda", pad_fraction=0.2, padding_rows=(3,))
+    prefixes = Prefixes.every(513, include_empty=True)
+    outs = []
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.values, p.W_dec, p.b_dec)]
+        out = matryoshka_loss(leaves[0], SparseActs(leaves[1], p.indices), leaves[2], leaves[3], prefixes, backend)
+        out.loss.backward()
+        outs.append([out.loss.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())

@@ -1,0 +1,66 @@
+"""gradcheck of the PyTorch scan, and a hypothesis property test of the Triton kernels."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from matryoshka import Prefixes, SparseActs
+from matryoshka.torch_scan import dense_prefix_norms_torch, sparse_scan_torch
+
+from .helpers import assert_matches, make_problem, run_loss
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_sparse_torch_scan(bias):
+    p = make_problem(3, 7, 9, 4, torch.float64, pad_fraction=0.25, bias=bias, seed=2)
+    order = torch.where(p.indices < 0, 10**9, p.indices).argsort(1)
+    idx = p.indices.gather(1, order)
+    inputs = [t.detach().clone().requires_grad_() for t in (p.x, p.W_dec, p.values.gather(1, order))]
+    b = p.b_dec.detach().clone().requires_grad_() if bias else None
+
+    def scan(x, W, v, *maybe_b):
+        return sparse_scan_torch(x, maybe_b[0] if maybe_b else None, W, v, idx)
+
+    assert torch.autograd.gradcheck(scan, inputs + ([b] if bias else []))
+
+
+def test_gradcheck_dense_torch_scan():
+    p = make_problem(3, 6, 300, 5, torch.float64, seed=4)  # n > one 256-latent block
+    acts = SparseActs(p.values, p.indices).to_dense(300).detach().requires_grad_()
+    lengths = torch.tensor([0, 7, 255, 256, 257, 300])
+    inputs = [t.detach().clone().requires_grad_() for t in (p.x, p.b_dec, p.W_dec)]
+    assert torch.autograd.gradcheck(
+        lambda x, b, W, a: dense_prefix_norms_torch(x, b, W, a, lengths), inputs + [acts]
+    )
+
+
+@st.composite
+def problems(draw):
+    B = draw(st.integers(1, 5))
+    d = draw(st.integers(1, 40))
+    n = draw(st.integers(1, 40))
+    k = draw(st.integers(1, n))
+    lengths = sorted(draw(st.sets(st.integers(0, n), min_size=1, max_size=n + 1)))
+    weights = draw(st.lists(st.floats(0, 4), min_size=len(lengths), max_size=len(lengths)))
+    pad = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    seed = draw(st.integers(0, 2**16))
+    return (B, d, n, k, pad, seed, Prefixes(lengths, weights))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_triton_matches_reference_on_random_problems(case):
+    from .conftest import DEVICE
+
+    B, d, n, k, pad, seed, prefixes = case
+    p = make_problem(B, d, n, k, torch.float64, DEVICE, pad_fraction=pad, seed=seed, bias=seed % 2 == 0)
+    assert_matches(run_loss(p, prefixes, "triton"), run_loss(p, prefixes, "reference"), torch.float64)
+
+
+def test_dense_torch_matches_reference_every_prefix():
+    p = make_problem(4, 12, 520, 30, torch.float64, seed=5)
+    for prefixes in (Prefixes.every(520, include_empty=True), Prefixes.groups([64, 256, 300, 520])):
+        assert_matches(
+            run_loss(p, prefixes, "torch", dense=True), run_loss(p, prefixes, "reference", dense=True), torch.float64
+        )

@@ -1,0 +1,57 @@
+"""Prefix builders and the weight fold / loss unfold bookkeeping."""
+
+import math
+
+import torch
+
+from matryoshka import Prefixes, SparseActs
+from matryoshka.scan_layout import SortedActs, fold_prefix_weights
+
+
+def test_builders():
+    assert Prefixes.groups([64, 192, 512]).lengths.tolist() == [64, 192, 512]
+    assert Prefixes.every(4).lengths.tolist() == [1, 2, 3, 4]
+    assert Prefixes.every(3, include_empty=True).lengths.tolist() == [0, 1, 2, 3]
+    assert Prefixes([2, 5]).weights.tolist() == [1.0, 1.0]
+
+
+def test_sample_shape_and_weights():
+    g = torch.Generator().manual_seed(0)
+    p = Prefixes.sample(100, 10, generator=g)
+    assert len(p) == 10 and p.max_length == 100
+    assert bool((p.lengths[1:] > p.lengths[:-1]).all()) and int(p.lengths[0]) >= 1
+    assert torch.allclose(p.weights, torch.full((10,), 0.1, dtype=torch.float64))
+    assert Prefixes.sample(5, 1).lengths.tolist() == [5]
+    assert Prefixes.sample(5, 5).lengths.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_sampling_probabilities_follow_the_sqrt_law():
+    p = Prefixes.sampling_probabilities(64)
+    assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-12)
+    assert p[0] > p[1] > p[-1] > 0
+
+
+def test_sample_prefers_short_lengths():
+    """Empirical frequencies of length 1 vs length n-1 follow P(l) (single draws, num=2)."""
+    g = torch.Generator().manual_seed(0)
+    n, draws = 16, 4000
+    counts = torch.zeros(n + 1)
+    for _ in range(draws):
+        counts[Prefixes.sample(n, 2, generator=g).lengths[0]] += 1
+    probs = Prefixes.sampling_probabilities(n)[:-1]
+    expected = probs / probs.sum() * draws
+    # every length within 5 binomial standard deviations
+    std = (expected * (1 - expected / draws)).sqrt()
+    assert bool(((counts[1:n] - expected).abs() <= 5 * std).all())
+
+
+def test_fold_puts_each_weight_on_the_residual_it_sees():
+    # row: latents 2 and 5 active (unsorted), one padding slot; n = 8
+    acts = SparseActs(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[5, 2, -1]]))
+    sorted_acts = SortedActs(acts, 8)
+    assert sorted_acts.indices.tolist() == [[2, 5, -1]]
+    prefixes = Prefixes([0, 2, 3, 5, 6, 8], [1, 2, 4, 8, 16, 32])
+    # residual r_0 (no latent) serves lengths 0 and 2; r_1 (after latent 2) lengths 3, 5;
+    # r_2 (after latent 5) lengths 6, 8; the padding slot's residual none.
+    W = fold_prefix_weights(sorted_acts, prefixes, torch.float64)
+    assert W.tolist() == [[3.0, 12.0, 48.0, 0.0]]
