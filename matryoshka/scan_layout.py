@@ -9,7 +9,9 @@ cumulative weights ``F[i] = w_1 + ... + w_i``:
     W_t = sum_{g : t(g) = t} w_g = F[idx(p_{t+1})] - F[idx(p_t)]            (fold)
     per_prefix_g = mean_b ||r_{t_b(g)}||^2, prefixes idx(p_t) <= g < idx(p_{t+1}) see r_t   (unfold)
 
-Both cost O(B * k * log G): nothing here grows with the number of prefixes beyond O(G).
+Both cost O(B * k * log G): nothing here grows with the number of prefixes beyond O(G).  The fold
+takes differences of float64 cumulative sums, so a weight smaller than ~1e-16 of the total weight
+is lost to rounding (like adding it to the total loss would be).
 """
 
 from __future__ import annotations
