@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .precision import compute_dtype
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
@@ -26,8 +27,7 @@ def matryoshka_loss_reference(
     """Return ``(loss, per_prefix)``: the weighted loss and the ``(G,)`` unweighted prefix losses."""
     n = W_dec.shape[0]
     dense = acts.to_dense(n) if isinstance(acts, SparseActs) else acts
-    tensors = [x, dense, W_dec] + ([] if b_dec is None else [b_dec])
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    compute = compute_dtype(x, dense, W_dec, b_dec)
     target = x.to(compute) - (0 if b_dec is None else b_dec.to(compute))
     dense, W = dense.to(compute), W_dec.to(compute)
     rows = max(x.shape[0], 1)

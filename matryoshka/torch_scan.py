@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sparse_scan_torch", "dense_prefix_norms_torch", "compute_dtype"]
+from .precision import compute_dtype
+
+__all__ = ["sparse_scan_torch", "dense_prefix_norms_torch"]
 
 _CHUNK_ELEMENTS = 1 << 24  # residual-stack elements per row chunk (64 MiB in float32)
 _DENSE_BLOCK = 256  # latents per block of the dense scan
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32: half inputs always accumulate in float32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _residual_stack(x, b_dec, W_dec, values, indices, dtype):

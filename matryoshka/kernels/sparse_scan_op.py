@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
 from .sparse_scan import sparse_scan_backward, sparse_scan_forward
 
 __all__ = ["sparse_scan_triton"]
-
-
-def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @torch.library.custom_op("matryoshka::sparse_scan", mutates_args=())
@@ -22,12 +19,12 @@ def _sparse_scan(
     values: torch.Tensor,
     indices: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparse_scan_forward(x, b_dec, W_dec, values, indices, _acc(x, b_dec, W_dec, values))
+    return sparse_scan_forward(x, b_dec, W_dec, values, indices, compute_dtype(x, b_dec, W_dec, values))
 
 
 @_sparse_scan.register_fake
 def _(x, b_dec, W_dec, values, indices):
-    acc = _acc(x, b_dec, W_dec, values)
+    acc = compute_dtype(x, b_dec, W_dec, values)
     return x.new_empty(x.shape[0], values.shape[1] + 1, dtype=acc), x.new_empty(x.shape, dtype=acc)
 
 
