@@ -11,16 +11,27 @@ from matryoshka.torch_scan import dense_prefix_norms_torch, sparse_scan_torch
 from .helpers import assert_matches, make_problem, run_loss
 
 
+def _sparse_scan_triton(*args):
+    from matryoshka.kernels.sparse_scan_op import sparse_scan_triton
+
+    return sparse_scan_triton(*args)
+
+
+@pytest.mark.parametrize("sparse_scan", [sparse_scan_torch, _sparse_scan_triton], ids=["torch", "triton"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_sparse_torch_scan(bias):
-    p = make_problem(3, 7, 9, 4, torch.float64, pad_fraction=0.25, bias=bias, seed=2)
+def test_gradcheck_sparse_scan(sparse_scan, bias):
+    """The scan as an op of its own: arbitrary gradients on every residual norm, padding included."""
+    from .conftest import DEVICE
+
+    device = DEVICE if sparse_scan is _sparse_scan_triton else "cpu"
+    p = make_problem(3, 7, 9, 4, torch.float64, device, pad_fraction=0.25, bias=bias, seed=2)
     order = torch.where(p.indices < 0, 10**9, p.indices).argsort(1)
     idx = p.indices.gather(1, order)
     inputs = [t.detach().clone().requires_grad_() for t in (p.x, p.W_dec, p.values.gather(1, order))]
     b = p.b_dec.detach().clone().requires_grad_() if bias else None
 
     def scan(x, W, v, *maybe_b):
-        return sparse_scan_torch(x, maybe_b[0] if maybe_b else None, W, v, idx)
+        return sparse_scan(x, maybe_b[0] if maybe_b else None, W, v, idx)
 
     assert torch.autograd.gradcheck(scan, inputs + ([b] if bias else []))
 
