@@ -117,7 +117,11 @@ def matryoshka_loss(
         per_prefix = unfold_prefix_losses(norms, sorted_acts, prefixes).to(norms.dtype)
         return MatryoshkaLossOutput(loss, per_prefix)
     lengths, weights, _ = prefixes.on(x.device)
-    norms = dense_prefix_norms_torch(x, b_dec, W_dec, acts, prefixes.lengths)
+    if backend == "triton":
+        from .kernels.dense_scan_op import dense_prefix_norms_triton as dense_prefix_norms
+    else:
+        dense_prefix_norms = dense_prefix_norms_torch
+    norms = dense_prefix_norms(x, b_dec, W_dec, acts, prefixes.lengths)
     loss = (norms * weights.to(norms.dtype)).sum() / rows
     return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows)
 

@@ -1,0 +1,378 @@
+"""Fused Triton kernels for the dense residual scan, and their host functions.
+
+Dense ``(B, n)`` activations (ReLU/L1, JumpReLU, ...) are scanned over latent *tiles*.  One program
+owns a block of ``BLOCK_B`` rows and a chunk of ``BLOCK_D`` columns of ``d``, keeps that residual
+tile in registers and walks the latents ``0..L`` (``L`` = the longest prefix) ``BLOCK_N`` at a time:
+
+    r_0 = x - b_dec,   R <- R - A[:, tile] @ W_dec[tile, chunk]          (one decode GEMM in all)
+
+A *position* ``p`` is "after the first ``p`` latents"; prefix ``g`` asks for ``||r_{m_g}||^2``.  A
+host-built table maps each position to its prefix column (or -1).  Positions on a tile edge read
+``||R||^2`` directly.  Positions inside a tile use the Gram form over the tile's rows ``d_l``:
+
+    ||R - sum_{l <= j} a_l d_l||^2 = ||R||^2 - 2 sum_{l <= j} a_l <R, d_l>
+                                     + sum_{l <= j} a_l (a_l <d_l, d_l> + 2 sum_{i < l} a_i <d_i, d_l>)
+
+which is two extra GEMMs per tile however many boundaries the tile holds, so every-latent prefixes
+cost about twice group prefixes.  Every term is a sum over columns, so each d-chunk's value is that
+chunk's share of the squared norm, and the shares of all chunks add up to the full norm, exactly as
+the plain ``||R||^2`` shares do.  Shares are summed through a deterministic per-chunk buffer when
+that buffer is small (at most one ``(B, d)`` tensor), else added atomically into one buffer.
+
+The backward (one reverse walk, about three GEMMs) is documented on its kernel.  Accumulation is
+float32 (float64 for float64 inputs).  GEMM operands are the half type for half activations and
+decoder (tensor cores; the float32 residual and suffix sum are rounded to it for their products),
+else float32 via ``tf32x3`` or float64.  Extra memory is the saved final residual ``(B, d)`` plus the
+reduction buffers above, whatever the number of prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["DenseBlocks", "dense_blocks", "dense_scan_forward", "dense_scan_backward"]
+
+
+@dataclass(frozen=True)
+class DenseBlocks:
+    """Tile shape of the dense scan: rows per program, latents per tile, columns per program."""
+
+    rows: int
+    latents: int
+    cols: int
+    num_warps: int
+
+
+# Largest tiles per GEMM operand type.  The residual tile and, in the backward, its suffix-sum twin
+# live in registers next to the inner-prefix temporaries.  These shapes were picked from ptxas
+# reports of ahead-of-time builds for sm_80 and sm_90 (no spills forward, under 1 KiB backward);
+# bigger tiles spill kilobytes.  They have not been timed on a GPU yet.
+_MAX_BLOCKS = {
+    torch.float16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
+    torch.bfloat16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
+    torch.float32: DenseBlocks(rows=64, latents=16, cols=32, num_warps=4),
+    torch.float64: DenseBlocks(rows=32, latents=16, cols=32, num_warps=4),
+}
+
+
+def dense_blocks(operand_dtype: torch.dtype, num_rows: int, d: int) -> DenseBlocks:
+    """Tiles for GEMM operands of ``operand_dtype``, shrunk to small ``B`` and ``d`` but never below
+    16: every ``tl.dot`` dimension must be at least 16 to compile for a GPU."""
+    largest = _MAX_BLOCKS[operand_dtype]
+    rows = max(16, min(triton.next_power_of_2(max(num_rows, 1)), largest.rows))
+    cols = max(16, min(triton.next_power_of_2(max(d, 1)), largest.cols))
+    return DenseBlocks(rows=rows, latents=largest.latents, cols=cols, num_warps=largest.num_warps)
+
+
+@triton.jit
+def _dot(a, b, acc=None):
+    """``acc + a @ b``.  Accumulating into an existing tile saves the registers of a second one.
+
+    Float32 operands use three TF32 tensor-core products (``tf32x3``): close to IEEE float32, where
+    plain TF32 costs ~1e-3 relative error and IEEE (no tensor cores) spills registers heavily.
+    Half and float64 operands ignore the option.
+    """
+    return tl.dot(a, b, acc=acc, input_precision="tf32x3")
+
+
+@triton.jit
+def _write(ptrs, values, mask, ATOMIC: tl.constexpr):
+    """Store a chunk's share of a sum into its own buffer slice, or add it into the shared one."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask)
+    else:
+        tl.store(ptrs, values, mask=mask)
+
+
+@triton.jit
+def _chunk_slice(shares_ptr, stride_chunk, ATOMIC: tl.constexpr):
+    """Where this program's chunk writes its shares: its own slice, or the one shared slice."""
+    if ATOMIC:
+        return shares_ptr
+    return shares_ptr + tl.program_id(1).to(tl.int64) * stride_chunk
+
+
+@triton.jit
+def _load_tile(acts_ptr, w_ptr, rows, latents, cols, row_in, col_in, scan_len, stride_acts, stride_w,
+               DOT: tl.constexpr):
+    """``A[rows, latents]`` and ``W_dec[latents, cols]`` as GEMM operands; latents past the longest
+    prefix load as zeros, so they neither change the residual nor read memory."""
+    latent_in = latents < scan_len
+    a = tl.load(acts_ptr + rows[:, None] * stride_acts + latents[None, :],
+                mask=row_in[:, None] & latent_in[None, :], other=0.0).to(DOT)
+    w = tl.load(w_ptr + latents[:, None] * stride_w + cols[None, :],
+                mask=latent_in[:, None] & col_in[None, :], other=0.0).to(DOT)
+    return a, w, latent_in
+
+
+@triton.jit
+def _inner_columns(table_ptr, start, scan_len, BLOCK_N: tl.constexpr):
+    """Prefix column of the position after each latent ``j`` of the tile, -1 where none.
+
+    The last latent's position is the next tile's edge (or the longest prefix): handled there.
+    """
+    offsets = tl.arange(0, BLOCK_N)
+    positions = start + 1 + offsets
+    inside = (offsets < BLOCK_N - 1) & (positions < scan_len)
+    return tl.load(table_ptr + positions, mask=inside, other=-1)
+
+
+@triton.jit
+def _edge_column(table_ptr, start, like):
+    """Prefix column of position ``start`` broadcast to the shape of ``like`` (interpreter: masks
+    built from a scalar comparison come out int32, which loads and stores reject)."""
+    return tl.load(table_ptr + start) + tl.zeros_like(like).to(tl.int32)
+
+
+@triton.jit
+def _norms_inside_tile(r, a, w, ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(BLOCK_B, BLOCK_N)``: this chunk's share of ``||R - sum_{l <= j} a_l d_l||^2`` for every ``j``.
+
+    With ``P = R W^T`` and ``Gm = W W^T``: ``||R||^2 + cumsum_j a_j (sum_l a_l M_lj - 2 P_j)``, where
+    ``M_lj`` is ``2 Gm_lj`` for ``l < j``, ``Gm_jj`` on the diagonal and 0 below it.
+    """
+    p = _dot(r.to(DOT), tl.trans(w))
+    gram = _dot(w, tl.trans(w))
+    l = tl.arange(0, BLOCK_N)[:, None]
+    j = tl.arange(0, BLOCK_N)[None, :]
+    pairs = tl.where(l < j, 2.0 * gram, tl.where(l == j, gram, 0.0))
+    cross = _dot(a, pairs.to(DOT))
+    steps = a.to(ACC) * (cross - 2.0 * p)
+    return tl.sum(r * r, axis=1)[:, None] + tl.cumsum(steps, axis=1)
+
+
+@triton.jit
+def _dense_scan_forward_kernel(
+    x_ptr, bias_ptr, w_ptr, acts_ptr, table_ptr, norms_ptr, residual_ptr,
+    num_rows, d, scan_len, num_prefixes,
+    stride_x, stride_w, stride_acts, stride_norms_chunk,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """norms[chunk, b, g] = this chunk's share of ||r_{m_g}||^2; residual[b, chunk] = r_L[chunk].
+
+    For each tile ``[s, s + BLOCK_N)`` of latents below ``L``: write ``||R||^2`` if position ``s`` is
+    a prefix, the Gram-form norms if positions ``s+1 .. s+BLOCK_N-1`` hold any, then
+    ``R -= A[:, tile] @ W_dec[tile, chunk]``.  Position ``L`` (always the last prefix) comes last.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_in = rows < num_rows
+    col_in = cols < d
+    tile_in = row_in[:, None] & col_in[None, :]
+    r = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=tile_in, other=0.0).to(ACC)
+    if HAS_BIAS:
+        r -= tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(ACC)[None, :]
+    norms_rows = _chunk_slice(norms_ptr, stride_norms_chunk, ATOMIC) + rows * num_prefixes
+    for start in range(0, scan_len, BLOCK_N):
+        edge = _edge_column(table_ptr, start, rows)
+        _write(norms_rows + edge, tl.sum(r * r, axis=1), row_in & (edge >= 0), ATOMIC)
+        latents = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        a, w, _ = _load_tile(acts_ptr, w_ptr, rows, latents, cols, row_in, col_in, scan_len,
+                             stride_acts, stride_w, DOT)
+        inner = _inner_columns(table_ptr, start, scan_len, BLOCK_N)
+        if tl.max(inner) >= 0:
+            norms = _norms_inside_tile(r, a, w, ACC, DOT, BLOCK_N)
+            _write(norms_rows[:, None] + inner[None, :], norms,
+                   row_in[:, None] & (inner[None, :] >= 0), ATOMIC)
+        r = _dot(-a, w, r)
+    _write(norms_rows + num_prefixes - 1, tl.sum(r * r, axis=1), row_in, ATOMIC)
+    tl.store(residual_ptr + rows[:, None] * d + cols[None, :], r, mask=tile_in)
+
+
+@triton.jit
+def _add_grads_inside_tile(da, dw, s, r_start, a, w, suffix_weights, ACC: tl.constexpr, DOT: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Add the terms of the prefixes *inside* a tile to ``(dA, dW_dec, S)`` and return them.
+
+    With ``T_j = sum_{j' >= j} 2 c_{j'}`` (``c_{j'}`` the norm gradient at the position after latent
+    ``j'``), the suffix sum at latent ``j`` is ``S_end + T_j R_s - sum_l a_l T_{max(j,l)} d_l``
+    (``R_s`` the residual before the tile), so with ``P = R_s W^T`` and ``Gm = W W^T``:
+
+        dA_j  += -T_j P_j + T_j sum_{l <= j} a_l Gm_lj + sum_{l > j} a_l T_l Gm_lj
+        dW_l  += -sum_b a_l T_l R_s + sum_m M_lm d_m,   M_lm = sum_b a_l a_m T_{max(l,m)}
+        S     += T_0 R_s - sum_l a_l T_l d_l           (the suffix sum before the tile)
+    """
+    p = _dot(r_start.to(DOT), tl.trans(w))
+    gram = _dot(w, tl.trans(w))
+    l = tl.arange(0, BLOCK_N)[:, None]
+    j = tl.arange(0, BLOCK_N)[None, :]
+    upper = tl.where(l <= j, gram, 0.0).to(DOT)
+    lower = tl.where(l > j, gram, 0.0).to(DOT)
+    t = 2.0 * tl.cumsum(suffix_weights, axis=1, reverse=True)
+    at = (a.to(ACC) * t).to(DOT)
+    da += t * (_dot(a, upper) - p) + _dot(at, lower)
+    k = _dot(tl.trans(a), at)  # k_lm = sum_b a_l a_m T_m; M takes it for l <= m, its transpose below
+    pair_weights = tl.where(l <= j, k, tl.trans(k)).to(DOT)
+    dw = _dot(tl.trans(-at), r_start.to(DOT), _dot(pair_weights, w, dw))
+    t_first = 2.0 * tl.sum(suffix_weights, axis=1)
+    s = _dot(-at, w, s + t_first[:, None] * r_start)
+    return da, dw, s
+
+
+@triton.jit
+def _dense_scan_backward_kernel(
+    residual_ptr, grad_norms_ptr, w_ptr, acts_ptr, table_ptr, dx_ptr, dacts_ptr, dw_ptr,
+    num_rows, d, n, scan_len, num_prefixes,
+    stride_w, stride_acts, stride_dw, stride_dacts_chunk,
+    ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx[b, chunk] = S_0; dacts[chunk, b, :L] = chunk shares of dA; dW_dec += via atomics.
+
+    Given ``c = dL/dnorms``, the suffix sum ``S_p = sum_{q >= p} 2 c_q r_q`` over positions starts
+    at ``S_L = 2 c_L r_L`` and the tiles are walked in reverse, recovering the residual before each
+    tile, ``R_s = R + A[:, tile] @ W_tile``.  With ``S`` the suffix sum at the tile's end:
+
+        dA[:, tile] = -S @ W_tile^T,   dW_dec[tile] += -A[:, tile]^T @ S    (+ inner-prefix terms)
+
+    then ``S`` takes the inner prefixes' terms and ``2 c_s R_s`` if position ``s`` is a prefix.
+    ``dx = S_0``; ``db_dec = -sum_b dx`` is left to the caller.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_in = rows < num_rows
+    col_in = cols < d
+    tile_in = row_in[:, None] & col_in[None, :]
+    r = tl.load(residual_ptr + rows[:, None] * d + cols[None, :], mask=tile_in, other=0.0)
+    grad_rows = grad_norms_ptr + rows * num_prefixes
+    last = tl.load(grad_rows + num_prefixes - 1, mask=row_in, other=0.0)
+    s = 2.0 * last[:, None] * r
+    dacts_rows = _chunk_slice(dacts_ptr, stride_dacts_chunk, ATOMIC) + rows * n
+    num_tiles = tl.cdiv(scan_len, BLOCK_N)
+    for step in range(0, num_tiles):
+        start = (num_tiles - 1 - step) * BLOCK_N
+        latents = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        a, w, latent_in = _load_tile(acts_ptr, w_ptr, rows, latents, cols, row_in, col_in, scan_len,
+                                     stride_acts, stride_w, DOT)
+        r_start = _dot(a, w, r)
+        s_dot = s.to(DOT)
+        da = -_dot(s_dot, tl.trans(w))
+        dw = _dot(tl.trans(-a), s_dot)
+        inner = _inner_columns(table_ptr, start, scan_len, BLOCK_N)
+        if tl.max(inner) >= 0:
+            c_inner = tl.load(grad_rows[:, None] + inner[None, :],
+                              mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
+            da, dw, s = _add_grads_inside_tile(da, dw, s, r_start, a, w, c_inner, ACC, DOT, BLOCK_N)
+        edge = _edge_column(table_ptr, start, rows)
+        c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
+        s += 2.0 * c_edge[:, None] * r_start
+        r = r_start
+        _write(dacts_rows[:, None] + latents[None, :], da, row_in[:, None] & latent_in[None, :], ATOMIC)
+        tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], dw,
+                      mask=latent_in[:, None] & col_in[None, :])
+    tl.store(dx_ptr + rows[:, None] * d + cols[None, :], s, mask=tile_in)
+
+
+_TL_DTYPES = {
+    torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64,
+}
+
+
+def _operand_dtype(acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """GEMM operand type: the half type when activations and decoder share it (tensor cores), else
+    the accumulator type, so that no full-precision input is rounded to half."""
+    if acts.dtype == W_dec.dtype and acts.dtype in (torch.float16, torch.bfloat16):
+        return acts.dtype
+    return acc
+
+
+def _plan(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype):
+    """``(grid, meta)``: the launch grid (row blocks, d-chunks) and the compile-time arguments."""
+    operand = _operand_dtype(acts, W_dec, acc)
+    blocks = dense_blocks(operand, num_rows, d)
+    grid = (triton.cdiv(num_rows, blocks.rows), triton.cdiv(d, blocks.cols))
+    meta = dict(
+        ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[operand],
+        BLOCK_B=blocks.rows, BLOCK_N=blocks.latents, BLOCK_D=blocks.cols, num_warps=blocks.num_warps,
+    )
+    return grid, meta
+
+
+def _position_table(lengths_cpu: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """int32 ``(n + 1,)``: prefix column of each position ``0..n``, -1 where no prefix ends.
+
+    Built on the host from host-side lengths; the copy to the GPU goes through pinned memory without
+    blocking, so the launch never waits on the device.
+    """
+    table = torch.full((n + 1,), -1, dtype=torch.int32)
+    table[lengths_cpu] = torch.arange(lengths_cpu.numel(), dtype=torch.int32)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _chunk_shares(chunks: int, num_rows: int, width: int, d: int, dtype, device):
+    """Buffer for the per-chunk shares of a ``(num_rows, width)`` sum, and whether to add atomically.
+
+    A deterministic ``(chunks, num_rows, width)`` buffer when it is no bigger than one ``(B, d)``
+    tensor (or there is one chunk); else one ``(1, num_rows, width)`` buffer every chunk adds into.
+    Zeroed either way: entries no program writes must read as 0.
+    """
+    atomic = chunks > 1 and chunks * width > d
+    shares = torch.zeros(1 if atomic else chunks, num_rows, width, dtype=dtype, device=device)
+    return shares, atomic
+
+
+def dense_scan_forward(
+    x: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    acts: torch.Tensor,
+    lengths_cpu: torch.Tensor,
+    acc_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward scan.  Returns ``(norms (B, G), residual after the longest prefix (B, d))``
+    in ``acc_dtype`` (float32 or float64).
+
+    ``lengths_cpu``: the strictly increasing prefix lengths, int64 on the host.
+    """
+    num_rows, d = x.shape
+    num_prefixes = lengths_cpu.numel()
+    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype)
+    shares, atomic = _chunk_shares(grid[1], num_rows, num_prefixes, d, acc_dtype, x.device)
+    residual = x.new_empty(num_rows, d, dtype=acc_dtype)
+    if num_rows > 0 and d > 0:
+        x, W_dec, acts = x.contiguous(), W_dec.contiguous(), acts.contiguous()
+        _dense_scan_forward_kernel[grid](
+            x, x if b_dec is None else b_dec.contiguous(), W_dec, acts,
+            _position_table(lengths_cpu, W_dec.shape[0], x.device), shares, residual,
+            num_rows, d, int(lengths_cpu[-1]), num_prefixes,
+            x.stride(0), W_dec.stride(0), acts.stride(0), shares.stride(0),
+            HAS_BIAS=b_dec is not None, ATOMIC=atomic, **meta,
+        )
+    return shares.sum(0), residual
+
+
+def dense_scan_backward(
+    residual: torch.Tensor,
+    grad_norms: torch.Tensor,
+    W_dec: torch.Tensor,
+    acts: torch.Tensor,
+    lengths_cpu: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward scan.  Returns ``(dx, dacts, dW_dec)`` in the residual's (accumulation) dtype.
+
+    ``dW_dec`` sums over row blocks with atomics into a zeroed buffer, like the sparse scan's.
+    """
+    num_rows, d = residual.shape
+    n = W_dec.shape[0]
+    acc_dtype = residual.dtype
+    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype)
+    dx = torch.empty_like(residual)
+    dacts_shares, atomic = _chunk_shares(grid[1], num_rows, n, d, acc_dtype, residual.device)
+    dW = torch.zeros(W_dec.shape, dtype=acc_dtype, device=W_dec.device)
+    if num_rows > 0 and d > 0:
+        W_dec, acts = W_dec.contiguous(), acts.contiguous()
+        _dense_scan_backward_kernel[grid](
+            residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts,
+            _position_table(lengths_cpu, n, residual.device), dx, dacts_shares, dW,
+            num_rows, d, n, int(lengths_cpu[-1]), lengths_cpu.numel(),
+            W_dec.stride(0), acts.stride(0), dW.stride(0), dacts_shares.stride(0),
+            ATOMIC=atomic, **meta,
+        )
+    return dx, dacts_shares.sum(0), dW

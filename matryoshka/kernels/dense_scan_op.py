@@ -1,0 +1,76 @@
+"""The dense scan kernels as ``torch.library`` custom ops, so the op composes with autograd and
+lives inside ``torch.compile``d training steps without graph breaks in the surrounding code.
+
+The prefix lengths travel as a host (CPU) int64 tensor: the host functions plan from them without
+touching the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dense_scan import dense_scan_backward, dense_scan_forward
+
+__all__ = ["dense_prefix_norms_triton"]
+
+
+def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.custom_op("matryoshka::dense_scan", mutates_args=())
+def _dense_scan(
+    x: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    acts: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return dense_scan_forward(x, b_dec, W_dec, acts, lengths, _acc(x, b_dec, W_dec, acts))
+
+
+@_dense_scan.register_fake
+def _(x, b_dec, W_dec, acts, lengths):
+    acc = _acc(x, b_dec, W_dec, acts)
+    return x.new_empty(x.shape[0], lengths.shape[0], dtype=acc), x.new_empty(x.shape, dtype=acc)
+
+
+@torch.library.custom_op("matryoshka::dense_scan_backward", mutates_args=())
+def _dense_scan_backward(
+    residual: torch.Tensor,
+    grad_norms: torch.Tensor,
+    W_dec: torch.Tensor,
+    acts: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dense_scan_backward(residual, grad_norms, W_dec, acts, lengths)
+
+
+@_dense_scan_backward.register_fake
+def _(residual, grad_norms, W_dec, acts, lengths):
+    return torch.empty_like(residual), residual.new_empty(acts.shape), residual.new_empty(W_dec.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, b_dec, W_dec, acts, lengths = inputs
+    ctx.save_for_backward(output[1], W_dec, acts, lengths)
+    ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, W_dec.dtype, acts.dtype)
+
+
+def _backward(ctx, grad_norms, grad_residual):
+    # The final residual is an internal by-product saved for the backward; no caller differentiates it.
+    residual, W_dec, acts, lengths = ctx.saved_tensors
+    x_dtype, b_dtype, w_dtype, a_dtype = ctx.dtypes
+    dx, dacts, dW = _dense_scan_backward(residual, grad_norms, W_dec, acts, lengths)
+    db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
+    return dx.to(x_dtype), db, dW.to(w_dtype), dacts.to(a_dtype), None
+
+
+_dense_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dense_prefix_norms_triton(x, b_dec, W_dec, acts, lengths_cpu: torch.Tensor) -> torch.Tensor:
+    """``(B, G)`` squared residual norms after each prefix length, for dense ``(B, n)`` activations,
+    by the fused kernels.  ``lengths_cpu``: strictly increasing int64 lengths on the host."""
+    norms, _ = _dense_scan(x, b_dec, W_dec, acts, lengths_cpu.to(device="cpu", dtype=torch.int64))
+    return norms
