@@ -16,10 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m matryoshka loss-demo
+	$(PY) -m matryoshka compare --out runs/compare
 
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# pytest-benchmark suite (CPU: small sizes, ~1 min; CUDA: real sizes); raw JSON into benchmarks/results/.
+BENCH_DEVICE = $$($(PY) -c "import torch; from benchmarks.harness import device_slug; print(device_slug(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark_$(BENCH_DEVICE).json
+
+# The sweep (CPU ~5 min): JSON + CSV + Markdown + PNG into benchmarks/results/. Extra flags: SWEEP_ARGS="--threads 2".
+sweep: $(VENV)/.installed
+	$(PY) -m benchmarks.sweep $(SWEEP_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from . import Prefixes, SparseActs, matryoshka_loss
+from .experiments import child_magnitude, compare
+from .experiments.common import default_jobs
 
 
 def loss_demo(args: argparse.Namespace) -> None:
@@ -27,6 +30,45 @@ def loss_demo(args: argparse.Namespace) -> None:
     print(f"weighted loss: fused {fused.loss.item():.6f}  reference {loop.loss.item():.6f}")
 
 
+def _steps_and_seeds(args: argparse.Namespace, study) -> tuple[int, int]:
+    """Explicit flags win; otherwise the study's quick or default settings."""
+    steps = args.steps or (study.QUICK_STEPS if args.quick else study.DEFAULT_STEPS)
+    seeds = args.seeds or (1 if args.quick else study.DEFAULT_SEEDS)
+    return steps, seeds
+
+
+def compare_cmd(args: argparse.Namespace) -> None:
+    steps, seeds = _steps_and_seeds(args, compare)
+    compare.compare(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes))
+
+
+def child_magnitude_cmd(args: argparse.Namespace) -> None:
+    steps, seeds = _steps_and_seeds(args, child_magnitude)
+    toy_params = {
+        "parent_p": args.parent_p, "parent_magnitude": args.parent_magnitude, "child_p": args.child_p,
+        "child_magnitude": args.child_magnitude, "distractors": args.distractors,
+        "distractor_p": args.distractor_p,
+    }
+    child_magnitude.child_magnitude(
+        Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes),
+        toy_params=toy_params, sweep_ratios=tuple(args.ratios) if args.sweep else None,
+    )
+
+
+def _study_args(parser: argparse.ArgumentParser, out: str, study) -> None:
+    parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per run (default {study.DEFAULT_STEPS}, --quick "
+                             f"{study.QUICK_STEPS}; the original recipe uses 40000)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds per mode (default {study.DEFAULT_SEEDS}, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="parallel training processes (default: %(default)s)")
+    parser.add_argument("--modes", nargs="+", default=list(study.MODES),
+                        choices=["vanilla", "groups", "sampled", "every"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m matryoshka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +80,25 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     demo.set_defaults(func=loss_demo)
+
+    cmp = sub.add_parser("compare", help="vanilla / groups / sampled / every-prefix SAEs on the nabeshima toy",
+                         description=compare.__doc__)
+    _study_args(cmp, "runs/compare", compare)
+    cmp.set_defaults(func=compare_cmd)
+
+    child = sub.add_parser("child-magnitude", help="a child much larger than its parent: order, absorption",
+                           description=child_magnitude.__doc__)
+    _study_args(child, "runs/child_magnitude", child_magnitude)
+    child.add_argument("--parent-p", type=float, default=0.3)
+    child.add_argument("--parent-magnitude", type=float, default=2.0)
+    child.add_argument("--child-p", type=float, default=0.5, help="probability given the parent")
+    child.add_argument("--child-magnitude", type=float, default=10.0)
+    child.add_argument("--distractors", type=int, default=6)
+    child.add_argument("--distractor-p", type=float, default=0.05)
+    child.add_argument("--sweep", action="store_true", help="also sweep the child/parent magnitude ratio")
+    child.add_argument("--ratios", type=float, nargs="+", default=list(child_magnitude.DEFAULT_RATIOS),
+                       help="child/parent magnitude ratios for --sweep (default: %(default)s)")
+    child.set_defaults(func=child_magnitude_cmd)
     args = parser.parse_args(argv)
     args.func(args)
 

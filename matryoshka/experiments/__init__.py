@@ -1,0 +1,1 @@
+"""The runnable studies behind ``python -m matryoshka compare`` and ``... child-magnitude``."""

@@ -1,0 +1,186 @@
+"""Shared machinery of the studies: the training recipe, one tracked run, many runs in parallel,
+mean ± std summaries and plain-text tables."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..metrics import LearningOrder, cosine_matrix, evaluate, match_latents
+from ..prefixes import Prefixes
+from ..sae import SAEConfig, SparseAutoencoder
+from ..toy import ToyModel
+from ..train import TrainConfig, every_prefix_weights, train
+
+__all__ = [
+    "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "summarize", "fmt", "format_table", "write_json",
+]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a toy model, a prefix mode and a seed, on the toy recipe.
+
+    The recipe (Nabeshima's, with the step count as a knob): as many latents as features, ReLU with
+    an L1 coefficient adapted to the toy's true L0, Adam lr 3e-2 with betas (0.5, 0.9375), clipping
+    at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled`` prefixes per step.
+    ``train_overrides`` replaces any other :class:`TrainConfig` field.
+    """
+
+    toy_spec: dict
+    mode: str
+    seed: int
+    steps: int
+    num_sampled: int = 10
+    log_every: int = 100
+    eval_samples: int = 20_000
+    train_overrides: dict = field(default_factory=dict)
+
+    def train_config(self, toy: ToyModel) -> TrainConfig:
+        recipe = dict(
+            steps=self.steps, batch_size=200, lr=3e-2, betas=(0.5, 0.9375), clip_norm=1.0,
+            prefix_mode=self.mode, num_sampled=self.num_sampled, target_l0=toy.expected_l0(),
+            # Start with a weak L1 and let the adaptive rule raise it: a strong start kills
+            # latents before the coefficient settles, and dead ReLU latents never recover.
+            sparsity_coeff=1e-3, resort_every=100, log_every=self.log_every, seed=self.seed,
+            progress=False,
+        )
+        return TrainConfig(**{**recipe, **self.train_overrides})
+
+
+class _Tracker:
+    """Training callback: decoder-truth cosines every ``log_every`` steps, summarised per step."""
+
+    def __init__(self, toy: ToyModel) -> None:
+        self.toy = toy
+        self.order = LearningOrder(toy.num_features)
+        self.rows: list[dict] = []
+
+    def __call__(self, step: int, sae: SparseAutoencoder, logs: dict) -> None:
+        cos = cosine_matrix(sae.W_dec, self.toy.directions)
+        self.order.update(step, cos)
+        best, latent = cos.abs().max(0)
+        # For a feature with a parent: the cosine of its best latent with the parent's direction,
+        # the decoder-side trace of absorption as it develops.
+        with_parent = [float(cos[latent[f], p]) if p >= 0 else None for f, p in enumerate(self.toy.parents)]
+        self.rows.append({
+            "step": step, "loss": logs["loss"], "recon": logs["recon"], "l0": logs["l0"],
+            "sparsity_coeff": logs["sparsity_coeff"], "mcc": match_latents(cos).mcc,
+            "best_cos": best.tolist(), "best_latent": latent.tolist(), "best_cos_with_parent": with_parent,
+        })
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train one SAE as ``spec`` says; return its config, tracked history and final metrics (JSON-able)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead, and one keeps runs bit-identical
+    try:
+        toy = ToyModel(spec.toy_spec)
+        n = toy.num_features
+        sae = SparseAutoencoder(SAEConfig(d=toy.d, n=n, activation="relu"),
+                                generator=torch.Generator().manual_seed(10_000 + spec.seed))
+        config = spec.train_config(toy)
+        tracker = _Tracker(toy)
+        train(sae, lambda rows, g: toy.sample(rows, g)[0], config, callback=tracker)
+        # One common yardstick for every mode: the expected loss of the sampled recipe.
+        objective = Prefixes.every(n, every_prefix_weights(n, min(spec.num_sampled, n)))
+        metrics = evaluate(sae, toy, objective, num_samples=spec.eval_samples)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "spec": asdict(spec),
+        "train_config": asdict(config),
+        "metrics": metrics,
+        "learning_order": tracker.order.as_dict(),
+        "history": tracker.rows,
+    }
+
+
+def default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_many(specs: Sequence[RunSpec], jobs: int, desc: str = "runs") -> list[dict]:
+    """Run every spec, ``jobs`` processes at a time; results in the order of ``specs``.
+
+    Runs are independent and single-threaded, so processes are how 2 cores give 2x; each result
+    depends only on its spec, whatever ``jobs`` is.  ``spawn`` (not fork) because forking a process
+    that has started torch's thread pools can deadlock.
+    """
+    bar = tqdm(total=len(specs), desc=desc, unit="run", leave=False)
+    if jobs <= 1:
+        results = []
+        for spec in specs:
+            results.append(run_one(spec))
+            bar.update()
+    else:
+        results = [None] * len(specs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return results
+
+
+def history_band(runs: Sequence[dict], value: Callable[[dict], float | None]) -> tuple[list[int], np.ndarray]:
+    """``(steps, (runs, steps) array)`` of ``value(history row)`` across runs (same steps in each);
+    ``None`` becomes NaN."""
+    steps = [row["step"] for row in runs[0]["history"]]
+    table = [[np.nan if (v := value(row)) is None else v for row in run["history"]] for run in runs]
+    return steps, np.asarray(table, dtype=float)
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "n"}`` over seeds (NaNs, e.g. never-learned steps, are left out)."""
+    finite = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned first column, right-aligned others, widths fitted to the content."""
+    table = [header, *rows]
+    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        cells = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]
+        return "  ".join(cells)
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def fmt(stat: dict, digits: int = 3) -> str:
+    """``mean ± std`` (or ``–`` when no seed has a value)."""
+    if stat["n"] == 0:
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _strict(value):
+    """NaN/inf become ``null``: strict JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_strict(payload), indent=1))

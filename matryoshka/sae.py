@@ -1,0 +1,278 @@
+"""A thin sparse autoencoder whose training loss is :func:`matryoshka.matryoshka_loss`.
+
+    pre = (x - b_dec) @ W_enc + b_enc,     a = act(pre),     x_hat = a @ W_dec + b_dec
+
+``W_dec`` is ``(n, d)``: row ``i`` is latent ``i``'s direction, as the loss op expects.
+
+Activations:
+
+* ``"topk"``: the ``k`` largest ReLU'd pre-activations per row, returned as ``SparseActs``.
+* ``"batchtopk"``: the ``k * B`` largest over the whole batch (rows keep different numbers, padded
+  with ``-1``).  In eval mode it is a JumpReLU with one threshold: an EMA of the smallest activation
+  kept during training (Bussmann et al., 2024).
+* ``"relu"``: dense ReLU; the sparsity penalty is the L1 norm of the activations.
+* ``"jumprelu"``: dense ``pre * H(pre - theta)`` with a learned per-latent threshold; the penalty is
+  the L0 norm, both trained with straight-through rectangle-kernel pseudo-derivatives
+  (Rajamanoharan et al., 2024).
+
+Decoder norm: rows of ``W_dec`` are kept at unit norm.  The trainer calls
+:meth:`remove_parallel_grad_` before each optimiser step (so the step moves along the sphere) and
+:meth:`normalize_decoder_` after it.  With unit rows the plain L1 penalty equals the
+decoder-norm-scaled one, so a latent cannot dodge the penalty by growing its decoder row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .loss import MatryoshkaLossOutput, matryoshka_loss
+from .prefixes import Prefixes
+from .sparse_acts import PADDING_INDEX, SparseActs
+
+__all__ = ["SAEConfig", "SAEOutput", "SparseAutoencoder", "ACTIVATIONS"]
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    """Shape and activation of a :class:`SparseAutoencoder` (saved as JSON next to the weights).
+
+    ``prefix_lengths`` / ``prefix_weights``: the SAE's default :class:`Prefixes` (``None``: the
+    single prefix ``n``, a vanilla SAE).  ``k``: active latents per row for TopK/BatchTopK.
+    ``jumprelu_bandwidth`` / ``jumprelu_init_threshold``: the JumpReLU kernel width and start.
+    """
+
+    d: int
+    n: int
+    activation: str = "relu"
+    k: int | None = None
+    prefix_lengths: list[int] | None = None
+    prefix_weights: list[float] | None = None
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation in ("topk", "batchtopk") and not (self.k and 1 <= self.k <= self.n):
+            raise ValueError(f"activation {self.activation!r} needs 1 <= k <= n={self.n}, got k={self.k}")
+
+
+@dataclass(frozen=True)
+class SAEOutput:
+    """``acts``: ``SparseActs`` (TopK/BatchTopK) or dense ``(B, n)``; ``recon``: ``(B, d)``;
+    ``pre``: the ``(B, n)`` pre-activations (the dead-latent loss and JumpReLU penalty need them)."""
+
+    acts: SparseActs | torch.Tensor
+    recon: torch.Tensor
+    pre: torch.Tensor
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z * H(z - theta)``; d/dtheta = ``-(theta / eps) * K((z - theta) / eps)``, K the unit rectangle."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        near = ((z - theta).abs() < ctx.eps / 2).to(grad.dtype)
+        d_theta = (-(theta / ctx.eps) * near * grad).sum(0)
+        return grad * (z > theta), d_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(z - theta)`` (the L0 count); d/dtheta = ``-(1 / eps) * K((z - theta) / eps)``, none for z."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        near = ((z - theta).abs() < ctx.eps / 2).to(grad.dtype)
+        return None, (-(1.0 / ctx.eps) * near * grad).sum(0), None
+
+
+def _sparse_from_mask(acts: torch.Tensor, keep: torch.Tensor) -> SparseActs:
+    """Rows of ``acts`` restricted to ``keep`` as ``SparseActs``, padded to the fullest row.
+
+    One host sync (the largest row count) sizes the result; that is the price of variable rows.
+    """
+    width = max(int(keep.sum(1).max()), 1)
+    masked = torch.where(keep, acts, -1.0)  # kept values are >= 0, so they sort first
+    values, indices = masked.topk(width, dim=1)
+    kept = values >= 0
+    return SparseActs(torch.where(kept, values, 0.0), torch.where(kept, indices, PADDING_INDEX))
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE with a choice of activation (see module doc) and a default Matryoshka prefix set."""
+
+    def __init__(self, config: SAEConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, n = config.d, config.n
+        # Tied initialisation: unit decoder rows, encoder = decoder transpose, zero biases.
+        W = torch.randn(n, d, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if config.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), float(config.jumprelu_init_threshold)).log())
+        # BatchTopK inference threshold; negative until the first training batch sets it.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        if config.prefix_lengths is None:
+            self.prefixes = Prefixes([n])
+        else:
+            self.prefixes = Prefixes(config.prefix_lengths, config.prefix_weights)
+
+    # ------------------------------------------------------------------------------ forward
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> SparseActs | torch.Tensor:
+        """The activations for pre-activations ``pre`` (sparse for TopK/BatchTopK, else dense)."""
+        kind = self.config.activation
+        z = pre.relu()
+        if kind == "relu":
+            return z
+        if kind == "jumprelu":
+            return _JumpReLU.apply(z, self.log_threshold.exp(), self.config.jumprelu_bandwidth)
+        k = int(self.config.k)
+        if kind == "topk":
+            return SparseActs.from_dense(z, k)
+        if not self.training:  # batchtopk at inference: one global threshold
+            return _sparse_from_mask(z, z > self.threshold.clamp(min=0))
+        flat = z.flatten()
+        kept_values, kept = flat.topk(min(k * z.shape[0], flat.numel()))
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept, True).view_as(z)
+        keep = keep & (z > 0)
+        with torch.no_grad():
+            smallest = torch.where(kept_values > 0, kept_values, float("inf")).min()
+            ema = torch.where(self.threshold < 0, smallest, 0.99 * self.threshold + 0.01 * smallest)
+            # A batch with nothing active says nothing about the threshold (and costs no host sync).
+            self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
+        return _sparse_from_mask(z, keep)
+
+    def decode(self, acts: SparseActs | torch.Tensor) -> torch.Tensor:
+        dense = acts.to_dense(self.config.n) if isinstance(acts, SparseActs) else acts
+        return dense @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        pre = self.encode_pre(x)
+        acts = self.activate(pre)
+        return SAEOutput(acts, self.decode(acts), pre)
+
+    def dense_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n)`` activations, dense whatever the activation kind (for metrics)."""
+        acts = self.activate(self.encode_pre(x))
+        return acts.to_dense(self.config.n) if isinstance(acts, SparseActs) else acts
+
+    # ------------------------------------------------------------------------------ losses
+    def reconstruction_loss(
+        self,
+        x: torch.Tensor,
+        acts: SparseActs | torch.Tensor,
+        prefixes: Prefixes | None = None,
+        validate: bool = False,
+    ) -> MatryoshkaLossOutput:
+        """The Matryoshka loss of ``acts`` on ``x`` over ``prefixes`` (default: the SAE's own).
+
+        ``validate=False`` skips the loss op's index check (a host sync): the SAE's own sparse
+        activations have in-range, distinct indices by construction.  Pass ``True`` for others.
+        """
+        prefixes = self.prefixes if prefixes is None else prefixes
+        return matryoshka_loss(x, acts, self.W_dec, self.b_dec, prefixes, validate=validate)
+
+    def sparsity_penalty(self, out: SAEOutput) -> torch.Tensor:
+        """Batch mean of the L1 (ReLU) or L0 (JumpReLU) norm of the activations; 0 for TopK kinds.
+
+        Decoder rows have unit norm, so this equals the decoder-norm-scaled penalty.
+        """
+        kind = self.config.activation
+        if kind == "relu":
+            return out.acts.sum(1).mean()
+        if kind == "jumprelu":
+            theta = self.log_threshold.exp()
+            return _Step.apply(out.pre.relu(), theta, self.config.jumprelu_bandwidth).sum(1).mean()
+        return out.pre.new_zeros(())
+
+    def auxk_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+        """Dead-latent auxiliary loss (Gao et al., 2024): the ``k_aux`` largest pre-activations among
+        ``dead`` latents reconstruct the residual error, normalised by the error's own size.
+
+        Returns 0 when nothing is dead.  Gradients reach only the dead latents' weights.
+        """
+        error = (x - out.recon).detach()
+        masked = torch.where(dead, out.pre, float("-inf"))
+        values, indices = masked.topk(min(k_aux, self.config.n), dim=1)
+        values = torch.where(torch.isfinite(values), values.relu(), 0.0)
+        error_hat = SparseActs(values, indices).to_dense(self.config.n) @ self.W_dec
+        loss = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean().clamp(min=1e-12)
+        return torch.where(dead.any(), loss, 0.0)
+
+    # ------------------------------------------------------------------------------ constraints
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the gradient component along each (unit) decoder row: it would only change the norm."""
+        if self.W_dec.grad is not None:
+            W = self.W_dec
+            W.grad.sub_((W.grad * W).sum(1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def permute_latents_(self, perm: torch.Tensor) -> None:
+        """Reorder latents in place: new latent ``i`` is old latent ``perm[i]``.
+
+        The same ``nn.Parameter`` objects are kept, so optimiser state keyed on them stays valid
+        (the trainer permutes that state alongside, see :func:`latent_dims`).
+        """
+        for param, dim in self.latent_dims():
+            param.copy_(param.index_select(dim, perm))
+
+    def latent_dims(self) -> list[tuple[nn.Parameter, int]]:
+        """Every parameter with a latent axis, and that axis."""
+        dims = [(self.W_enc, 1), (self.b_enc, 0), (self.W_dec, 0)]
+        if self.config.activation == "jumprelu":
+            dims.append((self.log_threshold, 0))
+        return dims
+
+    # ------------------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path) -> None:
+        """``sae.safetensors`` (weights and buffers) and ``config.json`` in ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = asdict(self.config)
+        config["prefix_lengths"] = self.prefixes.lengths.tolist()
+        config["prefix_weights"] = self.prefixes.weights.tolist()
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  str(directory / "sae.safetensors"))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SparseAutoencoder:
+        directory = Path(directory)
+        config = SAEConfig(**json.loads((directory / "config.json").read_text()))
+        sae = cls(config)
+        sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
+        return sae

@@ -1,0 +1,65 @@
+"""Smoke runs of the studies through the command line, and the study helpers."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from matryoshka.__main__ import main
+from matryoshka.experiments.common import RunSpec, format_table, run_many, summarize
+from matryoshka.toy import child_magnitude_spec
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_compare_quick(tmp_path, capsys):
+    main(["compare", "--quick", "--steps", "100", "--jobs", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "100 steps per run (the original recipe: 40 000)" in printed
+    for mode in ("vanilla", "groups", "sampled", "every"):
+        assert f"\n{mode} " in printed
+    assert "MCC" in printed and "absorption" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]) == {"vanilla", "groups", "sampled", "every"}
+    assert results["steps"] == 100 and len(results["runs"]) == 4
+    assert 0 < results["summary"]["every"]["mcc"]["mean"] <= 1
+    for name in ("compare_heatmap.png", "learning_curves.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_child_magnitude_quick_with_sweep(tmp_path, capsys):
+    main(["child-magnitude", "--quick", "--steps", "80", "--jobs", "1", "--out", str(tmp_path),
+          "--sweep", "--ratios", "1", "5", "--modes", "vanilla", "every"])
+    printed = capsys.readouterr().out
+    assert "Learning order" in printed and "Sweep over child/parent magnitude ratio" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]) == {"vanilla", "every"}
+    assert results["sweep"]["ratios"] == [1.0, 5.0]
+    row = results["summary"]["every"][0]
+    assert row["first"] in ("parent", "child", "same", "neither")
+    for name in ("child_cosines.png", "absorption_vs_ratio.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_parallel_runs_match_serial_runs():
+    specs = [RunSpec(child_magnitude_spec(distractors=2), mode, 0, 40, num_sampled=2, eval_samples=500)
+             for mode in ("sampled", "every")]
+    serial, parallel = run_many(specs, jobs=1), run_many(specs, jobs=2)
+    for a, b in zip(serial, parallel):
+        assert a["spec"]["mode"] == b["spec"]["mode"]
+        assert a["metrics"]["cos"] == b["metrics"]["cos"]
+
+
+def test_summaries_and_tables():
+    stat = summarize([1.0, 3.0, float("nan"), None])
+    assert stat == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert math.isnan(summarize([None])["mean"])
+    table = format_table([["a", "1.0"], ["bbb", "22.5"]], ["mode", "x"])
+    assert table.splitlines() == ["mode     x", "----  ----", "a      1.0", "bbb   22.5"]

@@ -1,0 +1,125 @@
+"""The thin SAE: activations, losses, decoder constraint, latent permutation, save/load."""
+
+import pytest
+import torch
+
+from matryoshka import Prefixes, SparseActs, matryoshka_loss
+from matryoshka.sae import SAEConfig, SparseAutoencoder
+
+D, N, B = 6, 10, 32
+
+
+def make(activation: str, k: int | None = None, seed: int = 0, **kw) -> SparseAutoencoder:
+    return SparseAutoencoder(SAEConfig(d=D, n=N, activation=activation, k=k, **kw),
+                             generator=torch.Generator().manual_seed(seed))
+
+
+def batch(seed: int = 1) -> torch.Tensor:
+    return torch.randn(B, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_topk_returns_k_sparse_acts():
+    sae = make("topk", k=3)
+    out = sae(batch())
+    assert isinstance(out.acts, SparseActs) and out.acts.shape == (B, 3)
+    dense = out.acts.to_dense(N)
+    torch.testing.assert_close(out.recon, dense @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(dense, sae.dense_acts(batch()))
+
+
+def test_batchtopk_keeps_k_per_row_on_average_and_sets_threshold():
+    sae = make("batchtopk", k=2)
+    out = sae(batch())
+    dense = out.acts.to_dense(N)
+    assert int((dense > 0).sum()) <= 2 * B
+    assert bool((out.acts.indices == -1).any()), "rows differ in size, so some slots are padding"
+    assert float(sae.threshold) > 0
+    sae.eval()
+    eval_dense = sae.dense_acts(batch())
+    assert bool((eval_dense[eval_dense > 0] > sae.threshold).all())
+
+
+def test_relu_penalty_and_dense_acts():
+    sae = make("relu")
+    out = sae(batch())
+    assert isinstance(out.acts, torch.Tensor) and bool((out.acts >= 0).all())
+    torch.testing.assert_close(sae.sparsity_penalty(out), out.acts.sum(1).mean())
+
+
+def test_jumprelu_threshold_gets_gradients():
+    sae = make("jumprelu", jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.5)
+    x = batch()
+    out = sae(x)
+    dense = out.acts
+    assert bool(((dense == 0) | (dense > 0.3 - 1e-6)).all())
+    (sae.reconstruction_loss(x, out.acts).loss + sae.sparsity_penalty(out)).backward()
+    assert sae.log_threshold.grad is not None and bool(sae.log_threshold.grad.abs().sum() > 0)
+
+
+def test_reconstruction_loss_is_the_matryoshka_op():
+    sae = make("topk", k=3, prefix_lengths=[2, 5, 10], prefix_weights=[0.2, 0.3, 0.5])
+    x = batch()
+    out = sae(x)
+    want = matryoshka_loss(x, out.acts, sae.W_dec, sae.b_dec, Prefixes([2, 5, 10], [0.2, 0.3, 0.5]))
+    torch.testing.assert_close(sae.reconstruction_loss(x, out.acts).loss, want.loss)
+    full = sae.reconstruction_loss(x, out.acts, Prefixes([N])).loss
+    torch.testing.assert_close(full, (x - out.recon).pow(2).sum(1).mean())
+
+
+def test_decoder_constraint():
+    sae = make("relu")
+    x = batch()
+    sae.reconstruction_loss(x, sae(x).acts).loss.backward()
+    sae.remove_parallel_grad_()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(N), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(N))
+
+
+@pytest.mark.parametrize("activation, k", [("relu", None), ("topk", 3), ("jumprelu", None)])
+def test_permute_latents_permutes_activations(activation, k):
+    sae = make(activation, k=k, jumprelu_init_threshold=0.1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.1, 0.1, N))
+        if activation == "jumprelu":
+            sae.log_threshold.copy_(torch.linspace(-3, -1, N))
+    x = batch()
+    before, recon = sae.dense_acts(x), sae(x).recon
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    sae.permute_latents_(perm)
+    torch.testing.assert_close(sae.dense_acts(x), before[:, perm])
+    torch.testing.assert_close(sae(x).recon, recon)
+
+
+def test_auxk_loss_only_for_dead_latents():
+    sae = make("topk", k=2)
+    x = batch()
+    out = sae(x)
+    assert float(sae.auxk_loss(x, out, torch.zeros(N, dtype=torch.bool), 4).detach()) == 0.0
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[:3] = True
+    loss = sae.auxk_loss(x, out, dead, 4)
+    loss.backward()
+    assert float(loss.detach()) > 0
+    assert bool((sae.W_dec.grad[3:] == 0).all()) and bool(sae.W_dec.grad[:3].abs().sum() > 0)
+
+
+@pytest.mark.parametrize("activation, k", [("relu", None), ("batchtopk", 2), ("jumprelu", None)])
+def test_save_load_roundtrip(tmp_path, activation, k):
+    sae = make(activation, k=k, prefix_lengths=[3, 10], prefix_weights=[0.5, 0.5])
+    sae(batch())  # sets the BatchTopK threshold buffer
+    sae.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.config == sae.config
+    assert loaded.prefixes.lengths.tolist() == [3, 10]
+    sae.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(batch(2)).recon, sae(batch(2)).recon)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="activation"):
+        SAEConfig(d=2, n=2, activation="gelu")
+    with pytest.raises(ValueError, match="k"):
+        SAEConfig(d=2, n=2, activation="topk")

@@ -1,0 +1,155 @@
+"""The trainer: prefix modes and their weights, schedule, re-sorting, determinism, loss going down."""
+
+import pytest
+import torch
+
+from matryoshka import Prefixes
+from matryoshka.sae import SAEConfig, SparseAutoencoder
+from matryoshka.toy import ToyModel, nabeshima_spec
+from matryoshka.train import (
+    PrefixSchedule,
+    TrainConfig,
+    _LatentStats,
+    _resort,
+    default_group_widths,
+    every_prefix_weights,
+    lr_factor,
+    sampled_inclusion_probabilities,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the maths, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, num", [(20, 10), (12, 3), (7, 6)])
+def test_inclusion_probabilities_match_monte_carlo(n, num):
+    pi = sampled_inclusion_probabilities(n, num)
+    assert pi.shape == (n,) and float(pi[-1]) == 1.0
+    assert float(pi.sum()) == pytest.approx(num, abs=1e-8)
+    draws = 4000
+    g = torch.Generator().manual_seed(n * 100 + num)
+    counts = torch.zeros(n, dtype=torch.float64)
+    for _ in range(draws):
+        counts[Prefixes.sample(n, num, generator=g).lengths - 1] += 1
+    se = (pi * (1 - pi) / draws).sqrt().clamp(min=1e-12)
+    assert bool((((counts / draws) - pi).abs() <= 5 * se + 1e-12).all())
+
+
+def test_inclusion_edge_cases():
+    assert sampled_inclusion_probabilities(5, 1).tolist() == [0, 0, 0, 0, 1]
+    torch.testing.assert_close(sampled_inclusion_probabilities(5, 5), torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        sampled_inclusion_probabilities(5, 6)
+
+
+def test_sampled_and_every_agree_in_expectation():
+    """The mean over draws of the sampled prefix weights, per length, is the every-mode weight."""
+    n, num, draws = 20, 10, 4000
+    g = torch.Generator().manual_seed(0)
+    total = torch.zeros(n, dtype=torch.float64)
+    for _ in range(draws):
+        p = Prefixes.sample(n, num, generator=g)
+        total[p.lengths - 1] += p.weights
+    every = every_prefix_weights(n, num)
+    assert float(every.sum()) == pytest.approx(1.0)
+    se = (every * (1 / num - every) / draws).sqrt().clamp(min=1e-12)  # weight is 1/num w.p. num*every
+    assert bool(((total / draws - every).abs() <= 5 * se + 1e-12).all())
+    schedule = PrefixSchedule("every", n, num)
+    torch.testing.assert_close(schedule().weights, every)
+
+
+def test_prefix_modes():
+    assert PrefixSchedule("vanilla", 8)().lengths.tolist() == [8]
+    groups = PrefixSchedule("groups", 20)()
+    assert groups.lengths.tolist() == default_group_widths(20) == [3, 5, 10, 20]
+    g = torch.Generator().manual_seed(0)
+    sampled = PrefixSchedule("sampled", 20, 10, generator=g)
+    a, b = sampled(), sampled()
+    assert len(a) == 10 and a.max_length == 20 and a.lengths.tolist() != b.lengths.tolist()
+    with pytest.raises(ValueError):
+        PrefixSchedule("random", 20)
+
+
+def test_lr_schedule_warms_up_holds_and_cools_down():
+    config = TrainConfig(steps=100, warmup_frac=0.1, cooldown_frac=0.2)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[50] == 1.0
+    assert factors[79] == 1.0 and factors[99] == pytest.approx(1 / 20)
+    assert all(b <= a for a, b in zip(factors[80:], factors[81:]))
+
+
+def test_resort_permutes_latents_and_adam_state():
+    sae = SparseAutoencoder(SAEConfig(d=4, n=5, activation="jumprelu"), torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    out = sae(x)
+    (sae.reconstruction_loss(x, out.acts).loss + sae.sparsity_penalty(out)).backward()
+    opt.step()
+    stats = _LatentStats(5, 0.9)
+    stats.energy = torch.tensor([0.1, 0.5, 0.0, 0.3, 0.2])
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moments = {name: opt.state[p]["exp_avg_sq"].clone() for name, p in sae.named_parameters()}
+    _resort(sae, opt, stats)
+    perm = torch.tensor([1, 3, 4, 0, 2])
+    assert torch.equal(stats.energy, torch.tensor([0.5, 0.3, 0.2, 0.1, 0.0]))
+    for param, dim in sae.latent_dims():
+        name = next(k for k, v in sae.named_parameters() if v is param)
+        assert torch.equal(param.detach(), before[name].index_select(dim, perm))
+        assert torch.equal(opt.state[param]["exp_avg_sq"], moments[name].index_select(dim, perm))
+    assert torch.equal(sae.b_dec.detach(), before["b_dec"])
+
+
+def _toy_run(mode: str, activation: str = "relu", steps: int = 300, seed: int = 0, **kw):
+    toy = ToyModel(nabeshima_spec())
+    k = 2 if activation in ("topk", "batchtopk") else None
+    sae = SparseAutoencoder(SAEConfig(d=20, n=20, activation=activation, k=k), torch.Generator().manual_seed(seed))
+    config = TrainConfig(steps=steps, prefix_mode=mode, target_l0=toy.expected_l0(), sparsity_coeff=1e-3,
+                         log_every=50, progress=False, seed=seed, **kw)
+    return sae, train(sae, lambda rows, g: toy.sample(rows, g)[0], config)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "groups", "sampled", "every"])
+def test_training_reduces_the_loss(mode):
+    sae, result = _toy_run(mode)
+    recon = [row["recon"] for row in result.history]
+    assert recon[-1] < 0.7 * recon[0]
+    assert sae.prefixes is result.objective
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(20))
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_other_activations_train(activation):
+    _, result = _toy_run("every", activation, steps=200, dead_after=20, aux_k=4)
+    assert result.history[-1]["recon"] < result.history[0]["recon"]
+    if activation != "jumprelu":
+        assert any(row["aux"] > 0 for row in result.history), "some latent should be dead after 20 steps"
+
+
+def test_adaptive_l1_steers_towards_target_l0():
+    _, result = _toy_run("sampled", steps=400)
+    assert abs(result.history[-1]["l0"] - 1.12) < abs(result.history[0]["l0"] - 1.12)
+
+
+def test_deterministic_callback_and_checkpoints(tmp_path):
+    calls = []
+    toy = ToyModel(nabeshima_spec())
+    weights = []
+    for run in range(2):
+        sae = SparseAutoencoder(SAEConfig(d=20, n=20), torch.Generator().manual_seed(0))
+        config = TrainConfig(steps=60, prefix_mode="sampled", log_every=20, checkpoint_every=30, progress=False,
+                             resort_every=10, target_l0=1.0)
+        train(sae, lambda rows, g: toy.sample(rows, g)[0], config,
+              callback=lambda step, model, logs: calls.append(step), checkpoint_dir=tmp_path / str(run))
+        weights.append(sae.W_dec.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert calls == [20, 40, 60] * 2
+    assert sorted(p.name for p in (tmp_path / "0").iterdir()) == ["step_0000030", "step_0000060"]
+    loaded = SparseAutoencoder.load(tmp_path / "0" / "step_0000060")
+    assert torch.equal(loaded.W_dec, weights[0])
