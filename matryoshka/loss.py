@@ -20,7 +20,7 @@ from torch import nn
 
 from .prefixes import Prefixes
 from .reference import matryoshka_loss_reference
-from .scan_layout import SortedActs, fold_prefix_weights, unfold_prefix_losses
+from .scan_layout import SortedActs, fold_prefix_weights, prefix_positions, unfold_prefix_losses
 from .sparse_acts import SparseActs
 from .torch_scan import dense_prefix_norms_torch, sparse_scan_torch
 from .validation import check_inputs, check_sparse_indices
@@ -112,11 +112,11 @@ def matryoshka_loss(
         return MatryoshkaLossOutput(loss, per_prefix)
     if isinstance(acts, SparseActs):
         norms = _sparse_scan(backend)(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
-        weights = fold_prefix_weights(sorted_acts, prefixes, norms.dtype)
-        loss = (weights * norms).sum() / rows
-        per_prefix = unfold_prefix_losses(norms, sorted_acts, prefixes).to(norms.dtype)
+        positions = prefix_positions(sorted_acts, prefixes)
+        loss = (fold_prefix_weights(positions, prefixes, norms.dtype) * norms).sum() / rows
+        per_prefix = unfold_prefix_losses(norms, positions, len(prefixes)).to(norms.dtype)
         return MatryoshkaLossOutput(loss, per_prefix)
-    lengths, weights, _ = prefixes.on(x.device)
+    _, weights, _ = prefixes.on(x.device)
     if backend == "triton":
         from .kernels.dense_scan_op import dense_prefix_norms_triton as dense_prefix_norms
     else:

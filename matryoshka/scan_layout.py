@@ -21,7 +21,7 @@ import torch
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["SortedActs", "fold_prefix_weights", "unfold_prefix_losses"]
+__all__ = ["SortedActs", "prefix_positions", "fold_prefix_weights", "unfold_prefix_losses"]
 
 _PAD_KEY = torch.iinfo(torch.int64).max
 
@@ -43,30 +43,32 @@ class SortedActs:
         self.key = torch.where(inactive, n, acts.indices).gather(1, order)
 
 
-def _prefix_positions(key: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``idx(p_t)`` for ``t = 0..k`` (``p_0 = -1`` gives 0): the first prefix that sees ``r_t``."""
-    start = torch.searchsorted(lengths, key.contiguous(), right=True)
-    return torch.cat([start.new_zeros(key.shape[0], 1), start], dim=1)
+def prefix_positions(sorted_acts: SortedActs, prefixes: Prefixes) -> torch.Tensor:
+    """``(B, k + 2)``: ``idx(p_t)`` for ``t = 0..k+1`` with ``p_0 = -1`` and ``p_{k+1} = n``.
+
+    Prefixes ``positions[:, t] <= g < positions[:, t + 1]`` see residual ``r_t``.
+    """
+    lengths, _, _ = prefixes.on(sorted_acts.key.device)
+    inner = torch.searchsorted(lengths, sorted_acts.key.contiguous(), right=True)
+    first = inner.new_zeros(inner.shape[0], 1)
+    past_last = inner.new_full((inner.shape[0], 1), len(prefixes))
+    return torch.cat([first, inner, past_last], dim=1)
 
 
-def fold_prefix_weights(sorted_acts: SortedActs, prefixes: Prefixes, dtype: torch.dtype) -> torch.Tensor:
+def fold_prefix_weights(positions: torch.Tensor, prefixes: Prefixes, dtype: torch.dtype) -> torch.Tensor:
     """``W`` of shape ``(B, k + 1)``: the total prefix weight on each residual ``r_0 .. r_k``."""
-    lengths, _, cumulative = prefixes.on(sorted_acts.key.device)
-    first = _prefix_positions(sorted_acts.key, lengths)
-    past_last = torch.cat([first[:, 1:], first.new_full((first.shape[0], 1), len(prefixes))], dim=1)
-    return (cumulative[past_last] - cumulative[first]).to(dtype)
+    _, _, cumulative = prefixes.on(positions.device)
+    return (cumulative[positions[:, 1:]] - cumulative[positions[:, :-1]]).to(dtype)
 
 
-def unfold_prefix_losses(norms: torch.Tensor, sorted_acts: SortedActs, prefixes: Prefixes) -> torch.Tensor:
+def unfold_prefix_losses(norms: torch.Tensor, positions: torch.Tensor, num_prefixes: int) -> torch.Tensor:
     """The ``(G,)`` batch-mean loss of each prefix from the ``(B, k + 1)`` residual norms.
 
     Prefix ``g`` sees ``r_t`` for ``idx(p_t) <= g < idx(p_{t+1})``: a difference array over ``g``
     (``+||r_t||^2 - ||r_{t-1}||^2`` at ``idx(p_t)``) summed over rows and cumulated gives every
     prefix at once.  Float64 so that the cumulated differences do not lose precision.
     """
-    lengths, _, _ = prefixes.on(norms.device)
-    first = _prefix_positions(sorted_acts.key, lengths)
     norms = norms.detach().double()
     steps = torch.cat([norms[:, :1], norms[:, 1:] - norms[:, :-1]], dim=1)
-    delta = norms.new_zeros(len(prefixes) + 1).index_add_(0, first.reshape(-1), steps.reshape(-1))
+    delta = norms.new_zeros(num_prefixes + 1).index_add_(0, positions[:, :-1].reshape(-1), steps.reshape(-1))
     return delta.cumsum(0)[:-1] / max(norms.shape[0], 1)

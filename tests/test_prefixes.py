@@ -5,7 +5,7 @@ import math
 import torch
 
 from matryoshka import Prefixes, SparseActs
-from matryoshka.scan_layout import SortedActs, fold_prefix_weights
+from matryoshka.scan_layout import SortedActs, fold_prefix_weights, prefix_positions
 
 
 def test_builders():
@@ -53,5 +53,5 @@ def test_fold_puts_each_weight_on_the_residual_it_sees():
     prefixes = Prefixes([0, 2, 3, 5, 6, 8], [1, 2, 4, 8, 16, 32])
     # residual r_0 (no latent) serves lengths 0 and 2; r_1 (after latent 2) lengths 3, 5;
     # r_2 (after latent 5) lengths 6, 8; the padding slot's residual none.
-    W = fold_prefix_weights(sorted_acts, prefixes, torch.float64)
+    W = fold_prefix_weights(prefix_positions(sorted_acts, prefixes), prefixes, torch.float64)
     assert W.tolist() == [[3.0, 12.0, 48.0, 0.0]]
