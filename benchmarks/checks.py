@@ -1,0 +1,99 @@
+"""Every method checked against ``matryoshka.reference`` before anything is timed.
+
+``check_methods`` builds small random problems (padding included), computes the loss, the
+per-prefix losses and the gradients of ``x``, the activation values, ``W_dec`` and ``b_dec`` with
+each method and with the reference, and returns the worst relative error per method.  The sweep and
+the pytest-benchmark suite refuse to time a method that disagrees (or raises).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from matryoshka import Prefixes, SparseActs, matryoshka_loss_reference
+
+from .baselines import Method
+
+# float64 on the CPU agrees to round-off; float32 (CUDA checks) accumulates in float32.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _problem(B, n, d, k, dtype, device, seed, pad_fraction=0.2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
+    values = torch.rand(B, k, generator=g, dtype=torch.float64) + 0.1
+    pad = torch.rand(B, k, generator=g) < pad_fraction
+    pad[0] = True  # one row with nothing active
+    indices = indices.masked_fill(pad, -1)
+    values = values.masked_fill(pad, 7.0)  # garbage in padding slots must be ignored
+    to = dict(dtype=dtype, device=device)
+    return x.to(**to), values.to(**to), indices.to(device), W.to(**to), b.to(**to)
+
+
+def _prefix_sets(n: int) -> dict[str, Prefixes]:
+    return {
+        "single n": Prefixes([n]),
+        "groups": Prefixes([n // 8, n // 4, n // 2, n], [1.0, 0.5, 2.0, 1.0]),
+        "with empty and partial": Prefixes([0, 3, n // 2 + 1], [0.3, 1.0, 0.7]),
+        "every": Prefixes.every(n, include_empty=True),
+        "sampled10": Prefixes.sample(n, 10, generator=torch.Generator().manual_seed(1)),
+    }
+
+
+def _run(fn, x, values, indices, W, b, prefixes):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, values, W, b)]
+    xl, vl, Wl, bl = leaves
+    loss, per_prefix = fn(xl, SparseActs(vl, indices), Wl, bl, prefixes)
+    loss.backward()
+    return [loss.detach(), per_prefix.detach()] + [t.grad for t in leaves]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    scale = b.abs().max().clamp_min(1e-30)
+    return float((a - b).abs().max() / scale)
+
+
+def check_method(method: Method, device="cpu", dtype=torch.float64, seed=0) -> dict:
+    """``{"method", "max_rel_err", "tolerance", "ok", "cases"}`` against the reference."""
+    n, names = 64, ["loss", "per_prefix", "grad_x", "grad_values", "grad_W_dec", "grad_b_dec"]
+    x, values, indices, W, b = _problem(B=12, n=n, d=16, k=6, dtype=dtype, device=device, seed=seed)
+    cases = []
+    for label, prefixes in _prefix_sets(n).items():
+        if not method.uses_prefixes:
+            prefixes = Prefixes([n])
+        got = _run(lambda *a: method(*a, return_per_prefix=True), x, values, indices, W, b, prefixes)
+        want = _run(matryoshka_loss_reference, x, values, indices, W, b, prefixes)
+        errors = {name: _rel_err(g, w) for name, g, w in zip(names, got, want)}
+        cases.append({"prefixes": label, "errors": errors})
+        if not method.uses_prefixes:
+            break
+    worst = max(max(c["errors"].values()) for c in cases)
+    tol = TOLERANCE[dtype]
+    return {"method": method.name, "dtype": str(dtype), "max_rel_err": worst, "tolerance": tol, "ok": worst <= tol, "cases": cases}
+
+
+def check_methods(methods: list[Method], device="cpu") -> list[dict]:
+    """Check every method (float64 on the CPU; float32 on CUDA, where float64 kernels may not exist).
+
+    A method that raises is reported with ``ok=False`` and its error, like one that disagrees;
+    callers time only the methods with ``ok=True``."""
+    device = torch.device(device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    results = []
+    for m in methods:
+        try:
+            results.append(check_method(m, device, dtype))
+        except Exception as exc:  # e.g. a kernel that does not exist on this device or build
+            results.append({"method": m.name, "dtype": str(dtype), "max_rel_err": None, "tolerance": TOLERANCE[dtype],
+                            "ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "cases": []})
+    return results
+
+
+def describe_failure(result: dict) -> str:
+    if result.get("error"):
+        return f"{result['method']} raised {result['error']}"
+    return f"{result['method']} disagrees with matryoshka.reference (max rel err {result['max_rel_err']:.2e} > {result['tolerance']:.0e})"
