@@ -18,6 +18,15 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the maths, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

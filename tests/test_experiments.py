@@ -11,12 +11,7 @@ from matryoshka.experiments.common import RunSpec, format_table, run_many, summa
 from matryoshka.toy import child_magnitude_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_quick(tmp_path, capsys):

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import compute_dtype
 from .dense_scan import dense_scan_backward, dense_scan_forward
 
 __all__ = ["dense_prefix_norms_triton"]
-
-
-def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @torch.library.custom_op("matryoshka::dense_scan", mutates_args=())
@@ -26,12 +23,12 @@ def _dense_scan(
     acts: torch.Tensor,
     lengths: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return dense_scan_forward(x, b_dec, W_dec, acts, lengths, _acc(x, b_dec, W_dec, acts))
+    return dense_scan_forward(x, b_dec, W_dec, acts, lengths, compute_dtype(x, b_dec, W_dec, acts))
 
 
 @_dense_scan.register_fake
 def _(x, b_dec, W_dec, acts, lengths):
-    acc = _acc(x, b_dec, W_dec, acts)
+    acc = compute_dtype(x, b_dec, W_dec, acts)
     return x.new_empty(x.shape[0], lengths.shape[0], dtype=acc), x.new_empty(x.shape, dtype=acc)
 
 
