@@ -94,7 +94,7 @@ def matryoshka_loss(
         >>> import torch
         >>> from matryoshka import Prefixes, SparseActs, matryoshka_loss
         >>> x, W = torch.randn(8, 16), torch.randn(32, 16)
-        >>> acts = SparseActs(torch.rand(8, 4), torch.randint(0, 32, (8, 1)) + torch.arange(4) * 8 % 32)
+        >>> acts = SparseActs(torch.rand(8, 4), (torch.randint(0, 32, (8, 1)) + torch.arange(4) * 8) % 32)
         >>> out = matryoshka_loss(x, acts, W, None, Prefixes.every(32))
         >>> out.per_prefix.shape
         torch.Size([32])
