@@ -80,3 +80,17 @@ def assert_matches(got: list[torch.Tensor], want: list[torch.Tensor], dtype: tor
             a.double().cpu(), b.double().cpu(), rtol=0, atol=RTOL[dtype] * max(scale, 1e-30),
             msg=lambda m, name=name: f"{name}: {m}",
         )
+
+
+def assert_compiled_step_matches(step, inputs: list[torch.Tensor]) -> None:
+    """``torch.compile(step, fullgraph=True)`` gives eager's loss and gradients on ``inputs``."""
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    twins = [t.detach().clone().requires_grad_() for t in inputs]
+    loss = compiled(*leaves)
+    loss.backward()
+    want = step(*twins)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, b.grad)

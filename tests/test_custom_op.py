@@ -6,7 +6,7 @@ import torch
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
 from .conftest import DEVICE
-from .helpers import make_problem
+from .helpers import assert_compiled_step_matches, make_problem
 
 
 def sorted_args(bias: bool):
@@ -36,13 +36,4 @@ def test_loss_inside_torch_compile():
     def step(x, values, W, b):
         return matryoshka_loss(x, SparseActs(values, p.indices), W, b, prefixes, backend="triton", validate=False).loss
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.values, p.W_dec, p.b_dec)]
-    twins = [t.detach().clone().requires_grad_() for t in leaves]
-    loss = compiled(*leaves)
-    loss.backward()
-    want = step(*twins)
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    for a, b in zip(leaves, twins):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_step_matches(step, [p.x, p.values, p.W_dec, p.b_dec])

@@ -12,7 +12,7 @@ from matryoshka import Prefixes, matryoshka_loss
 from matryoshka.kernels.dense_scan import dense_blocks
 
 from .conftest import DEVICE
-from .helpers import assert_matches
+from .helpers import assert_compiled_step_matches, assert_matches
 
 FENCE = 256  # NaN elements on each side of every input in memory
 
@@ -119,16 +119,7 @@ def test_loss_inside_torch_compile():
     def step(x, acts, W, b):
         return matryoshka_loss(x, acts, W, b, prefixes, backend="triton").loss
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, acts, W, b)]
-    twins = [t.detach().clone().requires_grad_() for t in leaves]
-    loss = compiled(*leaves)
-    loss.backward()
-    want = step(*twins)
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    for a, c in zip(leaves, twins):
-        torch.testing.assert_close(a.grad, c.grad)
+    assert_compiled_step_matches(step, [x, acts, W, b])
 
 
 # ------------------------------------------------------------------------------- compiled (GPU)
