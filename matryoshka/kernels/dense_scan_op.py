@@ -11,6 +11,7 @@ import torch
 
 from ..precision import compute_dtype
 from .dense_scan import dense_scan_backward, dense_scan_forward
+from .scan_autograd import register_scan_autograd
 
 __all__ = ["dense_prefix_norms_triton"]
 
@@ -48,22 +49,7 @@ def _(residual, grad_norms, W_dec, acts, lengths):
     return torch.empty_like(residual), residual.new_empty(acts.shape), residual.new_empty(W_dec.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, b_dec, W_dec, acts, lengths = inputs
-    ctx.save_for_backward(output[1], W_dec, acts, lengths)
-    ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, W_dec.dtype, acts.dtype)
-
-
-def _backward(ctx, grad_norms, grad_residual):
-    # The final residual is an internal by-product saved for the backward; no caller differentiates it.
-    residual, W_dec, acts, lengths = ctx.saved_tensors
-    x_dtype, b_dtype, w_dtype, a_dtype = ctx.dtypes
-    dx, dacts, dW = _dense_scan_backward(residual, grad_norms, W_dec, acts, lengths)
-    db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
-    return dx.to(x_dtype), db, dW.to(w_dtype), dacts.to(a_dtype), None
-
-
-_dense_scan.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(_dense_scan, _dense_scan_backward)
 
 
 def dense_prefix_norms_triton(x, b_dec, W_dec, acts, lengths_cpu: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import compute_dtype
+from .scan_autograd import register_scan_autograd
 from .sparse_scan import sparse_scan_backward, sparse_scan_forward
 
 __all__ = ["sparse_scan_triton"]
@@ -48,22 +49,7 @@ def _(residual, grad_norms, W_dec, values, indices):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, b_dec, W_dec, values, indices = inputs
-    ctx.save_for_backward(output[1], W_dec, values, indices)
-    ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, W_dec.dtype, values.dtype)
-
-
-def _backward(ctx, grad_norms, grad_residual):
-    # The final residual is an internal by-product saved for the backward; no caller differentiates it.
-    residual, W_dec, values, indices = ctx.saved_tensors
-    x_dtype, b_dtype, w_dtype, v_dtype = ctx.dtypes
-    dx, dvalues, dW = _sparse_scan_backward(residual, grad_norms, W_dec, values, indices)
-    db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
-    return dx.to(x_dtype), db, dW.to(w_dtype), dvalues.to(v_dtype), None
-
-
-_sparse_scan.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(_sparse_scan, _sparse_scan_backward)
 
 
 def sparse_scan_triton(x, b_dec, W_dec, values, indices) -> torch.Tensor:
