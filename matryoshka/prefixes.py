@@ -16,7 +16,7 @@ __all__ = ["Prefixes"]
 
 
 def _as_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(lengths)
+    t = torch.as_tensor(lengths, device=lengths.device if isinstance(lengths, torch.Tensor) else "cpu")
     if t.numel() == 0:
         raise ValueError("Prefixes: `lengths` must hold at least one prefix length")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -33,8 +33,8 @@ def _as_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 def _as_weights(weights: Sequence[float] | torch.Tensor | None, num: int) -> torch.Tensor:
     if weights is None:
-        return torch.ones(num, dtype=torch.float64)
-    w = torch.as_tensor(weights)
+        return torch.ones(num, dtype=torch.float64, device="cpu")
+    w = torch.as_tensor(weights, device=weights.device if isinstance(weights, torch.Tensor) else "cpu")
     if not (w.dtype.is_floating_point or w.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"Prefixes: `weights` must be real numbers, got dtype {w.dtype}")
     if w.dim() != 1 or w.numel() != num:
@@ -74,7 +74,7 @@ class Prefixes:
         self.max_length: int = int(self.lengths[-1])
         # F[g] = w_1 + ... + w_g with F[0] = 0, kept in float64 so that differences F(b) - F(a)
         # of long cumulative sums (G = n) do not lose the small weights to cancellation.
-        self._cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), self.weights.cumsum(0)])
+        self._cumulative = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), self.weights.cumsum(0)])
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------------- builders
@@ -97,7 +97,7 @@ class Prefixes:
         if int(n) < 1:
             raise ValueError(f"Prefixes.every: `n` must be >= 1, got {n}")
         start = 0 if include_empty else 1
-        return cls(torch.arange(start, int(n) + 1), weights)
+        return cls(torch.arange(start, int(n) + 1, device="cpu"), weights)
 
     @classmethod
     def sample(cls, n: int, num: int, generator: torch.Generator | None = None) -> Prefixes:
@@ -112,17 +112,17 @@ class Prefixes:
             raise ValueError(f"Prefixes.sample: `n` must be >= 1, got {n}")
         if not 1 <= num <= n:
             raise ValueError(f"Prefixes.sample: `num` must be in [1, n={n}], got {num}")
-        drawn = torch.empty(0, dtype=torch.int64)
+        drawn = torch.empty(0, dtype=torch.int64, device="cpu")
         if num > 1:
             probs = cls.sampling_probabilities(n)[:-1]  # lengths 1..n-1; n is always included
             drawn = torch.multinomial(probs, num - 1, replacement=False, generator=generator) + 1
-        lengths = torch.cat([drawn.sort().values, torch.tensor([n])])
-        return cls(lengths, torch.full((num,), 1.0 / num, dtype=torch.float64))
+        lengths = torch.cat([drawn.sort().values, torch.tensor([n], device="cpu")])
+        return cls(lengths, torch.full((num,), 1.0 / num, dtype=torch.float64, device="cpu"))
 
     @staticmethod
     def sampling_probabilities(n: int) -> torch.Tensor:
         """``P(l) = sqrt(l/n) - sqrt((l-1)/n)`` for ``l = 1..n`` (float64, sums to 1)."""
-        l = torch.arange(1, n + 1, dtype=torch.float64)
+        l = torch.arange(1, n + 1, dtype=torch.float64, device="cpu")
         return torch.sqrt(l / n) - torch.sqrt((l - 1) / n)
 
     # ----------------------------------------------------------------------------------- helpers
@@ -136,14 +136,16 @@ class Prefixes:
         return f"Prefixes(G={g}, lengths=[{int(self.lengths[0])}, ..., {self.max_length}])"
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(lengths int64, weights float64, cumulative float64)`` on ``device``, copied once."""
+        """``(lengths int64, weights float64, cumulative float64)`` on ``device``, copied once per
+        device.  A GPU copy goes through pinned memory without blocking the host, so even a fresh
+        prefix set every step (``sample``) costs no host sync."""
         device = torch.device(device)
         if device not in self._device_cache:
-            self._device_cache[device] = (
-                self.lengths.to(device),
-                self.weights.to(device),
-                self._cumulative.to(device),
-            )
+            host = (self.lengths, self.weights, self._cumulative)
+            if device.type == "cuda":
+                self._device_cache[device] = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
+            else:
+                self._device_cache[device] = tuple(t.to(device) for t in host)
         return self._device_cache[device]
 
     def check_against(self, n: int) -> None:

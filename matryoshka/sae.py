@@ -108,14 +108,13 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.eps) * near * grad).sum(0), None
 
 
-def _sparse_from_mask(acts: torch.Tensor, keep: torch.Tensor) -> SparseActs:
-    """Rows of ``acts`` restricted to ``keep`` as ``SparseActs``, padded to the fullest row.
+def _sparse_rows(acts: torch.Tensor, keep: torch.Tensor, width: int) -> SparseActs:
+    """The entries of ``acts`` where ``keep`` holds, as ``SparseActs`` with ``width`` slots per row.
 
-    One host sync (the largest row count) sizes the result; that is the price of variable rows.
+    A row with fewer kept entries is padded; a row with more keeps its ``width`` largest.
     """
-    width = max(int(keep.sum(1).max()), 1)
     masked = torch.where(keep, acts, -1.0)  # kept values are >= 0, so they sort first
-    values, indices = masked.topk(width, dim=1)
+    values, indices = masked.topk(min(max(width, 1), acts.shape[1]), dim=1)
     kept = values >= 0
     return SparseActs(torch.where(kept, values, 0.0), torch.where(kept, indices, PADDING_INDEX))
 
@@ -138,6 +137,10 @@ class SparseAutoencoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((n,), float(config.jumprelu_init_threshold)).log())
         # BatchTopK inference threshold; negative until the first training batch sets it.
         self.register_buffer("threshold", torch.tensor(-1.0))
+        # BatchTopK training rows have a fixed number of slots, ``row_width`` (a host int, so that a
+        # step needs no host sync), sized from the widest row seen: see :meth:`update_row_width`.
+        self.row_width: int | None = None
+        self.register_buffer("_row_stats", torch.zeros(2, dtype=torch.long), persistent=False)
         if config.prefix_lengths is None:
             self.prefixes = Prefixes([n])
         else:
@@ -159,7 +162,8 @@ class SparseAutoencoder(nn.Module):
         if kind == "topk":
             return SparseActs.from_dense(z, k)
         if not self.training:  # batchtopk at inference: one global threshold
-            return _sparse_from_mask(z, z > self.threshold.clamp(min=0))
+            keep = z > self.threshold.clamp(min=0)
+            return _sparse_rows(z, keep, int(keep.sum(1).max()))  # one host sync sizes the rows
         flat = z.flatten()
         kept_values, kept = flat.topk(min(k * z.shape[0], flat.numel()))
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept, True).view_as(z)
@@ -169,11 +173,37 @@ class SparseAutoencoder(nn.Module):
             ema = torch.where(self.threshold < 0, smallest, 0.99 * self.threshold + 0.01 * smallest)
             # A batch with nothing active says nothing about the threshold (and costs no host sync).
             self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
-        return _sparse_from_mask(z, keep)
+            counts = keep.sum(1)
+            if self.row_width is None:  # the first training batch sizes the rows: one host sync
+                self.update_row_width(int(counts.max()))
+            widest = torch.maximum(self._row_stats[0], counts.max())
+            dropped = self._row_stats[1] + (counts - self.row_width).clamp(min=0).sum()
+            self._row_stats.copy_(torch.stack([widest, dropped]))
+        return _sparse_rows(z, keep, self.row_width)
+
+    def update_row_width(self, widest: int) -> None:
+        """Size BatchTopK training rows for ``widest`` kept latents (host int) and restart the counts.
+
+        A row has ``ceil(1.5 * widest)`` slots (at least ``k``, at most ``n``).  Should a later row
+        keep more, its smallest entries beyond the width are dropped from that step and counted in
+        ``row_stats()[1]``; the trainer reads both counters once per logging interval (its only host
+        sync) and calls this with the widest row seen, so the width catches up at the next read-out.
+        """
+        k, n = int(self.config.k), self.config.n
+        width = min(n, max(k, -(-3 * int(widest) // 2)))
+        self.row_width = max(width, self.row_width or 0)
+        self._row_stats.zero_()
+
+    def row_stats(self) -> torch.Tensor:
+        """``(2,)`` int64 on the SAE's device: the widest BatchTopK training row since the last
+        :meth:`update_row_width`, and how many kept entries were dropped for lack of slots."""
+        return self._row_stats
 
     def decode(self, acts: SparseActs | torch.Tensor) -> torch.Tensor:
-        dense = acts.to_dense(self.config.n) if isinstance(acts, SparseActs) else acts
-        return dense @ self.W_dec + self.b_dec
+        """``acts @ W_dec + b_dec``; sparse activations are decoded without a ``(B, n)`` tensor."""
+        if isinstance(acts, SparseActs):
+            return acts.decode(self.W_dec) + self.b_dec
+        return acts @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         pre = self.encode_pre(x)
@@ -224,7 +254,7 @@ class SparseAutoencoder(nn.Module):
         masked = torch.where(dead, out.pre, float("-inf"))
         values, indices = masked.topk(min(k_aux, self.config.n), dim=1)
         values = torch.where(torch.isfinite(values), values.relu(), 0.0)
-        error_hat = SparseActs(values, indices).to_dense(self.config.n) @ self.W_dec
+        error_hat = SparseActs(values, indices).decode(self.W_dec)
         loss = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean().clamp(min=1e-12)
         return torch.where(dead.any(), loss, 0.0)
 

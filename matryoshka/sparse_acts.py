@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["SparseActs", "PADDING_INDEX"]
 
@@ -36,6 +37,27 @@ class SparseActs:
         values = torch.where(self.indices < 0, torch.zeros_like(self.values), self.values)
         dense = self.values.new_zeros(rows, n + 1).scatter(1, slot, values)
         return dense[:, :n]
+
+    def active(self) -> torch.Tensor:
+        """``(B, k)`` bool: slots that hold a latent (not padding) with a positive value, i.e. fired."""
+        return (self.indices >= 0) & (self.values > 0)
+
+    def decode(self, W_dec: torch.Tensor) -> torch.Tensor:
+        """``(B, d)``: ``sum_j values[b, j] * W_dec[indices[b, j]]``, padding ignored.
+
+        One ``embedding_bag`` gather-and-sum: ``O(B * k * d)`` work and no ``(B, n)`` tensor, forward
+        or backward.  Differentiable in ``values`` and ``W_dec``.
+        """
+        real = self.indices >= 0
+        weights = torch.where(real, self.values, 0.0).to(W_dec.dtype)
+        return F.embedding_bag(torch.where(real, self.indices, 0), W_dec, per_sample_weights=weights, mode="sum")
+
+    def per_latent_sum(self, slot_values: torch.Tensor, n: int) -> torch.Tensor:
+        """``(n,)``: for each latent, the sum over rows of ``slot_values`` (a ``(B, k)`` tensor laid
+        out like ``values``) at the slots that hold it; padding slots add nothing."""
+        slot = torch.where(self.indices < 0, n, self.indices)  # padding lands in a spill entry
+        totals = slot_values.new_zeros(n + 1).index_add_(0, slot.reshape(-1), slot_values.reshape(-1))
+        return totals[:n]
 
     @classmethod
     def from_dense(cls, acts: torch.Tensor, k: int) -> SparseActs:

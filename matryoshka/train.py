@@ -98,8 +98,9 @@ def sampled_inclusion_probabilities(n: int, num: int) -> torch.Tensor:
     if not 1 <= num <= n:
         raise ValueError(f"num must be in [1, n={n}], got {num}")
     if num == 1:
-        return torch.cat([torch.zeros(n - 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)])
-    return torch.tensor(_inclusion_cached(n, num), dtype=torch.float64)
+        return torch.cat([torch.zeros(n - 1, dtype=torch.float64, device="cpu"),
+                          torch.ones(1, dtype=torch.float64, device="cpu")])
+    return torch.tensor(_inclusion_cached(n, num), dtype=torch.float64, device="cpu")
 
 
 def every_prefix_weights(n: int, num: int) -> torch.Tensor:
@@ -194,24 +195,46 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 class _LatentStats:
-    """Per-latent running statistics kept as tensors (no host sync): firing recency and the EMA of
-    the mean squared decoder-scaled activation used for re-sorting."""
+    """Per-latent running statistics kept as tensors on the SAE's device (no host sync): firing
+    recency and the EMA of the mean squared decoder-scaled activation used for re-sorting."""
 
-    def __init__(self, n: int, decay: float) -> None:
-        self.since_fired = torch.zeros(n, dtype=torch.long)
-        self.energy = torch.zeros(n)
+    def __init__(self, n: int, decay: float, device: torch.device | str = "cpu") -> None:
+        self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
+        self.energy = torch.zeros(n, device=device)
         self.decay = decay
 
     @torch.no_grad()
-    def update(self, dense: torch.Tensor, W_dec: torch.Tensor) -> None:
-        fired = (dense > 0).any(0)
+    def update(self, acts: SparseActs | torch.Tensor, W_dec: torch.Tensor) -> None:
+        """Fold in one batch of activations: ``SparseActs`` (read slot by slot, never densified) or
+        a dense ``(B, n)`` tensor."""
+        n = self.energy.shape[0]
+        rows = max(acts.values.shape[0] if isinstance(acts, SparseActs) else acts.shape[0], 1)
+        if isinstance(acts, SparseActs):
+            fired = acts.per_latent_sum(acts.active().to(self.energy.dtype), n) > 0
+            square_sum = acts.per_latent_sum(acts.values.detach().to(self.energy.dtype).pow(2), n)
+        else:
+            fired = (acts > 0).any(0)
+            square_sum = acts.detach().to(self.energy.dtype).pow(2).sum(0)
         self.since_fired = torch.where(fired, 0, self.since_fired + 1)
-        energy = (dense * W_dec.norm(dim=1)).pow(2).mean(0)
+        energy = square_sum * W_dec.detach().to(self.energy.dtype).pow(2).sum(1) / rows
         self.energy.mul_(self.decay).add_(energy, alpha=1 - self.decay)
 
     def permute(self, perm: torch.Tensor) -> None:
         self.since_fired = self.since_fired[perm]
         self.energy = self.energy[perm]
+
+
+def _mean_l0(acts: SparseActs | torch.Tensor) -> torch.Tensor:
+    """Batch mean of the number of positive activations per row (sparse: counted slot by slot)."""
+    fired = acts.active() if isinstance(acts, SparseActs) else acts > 0
+    return fired.sum(1).float().mean()
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a host batch to ``device``; to a GPU through pinned memory without blocking the host."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 @torch.no_grad()
@@ -224,6 +247,24 @@ def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentS
             if moment.dim() > 0:  # skip the scalar step counter
                 moment.copy_(moment.index_select(dim, perm))
     stats.permute(perm)
+
+
+@torch.no_grad()
+def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: torch.Tensor,
+              stats: _LatentStats, sae: SparseAutoencoder, config: TrainConfig) -> dict:
+    """The window-averaged metrics of one logging interval, read back in one host sync."""
+    count = done - (result.history[-1]["step"] if result.history else 0)
+    dead = (stats.since_fired >= config.dead_after).sum()
+    row_stats = sae.row_stats() if sae.config.activation == "batchtopk" else dead.new_zeros(2)
+    values = torch.cat([window.double() / count, log_coeff.exp().double().view(1),
+                        dead.double().view(1), row_stats.double()]).tolist()
+    loss, recon, l0, aux, coeff, dead_count, widest, dropped = values
+    logs = {"step": done, "loss": loss, "recon": recon, "l0": l0, "aux": aux, "sparsity_coeff": coeff,
+            "dead": int(dead_count)}
+    if sae.config.activation == "batchtopk":
+        logs["batchtopk_dropped"] = int(dropped)
+        sae.update_row_width(int(widest))
+    return logs
 
 
 def train(
@@ -239,16 +280,21 @@ def train(
     saved checkpoint afterwards refer to the objective that was trained.
     """
     n = sae.config.n
+    device = sae.W_dec.device
+    # Random draws stay on the host (CPU generators): a run draws the same data and prefixes on
+    # any device, and the batches move over without blocking.
     data_gen = torch.Generator().manual_seed(config.seed)
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
                               torch.Generator().manual_seed(config.seed + 1))
     sae.prefixes = schedule.objective
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
-    stats = _LatentStats(n, config.resort_ema)
+    stats = _LatentStats(n, config.resort_ema, device)
     penalised = sae.config.activation in ("relu", "jumprelu")
     sparse_kind = sae.config.activation in ("topk", "batchtopk")
-    log_coeff = torch.tensor(math.log(config.sparsity_coeff))
-    window = torch.zeros(4)  # sums since the last read-out: loss, reconstruction, L0, aux
+    batchtopk = sae.config.activation == "batchtopk"
+    log_coeff = torch.tensor(math.log(config.sparsity_coeff), device=device)
+    window = torch.zeros(4, device=device)  # sums since the last read-out: loss, reconstruction, L0, aux
+    no_aux = torch.zeros((), device=device)
     result = TrainResult(objective=schedule.objective)
     chunk = None
     bar = tqdm(range(config.steps), disable=not config.progress, mininterval=1.0,
@@ -256,7 +302,7 @@ def train(
     for step in bar:
         if step % config.data_chunk_steps == 0:  # draw data in chunks: fewer small tensor ops
             rows = config.data_chunk_steps * config.batch_size
-            chunk = sample(rows, data_gen).view(config.data_chunk_steps, config.batch_size, -1)
+            chunk = _to_device(sample(rows, data_gen), device).view(config.data_chunk_steps, config.batch_size, -1)
         x = chunk[step % config.data_chunk_steps]
 
         out = sae(x)
@@ -264,7 +310,7 @@ def train(
         loss = recon
         if penalised:
             loss = loss + log_coeff.exp() * sae.sparsity_penalty(out)
-        aux = torch.zeros(())
+        aux = no_aux
         if sparse_kind:
             aux = sae.auxk_loss(x, out, stats.since_fired >= config.dead_after, config.aux_k)
             loss = loss + config.aux_coeff * aux
@@ -280,28 +326,24 @@ def train(
         sae.normalize_decoder_()
 
         with torch.no_grad():
-            dense = out.acts.to_dense(n) if isinstance(out.acts, SparseActs) else out.acts
-            l0 = (dense > 0).sum(1).float().mean()
+            l0 = _mean_l0(out.acts)
             if penalised and config.target_l0:
                 # Relative L0 error, clipped so that an early L0 far above target (dense start)
                 # cannot blow the coefficient up within a few steps and kill latents for good.
                 error = ((l0 - config.target_l0) / config.target_l0).clamp(-1.0, 1.0)
                 log_coeff += config.adapt_rate * error
-            stats.update(dense.detach(), sae.W_dec)
+            stats.update(out.acts, sae.W_dec)
             window += torch.stack([loss.detach(), recon.detach(), l0, aux.detach()])
         if config.resort_every and (step + 1) % config.resort_every == 0:
             _resort(sae, optimizer, stats)
 
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            count = done - (result.history[-1]["step"] if result.history else 0)
-            loss_m, recon_m, l0_m, aux_m = (window / count).tolist()
-            logs = {"step": done, "loss": loss_m, "recon": recon_m, "l0": l0_m, "aux": aux_m,
-                    "sparsity_coeff": float(log_coeff.exp()), "lr": optimizer.param_groups[0]["lr"],
-                    "dead": int((stats.since_fired >= config.dead_after).sum())}
+            logs = _read_out(done, result, window, log_coeff, stats, sae, config)
+            logs["lr"] = optimizer.param_groups[0]["lr"]
             window.zero_()
             result.history.append(logs)
-            bar.set_postfix(loss=f"{loss_m:.4f}", l0=f"{l0_m:.2f}", refresh=False)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", l0=f"{logs['l0']:.2f}", refresh=False)
             if callback is not None:
                 callback(done, sae, logs)
         if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
