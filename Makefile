@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch: an unpinned `torch` would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench sweep clean
+.PHONY: demo test bench sweep kernels-report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(VENV)/.installed
 # The sweep (CPU ~5 min): JSON + CSV + Markdown + PNG into benchmarks/results/. Extra flags: SWEEP_ARGS="--threads 2".
 sweep: $(VENV)/.installed
 	$(PY) -m benchmarks.sweep $(SWEEP_ARGS)
+
+# Ahead-of-time sm_90 builds of every kernel (no GPU needed, ~1 min): registers, spills, shared memory,
+# fenced atomics.  Fails on a fenced atomic or on a spill outside float64.
+kernels-report: $(VENV)/.installed
+	$(PY) -m matryoshka.kernels.report
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -24,6 +24,56 @@ float32 (float64 for float64 inputs).  GEMM operands are the half type for half 
 decoder (tensor cores; the float32 residual and suffix sum are rounded to it for their products),
 else float32 via ``tf32x3`` or float64.  Extra memory is the saved final residual ``(B, d)`` plus the
 reduction buffers above, whatever the number of prefixes.
+
+Cost against one plain decode GEMM ``A @ W_dec`` (B x n x d: ``2Bnd`` FLOPs, ``(Bn + nd + Bd) e``
+bytes, ``e`` the operand size).  Tiles ``BB x BN x BD`` (rows, latents, columns), ``L = n``, ``T``
+tiles holding inner prefix boundaries (``T <= min(G, n/BN)``; ``f = T BN / n``):
+
+* FLOPs, forward ``2Bnd (1 + f (1 + BN/BB + BN/BD))``; backward ``2Bnd (3 + f (3 + 2 BN/BB + 3 BN/BD))``
+  (recompute ``R_s``, ``dA``, ``dW``; the inner terms add ``P``, Gram, four ``BN``-wide products and
+  two full ones).  Group prefixes (``f ~ 0``): 1 and 3 decodes.  Every latent a prefix (``f = 1``):
+  3.5 and 9.5 decodes at the float32 tiles 16x16x32, 2.75 and 7.75 at the half tiles 32x16x64.
+  Float32 operands run ``tf32x3``: three tensor-core products per product.
+* Bytes: every program streams its rows' ``A`` (``BB x n``) and its chunk's ``W_dec`` (``n x BD``),
+  so ``A`` is read ``d/BD`` times and ``W_dec`` ``B/BB`` times: ``(Bn d/BD + nd B/BB) e`` per pass.
+* Atomics (backward, ``ATOMIC``, i.e. more than one chunk): ``B n d/BD`` into ``dA`` and
+  ``n d B/BB`` into ``dW_dec``; the forward's norm shares are plain stores unless ``(d/BD) G > d``.
+
+At B=4096, n=36864, d=2304 one decode is 0.696 TFLOP and 0.98 GB (fp32) / 0.49 GB (bf16):
+
+* float32 (16x16x32, 18432 programs): A 43.5 GB + W 87.0 GB = 130 GB per pass, 133x the decode's
+  bytes; backward 1.09e10 ``dA`` + 2.17e10 ``dW`` atomics (3.3e10 fp32 read-modify-writes, ~130 GB).
+* bfloat16 (32x16x64, 4608 programs): A 10.9 GB + W 21.7 GB = 32.6 GB per pass, 66x; backward
+  5.4e9 + 1.09e10 = 1.6e10 fp32 atomics.
+
+Programs that share a column chunk run side by side (``program_id(0)`` = row block varies fastest),
+so much of the ``W_dec`` re-reading hits L2; the ``A`` re-reads (once per chunk, far apart in time)
+and the atomics do not.  The design is bound by bytes and atomics, not by tensor-core FLOPs: even
+the ``A`` traffic alone (43.5 GB, ~9 ms at 4.8 TB/s) is far above a bf16 decode (~0.7 ms).
+
+Redesign towards ~1.3x one decode (forward + backward against a plain decode's forward + backward,
+which is 3 GEMMs; this is 4).  Walk the prefix *segments* ``[m_{g-1}, m_g)`` in order and make each
+step a GEMM of its natural shape, so no reduction crosses programs:
+
+1. Forward: one GEMM-shaped kernel, tiles 128 x 64 x 128 (bf16: 128 x 64 x 256), 8 warps, wgmma
+   with the residual tile as the fp32 accumulator, pipelined (TMA) loads and grouped program order,
+   so ``A`` and ``W_dec`` come mostly from L2 (~1x the decode's bytes).  A squared norm is a sum
+   over ``d``, so programs that split ``d`` need no reduction before the prefix scan: at each
+   boundary the epilogue row-reduces ``||R||^2`` of its chunk into a deterministic
+   ``(d/BD, B, G)`` buffer (summed on the host).  Cost: 1 decode + ``G`` row reductions.
+2. Backward, per segment in reverse, with two ``(B, d)`` buffers ``R`` and ``S`` (memory
+   independent of ``G``): ``dA[:, seg] = -S @ W_seg^T`` (K = d: reduced inside a program),
+   ``dW_seg = -A_seg^T @ S`` (K = B: reduced inside a program), then ``R += A_seg @ W_seg`` and
+   ``S += 2 c_g R``.  Three decodes in all, no atomics, deterministic; one launch (or one persistent
+   kernel with a segment loop) per segment, fine for group or sampled prefixes (G ~ 5-64).
+3. Fine prefixes (every latent): keep segments of ``BN`` latents and add the inner boundaries by the
+   Gram form.  ``||R - sum_{l<=j} a_l d_l||^2 = ||R||^2 - 2 sum a_l <R, d_l> + sum a_l a_m Gm_lm``:
+   the first two terms are per-chunk shares (``P = R W_tile^T``, one extra decode), the last does not
+   depend on ``R`` and uses the full-``d`` per-tile Gram ``W_tile W_tile^T`` (precomputed once:
+   ``2 n BN d`` FLOPs, ``BN/B`` of a decode), added by the chunk-0 programs only.  With ``BN = 64``
+   the inner products are tensor-core sized.
+4. Float32: TF32 (one pass) when the user allows it, else ``tf32x3`` only on the residual-updating
+   GEMM, whose errors accumulate along the scan.
 """
 
 from __future__ import annotations
@@ -33,6 +83,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .guard import device_guard
 
 __all__ = ["DenseBlocks", "dense_blocks", "dense_scan_forward", "dense_scan_backward"]
 
@@ -48,15 +100,19 @@ class DenseBlocks:
 
 
 # Largest tiles per GEMM operand type.  The residual tile and, in the backward, its suffix-sum twin
-# live in registers next to the inner-prefix temporaries.  These shapes were picked from ptxas
-# reports of ahead-of-time builds for sm_80 and sm_90 (no spills forward, under 1 KiB backward);
-# bigger tiles spill kilobytes.  They have not been timed on a GPU yet.
+# live in registers next to the inner-prefix temporaries.  These shapes come from the sm_90
+# ahead-of-time report (``python -m matryoshka.kernels.report``): no half or float32 build spills.
+# Float32 is the tight one: its ``tf32x3`` products split every operand into two TF32 halves, and
+# its backward spills at 64x16x32 (216 B), 32x16x32 (328 B), 64x16x16 (176 B), 32x16x16 (24 B) and
+# 16x16x16 (16 B), but not at 16x16x32 (222 registers).  None has been timed on a GPU yet.
 _MAX_BLOCKS = {
     torch.float16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
     torch.bfloat16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
-    torch.float32: DenseBlocks(rows=64, latents=16, cols=32, num_warps=4),
+    torch.float32: DenseBlocks(rows=16, latents=16, cols=32, num_warps=4),
     torch.float64: DenseBlocks(rows=32, latents=16, cols=32, num_warps=4),
 }
+# Narrowest column chunk per operand type (else 16): the 16-wide float32 backward spills.
+_MIN_COLS = {torch.float32: 32}
 
 
 def dense_blocks(operand_dtype: torch.dtype, num_rows: int, d: int) -> DenseBlocks:
@@ -64,7 +120,7 @@ def dense_blocks(operand_dtype: torch.dtype, num_rows: int, d: int) -> DenseBloc
     16: every ``tl.dot`` dimension must be at least 16 to compile for a GPU."""
     largest = _MAX_BLOCKS[operand_dtype]
     rows = max(16, min(triton.next_power_of_2(max(num_rows, 1)), largest.rows))
-    cols = max(16, min(triton.next_power_of_2(max(d, 1)), largest.cols))
+    cols = max(_MIN_COLS.get(operand_dtype, 16), min(triton.next_power_of_2(max(d, 1)), largest.cols))
     return DenseBlocks(rows=rows, latents=largest.latents, cols=cols, num_warps=largest.num_warps)
 
 
@@ -83,7 +139,7 @@ def _dot(a, b, acc=None):
 def _write(ptrs, values, mask, ATOMIC: tl.constexpr):
     """Store a chunk's share of a sum into its own buffer slice, or add it into the shared one."""
     if ATOMIC:
-        tl.atomic_add(ptrs, values, mask=mask)
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
     else:
         tl.store(ptrs, values, mask=mask)
 
@@ -264,7 +320,7 @@ def _dense_scan_backward_kernel(
         r = r_start
         _write(dacts_rows[:, None] + latents[None, :], da, row_in[:, None] & latent_in[None, :], ATOMIC)
         tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], dw,
-                      mask=latent_in[:, None] & col_in[None, :])
+                      mask=latent_in[:, None] & col_in[None, :], sem="relaxed")
     tl.store(dx_ptr + rows[:, None] * d + cols[None, :], s, mask=tile_in)
 
 
@@ -338,13 +394,14 @@ def dense_scan_forward(
     residual = x.new_empty(num_rows, d, dtype=acc_dtype)
     if num_rows > 0 and d > 0:
         x, W_dec, acts = x.contiguous(), W_dec.contiguous(), acts.contiguous()
-        _dense_scan_forward_kernel[grid](
-            x, x if b_dec is None else b_dec.contiguous(), W_dec, acts,
-            _position_table(lengths_cpu, W_dec.shape[0], x.device), shares, residual,
-            num_rows, d, int(lengths_cpu[-1]), num_prefixes,
-            x.stride(0), W_dec.stride(0), acts.stride(0), shares.stride(0),
-            HAS_BIAS=b_dec is not None, ATOMIC=atomic, **meta,
-        )
+        table = _position_table(lengths_cpu, W_dec.shape[0], x.device)
+        with device_guard(x):
+            _dense_scan_forward_kernel[grid](
+                x, x if b_dec is None else b_dec.contiguous(), W_dec, acts, table, shares, residual,
+                num_rows, d, int(lengths_cpu[-1]), num_prefixes,
+                x.stride(0), W_dec.stride(0), acts.stride(0), shares.stride(0),
+                HAS_BIAS=b_dec is not None, ATOMIC=atomic, **meta,
+            )
     return shares.sum(0), residual
 
 
@@ -368,11 +425,12 @@ def dense_scan_backward(
     dW = torch.zeros(W_dec.shape, dtype=acc_dtype, device=W_dec.device)
     if num_rows > 0 and d > 0:
         W_dec, acts = W_dec.contiguous(), acts.contiguous()
-        _dense_scan_backward_kernel[grid](
-            residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts,
-            _position_table(lengths_cpu, n, residual.device), dx, dacts_shares, dW,
-            num_rows, d, n, int(lengths_cpu[-1]), lengths_cpu.numel(),
-            W_dec.stride(0), acts.stride(0), dW.stride(0), dacts_shares.stride(0),
-            ATOMIC=atomic, **meta,
-        )
+        table = _position_table(lengths_cpu, n, residual.device)
+        with device_guard(residual):
+            _dense_scan_backward_kernel[grid](
+                residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts, table, dx, dacts_shares, dW,
+                num_rows, d, n, int(lengths_cpu[-1]), lengths_cpu.numel(),
+                W_dec.stride(0), acts.stride(0), dW.stride(0), dacts_shares.stride(0),
+                ATOMIC=atomic, **meta,
+            )
     return dx, dacts_shares.sum(0), dW

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .guard import device_guard
+
 __all__ = ["sparse_scan_forward", "sparse_scan_backward"]
 
 
@@ -91,7 +93,8 @@ def _sparse_scan_backward_kernel(
         w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
         value = tl.where(active, tl.load(values_ptr + row * stride_values + t).to(ACC), 0.0)
         tl.store(dvalues_row + t, -tl.sum(suffix * w, axis=0))
-        tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * suffix, mask=active)
+        tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * suffix, mask=active,
+                      sem="relaxed")
         r += value * w
     suffix += 2.0 * tl.load(grad_row).to(ACC) * r
     tl.store(dx_ptr + row * d + cols, suffix, mask=in_d)
@@ -103,8 +106,12 @@ def _block_d(d: int) -> int:
     return max(16, min(triton.next_power_of_2(d), 1024))
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+def _launch_meta(d: int, acc_dtype: torch.dtype) -> tuple[torch.dtype, int, dict]:
+    """``(torch accumulation dtype, d-chunks, compile-time arguments)`` of a launch over rows of ``d``."""
+    block_d = _block_d(d)
+    wide = acc_dtype == torch.float64
+    torch_acc, tl_acc = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
+    return torch_acc, triton.cdiv(d, block_d), dict(ACC=tl_acc, BLOCK_D=block_d)
 
 
 def sparse_scan_forward(
@@ -121,19 +128,18 @@ def sparse_scan_forward(
     """
     num_rows, d = x.shape
     k = values.shape[1]
-    torch_acc, tl_acc = _acc_dtype(acc_dtype)
-    block_d = _block_d(d)
-    chunks = triton.cdiv(d, block_d)
+    torch_acc, chunks, meta = _launch_meta(d, acc_dtype)
     partial = x.new_empty(chunks, num_rows, k + 1, dtype=torch_acc)
     residual = x.new_empty(num_rows, d, dtype=torch_acc)
     if num_rows > 0:
         x, W_dec = x.contiguous(), W_dec.contiguous()
-        _sparse_scan_forward_kernel[(num_rows, chunks)](
-            x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, partial, residual,
-            num_rows, k, d, W_dec.shape[0],
-            x.stride(0), W_dec.stride(0), values.stride(0), indices.stride(0),
-            HAS_BIAS=b_dec is not None, ACC=tl_acc, BLOCK_D=block_d,
-        )
+        with device_guard(x):
+            _sparse_scan_forward_kernel[(num_rows, chunks)](
+                x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, partial, residual,
+                num_rows, k, d, W_dec.shape[0],
+                x.stride(0), W_dec.stride(0), values.stride(0), indices.stride(0),
+                HAS_BIAS=b_dec is not None, **meta,
+            )
     return partial.sum(0), residual
 
 
@@ -152,19 +158,18 @@ def sparse_scan_backward(
     """
     num_rows, d = residual.shape
     k = values.shape[1]
-    torch_acc, tl_acc = _acc_dtype(residual.dtype)
-    block_d = _block_d(d)
-    chunks = triton.cdiv(d, block_d)
+    torch_acc, chunks, meta = _launch_meta(d, residual.dtype)
     dx = torch.empty_like(residual)
     dvalues_partial = residual.new_empty(chunks, num_rows, k)
     dW = torch.zeros(W_dec.shape, dtype=torch_acc, device=W_dec.device)
     if num_rows > 0:
         W_dec = W_dec.contiguous()
-        _sparse_scan_backward_kernel[(num_rows, chunks)](
-            residual, grad_norms.to(torch_acc).contiguous(), W_dec, values, indices,
-            dx, dvalues_partial, dW,
-            num_rows, k, d, W_dec.shape[0],
-            W_dec.stride(0), values.stride(0), indices.stride(0), dW.stride(0),
-            ACC=tl_acc, BLOCK_D=block_d,
-        )
+        with device_guard(residual):
+            _sparse_scan_backward_kernel[(num_rows, chunks)](
+                residual, grad_norms.to(torch_acc).contiguous(), W_dec, values, indices,
+                dx, dvalues_partial, dW,
+                num_rows, k, d, W_dec.shape[0],
+                W_dec.stride(0), values.stride(0), indices.stride(0), dW.stride(0),
+                **meta,
+            )
     return dx, dvalues_partial.sum(0), dW

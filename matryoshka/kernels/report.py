@@ -1,0 +1,267 @@
+"""Ahead-of-time sm_90 build report of every Triton kernel: registers, spills, shared memory, fences.
+
+No GPU is needed: Triton compiles for a named target (``GPUTarget("cuda", 90, 32)``) with its bundled
+``ptxas``, and the bundled ``cuobjdump`` reads the register count and stack frame off the cubin.
+Every kernel (sparse and dense, forward and backward) is built at every supported dtype (float64,
+float32, float16, bfloat16) and at the block configurations the host functions pick for small and
+large shapes, through the host functions' own planning code (``sparse_scan._launch_meta``,
+``dense_scan._plan``), so the report builds what launches.  Dense kernels are built in both their
+``ATOMIC`` variants (per-chunk buffer, or atomics into one).
+
+Checks (exit status 1 if any fails):
+
+* no atomic is fenced: no ``membar``/``fence.{sc,acq_rel,acquire,release}`` in a kernel with atomics,
+  and no ``.acquire``/``.release``/``.acq_rel`` on an ``atom``/``red``.  A sum needs no ordering
+  (the kernels pass ``sem="relaxed"``); the ``fence.proxy.async``/``wgmma.fence`` of tensor-core
+  products are not memory fences and are not counted.
+* no spill (a non-empty stack frame: Triton kernels keep no local arrays, so stack is spill) in a
+  float32, float16 or bfloat16 build.  Float64 spills are reported but do not fail.
+
+Run ``python -m matryoshka.kernels.report`` (``--quick``: each kernel at its largest configuration
+only).  Under ``TRITON_INTERPRET=1`` the ``@triton.jit`` functions are interpreter objects that
+cannot be compiled, so the report then re-runs itself in a subprocess without that variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Build", "Result", "builds", "atomics_and_fences", "compile_build", "compile_all", "format_table", "main",
+]
+
+TARGET = ("cuda", 90, 32)
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# (rows, d) of the small shape (the smallest tiles the host picks) and the large one (the largest).
+SMALL, LARGE = (1, 16), (4096, 2304)
+N_LATENTS = 36864
+_PTR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+              torch.int64: "i64", torch.int32: "i32"}
+
+_ATOMIC_LINE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.M)
+_ORDERED_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.\S*\.(?:acq_rel|acquire|release)\b", re.M)
+_MEMORY_FENCE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:membar\.|fence\.(?:sc|acq_rel|acquire|release)\b)", re.M)
+
+
+@dataclass(frozen=True)
+class Build:
+    """One kernel specialisation: the ``@triton.jit`` function, its argument types and constants."""
+
+    kernel: str
+    dtype: torch.dtype
+    config: str
+    fn: object
+    pointers: dict  # pointer argument name -> torch dtype of what it points to
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+    launched: bool = True  # whether the host functions pick this variant for this shape
+
+    def signature(self) -> tuple[dict, dict]:
+        """``(signature, attrs)`` for ``ASTSource``: pointers typed, other runtime arguments i32;
+        pointers, ``d``, ``n`` and strides marked 16-divisible, as a launch on aligned tensors does."""
+        signature, attrs = {}, {}
+        for index, name in enumerate(self.fn.arg_names):
+            if name in self.constexprs:
+                signature[name] = "constexpr"
+                continue
+            signature[name] = "*" + _PTR_TYPES[self.pointers[name]] if name.endswith("_ptr") else "i32"
+            if name.endswith("_ptr") or name in ("d", "n") or name.startswith("stride"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return signature, attrs
+
+
+@dataclass(frozen=True)
+class Result:
+    build: Build
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    atomics: int
+    fenced: bool
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.fenced:
+            out.append("fenced atomic")
+        if self.spill_bytes and self.build.dtype != torch.float64:
+            out.append(f"{self.spill_bytes} B spilled")
+        return out
+
+
+def _sparse_builds(dtypes, shapes) -> list[Build]:
+    from . import sparse_scan
+
+    out = []
+    for dtype in dtypes:
+        for _, d in shapes:
+            acc, _, meta = sparse_scan._launch_meta(d, dtype)
+            config = f"BLOCK_D={meta['BLOCK_D']} (d={d})"
+            out.append(Build(
+                "sparse_forward", dtype, config, sparse_scan._sparse_scan_forward_kernel,
+                dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64,
+                     norms_ptr=acc, residual_ptr=acc),
+                dict(HAS_BIAS=True, **meta)))
+            out.append(Build(
+                "sparse_backward", dtype, config, sparse_scan._sparse_scan_backward_kernel,
+                dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, values_ptr=dtype,
+                     indices_ptr=torch.int64, dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
+                dict(meta)))
+    return out
+
+
+def _dense_builds(dtypes, shapes, num_prefixes: int = 8) -> list[Build]:
+    from ..precision import compute_dtype
+    from . import dense_scan
+
+    out = []
+    for dtype in dtypes:
+        for num_rows, d in shapes:
+            acts = torch.empty(num_rows, N_LATENTS, dtype=dtype, device="meta")
+            W_dec = torch.empty(N_LATENTS, d, dtype=dtype, device="meta")
+            acc = compute_dtype(acts, W_dec)
+            grid, meta = dense_scan._plan(num_rows, d, acts, W_dec, acc)
+            meta = dict(meta)
+            options = dict(num_warps=meta.pop("num_warps"))
+            picked = {
+                "forward": dense_scan._chunk_shares(grid[1], num_rows, num_prefixes, d, acc, "meta")[1],
+                "backward": dense_scan._chunk_shares(grid[1], num_rows, N_LATENTS, d, acc, "meta")[1],
+            }
+            tiles = f"{meta['BLOCK_B']}x{meta['BLOCK_N']}x{meta['BLOCK_D']}"
+            for atomic in (False, True):
+                config = f"B,N,D={tiles} ATOMIC={int(atomic)} (B={num_rows}, d={d})"
+                out.append(Build(
+                    "dense_forward", dtype, config, dense_scan._dense_scan_forward_kernel,
+                    dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, acts_ptr=dtype, table_ptr=torch.int32,
+                         norms_ptr=acc, residual_ptr=acc),
+                    dict(HAS_BIAS=True, ATOMIC=atomic, **meta), options, picked["forward"] == atomic))
+                out.append(Build(
+                    "dense_backward", dtype, config, dense_scan._dense_scan_backward_kernel,
+                    dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
+                         table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
+                    dict(ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
+    return out
+
+
+def builds(quick: bool = False) -> list[Build]:
+    """Every kernel at every dtype, small and large shapes, both ``ATOMIC`` variants; ``quick``: each
+    kernel and dtype once, at the large shape (the largest tiles) in the variant that launches."""
+    if quick:
+        return [b for b in _sparse_builds(DTYPES, (LARGE,)) + _dense_builds(DTYPES, (LARGE,)) if b.launched]
+    return _sparse_builds(DTYPES, (SMALL, LARGE)) + _dense_builds(DTYPES, (SMALL, LARGE))
+
+
+def _compile_nth(quick: bool, index: int) -> tuple:
+    """Worker: compile ``builds(quick)[index]`` (JIT functions do not pickle; indices do)."""
+    r = compile_build(builds(quick)[index])
+    return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
+
+
+def compile_all(quick: bool = False, jobs: int = 1) -> list[Result]:
+    """``compile_build`` over ``builds(quick)``, in ``jobs`` processes."""
+    todo = builds(quick)
+    if jobs <= 1:
+        return [compile_build(b) for b in todo]
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(jobs) as pool:
+        stats = list(pool.map(partial(_compile_nth, quick), range(len(todo))))
+    return [Result(b, *s) for b, s in zip(todo, stats)]
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """``(registers, stack bytes)`` of the cubin's one function, read by the bundled ``cuobjdump``."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.check_output([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], text=True)
+    usage = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if usage is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{text}")
+    return int(usage.group(1)), int(usage.group(2))
+
+
+def atomics_and_fences(ptx: str) -> tuple[int, bool]:
+    """``(atomic instructions, whether any is fenced)`` in PTX: an ordered ``atom``/``red``, or a
+    memory fence in a kernel that has atomics (tensor-core ``fence.proxy``/``wgmma.fence`` aside)."""
+    atomics = len(_ATOMIC_LINE.findall(ptx))
+    return atomics, bool(_ORDERED_ATOMIC.search(ptx)) or (atomics > 0 and bool(_MEMORY_FENCE.search(ptx)))
+
+
+def compile_build(build: Build) -> Result:
+    """Compile ``build`` for sm_90 and read its resources and fences."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, attrs = build.signature()
+    source = triton.compiler.ASTSource(fn=build.fn, signature=signature, constexprs=build.constexprs,
+                                       attrs=attrs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+        compiled = triton.compile(source, target=GPUTarget(*TARGET), options=build.options)
+    registers, stack = _resource_usage(compiled.asm["cubin"])
+    return Result(build, registers, stack, compiled.metadata.shared, *atomics_and_fences(compiled.asm["ptx"]))
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("kernel", "dtype", "config", "regs", "spill B", "smem B", "atomics", "fenced", "status")
+    rows = [header]
+    for r in results:
+        b = r.build
+        status = "ok" if b.launched else "ok (not picked)"
+        if r.failures:
+            status = "FAIL: " + ", ".join(r.failures)
+        rows.append((b.kernel, _PTR_TYPES[b.dtype], b.config, str(r.registers), str(r.spill_bytes),
+                     str(r.shared_bytes), str(r.atomics), "yes" if r.fenced else "no", status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m matryoshka.kernels.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="each kernel and dtype at its largest tiles only")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes")
+    args = parser.parse_args(argv)
+    if _interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "matryoshka.kernels.report", f"--jobs={args.jobs}",
+                   *(["--quick"] if args.quick else [])]
+        return subprocess.run(command, env=env).returncode
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:  # pragma: no cover - an old or partial Triton
+        print(f"ahead-of-time compilation unavailable: {e}", file=sys.stderr)
+        return 2
+    results = compile_all(args.quick, args.jobs)
+    print(f"sm_{TARGET[1]} ahead-of-time builds (spill B: stack frame bytes; smem B: dynamic shared memory)")
+    print(format_table(results))
+    failed = [r for r in results if r.failures]
+    fp64_spills = [r for r in results if r.spill_bytes and r.build.dtype == torch.float64]
+    if fp64_spills:
+        print(f"note: {len(fp64_spills)} float64 build(s) spill (reported, not a failure)")
+    print(f"{len(results)} builds, {len(failed)} failing")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
