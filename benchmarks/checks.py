@@ -8,6 +8,8 @@ the pytest-benchmark suite refuse to time a method that disagrees (or raises).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss_reference
@@ -91,6 +93,42 @@ def check_methods(methods: list[Method], device="cpu") -> list[dict]:
             results.append({"method": m.name, "dtype": str(dtype), "max_rel_err": None, "tolerance": TOLERANCE[dtype],
                             "ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "cases": []})
     return results
+
+
+def check_train_step(variant: str, activation: str, device, fused_backend: str, seed: int = 0,
+                     B: int = 16, d: int = 32, n: int = 64, k: int = 4) -> dict:
+    """An end-to-end ``variant`` against ``matryoshka_loss_reference`` on one batch and one SAE state.
+
+    A small TopK / BatchTopK SAE (float64 on the CPU, float32 on CUDA) encodes one batch; each side
+    runs on its own deep copy of it, so both see the same state and the same activations.  Compared:
+    the loss and the gradients of all four parameters (``W_dec``, ``b_dec``, and through the encoder's
+    top-k values ``W_enc``, ``b_enc``) after ``loss.backward()`` -- what the optimizer step would use.
+    Returns ``{"method", "max_rel_err", "tolerance", "ok", "errors"}``.
+    """
+    from .sae_step import TopKSAE, make_loss_fn, variant_prefixes
+
+    device = torch.device(device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    torch.manual_seed(seed)
+    sae = TopKSAE(d, n, k, activation, device=device, dtype=dtype)
+    with torch.no_grad():  # a trained-looking state: nonzero biases, decoder off the encoder's transpose
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
+    prefixes = variant_prefixes(variant, n)
+
+    def run(loss_of):
+        model = copy.deepcopy(sae)
+        loss = loss_of(model, x, model.encode(x))
+        loss.backward()
+        return {"loss": loss.detach(), **{f"grad_{name}": p.grad for name, p in model.named_parameters()}}
+
+    got = run(lambda m, x, acts: make_loss_fn(variant, m, fused_backend)(x, acts))
+    want = run(lambda m, x, acts: matryoshka_loss_reference(x, acts, m.W_dec, m.b_dec, prefixes)[0])
+    errors = {name: _rel_err(got[name], want[name]) for name in want}
+    worst, tol = max(errors.values()), TOLERANCE[dtype]
+    return {"method": f"{variant} ({activation})", "max_rel_err": worst, "tolerance": tol, "ok": worst <= tol,
+            "errors": errors}
 
 
 def describe_failure(result: dict) -> str:

@@ -26,7 +26,7 @@ from matryoshka import Prefixes, SparseActs
 
 from .baselines import fused_loss, running_sum_loss, sparse_floor_loss, vanilla_floor_loss
 
-__all__ = ["TopKSAE", "VARIANTS", "groups_for", "make_train_step"]
+__all__ = ["TopKSAE", "VARIANTS", "groups_for", "variant_prefixes", "make_loss_fn", "make_train_step"]
 
 VARIANTS = ("vanilla", "vanilla_sparse", "groups_running_sum", "groups_fused", "every_fused")
 
@@ -74,21 +74,33 @@ def groups_for(n: int) -> Prefixes:
     return Prefixes.groups([n // 16, n // 8, n // 4, n // 2, n])
 
 
-def make_train_step(variant: str, sae: TopKSAE, fused_backend: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
-    """``(step, optimizer)``; ``step(x)`` runs encode, loss, backward and one Adam update."""
-    n = sae.W_dec.shape[0]
-    groups = groups_for(n)
-    every = Prefixes.every(n, weights=torch.full((n,), 1.0 / n, dtype=torch.float64))
+def variant_prefixes(variant: str, n: int) -> Prefixes:
+    """The prefixes whose loss ``variant`` computes: what ``matryoshka_loss_reference`` checks it against."""
+    if variant in ("vanilla", "vanilla_sparse"):
+        return Prefixes([n])
+    if variant in ("groups_running_sum", "groups_fused"):
+        return groups_for(n)
+    if variant == "every_fused":
+        return Prefixes.every(n, weights=torch.full((n,), 1.0 / n, dtype=torch.float64))
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def make_loss_fn(variant: str, sae: TopKSAE, fused_backend: str) -> Callable[[torch.Tensor, SparseActs], torch.Tensor]:
+    """``loss_fn(x, acts)``: ``variant``'s reconstruction loss with ``sae``'s decoder."""
+    prefixes = variant_prefixes(variant, sae.W_dec.shape[0])
     losses = {
         "vanilla": lambda x, a: vanilla_floor_loss(x, a, sae.W_dec, sae.b_dec),
         "vanilla_sparse": lambda x, a: sparse_floor_loss(x, a, sae.W_dec, sae.b_dec),
-        "groups_running_sum": lambda x, a: running_sum_loss(x, a, sae.W_dec, sae.b_dec, groups),
-        "groups_fused": lambda x, a: fused_loss(x, a, sae.W_dec, sae.b_dec, groups, backend=fused_backend),
-        "every_fused": lambda x, a: fused_loss(x, a, sae.W_dec, sae.b_dec, every, backend=fused_backend),
+        "groups_running_sum": lambda x, a: running_sum_loss(x, a, sae.W_dec, sae.b_dec, prefixes),
+        "groups_fused": lambda x, a: fused_loss(x, a, sae.W_dec, sae.b_dec, prefixes, backend=fused_backend),
+        "every_fused": lambda x, a: fused_loss(x, a, sae.W_dec, sae.b_dec, prefixes, backend=fused_backend),
     }
-    if variant not in losses:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    loss_fn = losses[variant]
+    return losses[variant]
+
+
+def make_train_step(variant: str, sae: TopKSAE, fused_backend: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
+    """``(step, optimizer)``; ``step(x)`` runs encode, loss, backward and one Adam update."""
+    loss_fn = make_loss_fn(variant, sae, fused_backend)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor) -> torch.Tensor:

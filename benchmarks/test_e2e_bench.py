@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from .checks import check_train_step, describe_failure
 from .conftest import DEVICE, E2E_SIZES, ROUND_BUDGET_S, sync
 from .sae_step import VARIANTS, TopKSAE, make_train_step
 
@@ -15,9 +16,12 @@ from .sae_step import VARIANTS, TopKSAE, make_train_step
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_train_step(benchmark, checked_methods, variant, activation):
     B, d, n, k = E2E_SIZES["B"], E2E_SIZES["d"], E2E_SIZES["n"], E2E_SIZES["k"]
+    fused_backend = "triton" if DEVICE.type == "cuda" else "torch"
+    check = check_train_step(variant, activation, DEVICE, fused_backend)  # before anything is timed
+    assert check["ok"], describe_failure(check) + f": {check['errors']}"
     torch.manual_seed(0)
     sae = TopKSAE(d, n, k, activation, device=DEVICE)
-    step, _ = make_train_step(variant, sae, "triton" if DEVICE.type == "cuda" else "torch")
+    step, _ = make_train_step(variant, sae, fused_backend)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     batches = [torch.randn(B, d, device=DEVICE, generator=g) for _ in range(4)]
     counter = itertools.count()

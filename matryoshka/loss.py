@@ -41,10 +41,17 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` means the fused Triton kernels on CUDA tensors and the PyTorch scan otherwise."""
+def resolve_backend(backend: str, device: torch.device, *, dense: bool) -> str:
+    """The backend to run: ``backend`` itself, checked, unless it is ``"auto"``.
+
+    ``"auto"`` picks the fused Triton kernel only for sparse (``SparseActs``) activations on CUDA
+    tensors.  Dense activations go to the PyTorch scan (``dense_prefix_norms_torch``, built on
+    cuBLAS GEMMs) on every device until the dense Triton kernel is measured faster than it on a
+    GPU; ``backend="triton"`` still runs the dense kernel.  Off CUDA ``"auto"`` is always the
+    PyTorch scan.
+    """
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device.type == "cuda" and not dense and _triton_available() else "torch"
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the `triton` package; install it or use backend='torch'")
@@ -82,8 +89,9 @@ def matryoshka_loss(
         W_dec: ``(n, d)`` decoder; row ``i`` is latent ``i``'s direction.
         b_dec: ``(d,)`` decoder bias, or ``None``.
         prefixes: the prefix lengths (``<= n``) and weights.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"`` or
-            ``"reference"`` (the plain loop over prefixes).
+        backend: ``"auto"`` (Triton for ``SparseActs`` on CUDA; PyTorch for dense ``acts`` and
+            off CUDA, see :func:`resolve_backend`), ``"triton"``, ``"torch"`` or ``"reference"``
+            (the plain loop over prefixes).
         validate: check sparse indices for range and duplicates (one host sync).  With ``False``
             an out-of-range index is ignored like padding and a duplicate counts twice.
 
@@ -100,7 +108,7 @@ def matryoshka_loss(
         torch.Size([32])
     """
     check_inputs(x, acts, W_dec, b_dec, prefixes, backend)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, dense=not isinstance(acts, SparseActs))
     n = W_dec.shape[0]
     rows = max(x.shape[0], 1)
     if isinstance(acts, SparseActs):
@@ -127,7 +135,8 @@ def matryoshka_loss(
 
 
 class MatryoshkaLoss(nn.Module):
-    """Module form of :func:`matryoshka_loss` with fixed prefixes and backend.
+    """Module form of :func:`matryoshka_loss` with fixed prefixes and backend (``"auto"``: Triton
+    for ``SparseActs`` on CUDA, the PyTorch scan for dense activations and off CUDA).
 
     >>> loss_fn = MatryoshkaLoss(Prefixes.groups([64, 192, 512]))
     >>> out = loss_fn(x, acts, sae.W_dec, sae.b_dec)    # doctest: +SKIP

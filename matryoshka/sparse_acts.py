@@ -35,7 +35,7 @@ class SparseActs:
         rows = self.values.shape[0]
         slot = torch.where(self.indices < 0, n, self.indices)  # padding lands in a spill column
         values = torch.where(self.indices < 0, torch.zeros_like(self.values), self.values)
-        dense = self.values.new_zeros(rows, n + 1).scatter(1, slot, values)
+        dense = self.values.new_zeros(rows, n + 1).scatter_add(1, slot, values)  # a repeat counts twice
         return dense[:, :n]
 
     def active(self) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,7 +55,7 @@ def make_problem(
     return Problem(x.to(**to), values.to(**to), indices.to(device), W.to(**to), None if b is None else b.to(**to))
 
 
-def run_loss(p: Problem, prefixes: Prefixes, backend: str, dense: bool = False):
+def run_loss(p: Problem, prefixes: Prefixes, backend: str, dense: bool = False, validate: bool = True):
     """Loss, per-prefix losses and the gradients of x, values (or dense acts), W_dec, b_dec."""
     leaves = [p.x, p.values, p.W_dec] + ([] if p.b_dec is None else [p.b_dec])
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -65,7 +66,7 @@ def run_loss(p: Problem, prefixes: Prefixes, backend: str, dense: bool = False):
         dense_acts = acts.to_dense(p.n).detach().requires_grad_()
         leaves[1] = dense_acts
         acts = dense_acts
-    out = matryoshka_loss(x, acts, W, b, prefixes, backend=backend)
+    out = matryoshka_loss(x, acts, W, b, prefixes, backend=backend, validate=validate)
     out.loss.backward()
     return [out.loss.detach(), out.per_prefix] + [t.grad for t in leaves]
 
@@ -94,3 +95,64 @@ def assert_compiled_step_matches(step, inputs: list[torch.Tensor]) -> None:
     torch.testing.assert_close(loss, want)
     for a, b in zip(leaves, twins):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# ------------------------------------------------------------------------------- half precision
+# Half inputs are checked against a float64 oracle run on the *same* half-rounded inputs, so the
+# only differences left are the kernels' own rounding errors, bounded relative to the oracle's
+# largest magnitude (``scale``):
+#
+# * float32 accumulation over ``steps`` updates (the k + 1 slots of a sparse row, the L scanned
+#   latents of a dense one): a running sum's rounding errors grow like sqrt(steps); the factor 8
+#   covers the squared norm (twice the residual's relative error), the column and prefix sums.
+#   Measured: <= 1 eps32 (sparse) and <= 16 eps32 (dense, L = 50) against 24..57 eps32 allowed; a
+#   scan that keeps its residual in the half type errs by 100..1000 eps32.
+# * Gradients are accumulated in float32 and rounded to the input dtype once, on return:
+#   round-to-nearest costs at most eps(dtype) / 2 of each element, so eps / 2 of ``scale``
+#   (measured <= 0.38 eps).  Not sqrt(k) eps: that would hide a suffix sum kept in half (0.6..7 eps).
+# * The dense kernel also rounds the float32 residual and suffix sum to the half type as GEMM
+#   operands (tensor cores): first order, another eps / 2 of the operands' scale (measured <= 0.54
+#   eps in total).  Its inner-tile prefix norms take the rounded residual for their within-tile
+#   correction, so per-prefix losses get that half-operand term too; the weighted loss stays at
+#   the float32 level because the correction is a small part of each norm.
+FLOAT32_SUM_FACTOR = 8
+
+
+def float32_sum_bound(steps: int) -> float:
+    """Relative error bound of a float32-accumulated scan of ``steps`` updates."""
+    return FLOAT32_SUM_FACTOR * math.sqrt(max(steps, 1)) * torch.finfo(torch.float32).eps
+
+
+def assert_half_matches(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype, steps: int,
+                        gemm_operands: bool = False) -> None:
+    """``got``: loss, per-prefix losses and gradients from half inputs; ``want``: the same from
+    float64 twins of the same half-rounded inputs.  ``gemm_operands``: the dense kernel's extra
+    rounding of the residual and suffix sum to ``dtype`` (see above)."""
+    eps, fp32 = torch.finfo(dtype).eps, float32_sum_bound(steps)
+    operand = eps / 2 if gemm_operands else 0.0
+    bounds = {"loss": fp32, "per_prefix": fp32 + operand}
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32, (got[0].dtype, got[1].dtype)
+    for name, a in zip(["dx", "dvalues", "dW_dec", "db_dec"], got[2:]):
+        assert a.dtype == dtype, (name, a.dtype)
+        bounds[name] = eps / 2 + operand + fp32
+    for (name, bound), a, b in zip(bounds.items(), got, want):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(
+            a.double().cpu(), b.double().cpu(), rtol=0, atol=bound * max(scale, 1e-30),
+            msg=lambda m, name=name, bound=bound: f"{name} ({dtype}, bound {bound:.2e} x scale): {m}",
+        )
+
+
+def half_and_oracle(tensors, dtype: torch.dtype):
+    """``tensors`` rounded to ``dtype``, and their exact float64 twins (``None`` stays ``None``)."""
+    half = [None if t is None else t.to(dtype) for t in tensors]
+    return half, [None if t is None else t.double() for t in half]
+
+
+def check_half_sparse(p: Problem, prefixes: Prefixes, dtype: torch.dtype) -> None:
+    """The Triton sparse scan on ``p`` rounded to ``dtype``, against the float64 oracle."""
+    half, oracle = half_and_oracle([p.x, p.values, p.W_dec, p.b_dec], dtype)
+    fields = ["x", "values", "W_dec", "b_dec"]
+    got = run_loss(replace(p, **dict(zip(fields, half))), prefixes, "triton")
+    want = run_loss(replace(p, **dict(zip(fields, oracle))), prefixes, "reference")
+    assert_half_matches(got, want, dtype, steps=p.values.shape[1] + 1)

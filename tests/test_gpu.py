@@ -1,31 +1,21 @@
-"""Compiled-kernel tests that need a CUDA GPU: half precision and large shapes.  Skipped without one."""
+"""Compiled-kernel tests that need a CUDA GPU: half precision at large shapes, and large shapes.
+Skipped without one (the half-precision tests also run, small, in the interpreter)."""
 
 import pytest
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
-from .helpers import make_problem
+from .helpers import check_half_sparse, make_problem
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_float32(dtype):
+    """GPU-sized twin of test_sparse_loss's interpreter test: compiled kernels, d = 300, k = 32."""
     p = make_problem(64, 300, 1000, 32, torch.float32, "cuda", pad_fraction=0.1)
-    prefixes = Prefixes.every(1000, include_empty=True)
-    half = [t.to(dtype) for t in (p.x, p.values, p.W_dec, p.b_dec)]
-    leaves = [t.detach().clone().requires_grad_() for t in half]
-    twins = [t.detach().float().requires_grad_() for t in half]  # same rounded inputs, float32 math
-    out = matryoshka_loss(leaves[0], SparseActs(leaves[1], p.indices), leaves[2], leaves[3], prefixes, "triton")
-    ref = matryoshka_loss(twins[0], SparseActs(twins[1], p.indices), twins[2], twins[3], prefixes, "reference")
-    assert out.loss.dtype == torch.float32
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=0)
-    out.loss.backward()
-    ref.loss.backward()
-    for a, b in zip(leaves, twins):
-        assert a.grad.dtype == dtype
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=2e-2, atol=2e-2 * b.grad.abs().max().item())
+    check_half_sparse(p, Prefixes.every(1000, include_empty=True), dtype)
 
 
 def test_large_d_n_k():

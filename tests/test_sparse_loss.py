@@ -5,7 +5,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
-from .helpers import RTOL, assert_matches, make_problem, run_loss
+from .helpers import RTOL, assert_matches, check_half_sparse, make_problem, run_loss
 
 # (B, d, n, k, pad_fraction, padding_rows): non-power-of-two d, k = 1, k = n, padding slots,
 # all-padding rows, d wider than one Triton chunk (1024 columns), one row.
@@ -104,9 +104,20 @@ def test_unchecked_out_of_range_index_is_ignored_not_read(backend, device):
     bad[0, 0], bad[2, 1] = 10**12, -7
     padded = bad.masked_fill((bad < 0) | (bad >= 10), -1)
     prefixes = Prefixes.every(10)
-    got = matryoshka_loss(p.x, SparseActs(p.values, bad), p.W_dec, p.b_dec, prefixes, backend, validate=False)
-    want = matryoshka_loss(p.x, SparseActs(p.values, padded), p.W_dec, p.b_dec, prefixes, "reference")
-    torch.testing.assert_close(got.loss, want.loss)
+    p.indices = bad
+    got = run_loss(p, prefixes, backend, validate=False)
+    p.indices = padded
+    want = run_loss(p, prefixes, "reference")
+    assert_matches(got, want, torch.float64)  # loss, per-prefix losses, dx, dvalues, dW_dec, db_dec
+    assert got[3][0, 0] == 0 and got[3][2, 1] == 0  # the out-of-range slots' values get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(dtype, device):
+    """Half inputs: a float32 loss and gradients in ``dtype``, within bounds derived from a float64
+    oracle on the same rounded inputs (see helpers).  Interpreter-sized; test_gpu has a larger twin."""
+    p = make_problem(4, 64, 48, 24, torch.float32, device, pad_fraction=0.1)
+    check_half_sparse(p, Prefixes.every(48, include_empty=True), dtype)
 
 
 def test_mixed_half_and_float32_inputs():

@@ -80,10 +80,24 @@ def test_bad_prefixes_are_named(args, error, needle):
         Prefixes(**args)
 
 
-def test_validate_false_skips_index_checks():
-    """With validate=False a duplicated index is not checked (it counts twice) and nothing crashes."""
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_validate_false_skips_index_checks(backend):
+    """A repeated index raises with validate=True; with validate=False it is not checked and both
+    slots count, as if their values were added: the loss of the summed dense activations."""
+    kw = good()
+    x, W, b, prefixes = kw["x"].double(), kw["W_dec"].double(), kw["b_dec"].double(), kw["prefixes"]
     acts = acts_with(indices=torch.tensor([[4, 1, 4], [0, 1, 2], [0, 1, 2]]))
-    call(acts=acts, validate=False)
+    acts = SparseActs(acts.values.double(), acts.indices)
+    with pytest.raises(ValueError, match="repeat"):
+        matryoshka_loss(x, acts, W, b, prefixes, backend=backend, validate=True)
+    got = matryoshka_loss(x, acts, W, b, prefixes, backend=backend, validate=False)
+    dense = torch.zeros(3, 10, dtype=torch.float64).index_put_(
+        (torch.arange(3).repeat_interleave(3), acts.indices.flatten()), acts.values.flatten(), accumulate=True
+    )
+    assert dense[0, 4] == acts.values[0, 0] + acts.values[0, 2]
+    per_prefix = torch.stack([((x - b - dense[:, :m] @ W[:m]) ** 2).sum(1).mean() for m in prefixes.lengths.tolist()])
+    torch.testing.assert_close(got.per_prefix, per_prefix)
+    torch.testing.assert_close(got.loss, (per_prefix * prefixes.weights.double()).sum())
 
 
 def test_triton_on_cpu_without_interpreter_is_explained(monkeypatch):
