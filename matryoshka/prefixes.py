@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["Prefixes"]
@@ -41,6 +42,9 @@ def _as_weights(weights: Sequence[float] | torch.Tensor | None, num: int) -> tor
         raise ValueError(
             f"Prefixes: `weights` must have shape ({num},) to match `lengths`, got {tuple(w.shape)}"
         )
+    if not isinstance(weights, torch.Tensor):
+        # Python floats read straight into float64: torch.as_tensor would round them to float32.
+        w = torch.from_numpy(np.asarray(weights, dtype=np.float64)).reshape(w.shape)
     w = w.to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(w).all()):
         raise ValueError("Prefixes: `weights` must be finite")

@@ -2,6 +2,9 @@
 
 import math
 
+import numpy as np
+import pytest
+
 import torch
 
 from matryoshka import Prefixes, SparseActs
@@ -55,3 +58,18 @@ def test_fold_puts_each_weight_on_the_residual_it_sees():
     # r_2 (after latent 5) lengths 6, 8; the padding slot's residual none.
     W = fold_prefix_weights(prefix_positions(sorted_acts, prefixes), prefixes, torch.float64)
     assert W.tolist() == [[3.0, 12.0, 48.0, 0.0]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: w, tuple, lambda w: np.array(w), lambda w: torch.tensor(w, dtype=torch.float64),
+])
+def test_float_weights_are_kept_in_float64(make):
+    """0.3 is not a float32 number: lists, tuples, numpy arrays and float64 tensors keep it exactly."""
+    weights = [0.3, 0.7, 1e-20]
+    got = Prefixes([1, 2, 3], make(weights)).weights
+    assert got.dtype == torch.float64 and got.tolist() == weights
+
+
+def test_float32_weights_are_read_exactly():
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float32)
+    assert Prefixes([1, 2], weights).weights.tolist() == weights.double().tolist()
