@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import Prefixes, SparseActs, matryoshka_loss
+from .checkpoint import check_writable
+from .distributed import init_from_env
 from .experiments import child_magnitude, compare
-from .experiments.common import default_jobs
+from .experiments.common import RunSpec, default_jobs
+from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
+from .toy import ToyModel, nabeshima_spec
+from .train import PREFIX_MODES, train
 
 
 def loss_demo(args: argparse.Namespace) -> None:
@@ -38,11 +45,13 @@ def _steps_and_seeds(args: argparse.Namespace, study) -> tuple[int, int]:
 
 
 def compare_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")  # the study writes only at its end: fail now, not then
     steps, seeds = _steps_and_seeds(args, compare)
     compare.compare(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes))
 
 
 def child_magnitude_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
     steps, seeds = _steps_and_seeds(args, child_magnitude)
     toy_params = {
         "parent_p": args.parent_p, "parent_magnitude": args.parent_magnitude, "child_p": args.child_p,
@@ -53,6 +62,31 @@ def child_magnitude_cmd(args: argparse.Namespace) -> None:
         Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes),
         toy_params=toy_params, sweep_ratios=tuple(args.ratios) if args.sweep else None,
     )
+
+
+def train_toy_cmd(args: argparse.Namespace) -> None:
+    """Train one SAE on the nabeshima toy with the studies' recipe; checkpoints in ``OUT/checkpoints``,
+    the final SAE in ``OUT/sae``.  Under ``torchrun`` the ranks train data-parallel."""
+    parallel = init_from_env()
+    try:
+        leader = not parallel or dist.get_rank() == 0
+        out = check_writable(args.out, "--out")
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        toy = ToyModel(nabeshima_spec())
+        overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, progress=leader)
+        config = RunSpec(toy.spec, args.mode, args.seed, args.steps, train_overrides=overrides).train_config(toy)
+        sae_config = SAEConfig(d=toy.d, n=toy.num_features, activation=args.activation, k=args.k)
+        sae = SparseAutoencoder(sae_config, generator=torch.Generator().manual_seed(10_000 + args.seed)).to(device)
+        result = train(sae, lambda rows, g: toy.sample(rows, g)[0], config,
+                       checkpoint_dir=out / "checkpoints", resume=args.resume)
+        if leader:
+            sae.save(out / "sae")
+            last = result.history[-1]
+            print(f"step {last['step']}: loss {last['loss']:.5f}, reconstruction {last['recon']:.5f}, "
+                  f"L0 {last['l0']:.3f}; SAE saved to {out / 'sae'}")
+    finally:
+        if parallel:
+            dist.destroy_process_group()
 
 
 def _study_args(parser: argparse.ArgumentParser, out: str, study) -> None:
@@ -99,8 +133,26 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--ratios", type=float, nargs="+", default=list(child_magnitude.DEFAULT_RATIOS),
                        help="child/parent magnitude ratios for --sweep (default: %(default)s)")
     child.set_defaults(func=child_magnitude_cmd)
+
+    toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
+                               help="train one SAE on the nabeshima toy (resumable; torchrun for data-parallel)")
+    toy_train.add_argument("--out", default="runs/train_toy", help="output folder (default: %(default)s)")
+    toy_train.add_argument("--activation", default="relu", choices=ACTIVATIONS)
+    toy_train.add_argument("--k", type=int, default=None, help="active latents per row (topk, batchtopk)")
+    toy_train.add_argument("--mode", default="sampled", choices=PREFIX_MODES, help="prefix mode (default: %(default)s)")
+    toy_train.add_argument("--steps", type=int, default=2000)
+    toy_train.add_argument("--batch-size", type=int, default=200, help="global batch, split over the ranks")
+    toy_train.add_argument("--seed", type=int, default=0)
+    toy_train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    toy_train.add_argument("--resume", action="store_true",
+                           help="continue from the latest checkpoint in OUT/checkpoints")
+    toy_train.set_defaults(func=train_toy_cmd)
+
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad settings, files or data: no traceback
+        parser.exit(1, f"{parser.prog} {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

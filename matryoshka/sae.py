@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from .distributed import Ranks
 from .loss import MatryoshkaLossOutput, matryoshka_loss
 from .prefixes import Prefixes
 from .sparse_acts import PADDING_INDEX, SparseActs
@@ -141,6 +142,9 @@ class SparseAutoencoder(nn.Module):
         # step needs no host sync), sized from the widest row seen: see :meth:`update_row_width`.
         self.row_width: int | None = None
         self.register_buffer("_row_stats", torch.zeros(2, dtype=torch.long), persistent=False)
+        # Set by the trainer for data-parallel training: BatchTopK then selects over the union of
+        # all ranks' batches and the dead-latent loss normalises by the global error.
+        self.data_parallel: Ranks | None = None
         if config.prefix_lengths is None:
             self.prefixes = Prefixes([n])
         else:
@@ -164,9 +168,13 @@ class SparseAutoencoder(nn.Module):
         if not self.training:  # batchtopk at inference: one global threshold
             keep = z > self.threshold.clamp(min=0)
             return _sparse_rows(z, keep, int(keep.sum(1).max()))  # one host sync sizes the rows
-        flat = z.flatten()
-        kept_values, kept = flat.topk(min(k * z.shape[0], flat.numel()))
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept, True).view_as(z)
+        ranks = self.data_parallel
+        if ranks is None:
+            flat = z.flatten()
+            kept_values, kept = flat.topk(min(k * z.shape[0], flat.numel()))
+            keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept, True).view_as(z)
+        else:
+            kept_values, keep = self._global_batch_topk(z, k, ranks)
         keep = keep & (z > 0)
         with torch.no_grad():
             smallest = torch.where(kept_values > 0, kept_values, float("inf")).min()
@@ -175,11 +183,30 @@ class SparseAutoencoder(nn.Module):
             self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
             counts = keep.sum(1)
             if self.row_width is None:  # the first training batch sizes the rows: one host sync
-                self.update_row_width(int(counts.max()))
+                widest = counts.max()
+                self.update_row_width(int(widest if ranks is None else ranks.max_(widest)))
             widest = torch.maximum(self._row_stats[0], counts.max())
             dropped = self._row_stats[1] + (counts - self.row_width).clamp(min=0).sum()
             self._row_stats.copy_(torch.stack([widest, dropped]))
         return _sparse_rows(z, keep, self.row_width)
+
+    @staticmethod
+    @torch.no_grad()
+    def _global_batch_topk(z: torch.Tensor, k: int, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK over the union of all ranks' batches: the ``k * B`` largest values of the
+        global batch (``B`` = all ranks' rows) and this rank's mask of the entries among them.
+
+        The global top ``k * B`` restricted to one rank lies within that rank's own top ``k * B``,
+        so gathering each rank's local top ``k * B`` values (``W * k * B`` numbers) finds the exact
+        global cut-off; every rank then keeps its entries at or above it.  Same selection as one
+        process with the whole batch, except for exact ties at the cut-off (all are kept).
+        """
+        flat = z.flatten()
+        budget = k * z.shape[0] * ranks.size
+        local = flat.topk(min(budget, flat.numel())).values
+        everyone = ranks.gather(local)
+        kept_values = everyone.topk(min(budget, everyone.numel())).values
+        return kept_values, z >= kept_values[-1]
 
     def update_row_width(self, widest: int) -> None:
         """Size BatchTopK training rows for ``widest`` kept latents (host int) and restart the counts.
@@ -198,6 +225,11 @@ class SparseAutoencoder(nn.Module):
         """``(2,)`` int64 on the SAE's device: the widest BatchTopK training row since the last
         :meth:`update_row_width`, and how many kept entries were dropped for lack of slots."""
         return self._row_stats
+
+    def load_row_state(self, row_width: int | None, row_stats: torch.Tensor) -> None:
+        """Restore :attr:`row_width` and the :meth:`row_stats` counters (resuming a checkpoint)."""
+        self.row_width = row_width
+        self._row_stats.copy_(row_stats)
 
     def decode(self, acts: SparseActs | torch.Tensor) -> torch.Tensor:
         """``acts @ W_dec + b_dec``; sparse activations are decoded without a ``(B, n)`` tensor."""
@@ -255,7 +287,10 @@ class SparseAutoencoder(nn.Module):
         values, indices = masked.topk(min(k_aux, self.config.n), dim=1)
         values = torch.where(torch.isfinite(values), values.relu(), 0.0)
         error_hat = SparseActs(values, indices).decode(self.W_dec)
-        loss = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean().clamp(min=1e-12)
+        scale = error.pow(2).sum(1).mean()
+        if self.data_parallel is not None:  # a ratio of batch means: the denominator must be global
+            scale = self.data_parallel.mean(scale)
+        loss = (error_hat - error).pow(2).sum(1).mean() / scale.clamp(min=1e-12)
         return torch.where(dead.any(), loss, 0.0)
 
     # ------------------------------------------------------------------------------ constraints
@@ -288,16 +323,21 @@ class SparseAutoencoder(nn.Module):
         return dims
 
     # ------------------------------------------------------------------------------ save / load
+    def state_files(self) -> dict[str, bytes]:
+        """The files :meth:`save` writes, as bytes: ``config.json`` (the config, with the current
+        default prefixes) and ``sae.safetensors`` (parameters and persistent buffers)."""
+        config = asdict(self.config)
+        config["prefix_lengths"] = self.prefixes.lengths.tolist()
+        config["prefix_weights"] = self.prefixes.weights.tolist()
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        return {"config.json": json.dumps(config, indent=2).encode(), "sae.safetensors": save(tensors)}
+
     def save(self, directory: str | Path) -> None:
         """``sae.safetensors`` (weights and buffers) and ``config.json`` in ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = asdict(self.config)
-        config["prefix_lengths"] = self.prefixes.lengths.tolist()
-        config["prefix_weights"] = self.prefixes.weights.tolist()
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "sae.safetensors"))
+        for name, data in self.state_files().items():
+            (directory / name).write_bytes(data)
 
     @classmethod
     def load(cls, directory: str | Path) -> SparseAutoencoder:

@@ -17,21 +17,53 @@ deterministic on the CPU.  Metrics are read back every ``log_every`` steps only,
 does no per-step host work beyond Python itself.  For toy-sized models on the CPU, call
 ``torch.set_num_threads(1)`` first: thread hand-offs cost more than the maths (several times more on
 a busy machine); the studies do this.
+
+Checkpoints (``checkpoint_dir``, ``resume``; format in :mod:`matryoshka.checkpoint`) hold everything
+a run depends on: parameters and buffers (the BatchTopK threshold), Adam's moments and step counts,
+the step, the data and prefix generators' states, the adaptive coefficient, the re-sorting and
+firing statistics, BatchTopK's row width and counters, the unlogged metric sums and the history.
+Data is drawn in chunks of ``data_chunk_steps`` steps; a checkpoint keeps the data generator's
+state at the start of the current chunk and a resumed run redraws that chunk, so checkpoints may
+fall anywhere.  On the CPU a resumed run ends bit for bit where an uninterrupted one does.
+
+Data-parallel (``torch.distributed``, one process per rank, see :mod:`matryoshka.distributed`):
+every rank draws each whole data chunk from the same seeded generator and trains on its contiguous
+share of every batch, so the union of the ranks' rows is exactly the one-process batch (drawing is
+repeated on every rank: cheap for synthetic data, and what makes any world size see the same data).
+DDP averages gradients; all ranks draw the same prefixes.  What a batch-wide quantity needs:
+
+* the adaptive coefficient: the step's L0 is averaged over the ranks before the update;
+* firing recency and re-sorting energy: summed over the ranks (one all-reduce per step), so every
+  rank re-sorts with the same permutation and the parameters stay identical;
+* BatchTopK: selects the ``k * B`` largest activations of the *global* batch (each rank's local top
+  ``k * B`` values are all-gathered and the global cut-off taken from them), so its threshold EMA
+  and row width come out the same on every rank and as in one process;
+* the dead-latent loss: its normalising error is the global batch mean.
+
+Rank 0 writes the checkpoints.  They hold global state only, so any world size can resume them.
+
+Bad numbers: a data chunk holding NaN/inf raises ``ValueError`` before it reaches the model; a
+loss that turns NaN/inf (divergence) raises ``FloatingPointError`` at the next read-out; a
+checkpoint is never written from non-finite parameters.  Nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.integrate import quad_vec
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, remove_partial, save_checkpoint
+from .distributed import Ranks
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
@@ -204,9 +236,11 @@ class _LatentStats:
         self.decay = decay
 
     @torch.no_grad()
-    def update(self, acts: SparseActs | torch.Tensor, W_dec: torch.Tensor) -> None:
+    def update(self, acts: SparseActs | torch.Tensor, W_dec: torch.Tensor, ranks: Ranks | None = None) -> None:
         """Fold in one batch of activations: ``SparseActs`` (read slot by slot, never densified) or
-        a dense ``(B, n)`` tensor."""
+        a dense ``(B, n)`` tensor.  With ``ranks``, the batch is the union of all ranks' (equal)
+        shares: firing and energy are summed over the ranks, so every rank keeps the same numbers
+        and re-sorts identically."""
         n = self.energy.shape[0]
         rows = max(acts.values.shape[0] if isinstance(acts, SparseActs) else acts.shape[0], 1)
         if isinstance(acts, SparseActs):
@@ -215,6 +249,9 @@ class _LatentStats:
         else:
             fired = (acts > 0).any(0)
             square_sum = acts.detach().to(self.energy.dtype).pow(2).sum(0)
+        if ranks is not None:  # one collective for both
+            both = ranks.sum_(torch.cat([fired.to(square_sum.dtype), square_sum]))
+            fired, square_sum, rows = both[:n] > 0, both[n:], rows * ranks.size
         self.since_fired = torch.where(fired, 0, self.since_fired + 1)
         energy = square_sum * W_dec.detach().to(self.energy.dtype).pow(2).sum(1) / rows
         self.energy.mul_(self.decay).add_(energy, alpha=1 - self.decay)
@@ -237,6 +274,22 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device)
 
 
+def _checked_chunk(data: torch.Tensor, rows: int, d: int, first_step: int, last_step: int) -> torch.Tensor:
+    """``data`` from the sampler, refused unless it is ``(rows, d)`` floating point and finite: a NaN
+    or inf would poison every parameter at the next Adam step."""
+    if not isinstance(data, torch.Tensor) or data.shape != (rows, d) or not data.is_floating_point():
+        got = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"sample({rows}, generator) must return a ({rows}, {d}) floating-point tensor "
+                         f"(d = the SAE's input size), got {got}")
+    finite = torch.isfinite(data)
+    if not bool(finite.all()):
+        bad_rows = (~finite).any(1).nonzero().flatten()
+        raise ValueError(f"sample() returned {int((~finite).sum())} NaN/inf values ({bad_rows.numel()} rows, "
+                         f"first row {int(bad_rows[0])}) in the data of steps {first_step}..{last_step}; "
+                         f"training stops before they reach the model")
+    return data
+
+
 @torch.no_grad()
 def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentStats) -> None:
     """Order latents by decreasing activation energy, permuting Adam's moments alongside."""
@@ -250,15 +303,32 @@ def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentS
 
 
 @torch.no_grad()
+def _global_row_stats(sae: SparseAutoencoder, ranks: Ranks | None) -> torch.Tensor:
+    """BatchTopK's ``(widest row, dropped entries)`` over all ranks (a new tensor), zeros otherwise."""
+    if sae.config.activation != "batchtopk":
+        return torch.zeros(2, dtype=torch.long, device=sae.W_dec.device)
+    stats = sae.row_stats().clone()
+    if ranks is not None:
+        stats = torch.stack([ranks.max_(stats[0].clone()), ranks.sum_(stats[1].clone())])
+    return stats
+
+
+@torch.no_grad()
 def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: torch.Tensor,
-              stats: _LatentStats, sae: SparseAutoencoder, config: TrainConfig) -> dict:
-    """The window-averaged metrics of one logging interval, read back in one host sync."""
-    count = done - (result.history[-1]["step"] if result.history else 0)
+              stats: _LatentStats, sae: SparseAutoencoder, config: TrainConfig, ranks: Ranks | None = None) -> dict:
+    """The window-averaged metrics of one logging interval (over all ranks), read back in one host
+    sync.  Raises ``FloatingPointError`` when the loss went NaN/inf: the model is poisoned."""
+    start = result.history[-1]["step"] if result.history else 0
+    if ranks is not None:
+        window = ranks.mean(window)
     dead = (stats.since_fired >= config.dead_after).sum()
-    row_stats = sae.row_stats() if sae.config.activation == "batchtopk" else dead.new_zeros(2)
-    values = torch.cat([window.double() / count, log_coeff.exp().double().view(1),
-                        dead.double().view(1), row_stats.double()]).tolist()
+    values = torch.cat([window.double() / (done - start), log_coeff.exp().double().view(1),
+                        dead.double().view(1), _global_row_stats(sae, ranks).double()]).tolist()
     loss, recon, l0, aux, coeff, dead_count, widest, dropped = values
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"training diverged: the mean loss of steps {start}..{done - 1} is {loss}, so the parameters are "
+            f"NaN/inf; no checkpoint after step {start} was written. Lower the learning rate or check the data")
     logs = {"step": done, "loss": loss, "recon": recon, "l0": l0, "aux": aux, "sparsity_coeff": coeff,
             "dead": int(dead_count)}
     if sae.config.activation == "batchtopk":
@@ -267,46 +337,193 @@ def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: t
     return logs
 
 
+# ----------------------------------------------------------------------------------- checkpoints
+# TrainConfig fields that do not change what a run computes, so a resume may change them.
+_FREE_FIELDS = ("progress", "checkpoint_every")
+
+
+@dataclass
+class _Run:
+    """Everything a run depends on besides its config and sampler: exactly what a checkpoint holds.
+
+    ``step``: steps done.  ``chunk_state``: the data generator's state where the current data chunk
+    starts; a run resumed mid-chunk redraws that chunk from it, so it sees the same batches.
+    """
+
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Adam
+    stats: _LatentStats
+    log_coeff: torch.Tensor
+    window: torch.Tensor  # sums since the last read-out: loss, reconstruction, L0, aux
+    data_gen: torch.Generator
+    chunk_state: torch.Tensor
+    schedule: PrefixSchedule
+    result: TrainResult
+    step: int = 0
+
+    def identity(self, config: TrainConfig) -> dict:
+        """The settings a checkpoint must share with the run that resumes it."""
+        train_config = {k: v for k, v in asdict(config).items() if k not in _FREE_FIELDS}
+        sae_config = {k: v for k, v in asdict(self.sae.config).items() if not k.startswith("prefix_")}
+        return {"train_config": train_config, "sae_config": sae_config}
+
+    def save(self, folder: Path, config: TrainConfig, ranks: Ranks | None) -> None:
+        """Checkpoint this run (rank 0 writes; every rank must call, for the collectives)."""
+        for name, param in self.sae.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise FloatingPointError(f"training diverged: parameter {name} holds NaN/inf at step {self.step}; "
+                                         f"refusing to write a poisoned checkpoint to {folder}")
+        window = self.window if ranks is None else ranks.mean(self.window)
+        row_stats = _global_row_stats(self.sae, ranks)
+        if ranks is not None and ranks.rank != 0:
+            return
+        at_chunk_start = self.step % config.data_chunk_steps == 0
+        tensors = {
+            "log_coeff": self.log_coeff, "window": window, "row_stats": row_stats,
+            "since_fired": self.stats.since_fired, "energy": self.stats.energy,
+            "data_generator": self.data_gen.get_state() if at_chunk_start else self.chunk_state,
+            "prefix_generator": self.schedule.generator.get_state(),
+        }
+        for name, param in self.sae.named_parameters():
+            for key, value in self.optimizer.state[param].items():
+                tensors[f"adam.{name}.{key}"] = value
+        state = {**self.identity(config), "row_width": self.sae.row_width, "history": self.result.history,
+                 "world_size": 1 if ranks is None else ranks.size}
+        save_checkpoint(folder, self.step, self.sae.state_files(), tensors, state)
+
+    def restore(self, path: Path, config: TrainConfig, ranks: Ranks | None) -> None:
+        """Continue from checkpoint ``path`` (written with any world size)."""
+        sae_state, tensors, state = load_checkpoint(path, self.identity(config), self.sae.W_dec.device)
+        device = self.sae.W_dec.device
+        self.sae.load_state_dict(sae_state)
+        # Rank 0 alone carries the dropped-entry count forward: the next read-out sums over ranks.
+        keep_counts = ranks is None or ranks.rank == 0
+        row_stats = tensors["row_stats"] if keep_counts else torch.zeros_like(tensors["row_stats"])
+        self.sae.load_row_state(state["row_width"], row_stats)
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = {
+            i: {key: tensors[f"adam.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+            for i, (name, _) in enumerate(self.sae.named_parameters())
+        }
+        self.optimizer.load_state_dict(optimizer_state)  # moments go to the parameters' device
+        self.stats.since_fired = tensors["since_fired"].to(device)
+        self.stats.energy = tensors["energy"].to(device)
+        self.log_coeff.copy_(tensors["log_coeff"])
+        self.window.copy_(tensors["window"])  # the mean over ranks: averaging again keeps it
+        self.data_gen.set_state(tensors["data_generator"])
+        self.chunk_state = tensors["data_generator"]
+        self.schedule.generator.set_state(tensors["prefix_generator"])
+        self.result.history = state["history"]
+        self.step = state["step"]
+
+
+def _start_from(run: _Run, checkpoint_dir: str | Path | None, resume: bool, config: TrainConfig,
+                ranks: Ranks | None) -> Path | None:
+    """Check the checkpoint folder and, for ``resume``, restore its latest checkpoint into ``run``."""
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("train(resume=True) needs checkpoint_dir: the folder to resume from")
+        return None
+    folder = check_writable(checkpoint_dir, "checkpoint_dir")
+    if ranks is None or ranks.rank == 0:
+        remove_partial(folder)
+    found = latest(folder)
+    if found is not None and resume:
+        run.restore(found, config, ranks)
+    elif found is not None:
+        raise CheckpointError(f"checkpoint_dir {str(folder)!r} already holds checkpoints (latest: {found.name}); "
+                              f"pass resume=True (CLI: --resume) to continue that run, or use an empty folder")
+    elif resume:
+        warnings.warn(f"resume: no checkpoint in {str(folder)!r} yet; starting at step 0", stacklevel=3)
+    return folder
+
+
+# ----------------------------------------------------------------------------------- the trainer
 def train(
     sae: SparseAutoencoder,
     sample: Callable[[int, torch.Generator], torch.Tensor],
     config: TrainConfig,
     callback: Callback | None = None,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``sae`` in place on batches from ``sample(num_rows, generator) -> (num_rows, d)``.
+
+    ``sample`` must depend on nothing but its arguments (the generator carries all randomness), so
+    that a resumed or data-parallel run draws the same data.  Its output must be finite (NaN/inf
+    raises ``ValueError`` before reaching the model); a loss that turns NaN/inf raises
+    ``FloatingPointError`` at the next read-out, and no checkpoint is written from a poisoned model.
+
+    ``checkpoint_dir``: save a checkpoint there every ``config.checkpoint_every`` steps (see
+    :mod:`matryoshka.checkpoint`); it must be empty of checkpoints unless ``resume``.  ``resume``:
+    continue from its latest checkpoint (start at step 0, with a warning, when it has none).
+
+    Data-parallel: under an initialised ``torch.distributed`` group of ``W > 1`` ranks (e.g.
+    ``torchrun`` and :func:`matryoshka.distributed.init_from_env`), each rank trains on its share
+    ``batch_size / W`` of every batch, gradients are averaged (DDP), and the result equals one process
+    with the whole batch to float rounding; rank 0 writes the checkpoints.  See the module doc.
 
     The SAE's default prefixes are set to the mode's objective, so ``sae.reconstruction_loss`` and a
     saved checkpoint afterwards refer to the objective that was trained.
     """
     n = sae.config.n
     device = sae.W_dec.device
+    ranks = Ranks.current()
+    share = slice(None) if ranks is None else ranks.shard(config.batch_size)
     # Random draws stay on the host (CPU generators): a run draws the same data and prefixes on
     # any device, and the batches move over without blocking.
     data_gen = torch.Generator().manual_seed(config.seed)
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
                               torch.Generator().manual_seed(config.seed + 1))
     sae.prefixes = schedule.objective
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
-    stats = _LatentStats(n, config.resort_ema, device)
+    run = _Run(sae=sae, optimizer=torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas),
+               stats=_LatentStats(n, config.resort_ema, device),
+               log_coeff=torch.tensor(math.log(config.sparsity_coeff), device=device),
+               window=torch.zeros(4, device=device), data_gen=data_gen, chunk_state=data_gen.get_state(),
+               schedule=schedule, result=TrainResult(objective=schedule.objective))
+    # DDP averages the gradients over the ranks during backward.  It copies rank 0's parameters and
+    # buffers to every rank here, before the restore (which sets rank-specific BatchTopK counters),
+    # and never again: the BatchTopK threshold is computed identically on every rank.
+    model = sae if ranks is None else DistributedDataParallel(
+        sae, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    folder = _start_from(run, checkpoint_dir, resume, config, ranks)
+    previous_parallel, sae.data_parallel = sae.data_parallel, ranks
+    try:
+        _steps(run, model, sample, config, callback, folder, ranks, share)
+    finally:
+        sae.data_parallel = previous_parallel
+    return run.result
+
+
+def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Generator], torch.Tensor],
+           config: TrainConfig, callback: Callback | None, folder: Path | None, ranks: Ranks | None,
+           share: slice) -> None:
+    """The training loop of :func:`train`, from ``run.step`` to ``config.steps``."""
+    sae, optimizer, stats, log_coeff, window = run.sae, run.optimizer, run.stats, run.log_coeff, run.window
+    device = sae.W_dec.device
     penalised = sae.config.activation in ("relu", "jumprelu")
     sparse_kind = sae.config.activation in ("topk", "batchtopk")
-    batchtopk = sae.config.activation == "batchtopk"
-    log_coeff = torch.tensor(math.log(config.sparsity_coeff), device=device)
-    window = torch.zeros(4, device=device)  # sums since the last read-out: loss, reconstruction, L0, aux
     no_aux = torch.zeros((), device=device)
-    result = TrainResult(objective=schedule.objective)
+    chunk_steps = config.data_chunk_steps
     chunk = None
-    bar = tqdm(range(config.steps), disable=not config.progress, mininterval=1.0,
+    bar = tqdm(range(run.step, config.steps), initial=run.step, total=config.steps, mininterval=1.0,
+               disable=not config.progress or (ranks is not None and ranks.rank != 0),
                desc=f"{config.prefix_mode} seed {config.seed}", leave=False)
     for step in bar:
-        if step % config.data_chunk_steps == 0:  # draw data in chunks: fewer small tensor ops
-            rows = config.data_chunk_steps * config.batch_size
-            chunk = _to_device(sample(rows, data_gen), device).view(config.data_chunk_steps, config.batch_size, -1)
-        x = chunk[step % config.data_chunk_steps]
+        if chunk is None or step % chunk_steps == 0:  # draw data in chunks: fewer small tensor ops
+            # A chunk starts at a multiple of chunk_steps; a run resumed mid-chunk starts with the
+            # generator at its chunk's start (_Run.restore) and redraws it.  Every rank draws the
+            # whole chunk from the same generator and keeps its share of each batch: exactly the
+            # one-process data, at the price of drawing W times over.
+            first = step - step % chunk_steps
+            run.chunk_state = run.data_gen.get_state()
+            rows = chunk_steps * config.batch_size
+            data = _checked_chunk(sample(rows, run.data_gen), rows, sae.config.d, first, first + chunk_steps - 1)
+            chunk = _to_device(data.view(chunk_steps, config.batch_size, -1)[:, share], device)
+        x = chunk[step % chunk_steps]
 
-        out = sae(x)
-        recon = sae.reconstruction_loss(x, out.acts, schedule()).loss
+        out = model(x)
+        recon = sae.reconstruction_loss(x, out.acts, run.schedule()).loss
         loss = recon
         if penalised:
             loss = loss + log_coeff.exp() * sae.sparsity_penalty(out)
@@ -328,25 +545,26 @@ def train(
         with torch.no_grad():
             l0 = _mean_l0(out.acts)
             if penalised and config.target_l0:
+                if ranks is not None:  # the whole batch's L0: every rank keeps the same coefficient
+                    l0 = ranks.mean(l0)
                 # Relative L0 error, clipped so that an early L0 far above target (dense start)
                 # cannot blow the coefficient up within a few steps and kill latents for good.
                 error = ((l0 - config.target_l0) / config.target_l0).clamp(-1.0, 1.0)
                 log_coeff += config.adapt_rate * error
-            stats.update(out.acts, sae.W_dec)
+            stats.update(out.acts, sae.W_dec, ranks)
             window += torch.stack([loss.detach(), recon.detach(), l0, aux.detach()])
         if config.resort_every and (step + 1) % config.resort_every == 0:
             _resort(sae, optimizer, stats)
 
-        done = step + 1
+        run.step = done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            logs = _read_out(done, result, window, log_coeff, stats, sae, config)
+            logs = _read_out(done, run.result, window, log_coeff, stats, sae, config, ranks)
             logs["lr"] = optimizer.param_groups[0]["lr"]
             window.zero_()
-            result.history.append(logs)
+            run.result.history.append(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", l0=f"{logs['l0']:.2f}", refresh=False)
             if callback is not None:
                 callback(done, sae, logs)
-        if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            sae.save(Path(checkpoint_dir) / f"step_{done:07d}")
+        if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            run.save(folder, config, ranks)
     bar.close()
-    return result

@@ -1,0 +1,123 @@
+"""Data-parallel training on two gloo ranks on the CPU: 2 ranks x batch B/2 reach the parameters of
+1 rank x batch B (float tolerance), the ranks stay bit-identical, BatchTopK's threshold and the
+adaptive L1 coefficient are synchronised, rank 0 writes checkpoints, and a checkpoint resumes under
+another world size."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from matryoshka.train import train
+from tests.tiny_runs import final_state, sample, tiny_config, tiny_sae
+
+# relu: the adaptive L1 coefficient; topk: per-row selection and the AuxK loss; batchtopk: the
+# batch-global selection, its threshold and row width.  Enough steps for re-sorts and dead latents.
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+STEPS = 20
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32: the two half-batch means sum in another order
+
+
+def _config(activation: str, **overrides):
+    if activation == "relu":  # near the L0 it reaches: the clipped update must not saturate
+        overrides["target_l0"] = 6.0
+    return tiny_config(activation, steps=STEPS, checkpoint_every=10, **overrides)
+
+
+def _run(activation: str, folder: Path | None = None, resume: bool = False) -> dict:
+    sae = tiny_sae(activation)
+    history = train(sae, sample, _config(activation), checkpoint_dir=folder, resume=resume).history
+    return {"state": final_state(sae), "history": history, "row_width": sae.row_width}
+
+
+def _rank_main(rank: int, folder: Path) -> None:
+    """One of two ranks: every scenario, results to ``folder / f"rank{rank}.pt"``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        results = {a: _run(a, folder / f"ddp_{a}") for a in ACTIVATIONS}
+        results["resumed"] = _run("relu", folder / "from_one_rank", resume=True)
+        try:
+            train(tiny_sae("topk"), sample, _config("topk", batch_size=15))
+        except ValueError as exc:
+            results["odd_batch"] = str(exc)
+        torch.save(results, folder / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
+    """(one-rank results, [rank 0, rank 1] results, folder)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {a: _run(a, folder / f"single_{a}") for a in ACTIVATIONS}
+        # The two ranks resume the one-rank relu run from its step-10 checkpoint.
+        shutil.copytree(folder / "single_relu" / "step_0000010", folder / "from_one_rank" / "step_0000010")
+        # Forked ranks inherit the imported torch (spawned ones would spend ~15 s importing it
+        # again on a busy 2-core machine); each sets one thread and joins a fresh gloo group.
+        mp.start_processes(_rank_main, args=(folder,), nprocs=2, join=True, start_method="fork")
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return single, ranks, folder
+
+
+def _assert_close_runs(got: dict, want: dict) -> None:
+    for name, value in want["state"].items():
+        if name != "row_stats":  # rank-local counters
+            torch.testing.assert_close(got["state"][name], value, **TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
+    assert [row["step"] for row in got["history"]] == [row["step"] for row in want["history"]]
+    for key in ("loss", "recon", "l0", "sparsity_coeff"):
+        torch.testing.assert_close(torch.tensor([row[key] for row in got["history"]], dtype=torch.float64),
+                                   torch.tensor([row[key] for row in want["history"]], dtype=torch.float64),
+                                   **TOLERANCE, msg=lambda m, k=key: f"history {k}: {m}")
+    assert [row["dead"] for row in got["history"]] == [row["dead"] for row in want["history"]]
+    assert got["row_width"] == want["row_width"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_two_ranks_with_half_batches_equal_one_rank(runs, activation):
+    single, ranks, _ = runs
+    _assert_close_runs(ranks[0][activation], single[activation])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_ranks_stay_bit_identical(runs, activation):
+    """Parameters, the BatchTopK threshold, the adaptive coefficient, the permutations: all equal."""
+    _, ranks, _ = runs
+    a, b = ranks[0][activation], ranks[1][activation]
+    for name, value in a["state"].items():
+        if name != "row_stats":
+            assert torch.equal(value, b["state"][name]), name
+    assert a["history"] == b["history"] and a["row_width"] == b["row_width"]
+
+
+def test_batchtopk_threshold_and_adaptive_l1_are_synchronised(runs):
+    single, ranks, _ = runs
+    for rank in ranks:
+        torch.testing.assert_close(rank["batchtopk"]["state"]["threshold"], single["batchtopk"]["state"]["threshold"],
+                                   **TOLERANCE)
+    assert float(single["batchtopk"]["state"]["threshold"]) > 0, "the threshold EMA must have started"
+    coeffs = [row["sparsity_coeff"] for row in single["relu"]["history"]]
+    assert len(set(coeffs)) == len(coeffs), "the adaptive coefficient must move every interval"
+
+
+def test_rank_zero_writes_checkpoints_any_world_size_resumes(runs, one_thread):
+    single, ranks, folder = runs
+    assert sorted(p.name for p in (folder / "ddp_relu").iterdir()) == ["step_0000010", "step_0000020"]
+    # One rank's checkpoint resumed by two ranks, and two ranks' checkpoint resumed by one.
+    _assert_close_runs(ranks[0]["resumed"], single["relu"])
+    shutil.copytree(folder / "ddp_relu" / "step_0000010", folder / "from_two_ranks" / "step_0000010")
+    _assert_close_runs(_run("relu", folder / "from_two_ranks", resume=True), single["relu"])
+
+
+def test_batch_must_split_evenly(runs):
+    assert runs[1][0]["odd_batch"] == "batch_size=15 must be divisible by the world size 2"
