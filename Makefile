@@ -5,14 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch: an unpinned `torch` would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# Optional extras installed with the package (CI adds sae-lens: `make test EXTRAS=test,sae-lens`).
+# A new EXTRAS value has its own stamp file, newer than .installed, so the next target reinstalls.
+EXTRAS ?= test
+comma := ,
+EXTRAS_STAMP := $(VENV)/.extras-$(subst $(comma),+,$(EXTRAS))
 
 .PHONY: demo test bench sweep kernels-report clean
 
-$(VENV)/.installed: pyproject.toml
+$(EXTRAS_STAMP):
+	mkdir -p $(VENV) && touch $@
+
+$(VENV)/.installed: pyproject.toml $(EXTRAS_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	touch $@
 
 demo: $(VENV)/.installed
