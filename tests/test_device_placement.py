@@ -155,6 +155,8 @@ def test_batchtopk_rows_grow_at_read_out_and_count_what_they_dropped():
     assert acts.shape == (4, 5)
     assert acts.values[0].tolist() == [8.0, 7.0, 6.0, 5.0, 4.0], "a crowded row keeps its largest"
     assert sae.row_stats().tolist() == [8, 3]
+    sae.activate(pre)  # a narrower batch after the crowded one: the widest row seen stays 8
+    assert sae.row_stats().tolist() == [8, 3]
     sae.update_row_width(8)
     assert sae.row_width == 12 and sae.row_stats().tolist() == [0, 0]
     assert sae.activate(crowded).shape == (4, 12)

@@ -123,3 +123,76 @@ def test_config_validation():
         SAEConfig(d=2, n=2, activation="gelu")
     with pytest.raises(ValueError, match="k"):
         SAEConfig(d=2, n=2, activation="topk")
+
+
+def _with_random_biases(sae: SparseAutoencoder) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.3 * torch.randn(N, generator=g))
+        sae.b_dec.copy_(torch.randn(D, generator=g))
+    return sae
+
+
+@pytest.mark.parametrize("activation, k", [("relu", None), ("topk", 3)])
+def test_biases_enter_encoder_decoder_and_loss(activation, k):
+    """pre = (x - b_dec) W_enc + b_enc, recon = a W_dec + b_dec, and the loss sees b_dec: with
+    non-zero biases, a sign flip or a dropped bias anywhere changes these."""
+    sae = _with_random_biases(make(activation, k=k))
+    x = batch()
+    out = sae(x)
+    torch.testing.assert_close(out.pre, (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    dense = out.acts.to_dense(N) if isinstance(out.acts, SparseActs) else out.acts
+    torch.testing.assert_close(out.recon, dense @ sae.W_dec + sae.b_dec)
+    full = sae.reconstruction_loss(x, out.acts, Prefixes([N])).loss
+    torch.testing.assert_close(full, (x - out.recon).pow(2).sum(1).mean())
+
+
+def test_reconstruction_loss_skips_the_index_check_unless_asked(monkeypatch):
+    """The SAE's own activations are valid by construction: no host-syncing index check per step."""
+    import matryoshka.loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("index check ran")
+
+    monkeypatch.setattr(matryoshka.loss, "check_sparse_indices", refuse)
+    sae = make("topk", k=3)
+    x = batch()
+    acts = sae(x).acts
+    sae.reconstruction_loss(x, acts)
+    with pytest.raises(AssertionError, match="index check ran"):
+        sae.reconstruction_loss(x, acts, validate=True)
+
+
+def test_initialisation_follows_the_generator_only():
+    torch.manual_seed(1)
+    a = make("relu", seed=5)
+    torch.manual_seed(2)  # the global RNG must not matter
+    b = make("relu", seed=5)
+    c = make("relu", seed=6)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_auxk_normalisation_with_a_small_error():
+    """The AuxK loss divides by the mean squared error norm even when that is far below 1."""
+    sae = make("topk", k=2)
+    x = 0.01 * batch()
+    out = sae(x)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[4:] = True
+    error = (x - out.recon).detach()
+    values, indices = torch.where(dead, out.pre, float("-inf")).topk(3, dim=1)
+    error_hat = torch.zeros(B, N).scatter(1, indices, values.relu()) @ sae.W_dec
+    want = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean()
+    assert float(error.pow(2).sum(1).mean()) < 0.5
+    torch.testing.assert_close(sae.auxk_loss(x, out, dead, 3), want)
+
+
+def test_save_into_new_nested_folder_and_overwrite(tmp_path):
+    sae = make("batchtopk", k=2)
+    sae(batch())
+    target = tmp_path / "a" / "b" / "sae"
+    sae.save(target)
+    sae.save(target)  # saving again over the same folder is fine
+    assert "_row_stats" not in sae.state_dict(), "run-time counters are not part of the saved model"
+    torch.testing.assert_close(SparseAutoencoder.load(target).W_dec, sae.W_dec)
