@@ -5,7 +5,9 @@
 Layering: validation -> backend choice -> a *scan* that returns squared residual norms (the only
 part that touches ``d``) -> prefix bookkeeping on those norms (``scan_layout``).  For sparse
 activations the scan yields ``k + 1`` norms per row whatever the number of prefixes; for dense ones
-it yields one norm per prefix.  Gradients reach ``x``, the activation values, ``W_dec`` and
+it yields one norm per prefix.  Rank-order prefixes only re-sort the slots; detached levels only
+change which weights reach the slots' gradients (a second output of the scan with a level-local
+backward): neither changes the forward.  Gradients reach ``x``, the activation values, ``W_dec`` and
 ``b_dec`` through the scan's own backward.
 """
 
@@ -20,9 +22,20 @@ from torch import nn
 
 from .prefixes import Prefixes
 from .reference import matryoshka_loss_reference
-from .scan_layout import SortedActs, fold_prefix_weights, prefix_positions, unfold_prefix_losses
+from .scan_layout import (
+    SortedActs,
+    fold_level_weights,
+    fold_prefix_weights,
+    prefix_positions,
+    unfold_prefix_losses,
+)
 from .sparse_acts import SparseActs
-from .torch_scan import dense_prefix_norms_torch, sparse_scan_torch
+from .torch_scan import (
+    dense_prefix_norms_detached_torch,
+    dense_prefix_norms_torch,
+    sparse_scan_detached_torch,
+    sparse_scan_torch,
+)
 from .validation import check_inputs, check_sparse_indices
 
 __all__ = ["MatryoshkaLossOutput", "matryoshka_loss", "MatryoshkaLoss", "resolve_backend"]
@@ -63,12 +76,20 @@ def resolve_backend(backend: str, device: torch.device, *, dense: bool) -> str:
     return backend
 
 
-def _sparse_scan(backend: str):
+def _sparse_scan(backend: str, detach: bool):
     if backend == "triton":
-        from .kernels.sparse_scan_op import sparse_scan_triton
+        from .kernels.sparse_scan_op import sparse_scan_detached_triton, sparse_scan_triton
 
-        return sparse_scan_triton
-    return sparse_scan_torch
+        return sparse_scan_detached_triton if detach else sparse_scan_triton
+    return sparse_scan_detached_torch if detach else sparse_scan_torch
+
+
+def _dense_prefix_norms(backend: str, detach: bool):
+    if backend == "triton":
+        from .kernels.dense_scan_op import dense_prefix_norms_detached_triton, dense_prefix_norms_triton
+
+        return dense_prefix_norms_detached_triton if detach else dense_prefix_norms_triton
+    return dense_prefix_norms_detached_torch if detach else dense_prefix_norms_torch
 
 
 def matryoshka_loss(
@@ -79,6 +100,9 @@ def matryoshka_loss(
     prefixes: Prefixes,
     backend: str = "auto",
     validate: bool = True,
+    *,
+    order: str = "index",
+    detach: bool = False,
 ) -> MatryoshkaLossOutput:
     """Weighted sum of the reconstruction losses of every prefix in ``prefixes``, in one pass.
 
@@ -94,6 +118,14 @@ def matryoshka_loss(
             (the plain loop over prefixes).
         validate: check sparse indices for range and duplicates (one host sync).  With ``False``
             an out-of-range index is ignored like padding and a duplicate counts twice.
+        order: ``"index"``: prefix length ``m`` is the latents ``i < m``.  ``"rank"`` (``SparseActs``
+            only): it is each row's ``m`` largest activations, ties by latent index, padding last,
+            so lengths must be ``<= k`` (flex-sae's HierarchicalTopK).
+        detach: detached levels.  With ``m_0 = 0``, prefix ``g`` reconstructs from stop-gradient
+            contributions of the latents of prefix ``g - 1`` plus live ones of its own level
+            (prefix ``g`` minus prefix ``g - 1``): a latent's value and decoder row learn only from
+            the prefix that adds it; ``x`` and ``b_dec`` from every prefix.  The loss value is
+            unchanged.
 
     Returns:
         ``MatryoshkaLossOutput(loss, per_prefix)``.
@@ -107,7 +139,7 @@ def matryoshka_loss(
         >>> out.per_prefix.shape
         torch.Size([32])
     """
-    check_inputs(x, acts, W_dec, b_dec, prefixes, backend)
+    check_inputs(x, acts, W_dec, b_dec, prefixes, backend, order, detach)
     backend = resolve_backend(backend, x.device, dense=not isinstance(acts, SparseActs))
     n = W_dec.shape[0]
     rows = max(x.shape[0], 1)
@@ -115,21 +147,26 @@ def matryoshka_loss(
         sorted_acts = SortedActs(acts, n)
         if validate:
             check_sparse_indices(sorted_acts.indices, n)
+        if order == "rank":
+            sorted_acts = sorted_acts.ranked(n)
     if backend == "reference":
-        loss, per_prefix = matryoshka_loss_reference(x, acts, W_dec, b_dec, prefixes)
+        loss, per_prefix = matryoshka_loss_reference(x, acts, W_dec, b_dec, prefixes, order=order, detach=detach)
         return MatryoshkaLossOutput(loss, per_prefix)
     if isinstance(acts, SparseActs):
-        norms = _sparse_scan(backend)(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
+        scan = _sparse_scan(backend, detach)
         positions = prefix_positions(sorted_acts, prefixes)
-        loss = (fold_prefix_weights(positions, prefixes, norms.dtype) * norms).sum() / rows
+        if detach:
+            norms, level_norms = scan(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices, positions[:, 1:-1])
+            own = fold_level_weights(positions, prefixes, norms.dtype)
+            rest = fold_prefix_weights(positions, prefixes, norms.dtype) - own
+            loss = (rest * norms + own * level_norms).sum() / rows
+        else:
+            norms = scan(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
+            loss = (fold_prefix_weights(positions, prefixes, norms.dtype) * norms).sum() / rows
         per_prefix = unfold_prefix_losses(norms, positions, len(prefixes)).to(norms.dtype)
         return MatryoshkaLossOutput(loss, per_prefix)
     _, weights, _ = prefixes.on(x.device)
-    if backend == "triton":
-        from .kernels.dense_scan_op import dense_prefix_norms_triton as dense_prefix_norms
-    else:
-        dense_prefix_norms = dense_prefix_norms_torch
-    norms = dense_prefix_norms(x, b_dec, W_dec, acts, prefixes.lengths)
+    norms = _dense_prefix_norms(backend, detach)(x, b_dec, W_dec, acts, prefixes.lengths)
     loss = (norms * weights.to(norms.dtype)).sum() / rows
     return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows)
 
@@ -142,13 +179,16 @@ class MatryoshkaLoss(nn.Module):
     >>> out = loss_fn(x, acts, sae.W_dec, sae.b_dec)    # doctest: +SKIP
     """
 
-    def __init__(self, prefixes: Prefixes, backend: str = "auto", validate: bool = True) -> None:
+    def __init__(self, prefixes: Prefixes, backend: str = "auto", validate: bool = True, *,
+                 order: str = "index", detach: bool = False) -> None:
         super().__init__()
         if not isinstance(prefixes, Prefixes):
             raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
         self.prefixes = prefixes
         self.backend = backend
         self.validate = validate
+        self.order = order
+        self.detach = detach
 
     def forward(
         self,
@@ -157,7 +197,8 @@ class MatryoshkaLoss(nn.Module):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor | None = None,
     ) -> MatryoshkaLossOutput:
-        return matryoshka_loss(x, acts, W_dec, b_dec, self.prefixes, self.backend, self.validate)
+        return matryoshka_loss(x, acts, W_dec, b_dec, self.prefixes, self.backend, self.validate,
+                               order=self.order, detach=self.detach)
 
     def extra_repr(self) -> str:
-        return f"prefixes={self.prefixes!r}, backend={self.backend!r}"
+        return f"prefixes={self.prefixes!r}, backend={self.backend!r}, order={self.order!r}, detach={self.detach}"

@@ -62,7 +62,7 @@ class Prefixes:
         lengths: strictly increasing non-negative ints.  Checked against ``n`` when the loss is called.
         weights: one non-negative finite weight per length; default 1.0 each.
 
-    Use the builders for the common cases: :meth:`groups`, :meth:`every`, :meth:`sample`.
+    Use the builders for the common cases: :meth:`groups`, :meth:`balanced`, :meth:`every`, :meth:`sample`.
     """
 
     __slots__ = ("lengths", "weights", "max_length", "_cumulative", "_device_cache")
@@ -89,6 +89,28 @@ class Prefixes:
         This is the SAELens ``matryoshka_widths`` convention: the last width is usually ``n``.
         """
         return cls(widths, weights)
+
+    @classmethod
+    def balanced(cls, widths: Sequence[int], beta: float) -> Prefixes:
+        """Nested groups ``widths`` with geometric weights ``w_g = beta^(G - g)``, ``g = 1..G``:
+        innermost ``beta^(G-1)``, ..., next-to-outer ``beta``, outer ``1`` (the "balanced"
+        Matryoshka SAE of Chanin et al., 2025, arXiv 2505.11756).
+
+        * ``beta = 0``: only the outer prefix is scored: a plain SAE over ``widths[-1]`` latents.
+        * ``beta = 1``: equal weights, ``Prefixes.groups(widths)``.
+        * ``beta -> inf``: a latent of level ``h`` (``widths[h-2] <= i < widths[h-1]``) is reached
+          by prefixes ``g >= h`` only, with weights ``beta^(G-g)``, so its gradient is
+          ``beta^(G-h) (grad of prefix h's loss + O(1/beta))``: each level learns from its own prefix,
+          like ``matryoshka_loss(..., detach=True)``, but scaled by ``beta^(G-h)``, and ``x``,
+          ``b_dec`` and the loss value are dominated by the innermost prefix.  It is not the detached
+          loss: there, every level's reconstruction keeps its own weight and latents of level ``h``
+          see no gradient from outer prefixes at all, whatever the weights.
+        """
+        beta = float(beta)
+        if not (beta >= 0 and np.isfinite(beta)):
+            raise ValueError(f"Prefixes.balanced: `beta` must be finite and >= 0, got {beta}")
+        count = len(widths)
+        return cls(widths, [beta ** (count - 1 - g) for g in range(count)])
 
     @classmethod
     def every(

@@ -12,6 +12,12 @@ cumulative weights ``F[i] = w_1 + ... + w_i``:
 Both cost O(B * k * log G): nothing here grows with the number of prefixes beyond O(G).  The fold
 takes differences of float64 cumulative sums, so a weight smaller than ~1e-16 of the total weight
 is lost to rounding (like adding it to the total loss would be).
+
+Rank order (``order="rank"``): the same with each row sorted by value, largest first, and ``p_t``
+replaced by the slot's rank ``t - 1`` (:meth:`SortedActs.ranked`): prefix ``j`` is the first ``j``
+slots, and the scan, fold and unfold run unchanged.  Detached levels: ``idx(p_t)`` is also slot
+``t``'s level, the prefix that adds it; :func:`fold_level_weights` splits ``W_t`` into the part
+whose gradient reaches that level's slots and the part that reaches only ``x`` and ``b_dec``.
 """
 
 from __future__ import annotations
@@ -21,16 +27,19 @@ import torch
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["SortedActs", "prefix_positions", "fold_prefix_weights", "unfold_prefix_losses"]
+__all__ = ["SortedActs", "prefix_positions", "fold_prefix_weights", "fold_level_weights", "unfold_prefix_losses"]
 
 _PAD_KEY = torch.iinfo(torch.int64).max
 
 
 class SortedActs:
-    """A row-wise index-sorted copy of ``SparseActs``; padding and (unchecked) out-of-range slots last.
+    """A row-wise sorted copy of ``SparseActs``: by latent index, padding and (unchecked) out-of-range
+    slots last.  :meth:`ranked` re-sorts it by value for rank-order prefixes.
 
-    ``key`` is the index with every inactive slot (padding, or out of range when validation is
-    off) replaced by ``n``, which no prefix length exceeds: such a slot never changes a residual.
+    ``key`` is what prefix lengths are compared with: the index (index order) or the rank (rank
+    order) of each slot, with every inactive slot (padding, or out of range when validation is off)
+    replaced by a key no prefix length exceeds (``n``, resp. ``k``): such a slot never changes a
+    residual.
     """
 
     __slots__ = ("values", "indices", "key")
@@ -41,6 +50,23 @@ class SortedActs:
         self.values = acts.values.gather(1, order)
         self.indices = acts.indices.gather(1, order)
         self.key = torch.where(inactive, n, acts.indices).gather(1, order)
+
+    def ranked(self, n: int) -> SortedActs:
+        """The same slots by value, largest first, ties by latent index, inactive slots last; key = rank.
+
+        A stable sort of the index-sorted rows breaks ties by index.  Rank-order prefix ``j`` is
+        then "the first ``j`` slots", so the scan and the prefix bookkeeping run unchanged.
+        """
+        inactive = self.key >= n
+        by_value = torch.where(inactive, torch.inf, -self.values.detach().double())
+        order = by_value.argsort(dim=1, stable=True)
+        ranked = object.__new__(SortedActs)
+        ranked.values = self.values.gather(1, order)
+        ranked.indices = self.indices.gather(1, order)
+        k = self.key.shape[1]
+        rank = torch.arange(k, device=self.key.device).expand_as(self.key)
+        ranked.key = torch.where(inactive.gather(1, order), k, rank)
+        return ranked
 
 
 def prefix_positions(sorted_acts: SortedActs, prefixes: Prefixes) -> torch.Tensor:
@@ -59,6 +85,23 @@ def fold_prefix_weights(positions: torch.Tensor, prefixes: Prefixes, dtype: torc
     """``W`` of shape ``(B, k + 1)``: the total prefix weight on each residual ``r_0 .. r_k``."""
     _, _, cumulative = prefixes.on(positions.device)
     return (cumulative[positions[:, 1:]] - cumulative[positions[:, :-1]]).to(dtype)
+
+
+def fold_level_weights(positions: torch.Tensor, prefixes: Prefixes, dtype: torch.dtype) -> torch.Tensor:
+    """``U`` of shape ``(B, k + 1)``: the part of ``W`` (see :func:`fold_prefix_weights`) whose
+    gradient reaches the slots under ``detach=True``.
+
+    Slot ``t`` belongs to level ``h = idx(p_t)`` (``m_{h-1} <= p_t < m_h``, 0-based ``h``), the
+    prefix that adds it.  Residual ``r_t`` is prefix ``h``'s own residual exactly when ``t`` is the
+    last slot of its level (``idx(p_{t+1}) > h``); then ``U_t = w_h``, else 0, and ``U_0 = 0``.
+    Every other prefix that sees ``r_t`` adds no slot of its own level, so it reaches ``x`` and
+    ``b_dec`` only.
+    """
+    _, weights, _ = prefixes.on(positions.device)
+    level = positions[:, 1:-1]
+    last_of_level = positions[:, 2:] > level
+    own = torch.where(last_of_level, weights[level.clamp(max=len(prefixes) - 1)], 0.0)
+    return torch.cat([own.new_zeros(own.shape[0], 1), own], dim=1).to(dtype)
 
 
 def unfold_prefix_losses(norms: torch.Tensor, positions: torch.Tensor, num_prefixes: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ Backward, given ``c_t = dL/dnorms[:, t]``, walks ``t = k..1`` recovering
 
     dx = G_0,  db_dec = -sum_b G_0,  dv_t = -<G_t, W_dec[p_t]>,  dW_dec[p_t] += -v_t G_t.
 
+Detached levels (``sparse_scan_detached_torch``): the same forward, and a backward whose suffix sum
+restarts at each level boundary (derivation in ``kernels/sparse_scan.py``).
+
 Like the kernels, the scan steps through the k slots one at a time over a block of rows, so the
 extra memory is O(B * d) and nothing depends on the number of prefixes (they only enter through
 ``c_t``).  Blocks of ``_BLOCK_ELEMENTS`` keep a block's residual and suffix sum in the CPU's L2
@@ -23,10 +26,13 @@ Dense activations (``dense_prefix_norms_torch``) use latent blocks; see its docs
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .precision import compute_dtype
 
-__all__ = ["sparse_scan_torch", "dense_prefix_norms_torch"]
+__all__ = [
+    "sparse_scan_torch", "sparse_scan_detached_torch", "dense_prefix_norms_torch", "dense_prefix_norms_detached_torch",
+]
 
 _BLOCK_ELEMENTS = 1 << 15  # rows x d per block: 128 KiB of float32 residual, L2-resident
 _DENSE_BLOCK = 256  # latents per block of the dense scan
@@ -37,35 +43,48 @@ def _row_blocks(num_rows: int, d: int) -> list[slice]:
     return [slice(s, min(s + size, num_rows)) for s in range(0, num_rows, size)]
 
 
+def _scan_forward(ctx, x, b_dec, W_dec, values, indices) -> torch.Tensor:
+    """The forward scan; saves what either backward needs on ``ctx``.  Returns ``(B, k + 1)`` norms."""
+    dtype = compute_dtype(x, b_dec, W_dec, values)
+    active = (indices >= 0) & (indices < W_dec.shape[0])
+    latent = torch.where(active, indices, 0)  # inactive slots read row 0 with coefficient 0
+    coeff = torch.where(active, values.to(dtype), 0.0)
+    num_rows, k = values.shape
+    norms_by_slot = x.new_empty(k + 1, num_rows, dtype=dtype)  # written in place, a row block at a time
+    final = x.new_empty(x.shape, dtype=dtype)
+    for rows in _row_blocks(num_rows, x.shape[1]):
+        r = x[rows].to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
+        torch.linalg.vecdot(r, r, out=norms_by_slot[0, rows])
+        for t in range(k):
+            r.addcmul_(coeff[rows, t : t + 1], W_dec.index_select(0, latent[rows, t]).to(dtype), value=-1)
+            torch.linalg.vecdot(r, r, out=norms_by_slot[t + 1, rows])
+        final[rows] = r
+    ctx.save_for_backward(final, W_dec, coeff, latent, active)
+    ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, values.dtype)
+    return norms_by_slot.T
+
+
+def _cast_grads(ctx, dx, dW, dvalues, active, w_dtype):
+    """``(dx, db_dec, dW_dec, dvalues)`` in the inputs' dtypes; padding slots get no gradient."""
+    x_dtype, b_dtype, v_dtype = ctx.dtypes
+    dvalues = torch.where(active, dvalues, 0.0)  # padding slots read row 0 but have no gradient
+    db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
+    return dx.to(x_dtype), db, dW.to(w_dtype), dvalues.to(v_dtype)
+
+
 class _SparseScanTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, W_dec, values, indices):
-        dtype = compute_dtype(x, b_dec, W_dec, values)
-        active = (indices >= 0) & (indices < W_dec.shape[0])
-        latent = torch.where(active, indices, 0)  # inactive slots read row 0 with coefficient 0
-        coeff = torch.where(active, values.to(dtype), 0.0)
-        num_rows, k = values.shape
-        norms = x.new_empty(num_rows, k + 1, dtype=dtype)
-        final = x.new_empty(x.shape, dtype=dtype)
-        for rows in _row_blocks(num_rows, x.shape[1]):
-            r = x[rows].to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
-            norms[rows, 0] = torch.linalg.vecdot(r, r)
-            for t in range(k):
-                r.addcmul_(coeff[rows, t : t + 1], W_dec.index_select(0, latent[rows, t]).to(dtype), value=-1)
-                norms[rows, t + 1] = torch.linalg.vecdot(r, r)
-            final[rows] = r
-        ctx.save_for_backward(final, W_dec, coeff, latent, active)
-        ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, values.dtype)
-        return norms
+        return _scan_forward(ctx, x, b_dec, W_dec, values, indices)
 
     @staticmethod
     def backward(ctx, grad_norms):
         final, W_dec, coeff, latent, active = ctx.saved_tensors
-        x_dtype, b_dtype, v_dtype = ctx.dtypes
         dtype = final.dtype
         twice_grad = 2 * grad_norms.to(dtype)
         dx = torch.empty_like(final)
-        dvalues = torch.empty_like(coeff)
+        dvalues_by_slot = torch.empty_like(coeff.T)  # -dvalues, written in place
+        neg_coeff = -coeff
         dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
         for rows in _row_blocks(final.shape[0], final.shape[1]):
             r = final[rows].clone()
@@ -73,19 +92,73 @@ class _SparseScanTorch(torch.autograd.Function):
             for t in range(coeff.shape[1] - 1, -1, -1):
                 suffix.addcmul_(twice_grad[rows, t + 1 : t + 2], r)
                 w = W_dec.index_select(0, latent[rows, t]).to(dtype)
-                dvalues[rows, t] = -torch.linalg.vecdot(suffix, w)
-                dW.index_add_(0, latent[rows, t], suffix * -coeff[rows, t : t + 1])
+                torch.linalg.vecdot(suffix, w, out=dvalues_by_slot[t, rows])
+                dW.index_add_(0, latent[rows, t], suffix * neg_coeff[rows, t : t + 1])
                 r.addcmul_(coeff[rows, t : t + 1], w)
             suffix.addcmul_(twice_grad[rows, :1], r)
             dx[rows] = suffix
-        dvalues = torch.where(active, dvalues, 0.0)  # padding slots read row 0 but have no gradient
-        db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
-        return dx.to(x_dtype), db, dW.to(W_dec.dtype), dvalues.to(v_dtype), None
+        dx, db, dW, dvalues = _cast_grads(ctx, dx, dW, -dvalues_by_slot.T, active, W_dec.dtype)
+        return dx, db, dW, dvalues, None
+
+
+class _DetachedSparseScanTorch(torch.autograd.Function):
+    """``(norms, level_norms)``: equal values, different gradients (see ``sparse_scan_detached_torch``).
+
+    Backward, with ``c`` and ``e`` the gradients of the two outputs: the level-local suffix sum
+    ``H_t = 2 e_t r_t + [level_t == level_{t+1}] H_{t+1}`` gives ``dv_t = -<H_t, W_dec[p_t]>`` and
+    ``dW_dec[p_t] += -v_t H_t``.  ``dx = sum_t 2 (c_t + e_t) r_t`` needs no per-step work: with
+    ``r_t = r_k + sum_{j > t} v_j W_dec[p_j]`` and ``gamma = 2 (c + e)`` it is
+    ``(sum_t gamma_t) r_k + sum_j v_j (sum_{t < j} gamma_t) W_dec[p_j]``, one ``embedding_bag``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_dec, values, indices, levels):
+        norms = _scan_forward(ctx, x, b_dec, W_dec, values, indices)
+        ctx.continues = levels[:, :-1] == levels[:, 1:]  # slot t and t + 1 share a level
+        return norms, norms.clone()
+
+    @staticmethod
+    def backward(ctx, grad_norms, grad_level_norms):
+        final, W_dec, coeff, latent, active = ctx.saved_tensors
+        dtype = final.dtype
+        twice_level = 2 * grad_level_norms.to(dtype)
+        gamma = 2 * grad_norms.to(dtype) + twice_level
+        num_rows, k = coeff.shape
+        continues = torch.cat([ctx.continues, ctx.continues.new_zeros(num_rows, 1)], dim=1).to(dtype)
+        dvalues_by_slot = torch.empty_like(coeff.T)  # -dvalues, written in place
+        neg_coeff = -coeff
+        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        for rows in _row_blocks(num_rows, final.shape[1]):
+            r = final[rows].clone()
+            level_suffix = torch.zeros_like(r)
+            for t in range(k - 1, -1, -1):
+                level_suffix.mul_(continues[rows, t : t + 1]).addcmul_(twice_level[rows, t + 1 : t + 2], r)
+                w = W_dec.index_select(0, latent[rows, t]).to(dtype)
+                torch.linalg.vecdot(level_suffix, w, out=dvalues_by_slot[t, rows])
+                dW.index_add_(0, latent[rows, t], level_suffix * neg_coeff[rows, t : t + 1])
+                r.addcmul_(coeff[rows, t : t + 1], w)
+        before = gamma.cumsum(1)[:, :k]  # sum_{t < j} gamma_t for slot j
+        dx = gamma.sum(1, keepdim=True) * final
+        if k > 0:
+            dx = dx + F.embedding_bag(latent, W_dec.to(dtype), per_sample_weights=coeff * before, mode="sum")
+        dx, db, dW, dvalues = _cast_grads(ctx, dx, dW, -dvalues_by_slot.T, active, W_dec.dtype)
+        return dx, db, dW, dvalues, None, None
 
 
 def sparse_scan_torch(x, b_dec, W_dec, values, indices) -> torch.Tensor:
-    """``(B, k + 1)`` squared residual norms of the index-sorted scan (differentiable)."""
+    """``(B, k + 1)`` squared residual norms of the sorted scan (differentiable)."""
     return _SparseScanTorch.apply(x, b_dec, W_dec, values, indices)
+
+
+def sparse_scan_detached_torch(x, b_dec, W_dec, values, indices, levels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norms, level_norms)``, both the ``(B, k + 1)`` squared residual norms of the sorted scan.
+
+    ``levels`` (``(B, k)`` int64, non-decreasing along each row) is each slot's level.  ``norms``
+    differentiates ``x`` and ``b_dec`` only (every slot stop-gradient); ``level_norms[:, t]``
+    also differentiates the slots ``j <= t`` of slot ``t``'s level (``levels[:, j] ==
+    levels[:, t]``), the others stop-gradient; ``level_norms[:, 0]`` is like ``norms[:, 0]``.
+    """
+    return _DetachedSparseScanTorch.apply(x, b_dec, W_dec, values, indices, levels)
 
 
 def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> torch.Tensor:
@@ -131,4 +204,28 @@ def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> to
         cross = a @ (2 * torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram)))
         after = before - 2 * (a * (R @ W_blk.T)).cumsum(1) + (a * cross).cumsum(1)
         out.append(torch.cat([before, after], dim=1)[:, offsets])
+    return torch.cat(out, dim=1)
+
+
+def dense_prefix_norms_detached_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B, G)`` squared residual norms after each prefix length with detached levels: norm ``g``
+    differentiates ``x``, ``b_dec`` and only its own level's latents ``m_{g-1} <= i < m_g``
+    (``m_0 = 0``); the earlier latents enter through a stop-gradient running decode.
+
+    One GEMM per level, ``A[:, level] @ W_dec[level]``, so the GEMMs add up to one dense decode
+    whatever ``G``; every-latent prefixes make them ``G`` matrix-vector products.  Autograd
+    differentiates it, saving one ``(B, d)`` product per level.
+    """
+    dtype = compute_dtype(x, b_dec, W_dec, acts)
+    W = W_dec.to(dtype)
+    A = acts.to(dtype)
+    target = x.to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
+    decoded = torch.zeros_like(target, requires_grad=False)  # earlier levels, stop-gradient
+    out: list[torch.Tensor] = []
+    start = 0
+    for end in lengths.tolist():  # prefixes live on the host: no device sync
+        own = A[:, start:end] @ W[start:end]
+        out.append((target - decoded - own).pow(2).sum(-1, keepdim=True))
+        decoded = decoded + own.detach()
+        start = end
     return torch.cat(out, dim=1)

@@ -7,9 +7,10 @@ import torch
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["BACKENDS", "check_inputs", "check_sparse_indices"]
+__all__ = ["BACKENDS", "ORDERS", "check_inputs", "check_sparse_indices"]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+ORDERS = ("index", "rank")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -46,10 +47,16 @@ def check_inputs(
     b_dec: torch.Tensor | None,
     prefixes: Prefixes,
     backend: str,
+    order: str = "index",
+    detach: bool = False,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for any malformed argument (no host sync)."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if order not in ORDERS:
+        raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
+    if not isinstance(detach, bool):
+        raise TypeError(f"`detach` must be a bool, got {type(detach).__name__}")
     if not isinstance(prefixes, Prefixes):
         raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
     _check_float("x", x)
@@ -107,6 +114,24 @@ def check_inputs(
     named.pop("acts.indices", None)
     _check_dtype_mix(named)
     prefixes.check_against(n)
+    if order == "rank":
+        _check_rank_order(acts, prefixes)
+
+
+def _check_rank_order(acts: SparseActs | torch.Tensor, prefixes: Prefixes) -> None:
+    """Rank-order prefix lengths count each row's largest activations, so they need ``SparseActs``
+    and must not exceed ``k``."""
+    if not isinstance(acts, SparseActs):
+        raise ValueError(
+            "order='rank' needs `acts` as SparseActs (a row's k largest activations); dense `acts` "
+            "have no ranking: pass SparseActs.from_dense(acts, k), or use order='index'"
+        )
+    k = acts.values.shape[1]
+    if prefixes.max_length > k:
+        raise ValueError(
+            f"prefixes: with order='rank' lengths count a row's largest activations and must be <= k = {k} "
+            f"(acts.values.shape[1]), got max length {prefixes.max_length}"
+        )
 
 
 def check_sparse_indices(sorted_indices: torch.Tensor, n: int) -> None:

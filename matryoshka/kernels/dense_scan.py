@@ -19,7 +19,14 @@ chunk's share of the squared norm, and the shares of all chunks add up to the fu
 the plain ``||R||^2`` shares do.  Shares are summed through a deterministic per-chunk buffer when
 that buffer is small (at most one ``(B, d)`` tensor), else added atomically into one buffer.
 
-The backward (one reverse walk, about three GEMMs) is documented on its kernel.  Accumulation is
+The backward (one reverse walk, about three GEMMs) is documented on its kernel.  Detached levels
+(``DETACH``: norm ``g`` differentiates ``x``, ``b_dec`` and only the latents ``m_{g-1} <= i < m_g``)
+change only the backward: with ``c_g = dL/dnorms[:, g]`` a latent ``i`` of level ``g`` sees
+``2 c_g r_{m_g}`` instead of the suffix sum ``sum_{g' >= g} 2 c_{g'} r_{m_{g'}}``, so the suffix that
+``dA`` and ``dW_dec`` take restarts at every prefix position (``H``), while ``dx`` keeps the full sum
+(``S``); a level that ends inside a tile gets its terms from the same Gram form
+(``_add_detached_grads_inside_tile``).  Same GEMM count; ``S`` moves from registers to the program's
+``dx`` tile in memory, read and written once per tile that holds a prefix.  Accumulation is
 float32 (float64 for float64 inputs).  GEMM operands are the half type for half activations and
 decoder (tensor cores; the float32 residual and suffix sum are rounded to it for their products),
 else float32 via ``tf32x3`` or float64.  Extra memory is the saved final residual ``(B, d)`` plus the
@@ -271,11 +278,64 @@ def _add_grads_inside_tile(da, dw, s, r_start, a, w, suffix_weights, ACC: tl.con
 
 
 @triton.jit
+def _level_ends(inner, BLOCK_N: tl.constexpr):
+    """For each latent ``l`` of a tile, ``e(l)``: the first ``j >= l`` whose position ``start + 1 + j``
+    ends a prefix inside the tile, or ``BLOCK_N`` if the latent's level runs past the tile."""
+    j = tl.arange(0, BLOCK_N)[:, None]
+    l = tl.arange(0, BLOCK_N)[None, :]
+    return tl.min(tl.where((j >= l) & (inner[:, None] >= 0), j, BLOCK_N), axis=0)
+
+
+@triton.jit
+def _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends, ACC: tl.constexpr,
+                                    DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Detached levels: add the terms of the levels that *end inside* a tile to ``dA`` (returned)
+    and ``dW_dec`` (added atomically here: accumulated into the tile's ``dW`` registers instead, the
+    float32 build spilled), and move the level suffix ``H`` to the tile's start (before the edge
+    position's own term).  Returns ``(dA, H)``.
+
+    Latent ``l`` of a level ending at position ``s + 1 + e(l)`` sees ``u_l (R_s - sum_{m <= e(l)} a_m d_m)``
+    with ``u_l = 2 c`` there (``c_own``), so with ``P = R_s W^T``, ``Gm = W W^T``:
+
+        dA_l += -u_l P_l + u_l sum_{m <= e(l)} a_m Gm_ml
+        dW_l += -sum_b a_l u_l R_s + sum_{m <= e(l)} K_lm d_m,   K_lm = sum_b a_l u_l a_m
+
+    The level suffix at the tile start is latent 0's: ``H`` if its level runs past the tile (then
+    ``u_0 = 0``), else ``u_0 (R_s - sum_{m <= e(0)} a_m d_m)``, where ``u_m = u_0`` for ``m <= e(0)``.
+    """
+    p = _dot(r_start.to(DOT), tl.trans(w))
+    gram = _dot(w, tl.trans(w))
+    m = tl.arange(0, BLOCK_N)[:, None]
+    l = tl.arange(0, BLOCK_N)[None, :]
+    da += c_own * (_dot(a, tl.where(m <= ends[None, :], gram, 0.0).to(DOT)) - p)
+    au = (a.to(ACC) * c_own).to(DOT)
+    pairs = _dot(tl.trans(au), a)  # pairs[l, m] = K_lm before the mask m <= e(l)
+    dw = _dot(tl.trans(-au), r_start.to(DOT), _dot(tl.where(l <= ends[:, None], pairs, 0.0).to(DOT), w))
+    tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
+    first_end = tl.min(ends)  # e is non-decreasing: e(0)
+    u_first = tl.sum(tl.where(l == 0, c_own, 0.0), axis=1)
+    first_level = tl.where(l <= first_end, -au, 0.0)
+    h = _dot(first_level, w, (first_end >= BLOCK_N).to(ACC) * h + u_first[:, None] * r_start)
+    return da, h
+
+
+@triton.jit
+def _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC: tl.constexpr, DOT: tl.constexpr):
+    """Detached levels keep the full suffix ``S`` (for ``dx`` only) in the program's own ``dx`` tile
+    in memory, not in registers: add a tile's prefixes' terms ``T_0 R_s - sum_l a_l T_l d_l`` (as
+    ``_add_grads_inside_tile``) and ``2 c_s R_s`` of its edge."""
+    t = 2.0 * tl.cumsum(c_inner, axis=1, reverse=True)
+    t_first = 2.0 * tl.sum(c_inner, axis=1) + 2.0 * c_edge
+    s = tl.load(dx_ptrs, mask=tile_in, other=0.0) + t_first[:, None] * r_start
+    tl.store(dx_ptrs, _dot((-a.to(ACC) * t).to(DOT), w, s), mask=tile_in)
+
+
+@triton.jit
 def _dense_scan_backward_kernel(
     residual_ptr, grad_norms_ptr, w_ptr, acts_ptr, table_ptr, dx_ptr, dacts_ptr, dw_ptr,
     num_rows, d, n, scan_len, num_prefixes,
     stride_w, stride_acts, stride_dw, stride_dacts_chunk,
-    ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    DETACH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx[b, chunk] = S_0; dacts[chunk, b, :L] = chunk shares of dA; dW_dec += via atomics.
@@ -288,6 +348,14 @@ def _dense_scan_backward_kernel(
 
     then ``S`` takes the inner prefixes' terms and ``2 c_s R_s`` if position ``s`` is a prefix.
     ``dx = S_0``; ``db_dec = -sum_b dx`` is left to the caller.
+
+    ``DETACH`` (detached levels: norm ``g`` differentiates only the latents ``m_{g-1} <= i < m_g``):
+    ``dA`` and ``dW_dec`` take the *level* suffix ``H`` instead of ``S``: ``H = 2 c_q r_q`` for the
+    position ``q`` ending the level of the tile's last latent, so it restarts (``H = 2 c_s R_s``) at
+    each prefix position instead of adding up.  Latents whose level ends inside the tile take
+    their terms from ``_add_detached_grads_inside_tile``.  ``S`` (for ``dx``) is unchanged but kept
+    in the ``dx`` tile in memory (``_add_to_full_suffix``, only at tiles holding a prefix): with
+    ``H`` in registers too, the float32 build spilled.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -298,6 +366,10 @@ def _dense_scan_backward_kernel(
     grad_rows = grad_norms_ptr + rows * num_prefixes
     last = tl.load(grad_rows + num_prefixes - 1, mask=row_in, other=0.0)
     s = 2.0 * last[:, None] * r
+    dx_ptrs = dx_ptr + rows[:, None] * d + cols[None, :]
+    if DETACH:
+        h = s  # the level suffix: the last prefix ends the scan
+        tl.store(dx_ptrs, s, mask=tile_in)
     dacts_rows = _chunk_slice(dacts_ptr, stride_dacts_chunk, ATOMIC) + rows * n
     num_tiles = tl.cdiv(scan_len, BLOCK_N)
     for step in range(0, num_tiles):
@@ -306,22 +378,43 @@ def _dense_scan_backward_kernel(
         a, w, latent_in = _load_tile(acts_ptr, w_ptr, rows, latents, cols, row_in, col_in, scan_len,
                                      stride_acts, stride_w, DOT)
         r_start = _dot(a, w, r)
-        s_dot = s.to(DOT)
-        da = -_dot(s_dot, tl.trans(w))
-        dw = _dot(tl.trans(-a), s_dot)
+        dw_ptrs = dw_ptr + latents[:, None] * stride_dw + cols[None, :]
+        dw_mask = latent_in[:, None] & col_in[None, :]
         inner = _inner_columns(table_ptr, start, scan_len, BLOCK_N)
-        if tl.max(inner) >= 0:
-            c_inner = tl.load(grad_rows[:, None] + inner[None, :],
-                              mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
-            da, dw, s = _add_grads_inside_tile(da, dw, s, r_start, a, w, c_inner, ACC, DOT, BLOCK_N)
         edge = _edge_column(table_ptr, start, rows)
-        c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
-        s += 2.0 * c_edge[:, None] * r_start
+        if DETACH:
+            ends = _level_ends(inner, BLOCK_N)
+            runs_past = (ends >= BLOCK_N)[None, :]  # the latent's level ends at or after the tile's end
+            h_dot = h.to(DOT)
+            da = tl.where(runs_past, -_dot(h_dot, tl.trans(w)), 0.0)
+            dw = _dot(tl.trans(-tl.where(runs_past, a, 0.0).to(DOT)), h_dot)
+            if tl.max(inner) >= 0:
+                own_column = tl.load(table_ptr + start + 1 + ends, mask=ends < BLOCK_N, other=-1)
+                c_own = 2.0 * tl.load(grad_rows[:, None] + own_column[None, :],
+                                      mask=row_in[:, None] & (own_column[None, :] >= 0), other=0.0)
+                da, h = _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends,
+                                                        ACC, DOT, BLOCK_N)
+            c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
+            if tl.max(tl.maximum(inner, tl.max(edge))) >= 0:
+                c_inner = tl.load(grad_rows[:, None] + inner[None, :],
+                                  mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
+                _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC, DOT)
+            h = tl.where((edge >= 0)[:, None], 2.0 * c_edge[:, None] * r_start, h)
+        else:
+            s_dot = s.to(DOT)
+            da = -_dot(s_dot, tl.trans(w))
+            dw = _dot(tl.trans(-a), s_dot)
+            if tl.max(inner) >= 0:
+                c_inner = tl.load(grad_rows[:, None] + inner[None, :],
+                                  mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
+                da, dw, s = _add_grads_inside_tile(da, dw, s, r_start, a, w, c_inner, ACC, DOT, BLOCK_N)
+            c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
+            s += 2.0 * c_edge[:, None] * r_start
         r = r_start
         _write(dacts_rows[:, None] + latents[None, :], da, row_in[:, None] & latent_in[None, :], ATOMIC)
-        tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], dw,
-                      mask=latent_in[:, None] & col_in[None, :], sem="relaxed")
-    tl.store(dx_ptr + rows[:, None] * d + cols[None, :], s, mask=tile_in)
+        tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
+    if not DETACH:
+        tl.store(dx_ptrs, s, mask=tile_in)
 
 
 _TL_DTYPES = {
@@ -411,8 +504,10 @@ def dense_scan_backward(
     W_dec: torch.Tensor,
     acts: torch.Tensor,
     lengths_cpu: torch.Tensor,
+    detach: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dacts, dW_dec)`` in the residual's (accumulation) dtype.
+    ``detach``: norm ``g`` differentiates only its own level's latents (``DETACH`` on the kernel).
 
     ``dW_dec`` sums over row blocks with atomics into a zeroed buffer, like the sparse scan's.
     """
@@ -431,6 +526,6 @@ def dense_scan_backward(
                 residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts, table, dx, dacts_shares, dW,
                 num_rows, d, n, int(lengths_cpu[-1]), lengths_cpu.numel(),
                 W_dec.stride(0), acts.stride(0), dW.stride(0), dacts_shares.stride(0),
-                ATOMIC=atomic, **meta,
+                DETACH=detach, ATOMIC=atomic, **meta,
             )
     return dx, dacts_shares.sum(0), dW

@@ -6,7 +6,8 @@ Every kernel (sparse and dense, forward and backward) is built at every supporte
 float32, float16, bfloat16) and at the block configurations the host functions pick for small and
 large shapes, through the host functions' own planning code (``sparse_scan._launch_meta``,
 ``dense_scan._plan``), so the report builds what launches.  Dense kernels are built in both their
-``ATOMIC`` variants (per-chunk buffer, or atomics into one).
+``ATOMIC`` variants (per-chunk buffer, or atomics into one), and both backward kernels in both
+``DETACH`` variants (detached levels or not).
 
 Checks (exit status 1 if any fails):
 
@@ -111,11 +112,13 @@ def _sparse_builds(dtypes, shapes) -> list[Build]:
                 dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64,
                      norms_ptr=acc, residual_ptr=acc),
                 dict(HAS_BIAS=True, **meta)))
-            out.append(Build(
-                "sparse_backward", dtype, config, sparse_scan._sparse_scan_backward_kernel,
-                dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, values_ptr=dtype,
-                     indices_ptr=torch.int64, dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
-                dict(meta)))
+            for detach in (False, True):
+                out.append(Build(
+                    "sparse_backward" + "_detached" * detach, dtype, config, sparse_scan._sparse_scan_backward_kernel,
+                    dict(residual_ptr=acc, grad_norms_ptr=acc, grad_level_ptr=acc, levels_ptr=torch.int64,
+                         w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, dx_ptr=acc, dvalues_ptr=acc,
+                         dw_ptr=acc),
+                    dict(DETACH=detach, **meta)))
     return out
 
 
@@ -144,11 +147,12 @@ def _dense_builds(dtypes, shapes, num_prefixes: int = 8) -> list[Build]:
                     dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, acts_ptr=dtype, table_ptr=torch.int32,
                          norms_ptr=acc, residual_ptr=acc),
                     dict(HAS_BIAS=True, ATOMIC=atomic, **meta), options, picked["forward"] == atomic))
-                out.append(Build(
-                    "dense_backward", dtype, config, dense_scan._dense_scan_backward_kernel,
-                    dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
-                         table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
-                    dict(ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
+                for detach in (False, True):
+                    out.append(Build(
+                        "dense_backward" + "_detached" * detach, dtype, config, dense_scan._dense_scan_backward_kernel,
+                        dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
+                             table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
+                        dict(DETACH=detach, ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
     return out
 
 

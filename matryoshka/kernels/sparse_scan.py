@@ -1,8 +1,9 @@
 """Fused Triton kernels for the sparse residual scan, and their host functions.
 
 One program owns one row ``b`` and one chunk of ``BLOCK_D`` columns of ``d``; it walks the row's
-active latents in index order (they arrive sorted, padding last), keeping its residual chunk in
-registers.  Nothing here knows about prefixes: they enter only through ``grad_norms``.
+active latents in the order they arrive (sorted by index, or by value for rank-order prefixes;
+padding last), keeping its residual chunk in registers.  Nothing here knows about prefixes: they
+enter only through ``grad_norms`` (and, detached, through each slot's level).
 
 Forward (``sparse_scan_forward``), for ``t = 1..k``:
 
@@ -14,6 +15,27 @@ Backward (``sparse_scan_backward``), given ``c_t = dL/dnorms[b, t]``, walks ``t 
 ``r_{t-1} = r_t + v_t W_dec[p_t]`` and carrying the suffix sum ``G_t = sum_{s >= t} 2 c_s r_s``:
 
     dv_t = -<G_t, W_dec[p_t]>,   dW_dec[p_t] += -v_t G_t (atomic),   dx_b = G_0,   db_dec = -sum_b G_0
+
+Detached levels (``DETACH``).  Each slot has a level (``levels[b, t]``, non-decreasing in ``t``:
+the prefix that adds it).  The op then has two outputs with the same values, ``norms`` and
+``level_norms``, and a loss ``sum_t (W_t - U_t) norms_t + U_t level_norms_t`` (``U_t``: the weight
+of the prefix whose own residual is ``r_t``; see ``scan_layout.fold_level_weights``).  By
+definition prefix ``h``'s reconstruction stops the gradient of every slot of an earlier level, so
+
+* ``norms_t`` = ``||r_t||^2`` with every slot stop-gradient: only ``x`` and ``b_dec`` see ``c_t``;
+* ``level_norms_t`` = ``||r_t||^2`` with only the slots ``j <= t`` of slot ``t``'s level live.
+
+With ``c``, ``e`` their gradients, ``dr_t = 2 (c_t + e_t) r_t`` reaches ``x`` through every residual,
+but slot ``j`` sees ``2 e_s r_s`` only from ``s >= j`` *in its own level*.  So the suffix sum
+restarts at each level boundary, walking ``t = k..1``:
+
+    H_t = 2 e_t r_t + [level_t == level_{t+1}] H_{t+1}        (H_{k+1} = 0)
+    dv_t = -<H_t, W_dec[p_t]>,   dW_dec[p_t] += -v_t H_t,   dx_b = sum_t 2 (c_t + e_t) r_t
+
+One more ``BLOCK_D`` register vector and one level load per step; the forward is unchanged.  Under
+``matryoshka_loss`` only the last slot of each level has ``U_t != 0``, so ``H_t`` is ``2 w_h`` times
+the level's final residual for every slot of level ``h``: a latent learns only from the prefix that
+adds it.
 
 Both passes are O(k * d) per row with O(d) extra memory per row, whatever the number of prefixes.
 Accumulation is float32 (float64 for float64 inputs).  Every load of a decoder row is masked by
@@ -72,12 +94,17 @@ def _sparse_scan_forward_kernel(
 
 @triton.jit
 def _sparse_scan_backward_kernel(
-    residual_ptr, grad_norms_ptr, w_ptr, values_ptr, indices_ptr, dx_ptr, dvalues_ptr, dw_ptr,
+    residual_ptr, grad_norms_ptr, grad_level_ptr, levels_ptr, w_ptr, values_ptr, indices_ptr,
+    dx_ptr, dvalues_ptr, dw_ptr,
     num_rows, k, d, n,
-    stride_w, stride_values, stride_indices, stride_dw,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_w, stride_values, stride_indices, stride_levels, stride_dw,
+    DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics."""
+    """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics.
+
+    ``DETACH``: the slots take the level-local suffix ``H_t`` instead of ``G_t`` (module doc);
+    ``grad_level_ptr`` and ``levels_ptr`` are read only then.
+    """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -86,17 +113,35 @@ def _sparse_scan_backward_kernel(
     suffix = tl.zeros([BLOCK_D], dtype=ACC)
     grad_row = grad_norms_ptr + row * (k + 1)
     dvalues_row = dvalues_ptr + (chunk.to(tl.int64) * num_rows + row) * k
+    if DETACH:
+        level_suffix = tl.zeros([BLOCK_D], dtype=ACC)
+        grad_level_row = grad_level_ptr + row * (k + 1)
+        next_level = tl.full([], -1, tl.int64)  # no slot after the last: its level ends there
     for step in range(0, k):
         t = k - 1 - step  # slot t holds latent number t + 1 of the scan
-        suffix += 2.0 * tl.load(grad_row + t + 1).to(ACC) * r
+        twice_grad = 2.0 * tl.load(grad_row + t + 1).to(ACC)
+        if DETACH:
+            twice_level_grad = 2.0 * tl.load(grad_level_row + t + 1).to(ACC)
+            suffix += (twice_grad + twice_level_grad) * r
+            level = tl.load(levels_ptr + row * stride_levels + t)
+            same_level = (level == next_level).to(ACC)
+            level_suffix = same_level * level_suffix + twice_level_grad * r
+            next_level = level
+            slot_suffix = level_suffix
+        else:
+            suffix += twice_grad * r
+            slot_suffix = suffix
         latent = tl.load(indices_ptr + row * stride_indices + t)
         w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
         value = tl.where(active, tl.load(values_ptr + row * stride_values + t).to(ACC), 0.0)
-        tl.store(dvalues_row + t, -tl.sum(suffix * w, axis=0))
-        tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * suffix, mask=active,
+        tl.store(dvalues_row + t, -tl.sum(slot_suffix * w, axis=0))
+        tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * slot_suffix, mask=active,
                       sem="relaxed")
         r += value * w
-    suffix += 2.0 * tl.load(grad_row).to(ACC) * r
+    twice_first = 2.0 * tl.load(grad_row).to(ACC)
+    if DETACH:
+        twice_first += 2.0 * tl.load(grad_level_row).to(ACC)
+    suffix += twice_first * r
     tl.store(dx_ptr + row * d + cols, suffix, mask=in_d)
 
 
@@ -149,8 +194,14 @@ def sparse_scan_backward(
     W_dec: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
+    grad_level_norms: torch.Tensor | None = None,
+    levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dvalues, dW_dec)`` in the accumulation dtype.
+
+    With ``grad_level_norms`` and ``levels`` (``(B, k)`` int64, non-decreasing per row): the
+    detached backward, ``grad_norms`` reaching ``x`` only and ``grad_level_norms`` also the slots
+    of its own level (module doc).
 
     ``dW_dec`` is a scatter-add over rows done with atomics into a zeroed accumulation-dtype buffer.
     A sort-by-latent segmented reduction is the alternative; it has not been timed against the
@@ -162,14 +213,18 @@ def sparse_scan_backward(
     dx = torch.empty_like(residual)
     dvalues_partial = residual.new_empty(chunks, num_rows, k)
     dW = torch.zeros(W_dec.shape, dtype=torch_acc, device=W_dec.device)
+    detach = levels is not None
+    grad_norms = grad_norms.to(torch_acc).contiguous()
+    grad_level = grad_level_norms.to(torch_acc).contiguous() if detach else grad_norms
+    levels = levels if detach else indices  # not read without DETACH
     if num_rows > 0:
         W_dec = W_dec.contiguous()
         with device_guard(residual):
             _sparse_scan_backward_kernel[(num_rows, chunks)](
-                residual, grad_norms.to(torch_acc).contiguous(), W_dec, values, indices,
+                residual, grad_norms, grad_level, levels, W_dec, values, indices,
                 dx, dvalues_partial, dW,
                 num_rows, k, d, W_dec.shape[0],
-                W_dec.stride(0), values.stride(0), indices.stride(0), dW.stride(0),
-                **meta,
+                W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0), dW.stride(0),
+                DETACH=detach, **meta,
             )
     return dx, dvalues_partial.sum(0), dW
