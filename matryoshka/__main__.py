@@ -12,11 +12,12 @@ import torch.distributed as dist
 from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
-from .experiments import child_magnitude, compare
+from .experiments import child_magnitude, compare, real_compare
 from .experiments.common import RunSpec, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
+from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
-from .train import PREFIX_MODES, train
+from .train import EVERY_WEIGHTS, PREFIX_MODES, train
 
 
 def loss_demo(args: argparse.Namespace) -> None:
@@ -89,6 +90,46 @@ def train_toy_cmd(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
+def train_cmd(args: argparse.Namespace) -> None:
+    """Train one SAE on the user's activation files (see :mod:`matryoshka.train_files`)."""
+    from .train_files import train_on_activations
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    summary = train_on_activations(
+        args.path, args.out, args.steps, kind=args.kind, n=args.n, k=args.k, mode=args.mode, batch=args.batch,
+        lr=args.lr, seed=args.seed, device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, held_out=args.held_out, every_weights=args.every_weights)
+    last, settings = summary["last"], summary["settings"]
+    ev = last.get("heldout_explained_variance")
+    print(f"{settings['kind']} SAE d={settings['d']} n={settings['n']} k={settings['k']}, prefixes {settings['mode']}"
+          f"{' (' + settings['every_weights'] + ' weights)' if settings['mode'] in ('sampled', 'every') else ''}; "
+          f"inputs scaled by {settings['normalisation']['scale']:.5g} (mean squared norm d)")
+    print(f"step {last['step']}: loss {last['loss']:.5f}, L0 {last['l0']:.2f}, dead {last['dead']}"
+          + (f", held-out explained variance (all {settings['n']} latents) {ev[-1]:.4f}" if ev else "")
+          + f"; {summary['seconds'] / max(1, last['step']):.3f} s/step; SAE saved to {Path(args.out) / 'sae'}")
+
+
+def activations_cmd(args: argparse.Namespace) -> None:
+    """Cache a real model's residual-stream activations (see :mod:`matryoshka.realdata`)."""
+    from .realdata import cache_activations
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model loads from its package folder: never the hub
+    meta = cache_activations(args.out, layer=args.layer, tokens=args.tokens, seq_len=args.seq_len,
+                             corpus=args.corpus, batch=args.batch, dtype=args.dtype)
+    print(f"cached {meta['tokens']} tokens x d={meta['d']} of {meta['model']}, {meta['site']}, over "
+          f"{meta['corpus_paragraphs']} paragraphs of {meta['corpus']} into {args.out} ({meta['seconds']:.0f} s)")
+
+
+def real_compare_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    steps, seeds = _steps_and_seeds(args, real_compare)
+    real_compare.real_compare(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
+                              modes=tuple(args.modes), tokens=args.tokens, quick=args.quick,
+                              docs=None if args.quick else Path(args.docs), every_weights=args.every_weights)
+
+
 def _study_args(parser: argparse.ArgumentParser, out: str, study) -> None:
     parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
@@ -148,10 +189,63 @@ def main(argv: list[str] | None = None) -> None:
                            help="continue from the latest checkpoint in OUT/checkpoints")
     toy_train.set_defaults(func=train_toy_cmd)
 
+    # Prefix modes come from the trainer (PREFIX_MODES), so modes it gains (balanced, detached) appear here.
+    fit = sub.add_parser("train", help="train a Matryoshka SAE on your own activation files",
+                         description=train_cmd.__doc__ + " " + "PATH: a .npy/.safetensors file or a folder of them, "
+                         "(tokens, d) float arrays, memory-mapped; inputs are scaled to mean squared norm d (SAELens).")
+    fit.add_argument("path", metavar="PATH", help="activation file or folder (.npy, .safetensors)")
+    fit.add_argument("--out", required=True, help="output folder: checkpoints/, sae/, normalization.json, history.json")
+    fit.add_argument("--steps", type=int, required=True, help="training steps")
+    fit.add_argument("--kind", default="topk", choices=ACTIVATIONS, help="SAE activation (default: %(default)s)")
+    fit.add_argument("--n", type=int, default=None, help="latents (default: 8 x d)")
+    fit.add_argument("--k", type=int, default=32,
+                     help="active latents per token (topk, batchtopk) or target L0 (relu, jumprelu); default %(default)s")
+    fit.add_argument("--mode", default="every", choices=PREFIX_MODES, help="prefix mode (default: %(default)s)")
+    fit.add_argument("--every-weights", default="exact", choices=EVERY_WEIGHTS,
+                     help="weights of the every objective: exact inclusion probabilities / num_sampled (the "
+                          "expected sampled loss), or uniform 1/n (default: %(default)s)")
+    fit.add_argument("--batch", type=int, default=512, help="tokens per step (default: %(default)s)")
+    fit.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--held-out", type=int, default=8192,
+                     help="tokens at the end of the data kept out of training for the explained-variance log "
+                          "(default: %(default)s)")
+    fit.add_argument("--log-every", type=int, default=100, help="steps between read-outs (default: %(default)s)")
+    fit.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    fit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu or cuda[:i] (default: %(default)s)")
+    fit.set_defaults(func=train_cmd)
+
+    cache = sub.add_parser("activations", help="cache a real transformer's residual-stream activations over English text",
+                           description=activations_cmd.__doc__)
+    cache.add_argument("--out", default="runs/real/acts", help="output folder (default: %(default)s)")
+    cache.add_argument("--layer", type=int, default=3, help="residual stream after this encoder block, 0..6 "
+                                                            "(default: %(default)s)")
+    cache.add_argument("--tokens", type=int, default=1_000_000, help="tokens to cache (default: %(default)s)")
+    cache.add_argument("--seq-len", type=int, default=128, help="positions per window incl. [CLS]/[SEP]")
+    cache.add_argument("--batch", type=int, default=32, help="windows per forward pass")
+    cache.add_argument("--corpus", default=str(DEFAULT_CORPUS),
+                       help="folder or file of .txt/.rst English text (default: Debian python3.11-doc, %(default)s)")
+    cache.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    cache.set_defaults(func=activations_cmd)
+
+    real = sub.add_parser("real-compare", help="the prefix modes on a real model's activations: FVU per prefix, "
+                                               "ordering and nesting probes", description=real_compare.__doc__)
+    _study_args(real, "runs/real_compare", real_compare)
+    real.add_argument("--acts", default="runs/real/acts",
+                      help="cached activations; cached there first if absent (default: %(default)s)")
+    real.add_argument("--tokens", type=int, default=real_compare.DEFAULT_TOKENS,
+                      help="tokens to cache when --acts is absent (default: %(default)s)")
+    real.add_argument("--every-weights", default="exact", choices=EVERY_WEIGHTS,
+                      help="weights of the every mode (the recorded run used uniform; default: %(default)s)")
+    real.add_argument("--docs", default="docs", help="folder for the figures and the results table (not with --quick)")
+    real.set_defaults(func=real_compare_cmd)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, FloatingPointError) as exc:  # bad settings, files or data: no traceback
+    except (ValueError, OSError, FloatingPointError, ImportError) as exc:  # bad settings, files, data, installs
         parser.exit(1, f"{parser.prog} {args.command}: error: {exc}\n")
 
 

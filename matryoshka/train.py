@@ -53,23 +53,22 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy.integrate import quad_vec
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, remove_partial, save_checkpoint
 from .distributed import Ranks
+from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
 
 __all__ = [
     "PREFIX_MODES",
+    "EVERY_WEIGHTS",
     "TrainConfig",
     "TrainResult",
     "default_group_widths",
@@ -81,6 +80,10 @@ __all__ = [
 ]
 
 PREFIX_MODES = ("vanilla", "groups", "sampled", "every")
+# The weights of the ``every`` objective: "exact" (inclusion probabilities / num_sampled, see
+# every_prefix_weights) or "uniform" (1/n each: a different objective, weighting long prefixes far
+# more than sampled does).
+EVERY_WEIGHTS = ("exact", "uniform")
 
 Callback = Callable[[int, SparseAutoencoder, dict], None]
 
@@ -91,58 +94,6 @@ def default_group_widths(n: int, num_groups: int = 4) -> list[int]:
     return sorted({max(1, math.ceil(n / 2 ** (num_groups - 1 - g))) for g in range(num_groups)})
 
 
-@lru_cache(maxsize=None)
-def _inclusion_cached(n: int, num: int) -> tuple[float, ...]:
-    rates = Prefixes.sampling_probabilities(n)[:-1].numpy()  # lengths 1..n-1
-    m, draws = rates.size, num - 1
-    not_self = 1.0 - np.eye(m)
-
-    def integrand(t: float) -> np.ndarray:
-        rung = -np.expm1(-rates * t)  # P(clock j has rung by time t)
-        # count[i, c] = P(exactly c clocks other than i have rung), for c < draws (more is dropped)
-        count = np.zeros((m, draws))
-        count[:, 0] = 1.0
-        for j in range(m):
-            p = rung[j] * not_self[:, j : j + 1]
-            count = count * (1 - p) + np.pad(count[:, :-1], ((0, 0), (1, 0))) * p
-        return rates * np.exp(-rates * t) * count.sum(1)
-
-    inside, _ = quad_vec(integrand, 0.0, np.inf, epsabs=1e-13, epsrel=1e-11)
-    return tuple(inside.tolist()) + (1.0,)
-
-
-def sampled_inclusion_probabilities(n: int, num: int) -> torch.Tensor:
-    """``P(length l is drawn)`` for ``l = 1..n`` under ``Prefixes.sample(n, num)``; float64, exact.
-
-    ``Prefixes.sample`` draws ``num - 1`` lengths from ``1..n-1`` without replacement in proportion
-    to ``P(l)`` (``torch.multinomial``, i.e. successive sampling) and always adds ``n``.  Successive
-    sampling equals taking the first ``num - 1`` of independent exponential clocks with rates
-    ``P(l)``, so length ``i`` is drawn iff fewer than ``num - 1`` other clocks ring before its own:
-
-        pi_i = integral_0^inf  P_i e^{-P_i t} * P(#{j != i : T_j < t} < num - 1) dt
-
-    The count is Poisson-binomial (a small dynamic programme) and the integral is computed by
-    adaptive quadrature (``scipy.integrate.quad_vec``) to ~1e-11: exact for all practical purposes,
-    no Monte Carlo.  The probabilities sum to ``num``.  Cost O(n^2 * num) per quadrature node:
-    instant for the toy sizes here; for thousands of latents prefer the fixed group modes.
-    """
-    n, num = int(n), int(num)
-    if not 1 <= num <= n:
-        raise ValueError(f"num must be in [1, n={n}], got {num}")
-    if num == 1:
-        return torch.cat([torch.zeros(n - 1, dtype=torch.float64, device="cpu"),
-                          torch.ones(1, dtype=torch.float64, device="cpu")])
-    return torch.tensor(_inclusion_cached(n, num), dtype=torch.float64, device="cpu")
-
-
-def every_prefix_weights(n: int, num: int) -> torch.Tensor:
-    """Weights of all ``n`` prefixes whose loss is the expectation of ``Prefixes.sample(n, num)``'s.
-
-    A sampled set gives each drawn length weight ``1 / num``, so ``E[loss] = sum_l pi_l / num * L_l``.
-    """
-    return sampled_inclusion_probabilities(n, num) / num
-
-
 class PrefixSchedule:
     """The prefixes of each training step for one prefix mode (see module doc).
 
@@ -150,9 +101,11 @@ class PrefixSchedule:
     """
 
     def __init__(self, mode: str, n: int, num_sampled: int = 10, group_widths: list[int] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, every_weights: str = "exact") -> None:
         if mode not in PREFIX_MODES:
             raise ValueError(f"prefix mode must be one of {PREFIX_MODES}, got {mode!r}")
+        if every_weights not in EVERY_WEIGHTS:
+            raise ValueError(f"every_weights must be one of {EVERY_WEIGHTS}, got {every_weights!r}")
         self.mode, self.n, self.generator = mode, n, generator
         self.num_sampled = min(num_sampled, n)
         if mode == "vanilla":
@@ -160,6 +113,8 @@ class PrefixSchedule:
         elif mode == "groups":
             widths = group_widths or default_group_widths(n)
             self.objective = Prefixes.groups(widths, [1.0 / len(widths)] * len(widths))
+        elif every_weights == "uniform":  # every prefix 1/n; sampled then records this set as its objective too
+            self.objective = Prefixes.every(n, torch.full((n,), 1.0 / n, dtype=torch.float64))
         else:  # sampled and every share the same expected objective
             self.objective = Prefixes.every(n, every_prefix_weights(n, self.num_sampled))
 
@@ -183,6 +138,7 @@ class TrainConfig:
     of their mean squared decoder-scaled activation, largest first (0: never).  ``dead_after``,
     ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``log_every``: steps between metric
     read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never).
+    ``every_weights``: the ``every`` objective's weights, ``"exact"`` or ``"uniform"`` (``EVERY_WEIGHTS``).
     """
 
     steps: int = 40_000
@@ -208,6 +164,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     data_chunk_steps: int = 100
+    every_weights: str = "exact"
 
 
 @dataclass
@@ -474,7 +431,7 @@ def train(
     # any device, and the batches move over without blocking.
     data_gen = torch.Generator().manual_seed(config.seed)
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
-                              torch.Generator().manual_seed(config.seed + 1))
+                              torch.Generator().manual_seed(config.seed + 1), config.every_weights)
     sae.prefixes = schedule.objective
     run = _Run(sae=sae, optimizer=torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas),
                stats=_LatentStats(n, config.resort_ema, device),

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,8 +110,9 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def run_many(specs: Sequence[RunSpec], jobs: int, desc: str = "runs") -> list[dict]:
-    """Run every spec, ``jobs`` processes at a time; results in the order of ``specs``.
+def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[Any], dict] = run_one) -> list[dict]:
+    """Run ``worker`` (default :func:`run_one`, a module-level function) on every spec, ``jobs``
+    processes at a time; results in the order of ``specs``.
 
     Runs are independent and single-threaded, so processes are how 2 cores give 2x; each result
     depends only on its spec, whatever ``jobs`` is.  ``spawn`` (not fork) because forking a process
@@ -120,13 +122,13 @@ def run_many(specs: Sequence[RunSpec], jobs: int, desc: str = "runs") -> list[di
     if jobs <= 1:
         results = []
         for spec in specs:
-            results.append(run_one(spec))
+            results.append(worker(spec))
             bar.update()
     else:
         results = [None] * len(specs)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
+            futures = {pool.submit(worker, spec): i for i, spec in enumerate(specs)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.update()

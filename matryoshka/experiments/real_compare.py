@@ -1,0 +1,272 @@
+"""The prefix modes on a real model's activations: does every-prefix training pay off off the toy?
+
+Data: residual-stream activations of all-MiniLM-L6-v2 after encoder block 3 (d = 384) over the
+prose of the Python 3.11 documentation (:mod:`matryoshka.realdata`), cached once into ``--acts``
+(cached there first when absent), scaled to mean squared norm d.  The last ``HELD_OUT`` tokens
+are held out: no run trains on them, every metric below is measured on them.
+
+SAEs: TopK, n = 4096, k = 32, batch 512, Adam lr 2e-3 betas (0.9, 0.999), warm-up 5% / cool-down
+20%, clip 1.0, decoder bias started at the data mean, dead-latent loss after 200 silent steps, and
+no latent re-sorting, so the order is what each prefix mode's loss makes of it (vanilla: no order,
+the control).  Modes: vanilla (one prefix n), groups (widths 512, 1024, 2048, 4096, equal weights),
+sampled (10 prefixes a step), every (all 4096 prefixes; exact weights when the trainer computes
+them fast, else uniform 1/n, which is stated in the output).  Each run is single-threaded, ``jobs``
+at a time; its seconds per step are measured in the same study, under the same load.
+
+Measured per run, on the held-out tokens:
+
+* FVU per prefix length m: ``E||x - x_hat_m||^2 / E||x - mean x||^2``, x_hat_m decoding latents
+  0..m-1 only; dead latents (never fire on the held-out tokens); L0.
+* Ordering: Spearman's rank correlation, over live latents, of a latent's position with its firing
+  frequency and with its typical magnitude (mean activation when it fires; decoder rows have unit
+  norm).  Matryoshka training should put frequent latents first (rho(position, frequency) < 0); a
+  large-magnitude rare latent early in the order, the real-data face of the large-child concern,
+  would show as rho(position, magnitude) < 0 with the frequency correlation weak.
+* Nesting: for each later latent j that fires at least ``MIN_FIRES`` times, its early partner
+  i < j maximising P(i fires | j fires), kept as a co-firing pair when that probability is >= 0.5
+  and at least 5x i's base rate (not a merely dense latent).  Reported: pairs per 1000 eligible
+  latents, the share fully nested (i silent on <= 5% of j's firings), the mean rate at which i is
+  silent when j fires (absorption-like gaps) and the mean decoder cosine of the pair.
+
+Tables give mean ± 95% CI over seeds (Student t).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import scipy.stats
+import torch
+
+from ..activation_store import ActivationStore
+from ..realdata import cache_activations
+from ..sae import SAEConfig, SparseAutoencoder
+from ..sparse_acts import SparseActs
+from ..train import TrainConfig, train
+from ..train_files import eval_lengths, heldout_fvu
+from .common import format_table, run_many, write_json
+from .plots import MODE_COLORS, _save, plt
+
+MODES = ("vanilla", "groups", "sampled", "every")
+DEFAULT_STEPS = 300
+QUICK_STEPS = 20
+DEFAULT_SEEDS = 3
+DEFAULT_TOKENS = 1_000_000
+HELD_OUT = 32_768
+MIN_FIRES = 20
+FULL = {"n": 4096, "k": 32, "batch": 512, "held_out": HELD_OUT}
+QUICK = {"n": 512, "k": 32, "batch": 128, "held_out": 2048}
+QUICK_TOKENS = 24_000
+
+
+def ci95(values) -> dict:
+    """Mean and 95% confidence half-width over seeds (Student t; half-width NaN for one seed)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
+    half = float(scipy.stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return {"mean": float(x.mean()), "ci95": half, "n": int(x.size)}
+
+
+def _cell(stat: dict, digits: int = 3) -> str:
+    if stat["n"] == 0:
+        return "–"
+    if not np.isfinite(stat["ci95"]):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
+
+
+@torch.no_grad()
+def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
+    """Firing counts, magnitudes, the ordering correlations and the nesting pairs on rows ``x``."""
+    n = sae.config.n
+    sae.eval()
+    counts = torch.zeros(n, dtype=torch.float64)
+    sums = torch.zeros(n, dtype=torch.float64)
+    rows, cols, l0 = [], [], 0.0
+    for start, part in zip(range(0, x.shape[0], batch), x.split(batch)):
+        acts = sae(part).acts
+        assert isinstance(acts, SparseActs)
+        active = acts.active()
+        token, slot = active.nonzero(as_tuple=True)
+        latent = acts.indices[token, slot]
+        counts += torch.bincount(latent, minlength=n).double()
+        sums += torch.bincount(latent, weights=acts.values[token, slot].double(), minlength=n)
+        rows.append((token + start).numpy())
+        cols.append(latent.numpy())
+        l0 += float(active.sum())
+    tokens = x.shape[0]
+    freq = (counts / tokens).numpy()
+    magnitude = (sums / counts.clamp(min=1)).numpy()
+    alive = counts.numpy() > 0
+    position = np.arange(n)
+    rho_freq = scipy.stats.spearmanr(position[alive], freq[alive]).statistic if alive.sum() > 2 else float("nan")
+    rho_mag = scipy.stats.spearmanr(position[alive], magnitude[alive]).statistic if alive.sum() > 2 else float("nan")
+
+    # Co-firing counts C[i, j] = #tokens where both fire, from the sparse (tokens, n) firing matrix.
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    fired = scipy.sparse.csr_matrix((np.ones(r.size, dtype=np.float32), (r, c)), shape=(tokens, n))
+    both = (fired.T @ fired).toarray()
+    own = np.diag(both).copy()
+    given = both / np.maximum(own, 1)[None, :]  # given[i, j] = P(i fires | j fires)
+    eligible = own >= MIN_FIRES
+    candidate = np.triu(np.ones((n, n), dtype=bool), k=1) & (given >= 5 * freq[:, None]) & eligible[None, :]
+    scores = np.where(candidate, given, -1.0)
+    partner = scores.argmax(0)
+    best = scores[partner, position]
+    pairs = np.nonzero(eligible & (best >= 0.5))[0]
+    W = sae.W_dec.detach().double()
+    W = (W / W.norm(dim=1, keepdim=True)).numpy()
+    cosine = np.einsum("pd,pd->p", W[partner[pairs]], W[pairs]) if pairs.size else np.zeros(0)
+    silent = 1.0 - best[pairs]
+    sae.train()
+    return {
+        "dead": int((~alive).sum()), "l0": l0 / tokens,
+        "rho_position_frequency": float(rho_freq), "rho_position_magnitude": float(rho_mag),
+        "frequency": freq.tolist(), "magnitude": magnitude.tolist(),
+        "nesting": {
+            "eligible": int(eligible.sum()),
+            "pairs_per_1000": 1000.0 * pairs.size / max(1, int(eligible.sum())),
+            "fully_nested_share": float((silent <= 0.05).mean()) if pairs.size else float("nan"),
+            "silent_rate": float(silent.mean()) if pairs.size else float("nan"),
+            "decoder_cosine": float(cosine.mean()) if pairs.size else float("nan"),
+            "pairs": [[int(partner[j]), int(j), float(best[j])] for j in pairs[:200]],
+        },
+    }
+
+
+def run_one(spec: dict) -> dict:
+    """Train and measure one SAE (a worker process: one thread, the store opened here)."""
+    torch.set_num_threads(1)
+    store = ActivationStore(spec["acts"], held_out_rows=spec["held_out"], scale=spec["scale"])
+    n, seed = spec["n"], spec["seed"]
+    sae = SparseAutoencoder(SAEConfig(d=store.d, n=n, activation="topk", k=spec["k"]),
+                            generator=torch.Generator().manual_seed(10_000 + seed))
+    with torch.no_grad():
+        sae.b_dec.copy_(store.sample(8192, torch.Generator().manual_seed(seed)).mean(0))
+    config = TrainConfig(steps=spec["steps"], batch_size=spec["batch"], lr=2e-3, betas=(0.9, 0.999),
+                         prefix_mode=spec["mode"], group_widths=[n // 8, n // 4, n // 2, n], resort_every=0,
+                         dead_after=200, log_every=max(1, spec["steps"] // 5), seed=seed, progress=False,
+                         every_weights=spec["every_weights"])
+    start = time.perf_counter()
+    result = train(sae, store.sample, config)
+    seconds = time.perf_counter() - start
+    x = store.held_out()
+    lengths = eval_lengths(n)
+    return {"mode": spec["mode"], "seed": seed, "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
+            "lengths": lengths, "fvu": heldout_fvu(sae, x, lengths), "history": result.history,
+            **latent_probes(sae, x)}
+
+
+def _tables(summary: dict, lengths: list[int]) -> str:
+    modes = list(summary)
+    shown = [m for m in lengths if m >= 16]
+    fvu = format_table([[str(m)] + [_cell(summary[mode]["fvu"][lengths.index(m)]) for mode in modes] for m in shown],
+                       ["prefix length"] + modes)
+    keys = [("dead", "dead latents", 1), ("l0", "L0", 2), ("seconds_per_step", "s / step", 3)]
+    basics = format_table([[mode] + [_cell(summary[mode][k], d) for k, _, d in keys] for mode in modes],
+                          ["mode"] + [label for _, label, _ in keys])
+    order = format_table([[mode, _cell(summary[mode]["rho_position_frequency"]), _cell(summary[mode]["rho_position_magnitude"])]
+                          for mode in modes], ["mode", "rho(position, frequency)", "rho(position, magnitude)"])
+    nest_keys = [("pairs_per_1000", "pairs / 1000 latents", 1), ("fully_nested_share", "fully nested", 3),
+                 ("silent_rate", "early silent when later fires", 3), ("decoder_cosine", "decoder cosine", 3)]
+    nesting = format_table([[mode] + [_cell(summary[mode]["nesting"][k], d) for k, _, d in nest_keys] for mode in modes],
+                           ["mode"] + [label for _, label, _ in nest_keys])
+    return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
+            f"Dead latents (held-out), L0, training time\n{basics}\n\n"
+            f"Ordering: Spearman rank correlation over live latents\n{order}\n\n"
+            f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
+
+
+def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], title: str, folder: Path) -> list[Path]:
+    fvu_path, order_path = folder / "real_fvu.png", folder / "real_ordering.png"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in by_mode:
+        mean = np.array([s["mean"] for s in summary[mode]["fvu"]])
+        half = np.nan_to_num(np.array([s["ci95"] for s in summary[mode]["fvu"]]))
+        ax.plot(lengths, mean, marker="o", ms=3, label=mode, color=MODE_COLORS.get(mode))
+        ax.fill_between(lengths, mean - half, mean + half, alpha=0.2, color=MODE_COLORS.get(mode))
+    ax.set(xscale="log", yscale="log", xlabel="prefix length m (latents 0..m-1)",
+           ylabel="held-out FVU", title=title)
+    ax.legend()
+    _save(fig, fvu_path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode, runs in by_mode.items():
+        freq = np.mean([r["frequency"] for r in runs], axis=0)
+        mag = np.mean([r["magnitude"] for r in runs], axis=0)
+        window = max(1, len(freq) // 64)
+        smooth = lambda v: np.convolve(v, np.ones(window) / window, mode="valid")  # noqa: E731
+        x = np.arange(len(smooth(freq))) + window // 2
+        axes[0].plot(x, smooth(freq), label=mode, color=MODE_COLORS.get(mode))
+        axes[1].plot(x, smooth(mag), label=mode, color=MODE_COLORS.get(mode))
+    axes[0].set(yscale="log", xlabel="latent position", ylabel="firing frequency (held-out)")
+    axes[1].set(xlabel="latent position", ylabel="mean activation when firing")
+    axes[0].legend()
+    fig.suptitle(f"latent order: moving average over {window} positions, mean over seeds")
+    _save(fig, order_path)
+    return [fvu_path, order_path]
+
+
+def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS,
+                 jobs: int = 2, modes: tuple[str, ...] = MODES, tokens: int = DEFAULT_TOKENS, quick: bool = False,
+                 docs: Path | None = None, every_weights: str = "exact") -> dict:
+    """Run the study; print its tables; write ``results.json``, ``results.md`` and the figures into
+    ``out`` (and the figures and ``real_compare.md`` into ``docs`` when given)."""
+    start = time.perf_counter()
+    sizes = QUICK if quick else FULL
+    cached = {}
+    if not (acts.exists() and any(acts.glob("*.npy"))):
+        print(f"no activations at {acts}: caching {QUICK_TOKENS if quick else tokens} tokens first")
+        cached = cache_activations(acts, tokens=QUICK_TOKENS if quick else tokens)
+    meta_file = acts / "meta.json"
+    meta = cached or (json.loads(meta_file.read_text()) if meta_file.exists() else {})
+    store = ActivationStore(acts, held_out_rows=sizes["held_out"])
+    n = sizes["n"]
+    weights = every_weights
+    specs = [{"acts": str(acts), "scale": store.scale, "mode": mode, "seed": seed, "steps": steps,
+              "every_weights": weights, **sizes} for mode in modes for seed in range(seeds)]
+    print(f"data: {store.rows} tokens x d={store.d} from {acts} ({meta.get('model', 'unknown model')}, "
+          f"layer {meta.get('layer', '?')}); {store.train_rows} train / {store.held_out_rows} held out; "
+          f"scale {store.scale:.5g} (mean squared norm d)")
+    print(f"TopK n={n} k={sizes['k']}, batch {sizes['batch']}, {steps} steps = {steps * sizes['batch']} tokens per run, "
+          f"modes {', '.join(modes)} (every: {weights} weights), seeds 0..{seeds - 1}, {jobs} process(es)")
+    results = run_many(specs, jobs, desc="real-compare", worker=run_one)
+    by_mode = {m: [r for r in results if r["mode"] == m] for m in modes}
+    lengths = results[0]["lengths"]
+    summary = {m: {
+        "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
+        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step", "rho_position_frequency",
+                                                   "rho_position_magnitude")},
+        "nesting": {k: ci95([r["nesting"][k] for r in runs])
+                    for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
+    } for m, runs in by_mode.items()}
+    tables = _tables(summary, lengths)
+    print()
+    print(tables)
+    elapsed = time.perf_counter() - start
+    title = f"TopK n={n} k={sizes['k']}, {steps} steps, {seeds} seed(s)"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(by_mode, summary, lengths, title, out)
+    header = (f"# real-compare: {title}\n\nData: {store.rows} tokens of {meta.get('model', acts)}, "
+              f"{meta.get('site', '')}; {store.held_out_rows} held-out tokens. Every-prefix weights: {weights}. "
+              f"Mean ± 95% CI over seeds. Total time {elapsed:.0f} s ({jobs} processes).\n\n")
+    markdown = header + "```\n" + tables + "\n```\n"
+    (out / "results.md").write_text(markdown)
+    write_json(out / "results.json", {
+        "study": "real-compare", "data": {**store.describe(), **meta}, "sizes": sizes, "steps": steps, "seeds": seeds,
+        "modes": list(modes), "every_weights": weights, "runtime_s": elapsed, "summary": summary, "runs": results,
+    })
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        _figures(by_mode, summary, lengths, title, docs)
+        (docs / "real_compare.md").write_text(markdown)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
+          + (f" and copies in {docs}" if docs is not None else ""))
+    print(f"total time {elapsed:.0f} s")
+    return {"summary": summary, "runs": results, "runtime_s": elapsed}

