@@ -10,8 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
 comma := ,
 EXTRAS_STAMP := $(VENV)/.extras-$(subst $(comma),+,$(EXTRAS))
+# Where bench, sweep and gpu write their results (a device call passes RESULTS_DIR=$$OUT/...).
+RESULTS_DIR ?= benchmarks/results
 
-.PHONY: demo test bench sweep kernels-report realdata real-compare clean
+.PHONY: demo test bench sweep kernels-report realdata real-compare clean gpu gpu-quick gpu-dry-run
 
 $(EXTRAS_STAMP):
 	mkdir -p $(VENV) && touch $@
@@ -29,14 +31,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
-# pytest-benchmark suite (CPU: small sizes, ~1 min; CUDA: real sizes); raw JSON into benchmarks/results/.
+# pytest-benchmark suite (CPU: small sizes, ~1 min; CUDA: real sizes); raw JSON into $(RESULTS_DIR).
 BENCH_DEVICE = $$($(PY) -c "import torch; from benchmarks.harness import device_slug; print(device_slug(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark_$(BENCH_DEVICE).json
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(RESULTS_DIR)/pytest-benchmark_$(BENCH_DEVICE).json
 
-# The sweep (CPU ~5 min): JSON + CSV + Markdown + PNG into benchmarks/results/. Extra flags: SWEEP_ARGS="--threads 2".
+# The sweep (CPU ~5 min): JSON + CSV + Markdown + PNG into $(RESULTS_DIR). Extra flags: SWEEP_ARGS="--threads 2".
 sweep: $(VENV)/.installed
-	$(PY) -m benchmarks.sweep $(SWEEP_ARGS)
+	$(PY) -m benchmarks.sweep --out $(RESULTS_DIR) $(SWEEP_ARGS)
 
 # Ahead-of-time sm_90 builds of every kernel (no GPU needed, ~1 min): registers, spills, shared memory,
 # fenced atomics.  Fails on a fenced atomic or on a spill outside float64.
@@ -53,6 +55,26 @@ realdata: $(VENV)/.installed
 # Cache 1M tokens of MiniLM layer-3 activations (~6 min on 2 cores), then the study (~15 min).
 real-compare: realdata
 	HF_HUB_OFFLINE=1 $(PY) -m matryoshka real-compare --out runs/real_compare
+
+# A CUDA machine with torch and triton already installed and no network (benchmarks/README.md, "GPU
+# session"): no venv, no installs; runs from the repository root with $(GPU_PY).  Tests on compiled
+# kernels, compute-sanitizer memcheck, the sweep at real sizes; every file into $(RESULTS_DIR), and with
+# PACK=dir a summary, the log and a tarball there (the device tool returns at most 8 files).
+# gpu: ~6 min, 8 at most; gpu-quick: under 2 min.  GPU_ARGS: e.g. "--stages tests" or "--budget-s 300".
+GPU_PY ?= python3
+PACK ?=
+GPU_ARGS ?=
+GPU_RUN_ARGS = $(if $(PACK),--pack $(PACK)) $(GPU_ARGS)
+gpu:
+	$(GPU_PY) -m benchmarks.gpu_run --results $(RESULTS_DIR) $(GPU_RUN_ARGS)
+
+gpu-quick:
+	$(GPU_PY) -m benchmarks.gpu_run --quick --results $(RESULTS_DIR) $(GPU_RUN_ARGS)
+
+# The same stages on the CPU at tiny sizes in the Triton interpreter (~2 min): checks the driver itself.
+# Its files go to runs/gpu_dry_run unless RESULTS_DIR is given, not among the committed results.
+gpu-dry-run: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu_run --dry-run --results $(if $(filter command line,$(origin RESULTS_DIR)),$(RESULTS_DIR),runs/gpu_dry_run) $(GPU_RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

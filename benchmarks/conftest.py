@@ -24,11 +24,11 @@ if DEVICE.type == "cpu":
 
 SIZES = {
     "cpu": dict(B=256, d=256, n=1024, k=32, dtypes=["fp32"]),
-    "cuda": dict(B=4096, d=768, n=16384, k=32, dtypes=["fp32", "bf16"]),
+    "cuda": dict(B=4096, d=2304, n=65536, k=32, dtypes=["fp32", "bf16"]),  # issue 15 (flex-sae's F, D)
 }[DEVICE.type]
 E2E_SIZES = {
     "cpu": dict(B=256, d=256, n=4096, k=32),
-    "cuda": dict(B=4096, d=2304, n=36864, k=32),
+    "cuda": dict(B=4096, d=2304, n=65536, k=32),
 }[DEVICE.type]
 MAX_CALL_S = {"cpu": 2.0, "cuda": 1.0}[DEVICE.type]  # skip cells estimated slower than this
 ROUND_BUDGET_S = {"cpu": 0.5, "cuda": 0.5}[DEVICE.type]  # timed seconds per benchmark

@@ -57,12 +57,13 @@ G_KINDS = ["1", "5", "sampled10", "16", "64", "n"]
 
 DEFAULTS = {
     "cpu": dict(B=256, d=[256], n=[1024, 4096], k=[32], dtypes=["fp32"], max_call_s=3.0, cell_budget_s=1.0,
-                min_repeats=5, max_repeats=40, e2e=dict(B=256, d=256, n=4096, k=32)),
-    "cuda": dict(B=4096, d=[768, 2304], n=[4096, 16384, 65536], k=[32, 128], dtypes=["fp32", "bf16"],
+                min_repeats=5, max_repeats=40, e2e=dict(B=256, d=256, n=4096, k=[32])),
+    # Issue 15's grid: flex-sae's published all-prefix overheads are at F = 65536, D = 2304, k = 32-128.
+    "cuda": dict(B=4096, d=[2304], n=[36864, 65536], k=[32, 64, 128], dtypes=["fp32", "bf16"],
                  max_call_s=1.0, cell_budget_s=0.5, min_repeats=10, max_repeats=200,
-                 e2e=dict(B=4096, d=2304, n=36864, k=32)),
+                 e2e=dict(B=4096, d=2304, n=65536, k=[32, 64, 128])),
     "quick": dict(B=64, d=[32], n=[256], k=[8], dtypes=["fp32"], max_call_s=0.5, cell_budget_s=0.05,
-                  min_repeats=3, max_repeats=5, e2e=dict(B=64, d=32, n=512, k=8)),
+                  min_repeats=3, max_repeats=5, e2e=dict(B=64, d=32, n=512, k=[8])),
 }
 
 
@@ -318,7 +319,7 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
                             target_applies=applies, met=met)
 
             items = [
-                item("every prefix / one prefix (fused)", f["n"], f["1"], 1.2 if on_gpu else 1.5, "<=", True),
+                item("every prefix / one prefix (fused)", f["n"], f["1"], 1.1 if on_gpu else 1.5, "<=", True),
                 item("every prefix (fused) / sparse floor", f["n"], sparse, 2.0, "<=", on_gpu),
                 item("every prefix (fused) / vanilla dense floor", f["n"], vanilla, 1.0, "<=", False),
                 item("running sum / fused at G=5", rs5, f["5"], 3.0, ">=", on_gpu),
@@ -329,13 +330,22 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
                               paired_ratio=None, ratio_of_minimums=None,
                               target="<= 1.1 (flat in G)", target_applies=True, met=None if flat is None else flat <= 1.1))
             out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused=fused, items=items))
+        dense = _find(rows, method="fused_dense_triton", g_kind="n")
+        vanilla = _find(rows, method="vanilla_floor")
+        if dense is not None and vanilla is not None:
+            med = _ratio(dense, vanilla)
+            out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused="fused_dense_triton", items=[dict(
+                name="every prefix (dense kernel) / one dense decode", ratio_of_medians=med,
+                paired_ratio=_paired(dense, vanilla), ratio_of_minimums=_ratio(dense, vanilla, "min_s"),
+                target="<= 1.3", target_applies=on_gpu, met=None if med is None or not on_gpu else med <= 1.3)]))
     e2e = [r for r in records if r["kind"] == "e2e"]
-    for dtype, act in sorted({(r["dtype"], r["activation"]) for r in e2e}):
-        van = _find(e2e, dtype=dtype, activation=act, variant="vanilla")
-        vsp = _find(e2e, dtype=dtype, activation=act, variant="vanilla_sparse")
-        ev = _find(e2e, dtype=dtype, activation=act, variant="every_fused")
-        gf = _find(e2e, dtype=dtype, activation=act, variant="groups_fused")
-        grs = _find(e2e, dtype=dtype, activation=act, variant="groups_running_sum")
+    for dtype, act, n, k in sorted({(r["dtype"], r["activation"], r["n"], r["k"]) for r in e2e}):
+        match = dict(dtype=dtype, activation=act, n=n, k=k)
+        van = _find(e2e, variant="vanilla", **match)
+        vsp = _find(e2e, variant="vanilla_sparse", **match)
+        ev = _find(e2e, variant="every_fused", **match)
+        gf = _find(e2e, variant="groups_fused", **match)
+        grs = _find(e2e, variant="groups_running_sum", **match)
         items = []
         for name, num, den, target, applies in [
             ("every-prefix step / vanilla step", ev, van, 1.1, on_gpu),
@@ -349,8 +359,7 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
                               target=f"<= {target}", target_applies=applies,
                               met=None if med is None or not applies else med <= target))
         ref = ev or van or {}
-        out.append(dict(e2e=True, activation=act, n=ref.get("n"), k=ref.get("k"), d=ref.get("d"),
-                        dtype=dtype, B=ref.get("B"), items=items))
+        out.append(dict(e2e=True, activation=act, n=n, k=k, d=ref.get("d"), dtype=dtype, B=ref.get("B"), items=items))
     return out
 
 
@@ -397,8 +406,8 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
             lines.append("")
     e2e_all = [r for r in records if r["kind"] == "e2e"]
-    for dtype in sorted({r["dtype"] for r in e2e_all}):
-        e2e = [r for r in e2e_all if r["dtype"] == dtype]
+    for dtype, n, k in sorted({(r["dtype"], r["n"], r["k"]) for r in e2e_all}):
+        e2e = [r for r in e2e_all if (r["dtype"], r["n"], r["k"]) == (dtype, n, k)]
         r0, acts = e2e[0], sorted({r["activation"] for r in e2e})
         lines += [f"**End-to-end training step (encoder, activation, loss, backward, Adam), B={r0['B']}, d={r0['d']}, "
                   f"n={r0['n']}, k={r0['k']}, {dtype}: median ms**", "",
@@ -420,6 +429,8 @@ def markdown(doc: dict) -> str:
             met = "n/a (GPU target)" if not it["target_applies"] else {True: "yes", False: "NO", None: "n/a"}[it["met"]]
             lines.append(f"| {where} | {it['name']} | {got} | {it['target']} | {met} |")
     lines.append("")
+    for cfg in doc.get("not_run", []):
+        lines.append("Not run: " + ", ".join(f"{key}={value}" for key, value in cfg.items()))
     return "\n".join(lines)
 
 
@@ -514,6 +525,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--time-budget-s", type=float, help="start no configuration after this many seconds (the rest "
+                                                           "are listed as not run)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     base = DEFAULTS["quick" if args.quick else device.type]
@@ -545,18 +558,12 @@ def main(argv=None) -> dict:
             print(f"NOT TIMED: {describe_failure(c)}", file=sys.stderr, flush=True)
     methods = [m for m in methods if m.name in passed]
     rate, per_op, bandwidth = calibrate(device, torch.float32)
-    configs = [dict(B=args.B, n=n, k=k, d=d, dtype=dt) for dt in args.dtypes for d in args.d for n in args.n for k in args.k]
+    configs = [] if args.e2e_only else [
+        dict(B=args.B, n=n, k=k, d=d, dtype=dt) for dt in args.dtypes for d in args.d for n in args.n for k in args.k]
+    e2e_dtypes = [] if args.no_e2e else (["fp32"] if device.type == "cpu" else args.dtypes)
+    e2e_configs = [(dt, dict(args.e2e, k=k)) for dt in e2e_dtypes for k in args.e2e["k"]]
     cells_per_config = sum(len(args.G) if m.uses_prefixes else 1 for m in methods)
-    e2e_cells = 0 if args.no_e2e else len(VARIANTS) * len(args.activations)
-    total = (0 if args.e2e_only else cells_per_config * len(configs)) + e2e_cells
-    records: list[dict] = []
-    with tqdm(total=total, desc="sweep", unit="cell", dynamic_ncols=True) as bar:
-        if not args.e2e_only:
-            for cfg in configs:
-                records += run_config(cfg, methods, args.G, device, args, bar)
-        if not args.no_e2e:
-            for dt in (["fp32"] if device.type == "cpu" else args.dtypes):
-                records += run_e2e(args.e2e, args.activations, dt, device, args, bar)
+    total = cells_per_config * len(configs) + len(VARIANTS) * len(args.activations) * len(e2e_configs)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(calibrated_flops_per_s=rate, calibrated_s_per_op=per_op, calibrated_bytes_per_s=bandwidth,
                     prefix_sets=prefix_set.__doc__, validate=False,
@@ -565,15 +572,33 @@ def main(argv=None) -> dict:
                     timing=("CUDA events per call after warm-up, round-robin over cells, input sets rotated"
                             if device.type == "cuda" else
                             "time.perf_counter per call after warm-up, round-robin over cells, input sets rotated"))
-    doc = {"environment": env, "settings": settings, "reference_checks": checks, "records": records}
-    doc["headline"] = headline(records, device.type)
-    doc["wall_s"] = time.perf_counter() - started
+    records: list[dict] = []
+    doc = {"environment": env, "settings": settings, "reference_checks": checks, "records": records, "not_run": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"sweep_{device_slug(device)}{'_quick' if args.quick else ''}{args.tag}"
+    units = [("loss", cfg) for cfg in configs] + [("e2e", cfg) for cfg in e2e_configs]
+    with tqdm(total=total, desc="sweep", unit="cell", dynamic_ncols=True) as bar:
+        for kind, cfg in units:
+            # The budget is checked between configurations: a caller with a hard limit (a 10-minute
+            # device call) gets the configurations done so far rather than a killed process.
+            if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+                what = cfg if kind == "loss" else dict(cfg[1], dtype=cfg[0], kind="e2e")
+                doc["not_run"].append(dict(what, reason=f"--time-budget-s {args.time_budget_s:g} spent"))
+                continue
+            if kind == "loss":
+                records += run_config(cfg, methods, args.G, device, args, bar)
+            else:
+                records += run_e2e(cfg[1], args.activations, cfg[0], device, args, bar)
+            # Rewritten after every configuration, so that a killed run still leaves its results.
+            doc["headline"] = headline(records, device.type)
+            doc["wall_s"] = time.perf_counter() - started
+            stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
+    doc["headline"] = headline(records, device.type)
+    doc["wall_s"] = time.perf_counter() - started
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
     write_csv(records, stem.with_suffix(".csv"))
     md = markdown(doc)
-    pngs = [] if args.e2e_only else plot(doc, stem)
+    pngs = plot(doc, stem) if any(r["kind"] == "loss" for r in records) else []
     stem.with_suffix(".md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     print(md)
     print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md"), *pngs]))

@@ -1,0 +1,100 @@
+"""``benchmarks.gpu_run``'s plumbing without a GPU: stages that pass, fail and run out of time,
+the summary and the pack the device tool brings back, and the plans' budgets.  Fake stages stand in
+for the real ones (``make gpu-dry-run`` runs those on the CPU, ~2 min)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from benchmarks import gpu_run
+from benchmarks.gpu_run import Stage
+
+PY = sys.executable
+
+
+def _stage(name, code, budget_s=20.0, **kw):
+    return Stage(name, [[PY, "-c", code]], budget_s, 1.0, **kw)
+
+
+def test_failures_and_timeouts_are_recorded_and_the_run_goes_on(tmp_path):
+    results, pack = tmp_path / "results", tmp_path / "out" / "full"
+    stages = [
+        _stage("env", "print('env ok')", required=True),
+        _stage("tests", "import sys; print('boom'); sys.exit(3)"),
+        _stage("sanitize", "import time; print('hang', flush=True); time.sleep(60)", budget_s=1.0),
+        _stage("sweep", "import sys; print(sys.argv[1:])", budget_s=None, budget_flag="--time-budget-s", margin_s=5),
+    ]
+    lines = []
+    started = time.monotonic()
+    doc = gpu_run.run(stages, "dry", results, "gpu_dry_", 120.0, pack, lines.append)
+    assert time.monotonic() - started < 30  # the sleeping stage was stopped at its limit
+    status = {s["name"]: (s["status"], s["rc"]) for s in doc["stages"]}
+    assert status == {"env": ("ok", 0), "tests": ("failed", 3), "sanitize": ("timeout", None), "sweep": ("ok", 0)}
+    assert "boom" in "\n".join(lines)  # a failed stage's log tail is shown
+    # The last stage gets the rest of the run's budget, less the margin, as its own budget.
+    assert "--time-budget-s" in doc["stages"][-1]["commands"][0]
+    assert (results / "gpu_dry_sweep.log").read_text().count("--time-budget-s") == 2
+    summary = json.loads((results / "gpu_dry_summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ok", "failed", "timeout", "ok"]
+    assert "| sanitize | timeout |" in (results / "gpu_dry_summary.md").read_text()
+    packed = sorted(p.name for p in pack.iterdir())
+    assert packed == ["gpu_dry_results.tar.gz", "gpu_dry_summary.json", "gpu_dry_summary.md"]
+    with tarfile.open(pack / "gpu_dry_results.tar.gz") as tar:
+        assert {"gpu_dry_env.log", "gpu_dry_tests.log", "gpu_dry_sanitize.log", "gpu_dry_sweep.log"} <= set(tar.getnames())
+
+
+def test_a_failed_required_stage_skips_the_rest(tmp_path):
+    stages = [_stage("env", "import sys; sys.exit('no CUDA device')", required=True), _stage("tests", "pass")]
+    doc = gpu_run.run(stages, "full", tmp_path, "gpu_", 60.0, None, lambda _: None)
+    assert [s["status"] for s in doc["stages"]] == ["failed", "skipped"]
+    assert doc["stages"][1]["note"] == "stage env failed"
+
+
+def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
+    (tmp_path / "gpu_tests_junit.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>'
+        '</testsuite></testsuites>')
+    counts = gpu_run.tests_counts(tmp_path / "gpu_tests_junit.xml")
+    assert counts == dict(tests=3, failures=1, errors=0, skipped=1, failed=["tests.test_a::test_bad"])
+    (tmp_path / "sweep_cuda-x.md").write_text("tables\n\n**Headline ratios against ...**\n| a | b |\n")
+    assert gpu_run.newest_sweep_md(tmp_path, 0) == "sweep_cuda-x.md"
+    doc = dict(mode="full", environment=dict(device_name="NVIDIA H200", torch="2.11.0"), started_utc="t",
+               wall_s=1.0, budget_s=480.0, stages=[], tests=counts, sanitizer=["========= ERROR SUMMARY: 0 errors"],
+               sweep_md="sweep_cuda-x.md")
+    md = gpu_run.summarize(doc, tmp_path)
+    assert "NVIDIA H200" in md and "- FAILED tests.test_a::test_bad" in md and "ERROR SUMMARY: 0 errors" in md
+    assert "**Headline ratios" in md and "tables" not in md
+
+
+@pytest.mark.parametrize("mode", ["full", "quick", "dry"])
+def test_plans_fit_their_budgets(tmp_path, mode):
+    stages = [s for s in gpu_run.plan(mode, tmp_path, "p_", 8) if s.name in gpu_run.DEFAULT_STAGES]
+    assert [s.name for s in stages] == gpu_run.DEFAULT_STAGES
+    fixed = sum(s.budget_s for s in stages if s.budget_s is not None)
+    # The sweep, last, gets what is left: at least its estimate plus its margin.
+    assert fixed + stages[-1].estimate_s + stages[-1].margin_s <= gpu_run.BUDGET_S[mode]
+    assert sum(s.estimate_s for s in stages) < gpu_run.BUDGET_S[mode]
+    args = [arg for s in stages for c in s.commands for arg in c]
+    assert f"--junitxml={tmp_path / 'p_tests_junit.xml'}" in args and str(tmp_path / "p_env.json") in args
+    sweep = stages[-1].commands[0]
+    assert sweep[sweep.index("--out") + 1] == str(tmp_path)
+    # Compiled kernels on the GPU (the variable removed), the interpreter in the dry run.
+    assert all(s.env["TRITON_INTERPRET"] == ("1" if mode == "dry" else None) for s in stages)
+
+
+def test_list_prints_the_plan():
+    done = subprocess.run([PY, "-m", "benchmarks.gpu_run", "--list", "--quick"], capture_output=True, text=True,
+                          timeout=60, cwd=gpu_run.REPO)
+    assert done.returncode == 0, done.stderr
+    assert "sweep: limit rest" in done.stdout and "--tag _gpu_quick" in done.stdout
+    bad = subprocess.run([PY, "-m", "benchmarks.gpu_run", "--list", "--stages", "nope"], capture_output=True,
+                         text=True, timeout=60, cwd=gpu_run.REPO)
+    assert bad.returncode == 2 and "unknown stages: nope" in bad.stderr
