@@ -9,19 +9,27 @@ it yields one norm per prefix.  Rank-order prefixes only re-sort the slots; deta
 change which weights reach the slots' gradients (a second output of the scan with a level-local
 backward): neither changes the forward.  Gradients reach ``x``, the activation values, ``W_dec`` and
 ``b_dec`` through the scan's own backward.
+
+Around the scan: mixed float dtypes are promoted to one (``precision.promote``), autocast is off
+(the scans accumulate in float32 or float64 whatever autocast would pick), decoder-norm rescaling
+multiplies the activation values by ``1 / ||W_dec[i]||`` before the scan (autograd carries its
+gradient to ``W_dec``), and the reconstruction is ``x`` minus the scan's final residual.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .precision import autocast_disabled, compute_dtype, promote
 from .prefixes import Prefixes
-from .reference import matryoshka_loss_reference
+from .reference import matryoshka_loss_reference, reconstruction_reference
 from .scan_layout import (
     SortedActs,
     fold_level_weights,
@@ -43,11 +51,19 @@ __all__ = ["MatryoshkaLossOutput", "matryoshka_loss", "MatryoshkaLoss", "resolve
 
 @dataclass(frozen=True)
 class MatryoshkaLossOutput:
-    """``loss``: scalar with grad (float32, or float64 for float64 inputs).
-    ``per_prefix``: ``(G,)`` detached unweighted batch-mean loss of each prefix, for logging."""
+    """``loss``: scalar with grad, in the compute dtype (float32, or float64 when an input is float64).
+    ``per_prefix``: ``(G,)`` detached unweighted batch-mean loss of each prefix, for logging.
+    ``reconstruction``: ``(B, d)`` detached ``b_dec + sum_i a_i W_dec[i]`` over *every* active latent
+    (not only the prefixes'), in the compute dtype, computed when read: for ``SparseActs`` ``x``
+    minus the scan's final residual (no second decode), for dense ``acts`` one decode GEMM."""
 
     loss: torch.Tensor
     per_prefix: torch.Tensor
+    _reconstruct: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def reconstruction(self) -> torch.Tensor:
+        return self._reconstruct()
 
 
 def _triton_available() -> bool:
@@ -103,13 +119,15 @@ def matryoshka_loss(
     *,
     order: str = "index",
     detach: bool = False,
+    rescale_acts_by_decoder_norm: bool = False,
 ) -> MatryoshkaLossOutput:
     """Weighted sum of the reconstruction losses of every prefix in ``prefixes``, in one pass.
 
     Args:
         x: ``(B, d)`` inputs to reconstruct.
-        acts: ``SparseActs`` with ``(B, k)`` values and int64 indices (``-1`` = padding), or a dense
-            ``(B, n)`` activation tensor.
+        acts: ``SparseActs`` with ``(B, k)`` values and int64 indices (``-1`` = padding; rows may
+            hold different numbers of latents, as from :meth:`SparseActs.from_dense` with
+            ``k=None``: the scan's cost follows the mean count), or a dense ``(B, n)`` tensor.
         W_dec: ``(n, d)`` decoder; row ``i`` is latent ``i``'s direction.
         b_dec: ``(d,)`` decoder bias, or ``None``.
         prefixes: the prefix lengths (``<= n``) and weights.
@@ -126,9 +144,16 @@ def matryoshka_loss(
             (prefix ``g`` minus prefix ``g - 1``): a latent's value and decoder row learn only from
             the prefix that adds it; ``x`` and ``b_dec`` from every prefix.  The loss value is
             unchanged.
+        rescale_acts_by_decoder_norm: decode with unit rows: ``a_i W_dec[i] / ||W_dec[i]||``
+            (SAELens's option of that name), differentiable through the norms.  Rank order still
+            ranks the activations as given.
+
+    Dtypes: the loss accumulates in float32, or float64 when any input is float64 (torch's
+    promotion, at least float32), also under ``torch.autocast``; gradients come back in each
+    input's dtype.
 
     Returns:
-        ``MatryoshkaLossOutput(loss, per_prefix)``.
+        ``MatryoshkaLossOutput(loss, per_prefix, reconstruction)``.
 
     Example:
         >>> import torch
@@ -136,39 +161,71 @@ def matryoshka_loss(
         >>> x, W = torch.randn(8, 16), torch.randn(32, 16)
         >>> acts = SparseActs(torch.rand(8, 4), (torch.randint(0, 32, (8, 1)) + torch.arange(4) * 8) % 32)
         >>> out = matryoshka_loss(x, acts, W, None, Prefixes.every(32))
-        >>> out.per_prefix.shape
-        torch.Size([32])
+        >>> out.per_prefix.shape, out.reconstruction.shape
+        (torch.Size([32]), torch.Size([8, 16]))
     """
-    check_inputs(x, acts, W_dec, b_dec, prefixes, backend, order, detach)
-    backend = resolve_backend(backend, x.device, dense=not isinstance(acts, SparseActs))
-    n = W_dec.shape[0]
+    check_inputs(x, acts, W_dec, b_dec, prefixes, backend, order, detach, rescale_acts_by_decoder_norm)
+    sparse = isinstance(acts, SparseActs)
+    backend = resolve_backend(backend, x.device, dense=not sparse)
+    with autocast_disabled(x.device.type):
+        x, values, W_dec, b_dec = promote(x, acts.values if sparse else acts, W_dec, b_dec)
+        acts = SparseActs(values, acts.indices) if sparse else values
+        if sparse:
+            sorted_acts = SortedActs(acts, W_dec.shape[0])
+            if validate:
+                check_sparse_indices(sorted_acts.indices, W_dec.shape[0])
+        if backend == "reference":
+            return _reference_loss(x, acts, W_dec, b_dec, prefixes, order, detach, rescale_acts_by_decoder_norm)
+        if sparse:
+            return _sparse_loss(x, sorted_acts, W_dec, b_dec, prefixes, backend, order, detach,
+                                rescale_acts_by_decoder_norm)
+        return _dense_loss(x, acts, W_dec, b_dec, prefixes, backend, detach, rescale_acts_by_decoder_norm)
+
+
+def _inverse_row_norms(W_dec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return 1 / W_dec.to(dtype).norm(dim=1)
+
+
+def _reference_loss(x, acts, W_dec, b_dec, prefixes, order, detach, rescale) -> MatryoshkaLossOutput:
+    loss, per_prefix = matryoshka_loss_reference(
+        x, acts, W_dec, b_dec, prefixes, order=order, detach=detach, rescale_acts_by_decoder_norm=rescale
+    )
+    reconstruct = functools.partial(reconstruction_reference, acts, W_dec, b_dec, rescale, loss.dtype)
+    return MatryoshkaLossOutput(loss, per_prefix, reconstruct)
+
+
+def _sparse_loss(x, sorted_acts, W_dec, b_dec, prefixes, backend, order, detach, rescale) -> MatryoshkaLossOutput:
     rows = max(x.shape[0], 1)
-    if isinstance(acts, SparseActs):
-        sorted_acts = SortedActs(acts, n)
-        if validate:
-            check_sparse_indices(sorted_acts.indices, n)
-        if order == "rank":
-            sorted_acts = sorted_acts.ranked(n)
-    if backend == "reference":
-        loss, per_prefix = matryoshka_loss_reference(x, acts, W_dec, b_dec, prefixes, order=order, detach=detach)
-        return MatryoshkaLossOutput(loss, per_prefix)
-    if isinstance(acts, SparseActs):
-        scan = _sparse_scan(backend, detach)
-        positions = prefix_positions(sorted_acts, prefixes)
-        if detach:
-            norms, level_norms = scan(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices, positions[:, 1:-1])
-            own = fold_level_weights(positions, prefixes, norms.dtype)
-            rest = fold_prefix_weights(positions, prefixes, norms.dtype) - own
-            loss = (rest * norms + own * level_norms).sum() / rows
-        else:
-            norms = scan(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
-            loss = (fold_prefix_weights(positions, prefixes, norms.dtype) * norms).sum() / rows
-        per_prefix = unfold_prefix_losses(norms, positions, len(prefixes)).to(norms.dtype)
-        return MatryoshkaLossOutput(loss, per_prefix)
+    if order == "rank":
+        sorted_acts = sorted_acts.ranked(W_dec.shape[0])
+    if rescale:
+        sorted_acts = sorted_acts.scaled(_inverse_row_norms(W_dec, compute_dtype(x, sorted_acts.values, W_dec, b_dec)))
+    scan = _sparse_scan(backend, detach)
+    positions = prefix_positions(sorted_acts, prefixes)
+    if detach:
+        norms, level_norms, final = scan(
+            x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices, positions[:, 1:-1]
+        )
+        own = fold_level_weights(positions, prefixes, norms.dtype)
+        rest = fold_prefix_weights(positions, prefixes, norms.dtype) - own
+        loss = (rest * norms + own * level_norms).sum() / rows
+    else:
+        norms, final = scan(x, b_dec, W_dec, sorted_acts.values, sorted_acts.indices)
+        loss = (fold_prefix_weights(positions, prefixes, norms.dtype) * norms).sum() / rows
+    per_prefix = unfold_prefix_losses(norms, positions, len(prefixes)).to(norms.dtype)
+    # x - r_k = b_dec + the decode of every active latent: the scan's own final residual, no second decode
+    return MatryoshkaLossOutput(loss, per_prefix, lambda: x.detach().to(final.dtype) - final)
+
+
+def _dense_loss(x, acts, W_dec, b_dec, prefixes, backend, detach, rescale) -> MatryoshkaLossOutput:
+    rows = max(x.shape[0], 1)
+    if rescale:
+        acts = acts * _inverse_row_norms(W_dec, compute_dtype(x, acts, W_dec, b_dec))
     _, weights, _ = prefixes.on(x.device)
     norms = _dense_prefix_norms(backend, detach)(x, b_dec, W_dec, acts, prefixes.lengths)
     loss = (norms * weights.to(norms.dtype)).sum() / rows
-    return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows)
+    reconstruct = functools.partial(reconstruction_reference, acts, W_dec, b_dec, False, norms.dtype)
+    return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows, reconstruct)
 
 
 class MatryoshkaLoss(nn.Module):
@@ -180,7 +237,7 @@ class MatryoshkaLoss(nn.Module):
     """
 
     def __init__(self, prefixes: Prefixes, backend: str = "auto", validate: bool = True, *,
-                 order: str = "index", detach: bool = False) -> None:
+                 order: str = "index", detach: bool = False, rescale_acts_by_decoder_norm: bool = False) -> None:
         super().__init__()
         if not isinstance(prefixes, Prefixes):
             raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
@@ -189,6 +246,7 @@ class MatryoshkaLoss(nn.Module):
         self.validate = validate
         self.order = order
         self.detach = detach
+        self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
 
     def forward(
         self,
@@ -198,7 +256,9 @@ class MatryoshkaLoss(nn.Module):
         b_dec: torch.Tensor | None = None,
     ) -> MatryoshkaLossOutput:
         return matryoshka_loss(x, acts, W_dec, b_dec, self.prefixes, self.backend, self.validate,
-                               order=self.order, detach=self.detach)
+                               order=self.order, detach=self.detach,
+                               rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm)
 
     def extra_repr(self) -> str:
-        return f"prefixes={self.prefixes!r}, backend={self.backend!r}, order={self.order!r}, detach={self.detach}"
+        return (f"prefixes={self.prefixes!r}, backend={self.backend!r}, order={self.order!r}, detach={self.detach}, "
+                f"rescale_acts_by_decoder_norm={self.rescale_acts_by_decoder_norm}")

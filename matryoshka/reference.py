@@ -9,6 +9,9 @@ levels' latents plus its own level's (``m_0 = 0``):
 
     x_hat_g = b_dec + sum_{i in prefix g-1} sg(a_i W_dec[i]) + sum_{i in prefix g, not g-1} a_i W_dec[i]
 
+With ``rescale_acts_by_decoder_norm=True`` every ``W_dec[i]`` above is the unit row
+``W_dec[i] / ||W_dec[i]||`` (SAELens: the activations divided by their decoder row norms).
+
 Slow (one dense decode per prefix, O(G * B * n * d)) and obviously correct.  Computes in float64
 when any input is float64, else float32, whatever the input precision.
 """
@@ -17,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from .precision import compute_dtype
+from .precision import autocast_disabled, compute_dtype
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["matryoshka_loss_reference"]
+__all__ = ["matryoshka_loss_reference", "reconstruction_reference"]
 
 
 def _ranks(acts: SparseActs, n: int) -> torch.Tensor:
@@ -38,6 +41,25 @@ def _ranks(acts: SparseActs, n: int) -> torch.Tensor:
     return out[:, :n]
 
 
+def _decoder(W: torch.Tensor, unit_rows: bool) -> torch.Tensor:
+    return W / W.norm(dim=1, keepdim=True) if unit_rows else W
+
+
+def reconstruction_reference(
+    acts: SparseActs | torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    rescale_acts_by_decoder_norm: bool = False,
+    compute: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(B, d)``: ``b_dec + sum_i a_i W_dec[i]`` over every latent, in ``compute``, detached (also
+    when read under autocast)."""
+    with torch.no_grad(), autocast_disabled(W_dec.device.type):
+        dense = acts.to_dense(W_dec.shape[0]) if isinstance(acts, SparseActs) else acts
+        decoded = dense.to(compute) @ _decoder(W_dec.to(compute), rescale_acts_by_decoder_norm)
+        return decoded if b_dec is None else decoded + b_dec.to(compute)
+
+
 def matryoshka_loss_reference(
     x: torch.Tensor,
     acts: SparseActs | torch.Tensor,
@@ -47,13 +69,14 @@ def matryoshka_loss_reference(
     *,
     order: str = "index",
     detach: bool = False,
+    rescale_acts_by_decoder_norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(loss, per_prefix)``: the weighted loss and the ``(G,)`` unweighted prefix losses."""
     n = W_dec.shape[0]
     dense = acts.to_dense(n) if isinstance(acts, SparseActs) else acts
     compute = compute_dtype(x, dense, W_dec, b_dec)
     target = x.to(compute) - (0 if b_dec is None else b_dec.to(compute))
-    dense, W = dense.to(compute), W_dec.to(compute)
+    dense, W = dense.to(compute), _decoder(W_dec.to(compute), rescale_acts_by_decoder_norm)
     if order == "rank":
         rank = _ranks(acts, n)
 

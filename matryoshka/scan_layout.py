@@ -27,7 +27,7 @@ import torch
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["SortedActs", "prefix_positions", "fold_prefix_weights", "fold_level_weights", "unfold_prefix_losses"]
+__all__ = ["SortedActs", "slot_counts", "prefix_positions", "fold_prefix_weights", "fold_level_weights", "unfold_prefix_losses"]
 
 _PAD_KEY = torch.iinfo(torch.int64).max
 
@@ -67,6 +67,27 @@ class SortedActs:
         rank = torch.arange(k, device=self.key.device).expand_as(self.key)
         ranked.key = torch.where(inactive.gather(1, order), k, rank)
         return ranked
+
+    def scaled(self, per_latent: torch.Tensor) -> SortedActs:
+        """The same slots with each value multiplied by ``per_latent[index]`` (differentiably, in
+        ``per_latent``'s dtype); inactive slots keep their value (the scans ignore it)."""
+        n = per_latent.shape[0]
+        active = (self.indices >= 0) & (self.indices < n)
+        scaled = object.__new__(SortedActs)
+        factor = torch.where(active, per_latent[torch.where(active, self.indices, 0)], 1.0)
+        scaled.values, scaled.indices, scaled.key = self.values.to(per_latent.dtype) * factor, self.indices, self.key
+        return scaled
+
+
+def slot_counts(active: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` int64: one past each row's last active slot (0 for a row with none).
+
+    Sorted rows hold their inactive slots last, so this is the number of active slots; the scans
+    stop each row there, which is what makes a ragged batch (BatchTopK) cost its mean row, not its
+    widest.  An inactive slot before the last active one (unsorted input) is still scanned, as a zero.
+    """
+    slot = torch.arange(1, active.shape[1] + 1, device=active.device)
+    return torch.cat([slot.new_zeros(active.shape[0], 1), torch.where(active, slot, 0)], dim=1).amax(1)
 
 
 def prefix_positions(sorted_acts: SortedActs, prefixes: Prefixes) -> torch.Tensor:

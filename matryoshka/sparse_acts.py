@@ -60,7 +60,27 @@ class SparseActs:
         return totals[:n]
 
     @classmethod
-    def from_dense(cls, acts: torch.Tensor, k: int) -> SparseActs:
-        """The ``k`` largest entries of each row of a dense ``(B, n)`` tensor (a TopK encoder)."""
+    def from_dense(cls, acts: torch.Tensor, k: int | None = None) -> SparseActs:
+        """The ``k`` largest entries of each row of a dense ``(B, n)`` tensor (a TopK encoder), or
+        with ``k=None`` every non-zero entry (BatchTopK, JumpReLU: rows of different lengths; see
+        :meth:`from_mask`)."""
+        if k is None:
+            return cls.from_mask(acts, acts != 0)
         values, indices = acts.topk(k, dim=-1)
         return cls(values, indices)
+
+    @classmethod
+    def from_mask(cls, acts: torch.Tensor, keep: torch.Tensor) -> SparseActs:
+        """The entries of a dense ``(B, n)`` tensor where the bool ``keep`` holds, in latent order,
+        each row padded to the longest one (width ``max_b #keep[b]``: one host sync).
+
+        Differentiable in ``acts``.  The loss scans each row only up to its own count, so the
+        padding costs memory (``B x width`` slots) but not scan time.
+        """
+        rows, latents = keep.nonzero(as_tuple=True)
+        counts = keep.sum(1)
+        width = int(counts.max()) if keep.shape[0] else 0
+        slot = torch.arange(rows.shape[0], device=keep.device) - (counts.cumsum(0) - counts)[rows]
+        indices = torch.full((keep.shape[0], width), PADDING_INDEX, dtype=torch.int64, device=keep.device)
+        values = acts.new_zeros(keep.shape[0], width).index_put((rows, slot), acts[rows, latents])
+        return cls(values, indices.index_put_((rows, slot), latents))

@@ -23,23 +23,6 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _check_dtype_mix(named: dict[str, torch.Tensor]) -> None:
-    """float32 mixes with either half type (autocast does that); float64 mixes with nothing, and
-    float16 with bfloat16 has no common half type: both would silently change the precision."""
-    dtypes = {name: t.dtype for name, t in named.items()}
-    kinds = set(dtypes.values())
-    if torch.float64 in kinds and len(kinds) > 1:
-        raise TypeError(
-            "float64 inputs cannot be mixed with other float dtypes; got "
-            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
-        )
-    if {torch.float16, torch.bfloat16} <= kinds:
-        raise TypeError(
-            "float16 and bfloat16 inputs cannot be mixed; got "
-            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
-        )
-
-
 def check_inputs(
     x: torch.Tensor,
     acts: SparseActs | torch.Tensor,
@@ -49,14 +32,20 @@ def check_inputs(
     backend: str,
     order: str = "index",
     detach: bool = False,
+    rescale_acts_by_decoder_norm: bool = False,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` for any malformed argument (no host sync)."""
+    """Raise ``TypeError``/``ValueError`` for any malformed argument (no host sync).
+
+    Float dtypes may mix (``matryoshka_loss`` promotes them as torch does); anything else that is
+    not a float16, bfloat16, float32 or float64 tensor (integers, complex) is an error.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if order not in ORDERS:
         raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
-    if not isinstance(detach, bool):
-        raise TypeError(f"`detach` must be a bool, got {type(detach).__name__}")
+    for name, flag in (("detach", detach), ("rescale_acts_by_decoder_norm", rescale_acts_by_decoder_norm)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
     if not isinstance(prefixes, Prefixes):
         raise TypeError(f"`prefixes` must be a matryoshka.Prefixes, got {type(prefixes).__name__}")
     _check_float("x", x)
@@ -111,8 +100,6 @@ def check_inputs(
             "all tensors must be on one device; got "
             + ", ".join(f"{k} on {v}" for k, v in devices.items())
         )
-    named.pop("acts.indices", None)
-    _check_dtype_mix(named)
     prefixes.check_against(n)
     if order == "rank":
         _check_rank_order(acts, prefixes)

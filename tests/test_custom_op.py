@@ -12,7 +12,7 @@ from .helpers import assert_compiled_step_matches, make_problem
 def sorted_args(bias: bool):
     import matryoshka.kernels.sparse_scan_op  # noqa: F401  (registers the op)
 
-    p = make_problem(3, 10, 12, 4, torch.float32, DEVICE, pad_fraction=0.25, bias=bias)
+    p = make_problem(3, 10, 12, 4, torch.float32, DEVICE, pad_fraction=0.25, padding_rows=(1,), bias=bias)  # ragged
     order = torch.where(p.indices < 0, 10**9, p.indices).argsort(1)
     values = p.values.gather(1, order).requires_grad_()
     return (p.x.requires_grad_(), p.b_dec, p.W_dec.requires_grad_(), values, p.indices.gather(1, order))
@@ -35,5 +35,18 @@ def test_loss_inside_torch_compile():
 
     def step(x, values, W, b):
         return matryoshka_loss(x, SparseActs(values, p.indices), W, b, prefixes, backend="triton", validate=False).loss
+
+    assert_compiled_step_matches(step, [p.x, p.values, p.W_dec, p.b_dec])
+
+
+def test_rescaled_loss_and_reconstruction_inside_torch_compile():
+    """Decoder-norm rescaling and the reconstruction (the scan's final residual) trace too."""
+    p = make_problem(4, 16, 20, 5, torch.float32, DEVICE, pad_fraction=0.4, padding_rows=(2,))
+    prefixes = Prefixes([0, 7, 20])
+
+    def step(x, values, W, b):
+        out = matryoshka_loss(x, SparseActs(values, p.indices), W, b, prefixes, backend="triton", validate=False,
+                              rescale_acts_by_decoder_norm=True)
+        return out.loss + out.reconstruction.square().mean()  # a detached term: checks its value only
 
     assert_compiled_step_matches(step, [p.x, p.values, p.W_dec, p.b_dec])

@@ -106,12 +106,12 @@ def test_gradcheck_sparse_detached_torch_scan(level):
             grad_level[row, int(slots[-1]) + 1] = 1.5 + row  # norm index = slot + 1
 
     def through_x(x, b):
-        norms, level_norms = sparse_scan_detached_torch(x, b, p.W_dec, values, indices, levels)
+        norms, level_norms, _final = sparse_scan_detached_torch(x, b, p.W_dec, values, indices, levels)
         return (grad_norms * norms).sum() + (grad_norms * level_norms).sum()
 
     def through_level(x, b, live_values):
         v = values.masked_scatter(live, live_values)
-        _, level_norms = sparse_scan_detached_torch(x, b, p.W_dec, v, indices, levels)
+        _, level_norms, _final = sparse_scan_detached_torch(x, b, p.W_dec, v, indices, levels)
         return (grad_level * level_norms).sum()
 
     inputs = [t.detach().clone().requires_grad_() for t in (p.x, p.b_dec, values[live])]

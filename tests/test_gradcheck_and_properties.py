@@ -31,7 +31,8 @@ def test_gradcheck_sparse_scan(sparse_scan, bias):
     b = p.b_dec.detach().clone().requires_grad_() if bias else None
 
     def scan(x, W, v, *maybe_b):
-        return sparse_scan(x, maybe_b[0] if maybe_b else None, W, v, idx)
+        norms, _final = sparse_scan(x, maybe_b[0] if maybe_b else None, W, v, idx)
+        return norms
 
     assert torch.autograd.gradcheck(scan, inputs + ([b] if bias else []))
 

@@ -10,7 +10,9 @@ build :class:`FusedMatryoshkaBatchTopKTrainingSAE` from such a config.
 The stock ``MatryoshkaBatchTopKTrainingSAE`` decodes its levels one after another (a running sum
 of dense ``(B, width) @ (width, d)`` products), so its step grows with the number of levels.  This
 class replaces that with one call of :func:`matryoshka.matryoshka_loss` over the BatchTopK
-activations as ``SparseActs``: every level's loss in one pass, whatever the number of levels, and
+activations as ragged ``SparseActs`` (each row scanned to its own count), with the op's decoder-norm
+rescaling, its reconstruction as ``sae_out`` (no second decode), its dtype promotion and its float32
+accumulation under autocast: every level's loss in one pass, whatever the number of levels, and
 ``matryoshka_prefixes="every"`` scores every prefix ``1..d_sae``.  Its auxiliary losses (the TopK
 one and ``use_matryoshka_aux_loss``) go through the op as well.  Everything else (encoder,
 BatchTopK selection, threshold, saving as JumpReLU, folding) is the stock class's.
@@ -42,7 +44,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..loss import matryoshka_loss
 from ..prefixes import Prefixes
-from ..sae import _sparse_rows
 from ..sparse_acts import PADDING_INDEX, SparseActs
 from ..validation import BACKENDS
 
@@ -114,7 +115,9 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
     returns (loss, logged losses under the same names, ``sae_out``, threshold update, gradients)
     up to rounding.  Not supported: ``normalize_activations`` ``"constant_norm_rescale"`` and
     ``"layer_norm"`` (the stock class fails with them too), and hooks on ``hook_sae_recons`` do
-    not change the loss (they see ``sae_out``, which the loss is not computed from).
+    not change the loss (they see ``sae_out``, which the loss is not computed from).  ``sae_out`` is
+    the op's reconstruction, detached (SAELens's trainer reads it only for metrics), in the op's
+    compute dtype (float32 also under autocast).
     """
 
     cfg: FusedMatryoshkaBatchTopKTrainingSAEConfig  # type: ignore[assignment]
@@ -145,16 +148,10 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
         if step_input.sae_in.dim() != 2:
             raise ValueError(f"sae_in must be (batch, d_in), got shape {tuple(step_input.sae_in.shape)}")
         feature_acts, hidden_pre = self.encode_with_hidden_pre(step_input.sae_in)
-        # The op and the decodes run in the promoted float dtype, outside autocast (float32 at least).
-        dtype = _compute_dtype(step_input.sae_in, feature_acts, self.W_dec)
-        with torch.autocast(step_input.sae_in.device.type, enabled=False):
-            sae_in, W_dec, b_dec = step_input.sae_in.to(dtype), self.W_dec.to(dtype), self.b_dec.to(dtype)
-            acts = self._decoder_acts(feature_acts.to(dtype), W_dec)
-            out = matryoshka_loss(
-                sae_in, acts, W_dec, b_dec, self.prefixes, backend=self.cfg.matryoshka_backend, validate=False
-            )
-            sae_out = self.hook_sae_recons(acts.decode(W_dec) + b_dec)
-            aux_loss = self._aux_loss(step_input, acts, hidden_pre.to(dtype), sae_in, sae_out, W_dec, b_dec)
+        acts = SparseActs.from_dense(feature_acts)  # BatchTopK rows of different lengths: one host sync
+        out = self._loss(step_input.sae_in, acts, self.b_dec, self.prefixes)
+        sae_out = self.hook_sae_recons(out.reconstruction)
+        aux_loss = self._aux_loss(step_input, acts, hidden_pre, out.reconstruction)
         losses = {"mse_loss": out.per_prefix[-1], "auxiliary_reconstruction_loss": aux_loss.detach()}
         for width, position in zip(self.cfg.matryoshka_widths[:-1], self._logged_positions):
             losses[f"inner_mse_loss_{width}"] = out.per_prefix[position]
@@ -169,24 +166,15 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
             metrics={"topk_threshold": self.topk_threshold},
         )
 
-    def _decoder_acts(self, feature_acts: torch.Tensor, W_dec: torch.Tensor) -> SparseActs:
-        """The BatchTopK activations as ``SparseActs`` (rows padded to the fullest one), divided by
-        the decoder row norms under ``rescale_acts_by_decoder_norm`` (differentiably, as SAELens)."""
-        fired = feature_acts > 0
-        acts = _sparse_rows(feature_acts, fired, int(fired.sum(1).max()))  # one host sync
-        if not self.cfg.rescale_acts_by_decoder_norm:
-            return acts
-        return _scale_by_latent(acts, 1 / W_dec.norm(dim=-1))
+    def _loss(self, x: torch.Tensor, acts: SparseActs, b_dec: torch.Tensor | None, prefixes: Prefixes):
+        """The op on this SAE's decoder, with its backend and ``rescale_acts_by_decoder_norm``."""
+        return matryoshka_loss(
+            x, acts, self.W_dec, b_dec, prefixes, backend=self.cfg.matryoshka_backend, validate=False,
+            rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
+        )
 
     def _aux_loss(
-        self,
-        step_input: TrainStepInput,
-        acts: SparseActs,
-        hidden_pre: torch.Tensor,
-        sae_in: torch.Tensor,
-        sae_out: torch.Tensor,
-        W_dec: torch.Tensor,
-        b_dec: torch.Tensor,
+        self, step_input: TrainStepInput, acts: SparseActs, hidden_pre: torch.Tensor, reconstruction: torch.Tensor
     ) -> torch.Tensor:
         """SAELens's dead-latent auxiliary loss, through the op.
 
@@ -198,7 +186,8 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
         multiplied by the square root of its scale).
         """
         dead = step_input.dead_neuron_mask
-        zero = sae_out.new_zeros(())
+        sae_in = step_input.sae_in
+        zero = reconstruction.new_zeros(())
         if dead is None:
             return zero
         ends = self.cfg.matryoshka_widths if self.cfg.use_matryoshka_aux_loss else [self.cfg.d_sae]
@@ -208,11 +197,11 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
             return zero
         with torch.no_grad():
             if self.cfg.use_matryoshka_aux_loss:
-                residuals = sae_in.unsqueeze(1) - b_dec - _level_decodes(acts, W_dec, ends)
+                W_dec = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True) if self.cfg.rescale_acts_by_decoder_norm else self.W_dec
+                residuals = sae_in.unsqueeze(1) - self.b_dec - _level_decodes(acts, W_dec, ends)
             else:
-                residuals = (sae_in - sae_out).unsqueeze(1)
+                residuals = (sae_in - reconstruction).unsqueeze(1)
         k_aux = self.cfg.d_in // 2
-        inv_norm = 1 / W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         targets, level_acts = [], []
         for level, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
             num_dead = dead_per_level[level]
@@ -221,34 +210,15 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
             root_scale = math.sqrt(min(num_dead / k_aux, 1.0))
             masked = torch.where(dead[start:end], hidden_pre[:, start:end], -torch.inf)
             values, indices = masked.topk(min(k_aux, num_dead), dim=-1, sorted=False)
-            chosen = SparseActs(values * root_scale, indices + start)
-            level_acts.append(chosen if inv_norm is None else _scale_by_latent(chosen, inv_norm))
+            level_acts.append(SparseActs(values * root_scale, indices + start))
             targets.append(residuals[:, level] * root_scale)
         width = max(a.values.shape[1] for a in level_acts)
         stacked = SparseActs(
             torch.cat([F.pad(a.values, (0, width - a.values.shape[1])) for a in level_acts]),
             torch.cat([F.pad(a.indices, (0, width - a.indices.shape[1]), value=PADDING_INDEX) for a in level_acts]),
         )
-        out = matryoshka_loss(
-            torch.cat(targets), stacked, W_dec, None, self._aux_prefixes,
-            backend=self.cfg.matryoshka_backend, validate=False,
-        )
+        out = self._loss(torch.cat(targets), stacked, None, self._aux_prefixes)
         return self.cfg.aux_loss_coefficient * len(targets) * out.loss
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """torch's promotion of the tensors' dtypes, at least float32."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _scale_by_latent(acts: SparseActs, per_latent: torch.Tensor) -> SparseActs:
-    """``acts`` with each value multiplied by ``per_latent[index]`` (padding stays 0)."""
-    real = acts.indices >= 0
-    factor = per_latent[torch.where(real, acts.indices, 0)]
-    return SparseActs(torch.where(real, acts.values * factor, 0.0), acts.indices)
 
 
 def _level_decodes(acts: SparseActs, W_dec: torch.Tensor, ends: list[int]) -> torch.Tensor:

@@ -110,14 +110,14 @@ def _sparse_builds(dtypes, shapes) -> list[Build]:
             out.append(Build(
                 "sparse_forward", dtype, config, sparse_scan._sparse_scan_forward_kernel,
                 dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64,
-                     norms_ptr=acc, residual_ptr=acc),
+                     counts_ptr=torch.int32, norms_ptr=acc, residual_ptr=acc),
                 dict(HAS_BIAS=True, **meta)))
             for detach in (False, True):
                 out.append(Build(
                     "sparse_backward" + "_detached" * detach, dtype, config, sparse_scan._sparse_scan_backward_kernel,
                     dict(residual_ptr=acc, grad_norms_ptr=acc, grad_level_ptr=acc, levels_ptr=torch.int64,
-                         w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, dx_ptr=acc, dvalues_ptr=acc,
-                         dw_ptr=acc),
+                         w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.int32,
+                         dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
                     dict(DETACH=detach, **meta)))
     return out
 

@@ -3,7 +3,8 @@
 A scan op maps ``(x, b_dec, W_dec, acts, *layout)`` to ``(*norms, final residual)``; its backward op
 maps ``(residual, *grad_norms, W_dec, acts, *layout)`` to ``(dx, dacts, dW_dec)`` in the
 accumulation dtype.  ``layout`` (latent indices, levels, or prefix lengths) has no gradient, and
-``db_dec = -sum_b dx``.
+``db_dec = -sum_b dx``.  The final residual is not differentiable (``matryoshka_loss`` returns it
+detached, as ``MatryoshkaLossOutput.reconstruction``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ def register_scan_autograd(scan_op, backward_op) -> None:
         x, b_dec, W_dec, acts, *layout = inputs
         ctx.save_for_backward(output[-1], W_dec, acts, *layout)
         ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, W_dec.dtype, acts.dtype)
+        ctx.mark_non_differentiable(output[-1])
 
     def backward(ctx, *grads):
-        # The final residual is an internal by-product saved for the backward; no caller differentiates it.
         residual, W_dec, acts, *layout = ctx.saved_tensors
         x_dtype, b_dtype, w_dtype, a_dtype = ctx.dtypes
         dx, dacts, dW = backward_op(residual, *grads[:-1], W_dec, acts, *layout)

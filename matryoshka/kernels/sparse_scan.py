@@ -2,17 +2,20 @@
 
 One program owns one row ``b`` and one chunk of ``BLOCK_D`` columns of ``d``; it walks the row's
 active latents in the order they arrive (sorted by index, or by value for rank-order prefixes;
-padding last), keeping its residual chunk in registers.  Nothing here knows about prefixes: they
+padding last), keeping its residual chunk in registers.  It stops at the row's count ``c_b`` (one
+past its last active slot, read from a tensor: no host sync), so a ragged batch (BatchTopK) costs
+its mean count, not its widest row; the slots past ``c_b`` leave the residual unchanged.  Nothing here knows about prefixes: they
 enter only through ``grad_norms`` (and, detached, through each slot's level).
 
-Forward (``sparse_scan_forward``), for ``t = 1..k``:
+Forward (``sparse_scan_forward``), for ``t = 1..c_b`` (and ``norms[b, t] = norms[b, c_b]`` past it):
 
     r_0 = x_b - b_dec,   r_t = r_{t-1} - v_t W_dec[p_t],   norms[b, t] = sum over chunks of ||r_t||^2
 
 The final residual ``r_k`` is saved: it is all the backward needs.
 
-Backward (``sparse_scan_backward``), given ``c_t = dL/dnorms[b, t]``, walks ``t = k..1`` recovering
-``r_{t-1} = r_t + v_t W_dec[p_t]`` and carrying the suffix sum ``G_t = sum_{s >= t} 2 c_s r_s``:
+Backward (``sparse_scan_backward``), given ``c_t = dL/dnorms[b, t]``, walks ``t = c_b..1`` recovering
+``r_{t-1} = r_t + v_t W_dec[p_t]`` and carrying the suffix sum ``G_t = sum_{s >= t} 2 c_s r_s``, which
+starts as ``(sum_{s > c_b} 2 c_s) r_k`` (a scalar loop over the padded slots):
 
     dv_t = -<G_t, W_dec[p_t]>,   dW_dec[p_t] += -v_t G_t (atomic),   dx_b = G_0,   db_dec = -sum_b G_0
 
@@ -32,7 +35,8 @@ restarts at each level boundary, walking ``t = k..1``:
     H_t = 2 e_t r_t + [level_t == level_{t+1}] H_{t+1}        (H_{k+1} = 0)
     dv_t = -<H_t, W_dec[p_t]>,   dW_dec[p_t] += -v_t H_t,   dx_b = sum_t 2 (c_t + e_t) r_t
 
-One more ``BLOCK_D`` register vector and one level load per step; the forward is unchanged.  Under
+One more ``BLOCK_D`` register vector and one level load per step; the forward is unchanged.  The
+padded slots past ``c_b`` start ``H`` at ``(sum_{s >= c_b, level_s = level_{c_b}} 2 e_{s+1}) r_k``.  Under
 ``matryoshka_loss`` only the last slot of each level has ``U_t != 0``, so ``H_t`` is ``2 w_h`` times
 the level's final residual for every slot of level ``h``: a latent learns only from the prefix that
 adds it.
@@ -48,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..scan_layout import slot_counts
 from .guard import device_guard
 
 __all__ = ["sparse_scan_forward", "sparse_scan_backward"]
@@ -68,7 +73,7 @@ def _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC: tl.constexpr)
 
 @triton.jit
 def _sparse_scan_forward_kernel(
-    x_ptr, bias_ptr, w_ptr, values_ptr, indices_ptr, norms_ptr, residual_ptr,
+    x_ptr, bias_ptr, w_ptr, values_ptr, indices_ptr, counts_ptr, norms_ptr, residual_ptr,
     num_rows, k, d, n,
     stride_x, stride_w, stride_values, stride_indices,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -82,19 +87,24 @@ def _sparse_scan_forward_kernel(
     if HAS_BIAS:
         r -= tl.load(bias_ptr + cols, mask=in_d, other=0.0).to(ACC)
     norms_row = norms_ptr + (chunk.to(tl.int64) * num_rows + row) * (k + 1)
-    tl.store(norms_row, tl.sum(r * r, axis=0))
-    for t in range(0, k):
+    norm = tl.sum(r * r, axis=0)
+    tl.store(norms_row, norm)
+    count = tl.load(counts_ptr + row)
+    for t in range(0, count):
         latent = tl.load(indices_ptr + row * stride_indices + t)
         value = tl.load(values_ptr + row * stride_values + t).to(ACC)
         w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
         r -= tl.where(active, value, 0.0) * w
-        tl.store(norms_row + t + 1, tl.sum(r * r, axis=0))
+        norm = tl.sum(r * r, axis=0)
+        tl.store(norms_row + t + 1, norm)
+    for t in range(count, k):  # padding: the residual stays r_{c_b}
+        tl.store(norms_row + t + 1, norm)
     tl.store(residual_ptr + row * d + cols, r, mask=in_d)
 
 
 @triton.jit
 def _sparse_scan_backward_kernel(
-    residual_ptr, grad_norms_ptr, grad_level_ptr, levels_ptr, w_ptr, values_ptr, indices_ptr,
+    residual_ptr, grad_norms_ptr, grad_level_ptr, levels_ptr, w_ptr, values_ptr, indices_ptr, counts_ptr,
     dx_ptr, dvalues_ptr, dw_ptr,
     num_rows, k, d, n,
     stride_w, stride_values, stride_indices, stride_levels, stride_dw,
@@ -110,20 +120,34 @@ def _sparse_scan_backward_kernel(
     cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     r = tl.load(residual_ptr + row * d + cols, mask=in_d, other=0.0)
-    suffix = tl.zeros([BLOCK_D], dtype=ACC)
     grad_row = grad_norms_ptr + row * (k + 1)
     dvalues_row = dvalues_ptr + (chunk.to(tl.int64) * num_rows + row) * k
+    count = tl.load(counts_ptr + row)
+    # The padded slots t >= count all see r_k: their gradients start the suffix sums as scalars.
+    tail = tl.full([], 0.0, ACC)
     if DETACH:
-        level_suffix = tl.zeros([BLOCK_D], dtype=ACC)
         grad_level_row = grad_level_ptr + row * (k + 1)
-        next_level = tl.full([], -1, tl.int64)  # no slot after the last: its level ends there
-    for step in range(0, k):
-        t = k - 1 - step  # slot t holds latent number t + 1 of the scan
+        levels_row = levels_ptr + row * stride_levels
+        # slot count's level, or -1 when there is no slot after the last live one: its level ends there
+        next_level = tl.load(levels_row + count, mask=count < k, other=-1).to(tl.int64)
+        level_tail = tl.full([], 0.0, ACC)
+        for t in range(count, k):
+            twice_level_grad = 2.0 * tl.load(grad_level_row + t + 1).to(ACC)
+            tail += 2.0 * tl.load(grad_row + t + 1).to(ACC) + twice_level_grad
+            same_level = tl.load(levels_row + t).to(tl.int64) == next_level
+            level_tail += tl.where(same_level, twice_level_grad, 0.0)
+        level_suffix = level_tail * r
+    else:
+        for t in range(count, k):
+            tail += 2.0 * tl.load(grad_row + t + 1).to(ACC)
+    suffix = tail * r
+    for step in range(0, count):
+        t = count - 1 - step  # slot t holds latent number t + 1 of the scan
         twice_grad = 2.0 * tl.load(grad_row + t + 1).to(ACC)
         if DETACH:
             twice_level_grad = 2.0 * tl.load(grad_level_row + t + 1).to(ACC)
             suffix += (twice_grad + twice_level_grad) * r
-            level = tl.load(levels_ptr + row * stride_levels + t)
+            level = tl.load(levels_row + t).to(tl.int64)
             same_level = (level == next_level).to(ACC)
             level_suffix = same_level * level_suffix + twice_level_grad * r
             next_level = level
@@ -159,6 +183,11 @@ def _launch_meta(d: int, acc_dtype: torch.dtype) -> tuple[torch.dtype, int, dict
     return torch_acc, triton.cdiv(d, block_d), dict(ACC=tl_acc, BLOCK_D=block_d)
 
 
+def _counts(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's slot count (``scan_layout.slot_counts``) as the kernels' int32 loop bound."""
+    return slot_counts((indices >= 0) & (indices < n)).to(torch.int32)
+
+
 def sparse_scan_forward(
     x: torch.Tensor,
     b_dec: torch.Tensor | None,
@@ -174,13 +203,14 @@ def sparse_scan_forward(
     num_rows, d = x.shape
     k = values.shape[1]
     torch_acc, chunks, meta = _launch_meta(d, acc_dtype)
+    counts = _counts(indices, W_dec.shape[0])
     partial = x.new_empty(chunks, num_rows, k + 1, dtype=torch_acc)
     residual = x.new_empty(num_rows, d, dtype=torch_acc)
     if num_rows > 0:
         x, W_dec = x.contiguous(), W_dec.contiguous()
         with device_guard(x):
             _sparse_scan_forward_kernel[(num_rows, chunks)](
-                x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, partial, residual,
+                x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, counts, partial, residual,
                 num_rows, k, d, W_dec.shape[0],
                 x.stride(0), W_dec.stride(0), values.stride(0), indices.stride(0),
                 HAS_BIAS=b_dec is not None, **meta,
@@ -211,7 +241,7 @@ def sparse_scan_backward(
     k = values.shape[1]
     torch_acc, chunks, meta = _launch_meta(d, residual.dtype)
     dx = torch.empty_like(residual)
-    dvalues_partial = residual.new_empty(chunks, num_rows, k)
+    dvalues_partial = residual.new_zeros(chunks, num_rows, k)  # padded slots stay 0
     dW = torch.zeros(W_dec.shape, dtype=torch_acc, device=W_dec.device)
     detach = levels is not None
     grad_norms = grad_norms.to(torch_acc).contiguous()
@@ -221,7 +251,7 @@ def sparse_scan_backward(
         W_dec = W_dec.contiguous()
         with device_guard(residual):
             _sparse_scan_backward_kernel[(num_rows, chunks)](
-                residual, grad_norms, grad_level, levels, W_dec, values, indices,
+                residual, grad_norms, grad_level, levels, W_dec, values, indices, _counts(indices, W_dec.shape[0]),
                 dx, dvalues_partial, dW,
                 num_rows, k, d, W_dec.shape[0],
                 W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0), dW.stride(0),

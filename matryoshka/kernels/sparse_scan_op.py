@@ -97,16 +97,13 @@ def _(residual, grad_norms, grad_level_norms, W_dec, values, indices, levels):
 register_scan_autograd(_sparse_scan_detached, _sparse_scan_detached_backward)
 
 
-def sparse_scan_triton(x, b_dec, W_dec, values, indices) -> torch.Tensor:
-    """``(B, k + 1)`` squared residual norms of the sorted scan, by the fused kernels."""
-    norms, _ = _sparse_scan(x, b_dec, W_dec, values.contiguous(), indices.contiguous())
-    return norms
+def sparse_scan_triton(x, b_dec, W_dec, values, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norms, final)``: the ``(B, k + 1)`` squared residual norms of the sorted scan and the
+    ``(B, d)`` final residual (not differentiable), by the fused kernels."""
+    return _sparse_scan(x, b_dec, W_dec, values.contiguous(), indices.contiguous())
 
 
-def sparse_scan_detached_triton(x, b_dec, W_dec, values, indices, levels) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norms, level_norms)`` of the sorted scan with per-slot ``levels``, by the fused kernels
-    (the gradients of each: ``torch_scan.sparse_scan_detached_torch``)."""
-    norms, level_norms, _ = _sparse_scan_detached(
-        x, b_dec, W_dec, values.contiguous(), indices.contiguous(), levels.contiguous()
-    )
-    return norms, level_norms
+def sparse_scan_detached_triton(x, b_dec, W_dec, values, indices, levels):
+    """``(norms, level_norms, final)`` of the sorted scan with per-slot ``levels``, by the fused
+    kernels (the gradients of each: ``torch_scan.sparse_scan_detached_torch``)."""
+    return _sparse_scan_detached(x, b_dec, W_dec, values.contiguous(), indices.contiguous(), levels.contiguous())
