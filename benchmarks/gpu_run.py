@@ -161,6 +161,13 @@ DEFAULT_STAGES = ["env", "tests", "sanitize", "sweep"]
 
 
 # --------------------------------------------------------------------------------------------- run
+def _default_sigint() -> None:
+    """In the child, before exec: take SIGINT by default.  A shell's background job starts with
+    SIGINT ignored, and Python keeps an ignored SIGINT ignored, so `_kill`'s first signal would
+    otherwise be lost and every timed-out stage would wait out the SIGINT grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """Stop the command and everything it started (its own process group).  SIGINT first: pytest
     then still writes its JUnit XML and failure report, and the sweep has saved every finished
@@ -198,7 +205,7 @@ def run_stage(stage: Stage, log_path: Path, limit_s: float) -> dict:
             log.flush()
             try:
                 proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_default_sigint)
             except OSError as exc:
                 rec.update(status="failed", rc=None, note=f"{rec['note']}; {exc}".strip("; "))
                 break
