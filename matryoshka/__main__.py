@@ -12,8 +12,8 @@ import torch.distributed as dist
 from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
-from .experiments import child_magnitude, compare, real_compare
-from .experiments.common import RunSpec, default_jobs
+from .experiments import child_magnitude, compare, hedging, real_compare
+from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
@@ -59,6 +59,11 @@ def child_magnitude_cmd(args: argparse.Namespace) -> None:
         "child_magnitude": args.child_magnitude, "distractors": args.distractors,
         "distractor_p": args.distractor_p,
     }
+    if args.phase:
+        child_magnitude.phase(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, toy_params=toy_params,
+                              ratios=tuple(args.phase_ratios), probs=tuple(args.phase_probs),
+                              modes=tuple(args.phase_modes), docs=Path(args.docs) if args.docs else None)
+        return
     child_magnitude.child_magnitude(
         Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes),
         toy_params=toy_params, sweep_ratios=tuple(args.ratios) if args.sweep else None,
@@ -74,8 +79,10 @@ def train_toy_cmd(args: argparse.Namespace) -> None:
         out = check_writable(args.out, "--out")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         toy = ToyModel(nabeshima_spec())
-        overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, progress=leader)
-        config = RunSpec(toy.spec, args.mode, args.seed, args.steps, train_overrides=overrides).train_config(toy)
+        overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, progress=leader,
+                         detach=args.detach, balance_beta=args.balance_beta, balance_normalise=args.balance_normalise,
+                         prefix_mode=args.mode)  # a trainer prefix mode, not a study mode
+        config = RunSpec(toy.spec, "vanilla", args.seed, args.steps, train_overrides=overrides).train_config(toy)
         sae_config = SAEConfig(d=toy.d, n=toy.num_features, activation=args.activation, k=args.k)
         sae = SparseAutoencoder(sae_config, generator=torch.Generator().manual_seed(10_000 + args.seed)).to(device)
         result = train(sae, lambda rows, g: toy.sample(rows, g)[0], config,
@@ -130,7 +137,20 @@ def real_compare_cmd(args: argparse.Namespace) -> None:
                               docs=None if args.quick else Path(args.docs), every_weights=args.every_weights)
 
 
-def _study_args(parser: argparse.ArgumentParser, out: str, study) -> None:
+def hedging_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    if args.replot:
+        hedging.replot(Path(args.out), docs=Path(args.docs) if args.docs else None)
+        return
+    steps, seeds = _steps_and_seeds(args, hedging)
+    hedging.hedging(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, toys=tuple(args.toys),
+                    betas=tuple(args.betas), norm_betas=tuple(args.norm_betas), quick=args.quick,
+                    modes=None if args.modes == list(hedging.MODES) else tuple(args.modes),
+                    unequal_betas=tuple(args.unequal_betas),
+                    docs=None if args.quick or not args.docs else Path(args.docs))
+
+
+def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool = False) -> None:
     parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {study.DEFAULT_STEPS}, --quick "
@@ -140,8 +160,14 @@ def _study_args(parser: argparse.ArgumentParser, out: str, study) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="parallel training processes (default: %(default)s)")
-    parser.add_argument("--modes", nargs="+", default=list(study.MODES),
-                        choices=["vanilla", "groups", "sampled", "every"])
+    if any_mode:  # the toy studies: every study mode (matryoshka.experiments.common.study_mode)
+        parser.add_argument("--modes", nargs="+", default=list(study.MODES), type=check_study_mode,
+                            help="study modes: vanilla, groups, sampled, every, every-uniform, detached, "
+                                 "detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
+                                 "balanced-b<beta>, each -b form optionally with -norm (default: %(default)s)")
+    else:
+        parser.add_argument("--modes", nargs="+", default=list(study.MODES),
+                            choices=["vanilla", "groups", "sampled", "every"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,12 +184,12 @@ def main(argv: list[str] | None = None) -> None:
 
     cmp = sub.add_parser("compare", help="vanilla / groups / sampled / every-prefix SAEs on the nabeshima toy",
                          description=compare.__doc__)
-    _study_args(cmp, "runs/compare", compare)
+    _study_args(cmp, "runs/compare", compare, any_mode=True)
     cmp.set_defaults(func=compare_cmd)
 
     child = sub.add_parser("child-magnitude", help="a child much larger than its parent: order, absorption",
                            description=child_magnitude.__doc__)
-    _study_args(child, "runs/child_magnitude", child_magnitude)
+    _study_args(child, "runs/child_magnitude", child_magnitude, any_mode=True)
     child.add_argument("--parent-p", type=float, default=0.3)
     child.add_argument("--parent-magnitude", type=float, default=2.0)
     child.add_argument("--child-p", type=float, default=0.5, help="probability given the parent")
@@ -173,7 +199,28 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--sweep", action="store_true", help="also sweep the child/parent magnitude ratio")
     child.add_argument("--ratios", type=float, nargs="+", default=list(child_magnitude.DEFAULT_RATIOS),
                        help="child/parent magnitude ratios for --sweep (default: %(default)s)")
+    child.add_argument("--phase", action="store_true",
+                       help="the phase diagram: magnitude ratio x P(child | parent) x --phase-modes (heatmaps)")
+    child.add_argument("--phase-ratios", type=float, nargs="+", default=list(child_magnitude.PHASE_RATIOS))
+    child.add_argument("--phase-probs", type=float, nargs="+", default=list(child_magnitude.PHASE_PROBS))
+    child.add_argument("--phase-modes", nargs="+", default=list(child_magnitude.PHASE_MODES), type=check_study_mode)
+    child.add_argument("--docs", default=None, help="also copy the phase figures and results table here")
     child.set_defaults(func=child_magnitude_cmd)
+
+    hedge = sub.add_parser("hedging", help="why mixing remains with every prefix: inner prefixes scaled by beta, "
+                                           "uniform and detached levels, two toys", description=hedging.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _study_args(hedge, "runs/hedging", hedging, any_mode=True)
+    hedge.add_argument("--toys", nargs="+", default=list(hedging.TOYS), choices=list(hedging.TOYS))
+    hedge.add_argument("--betas", type=float, nargs="+", default=list(hedging.BETAS),
+                       help="beta grid of every-b<beta> (default: %(default)s)")
+    hedge.add_argument("--norm-betas", type=float, nargs="+", default=list(hedging.NORM_BETAS),
+                       help="betas of the normalised form every-b<beta>-norm, nabeshima toy (default: %(default)s)")
+    hedge.add_argument("--docs", default="docs", help="copy figures and results.md here (not with --quick; '' = no)")
+    hedge.add_argument("--unequal-betas", type=float, nargs="+", default=list(hedging.UNEQUAL_BETAS),
+                       help="beta grid on the unequal toy (default: %(default)s)")
+    hedge.add_argument("--replot", action="store_true", help="redo tables and figures from OUT/results.json")
+    hedge.set_defaults(func=hedging_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
                                help="train one SAE on the nabeshima toy (resumable; torchrun for data-parallel)")
@@ -187,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     toy_train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
     toy_train.add_argument("--resume", action="store_true",
                            help="continue from the latest checkpoint in OUT/checkpoints")
+    toy_train.add_argument("--detach", action="store_true",
+                           help="detached levels: each latent learns only from the prefix that adds it")
+    toy_train.add_argument("--balance-beta", type=float, default=None,
+                           help="inner levels' scale beta: every = L_n + beta * sum_{l<n} w_l L_l; "
+                                "balanced (needs it) = group weights beta^(G-g)")
+    toy_train.add_argument("--balance-normalise", action="store_true",
+                           help="divide the beta-scaled weights by their sum")
     toy_train.set_defaults(func=train_toy_cmd)
 
     # Prefix modes come from the trainer (PREFIX_MODES), so modes it gains (balanced, detached) appear here.

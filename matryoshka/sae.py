@@ -254,14 +254,16 @@ class SparseAutoencoder(nn.Module):
         acts: SparseActs | torch.Tensor,
         prefixes: Prefixes | None = None,
         validate: bool = False,
+        detach: bool = False,
     ) -> MatryoshkaLossOutput:
         """The Matryoshka loss of ``acts`` on ``x`` over ``prefixes`` (default: the SAE's own).
 
         ``validate=False`` skips the loss op's index check (a host sync): the SAE's own sparse
         activations have in-range, distinct indices by construction.  Pass ``True`` for others.
+        ``detach=True``: detached levels (see :func:`matryoshka.matryoshka_loss`); same loss value.
         """
         prefixes = self.prefixes if prefixes is None else prefixes
-        return matryoshka_loss(x, acts, self.W_dec, self.b_dec, prefixes, validate=validate)
+        return matryoshka_loss(x, acts, self.W_dec, self.b_dec, prefixes, validate=validate, detach=detach)
 
     def sparsity_penalty(self, out: SAEOutput) -> torch.Tensor:
         """Batch mean of the L1 (ReLU) or L0 (JumpReLU) norm of the activations; 0 for TopK kinds.

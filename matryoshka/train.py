@@ -11,6 +11,13 @@ unit-norm decoder constraint.  Prefix modes (``TrainConfig.prefix_mode``):
 * ``every``: all ``n`` prefixes every step, prefix ``l`` weighted by its *inclusion probability*
   under ``sampled`` divided by ``num_sampled``; so ``every`` is exactly the expectation of the
   ``sampled`` loss, without the sampling noise (see :func:`sampled_inclusion_probabilities`).
+  With ``balance_beta = β`` the inner prefixes are scaled by β instead (see :class:`PrefixSchedule`):
+  ``L_n + β Σ_{l<n} ω_l L_l`` with ``ω`` the inner weights renormalised to sum 1.
+* ``balanced``: the fixed groups with geometric weights ``β^(G-g)`` (``Prefixes.balanced``,
+  Chanin et al. 2025), ``β = balance_beta``.
+
+``detach``: detached levels (``matryoshka_loss(..., detach=True)``): a latent's value and decoder
+row learn only from the prefix that adds it; the loss value is unchanged.
 
 Every random draw (data, prefixes, initialisation) comes from seeded generators: a run is
 deterministic on the CPU.  Metrics are read back every ``log_every`` steps only, so the step loop
@@ -75,11 +82,12 @@ __all__ = [
     "sampled_inclusion_probabilities",
     "every_prefix_weights",
     "PrefixSchedule",
+    "scaled_inner_weights",
     "lr_factor",
     "train",
 ]
 
-PREFIX_MODES = ("vanilla", "groups", "sampled", "every")
+PREFIX_MODES = ("vanilla", "groups", "sampled", "every", "balanced")
 # The weights of the ``every`` objective: "exact" (inclusion probabilities / num_sampled, see
 # every_prefix_weights) or "uniform" (1/n each: a different objective, weighting long prefixes far
 # more than sampled does).
@@ -98,14 +106,35 @@ class PrefixSchedule:
     """The prefixes of each training step for one prefix mode (see module doc).
 
     ``objective``: the fixed prefix set whose loss the mode optimises (in expectation for ``sampled``).
+
+    ``balance_beta = β`` (modes ``every`` and ``balanced`` only; required by ``balanced``):
+
+    * ``every``: ``L_full + β Σ_{l<n} ω_l L_l``, where ``L_l`` is prefix ``l``'s loss and ``ω_l`` are
+      the ``every_weights`` of the inner prefixes ``l = 1..n-1`` renormalised to sum 1 (``exact``:
+      ``ω_l = π_l / (num_sampled - 1)``, ``π_l`` the inclusion probability under ``sampled``;
+      ``uniform``: ``1 / (n - 1)``).  ``β = 0`` is a plain SAE; today's unscaled ``every`` (exact)
+      is ``β = num_sampled - 1`` (9 for 10 sampled prefixes) times ``1 / num_sampled``.
+    * ``balanced``: ``Prefixes.balanced(group_widths, β)``, weights ``β^(G-g)`` (outer 1).
+
+    ``balance_normalise``: divide those weights by their sum (``1 + β`` for ``every``), so that the
+    objective is a weighted *mean* of prefix losses; the minimiser of the reconstruction term is the
+    same, only the scale against the sparsity penalty and the gradient clipping changes.
     """
 
     def __init__(self, mode: str, n: int, num_sampled: int = 10, group_widths: list[int] | None = None,
-                 generator: torch.Generator | None = None, every_weights: str = "exact") -> None:
+                 generator: torch.Generator | None = None, every_weights: str = "exact",
+                 balance_beta: float | None = None, balance_normalise: bool = False) -> None:
         if mode not in PREFIX_MODES:
             raise ValueError(f"prefix mode must be one of {PREFIX_MODES}, got {mode!r}")
         if every_weights not in EVERY_WEIGHTS:
             raise ValueError(f"every_weights must be one of {EVERY_WEIGHTS}, got {every_weights!r}")
+        if balance_beta is not None:
+            if mode not in ("every", "balanced"):
+                raise ValueError(f"balance_beta applies to prefix modes 'every' and 'balanced', not {mode!r}")
+            if not (math.isfinite(balance_beta) and balance_beta >= 0):
+                raise ValueError(f"balance_beta must be finite and >= 0, got {balance_beta}")
+        if mode == "balanced" and balance_beta is None:
+            raise ValueError("prefix mode 'balanced' needs balance_beta (the inner levels' scale β)")
         self.mode, self.n, self.generator = mode, n, generator
         self.num_sampled = min(num_sampled, n)
         if mode == "vanilla":
@@ -113,15 +142,32 @@ class PrefixSchedule:
         elif mode == "groups":
             widths = group_widths or default_group_widths(n)
             self.objective = Prefixes.groups(widths, [1.0 / len(widths)] * len(widths))
+        elif mode == "balanced":
+            self.objective = Prefixes.balanced(group_widths or default_group_widths(n), balance_beta)
         elif every_weights == "uniform":  # every prefix 1/n; sampled then records this set as its objective too
             self.objective = Prefixes.every(n, torch.full((n,), 1.0 / n, dtype=torch.float64))
         else:  # sampled and every share the same expected objective
             self.objective = Prefixes.every(n, every_prefix_weights(n, self.num_sampled))
+        if mode == "every" and balance_beta is not None:
+            self.objective = Prefixes.every(n, scaled_inner_weights(self.objective.weights, balance_beta))
+        if balance_normalise and balance_beta is not None:
+            weights = self.objective.weights
+            self.objective = Prefixes(self.objective.lengths, weights / weights.sum())
 
     def __call__(self) -> Prefixes:
         if self.mode == "sampled":
             return Prefixes.sample(self.n, self.num_sampled, generator=self.generator)
         return self.objective
+
+
+def scaled_inner_weights(weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """Every-prefix weights ``[β ω_1, ..., β ω_{n-1}, 1]`` with ``ω = weights[:-1] / weights[:-1].sum()``:
+    the full prefix at 1 and the inner prefixes, in the proportions of ``weights``, at total ``β``."""
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    inner = weights[:-1]
+    total = float(inner.sum())
+    inner = inner / total if total > 0 else inner
+    return torch.cat([beta * inner, torch.ones(1, dtype=torch.float64)])
 
 
 # ----------------------------------------------------------------------------------- the trainer
@@ -139,6 +185,11 @@ class TrainConfig:
     ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``log_every``: steps between metric
     read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never).
     ``every_weights``: the ``every`` objective's weights, ``"exact"`` or ``"uniform"`` (``EVERY_WEIGHTS``).
+    ``detach``: detached levels (each latent learns only from the prefix that adds it).
+    ``balance_beta``, ``balance_normalise``: the inner levels' scale β of ``every`` / ``balanced``
+    and whether the weights are divided by their sum (exact forms in :class:`PrefixSchedule`).
+    ``resort_by``: re-sort latents by the EMA of their mean squared activation (``"energy"``) or of
+    their firing frequency (``"frequency"``, the share of rows where they fire).
     """
 
     steps: int = 40_000
@@ -165,6 +216,16 @@ class TrainConfig:
     progress: bool = True
     data_chunk_steps: int = 100
     every_weights: str = "exact"
+    detach: bool = False
+    balance_beta: float | None = None
+    balance_normalise: bool = False
+    resort_by: str = "energy"
+
+
+RESORT_BY = ("energy", "frequency")
+# Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,
+# so that checkpoints written before them still resume.
+_LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy"}
 
 
 @dataclass
@@ -190,6 +251,7 @@ class _LatentStats:
     def __init__(self, n: int, decay: float, device: torch.device | str = "cpu") -> None:
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
         self.energy = torch.zeros(n, device=device)
+        self.frequency = torch.zeros(n, device=device)
         self.decay = decay
 
     @torch.no_grad()
@@ -201,21 +263,24 @@ class _LatentStats:
         n = self.energy.shape[0]
         rows = max(acts.values.shape[0] if isinstance(acts, SparseActs) else acts.shape[0], 1)
         if isinstance(acts, SparseActs):
-            fired = acts.per_latent_sum(acts.active().to(self.energy.dtype), n) > 0
+            counts = acts.per_latent_sum(acts.active().to(self.energy.dtype), n)
             square_sum = acts.per_latent_sum(acts.values.detach().to(self.energy.dtype).pow(2), n)
         else:
-            fired = (acts > 0).any(0)
+            counts = (acts > 0).sum(0).to(self.energy.dtype)
             square_sum = acts.detach().to(self.energy.dtype).pow(2).sum(0)
         if ranks is not None:  # one collective for both
-            both = ranks.sum_(torch.cat([fired.to(square_sum.dtype), square_sum]))
-            fired, square_sum, rows = both[:n] > 0, both[n:], rows * ranks.size
+            both = ranks.sum_(torch.cat([counts, square_sum]))
+            counts, square_sum, rows = both[:n], both[n:], rows * ranks.size
+        fired = counts > 0
         self.since_fired = torch.where(fired, 0, self.since_fired + 1)
         energy = square_sum * W_dec.detach().to(self.energy.dtype).pow(2).sum(1) / rows
         self.energy.mul_(self.decay).add_(energy, alpha=1 - self.decay)
+        self.frequency.mul_(self.decay).add_(counts / rows, alpha=1 - self.decay)
 
     def permute(self, perm: torch.Tensor) -> None:
         self.since_fired = self.since_fired[perm]
         self.energy = self.energy[perm]
+        self.frequency = self.frequency[perm]
 
 
 def _mean_l0(acts: SparseActs | torch.Tensor) -> torch.Tensor:
@@ -248,9 +313,9 @@ def _checked_chunk(data: torch.Tensor, rows: int, d: int, first_step: int, last_
 
 
 @torch.no_grad()
-def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentStats) -> None:
-    """Order latents by decreasing activation energy, permuting Adam's moments alongside."""
-    perm = torch.argsort(stats.energy, descending=True, stable=True)
+def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentStats, by: str = "energy") -> None:
+    """Order latents by decreasing activation energy (or firing frequency), permuting Adam's moments alongside."""
+    perm = torch.argsort(stats.frequency if by == "frequency" else stats.energy, descending=True, stable=True)
     sae.permute_latents_(perm)
     for param, dim in sae.latent_dims():
         for moment in optimizer.state.get(param, {}).values():
@@ -320,7 +385,8 @@ class _Run:
 
     def identity(self, config: TrainConfig) -> dict:
         """The settings a checkpoint must share with the run that resumes it."""
-        train_config = {k: v for k, v in asdict(config).items() if k not in _FREE_FIELDS}
+        train_config = {k: v for k, v in asdict(config).items()
+                        if k not in _FREE_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         sae_config = {k: v for k, v in asdict(self.sae.config).items() if not k.startswith("prefix_")}
         return {"train_config": train_config, "sae_config": sae_config}
 
@@ -338,6 +404,7 @@ class _Run:
         tensors = {
             "log_coeff": self.log_coeff, "window": window, "row_stats": row_stats,
             "since_fired": self.stats.since_fired, "energy": self.stats.energy,
+            "frequency": self.stats.frequency,
             "data_generator": self.data_gen.get_state() if at_chunk_start else self.chunk_state,
             "prefix_generator": self.schedule.generator.get_state(),
         }
@@ -365,6 +432,8 @@ class _Run:
         self.optimizer.load_state_dict(optimizer_state)  # moments go to the parameters' device
         self.stats.since_fired = tensors["since_fired"].to(device)
         self.stats.energy = tensors["energy"].to(device)
+        if "frequency" in tensors:  # checkpoints written before frequency re-sorting lack it
+            self.stats.frequency = tensors["frequency"].to(device)
         self.log_coeff.copy_(tensors["log_coeff"])
         self.window.copy_(tensors["window"])  # the mean over ranks: averaging again keeps it
         self.data_gen.set_state(tensors["data_generator"])
@@ -430,8 +499,11 @@ def train(
     # Random draws stay on the host (CPU generators): a run draws the same data and prefixes on
     # any device, and the batches move over without blocking.
     data_gen = torch.Generator().manual_seed(config.seed)
+    if config.resort_by not in RESORT_BY:
+        raise ValueError(f"resort_by must be one of {RESORT_BY}, got {config.resort_by!r}")
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
-                              torch.Generator().manual_seed(config.seed + 1), config.every_weights)
+                              torch.Generator().manual_seed(config.seed + 1), config.every_weights,
+                              config.balance_beta, config.balance_normalise)
     sae.prefixes = schedule.objective
     run = _Run(sae=sae, optimizer=torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas),
                stats=_LatentStats(n, config.resort_ema, device),
@@ -480,7 +552,7 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
         x = chunk[step % chunk_steps]
 
         out = model(x)
-        recon = sae.reconstruction_loss(x, out.acts, run.schedule()).loss
+        recon = sae.reconstruction_loss(x, out.acts, run.schedule(), detach=config.detach).loss
         loss = recon
         if penalised:
             loss = loss + log_coeff.exp() * sae.sparsity_penalty(out)
@@ -511,7 +583,7 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             stats.update(out.acts, sae.W_dec, ranks)
             window += torch.stack([loss.detach(), recon.detach(), l0, aux.detach()])
         if config.resort_every and (step + 1) % config.resort_every == 0:
-            _resort(sae, optimizer, stats)
+            _resort(sae, optimizer, stats, config.resort_by)
 
         run.step = done = step + 1
         if done % config.log_every == 0 or done == config.steps:

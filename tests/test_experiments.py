@@ -54,7 +54,8 @@ def test_parallel_runs_match_serial_runs():
 
 def test_summaries_and_tables():
     stat = summarize([1.0, 3.0, float("nan"), None])
-    assert stat == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert {k: stat[k] for k in ("mean", "std", "n")} == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert stat["ci95"] == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
     assert math.isnan(summarize([None])["mean"])
     table = format_table([["a", "1.0"], ["bbb", "22.5"]], ["mode", "x"])
     assert table.splitlines() == ["mode     x", "----  ----", "a      1.0", "bbb   22.5"]

@@ -147,3 +147,84 @@ def test_deterministic_callback_and_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "0").iterdir()) == ["step_0000030", "step_0000060"]
     loaded = SparseAutoencoder.load(tmp_path / "0" / "step_0000060")
     assert torch.equal(loaded.W_dec, weights[0])
+
+
+# ----------------------------------------------------------------------------- detached and balanced levels
+def test_balanced_mode_weights_are_beta_powers():
+    for beta in (0.0, 0.3, 2.0):
+        weights = PrefixSchedule("balanced", 20, balance_beta=beta).objective.weights
+        G = 4
+        torch.testing.assert_close(weights, torch.tensor([beta ** (G - g) for g in range(1, G + 1)],
+                                                         dtype=torch.float64))
+    normed = PrefixSchedule("balanced", 20, group_widths=[4, 20], balance_beta=0.5, balance_normalise=True)
+    assert normed.objective.lengths.tolist() == [4, 20]
+    torch.testing.assert_close(normed.objective.weights, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+
+
+def test_every_with_inner_levels_scaled_by_beta():
+    exact = every_prefix_weights(20, 10)
+    for beta in (0.0, 0.05, 1.0):
+        w = PrefixSchedule("every", 20, 10, balance_beta=beta).objective.weights
+        assert float(w[-1]) == 1.0 and abs(float(w[:-1].sum()) - beta) < 1e-12
+        if beta > 0:  # the inner prefixes keep the exact weights' proportions
+            torch.testing.assert_close(w[:-1] / beta, exact[:-1] / exact[:-1].sum())
+    # today's every is the normalised form at beta = num_sampled - 1 ...
+    today = PrefixSchedule("every", 20, 10, balance_beta=9, balance_normalise=True).objective.weights
+    torch.testing.assert_close(today, exact, rtol=0, atol=1e-12)
+    # ... and uniform weights are the normalised uniform form at beta = n - 1
+    uniform = PrefixSchedule("every", 20, every_weights="uniform", balance_beta=19, balance_normalise=True)
+    torch.testing.assert_close(uniform.objective.weights, torch.full((20,), 1 / 20, dtype=torch.float64))
+    for bad in (dict(mode="sampled", balance_beta=0.5), dict(mode="groups", balance_beta=0.5),
+                dict(mode="balanced"), dict(mode="every", balance_beta=-1.0)):
+        with pytest.raises(ValueError):
+            PrefixSchedule(n=20, **bad)
+
+
+def test_detach_reaches_the_loss_same_value_other_gradients():
+    toy = ToyModel(nabeshima_spec())
+    x = toy.sample(64, torch.Generator().manual_seed(0))[0]
+    prefixes = PrefixSchedule("every", 20).objective
+    outs = []
+    for detach in (False, True):
+        sae = SparseAutoencoder(SAEConfig(d=20, n=20), torch.Generator().manual_seed(0))
+        loss = sae.reconstruction_loss(x, sae(x).acts, prefixes, detach=detach).loss
+        loss.backward()
+        outs.append((loss.detach(), sae.W_dec.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert not torch.allclose(outs[0][1], outs[1][1])
+
+
+def test_train_config_detach_and_beta_change_training_not_the_first_loss():
+    toy = ToyModel(nabeshima_spec())
+    runs = {}
+    for name, kw in {"plain": {}, "detach": {"detach": True}, "beta": {"balance_beta": 9.0, "balance_normalise": True},
+                     "freq": {"resort_by": "frequency"}}.items():
+        sae = SparseAutoencoder(SAEConfig(d=20, n=20), torch.Generator().manual_seed(0))
+        config = TrainConfig(steps=20, prefix_mode="every", log_every=1, progress=False, resort_every=5, **kw)
+        result = train(sae, lambda rows, g: toy.sample(rows, g)[0], config)
+        runs[name] = (result.history[0]["recon"], sae.W_dec.detach().clone())
+    assert runs["plain"][0] == pytest.approx(runs["detach"][0], rel=1e-6)  # same forward loss at step 1
+    assert not torch.allclose(runs["plain"][1], runs["detach"][1])  # different gradients
+    torch.testing.assert_close(runs["plain"][1], runs["beta"][1])  # beta 9 normalised = today's every
+    assert not torch.equal(runs["plain"][1], runs["freq"][1])  # another latent order
+    with pytest.raises(ValueError, match="resort_by"):
+        train(SparseAutoencoder(SAEConfig(d=20, n=20)), lambda rows, g: toy.sample(rows, g)[0],
+              TrainConfig(steps=1, progress=False, resort_by="size"))
+
+
+def test_new_fields_join_the_checkpoint_identity_only_when_set(tmp_path):
+    from matryoshka.checkpoint import CheckpointError
+    from matryoshka.train import _LATER_FIELDS
+
+    toy = ToyModel(nabeshima_spec())
+    sample = lambda rows, g: toy.sample(rows, g)[0]  # noqa: E731
+    base = dict(steps=10, prefix_mode="every", log_every=5, checkpoint_every=5, progress=False)
+    train(SparseAutoencoder(SAEConfig(d=20, n=20)), sample, TrainConfig(**{**base, "detach": True}),
+          checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="differing settings: train_config.detach: checkpoint True"):
+        train(SparseAutoencoder(SAEConfig(d=20, n=20)), sample, TrainConfig(**base), checkpoint_dir=tmp_path,
+              resume=True)
+    result = train(SparseAutoencoder(SAEConfig(d=20, n=20)), sample, TrainConfig(**{**base, "detach": True}),
+                   checkpoint_dir=tmp_path, resume=True)
+    assert result.history[-1]["step"] == 10
+    assert set(_LATER_FIELDS) <= set(TrainConfig.__dataclass_fields__)

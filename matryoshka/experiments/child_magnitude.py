@@ -6,7 +6,11 @@ A parent (p 0.3, magnitude 2) and a child that only fires with it (0.5 given the
 prefixes are pushed to reconstruct it first; the study measures, for vanilla / sampled / every:
 which of parent and child is learned first (|cos| >= 0.9), at which step and latent position; the
 absorption of the parent into the child's latent; and the mixing of the two directions.  ``--sweep``
-repeats it over child/parent magnitude ratios and draws absorption against the ratio.
+repeats it over child/parent magnitude ratios and draws absorption against the ratio.  ``--phase``
+runs the phase diagram: magnitude ratio x P(child | parent) x study modes (heatmaps of absorption,
+of which feature is learned first, and of the child latent's cosine with the parent against the
+full-absorption value ``1/sqrt(1 + r^2)``), plus latents re-sorted by firing frequency at ratio 5.
+Tables give mean ± 95% CI (Student t over seeds).
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ import numpy as np
 
 from ..toy import ToyModel, child_magnitude_spec
 from . import plots
-from .common import RunSpec, fmt, format_table, history_band, run_many, summarize, write_json
+from .common import (RunSpec, fmt, format_table, history_band, run_many, study_mode, summarize, write_json,
+                     write_outputs)
 
 __all__ = ["MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "DEFAULT_RATIOS", "QUICK_STEPS", "learning_summary",
-           "child_magnitude"]
+           "child_magnitude", "PHASE_RATIOS", "PHASE_PROBS", "PHASE_MODES", "phase"]
 
 MODES = ("vanilla", "sampled", "every")
 DEFAULT_STEPS = 5_000
 DEFAULT_SEEDS = 3
 DEFAULT_RATIOS = (0.5, 1.0, 2.0, 5.0, 10.0)
 QUICK_STEPS = 300
+PHASE_RATIOS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+PHASE_PROBS = (0.25, 0.5, 0.75)
+PHASE_MODES = ("vanilla", "sampled", "every", "every-b0.3", "detached")
+FREQ_MODES = ("every-freq", "sampled-freq")  # at ratio 5: latents re-sorted by firing frequency
 PARENT, CHILD = 0, 1  # feature indices in child_magnitude_spec (depth-first: parent, then child)
 
 
@@ -55,7 +64,7 @@ def learning_summary(result: dict) -> dict:
 
 
 def _step_cell(values: list) -> str:
-    """Mean ± std of the learning steps, with how many seeds never got there."""
+    """Mean ± 95% CI of the learning steps, with how many seeds never got there."""
     never = sum(v is None for v in values)
     cell = fmt(summarize([np.nan if v is None else v for v in values]), 0)
     return cell + (f" ({never} never)" if never else "")
@@ -103,7 +112,8 @@ def child_magnitude(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_
           f"parent ({p['p'] * c['p']:.3g} overall) magnitude {c['magnitude']}; "
           f"{toy.num_features - 2} binary distractors; d = {toy.d}; true L0 = {toy.expected_l0():.2f}")
     print(f"recipe: {toy.num_features} ReLU latents, adaptive L1, sampled = {max(2, toy.num_features // 2)} "
-          f"random prefixes per step, {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es)")
+          f"random prefixes per step, {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es); "
+          f"mean ± 95% CI (Student t over {seeds} seeds)")
     by_mode = _runs(spec, modes, seeds, steps, jobs, "child-magnitude")
     rows = {m: [learning_summary(r) for r in runs] for m, runs in by_mode.items()}
     print("\nLearning order (step at which a latent first reaches |cos| >= 0.9, and that latent's position),"
@@ -120,7 +130,7 @@ def child_magnitude(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_
         }
         panels.append((f"{mode}: best latent cosines", curves))
     plots.band_panels(panels, out / "child_cosines.png", logx=True,  # the action is in the first few hundred steps
-                      title=f"parent/child cosines over training, mean ± std over {seeds} seeds")
+                      title=f"parent/child cosines over training, mean ± 95% CI over {seeds} seeds")
     payload = {"study": "child_magnitude", "toy": spec, "steps": steps, "seeds": seeds, "modes": list(modes),
                "summary": rows, "runs": [r for runs in by_mode.values() for r in runs]}
     written = [out / "child_cosines.png"]
@@ -163,3 +173,77 @@ def _sweep(out: Path, params: dict, ratios: tuple[float, ...], modes: tuple[str,
                      out / "absorption_vs_ratio.png")
     return {"ratios": list(ratios), "parent_magnitude": parent_magnitude,
             "results": {f"{r:g}": v for r, v in per_ratio.items()}}
+
+
+def _phase_row(result: dict, ratio: float) -> dict:
+    row = learning_summary(result)
+    row["full_absorption_cos"] = 1.0 / float(np.sqrt(1.0 + ratio ** 2))
+    return row
+
+
+def phase(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
+          toy_params: dict | None = None, ratios: tuple[float, ...] = PHASE_RATIOS,
+          probs: tuple[float, ...] = PHASE_PROBS, modes: tuple[str, ...] = PHASE_MODES,
+          freq_modes: tuple[str, ...] = FREQ_MODES, freq_ratio: float = 5.0, docs: Path | None = None) -> dict:
+    """The phase diagram (module doc): every (ratio, P(child | parent), mode) cell over ``seeds``;
+    then ``freq_modes`` (latents re-sorted by firing frequency) at ``freq_ratio`` for every P."""
+    start = time.perf_counter()
+    params = {k: v for k, v in (toy_params or {}).items() if k not in ("child_magnitude", "child_p")}
+    parent_magnitude = params.get("parent_magnitude", 2.0)
+    print(f"child-magnitude phase diagram: ratios {list(ratios)} x P(child | parent) {list(probs)} x modes "
+          f"{list(modes)}, {seeds} seeds, {steps} steps per run; parent p {params.get('parent_p', 0.3)} magnitude "
+          f"{parent_magnitude}; plus {list(freq_modes)} at ratio {freq_ratio:g}; mean ± 95% CI (Student t)")
+    cells = [(r, p, m) for r in ratios for p in probs for m in modes]
+    cells += [(freq_ratio, p, m) for p in probs for m in freq_modes]
+    specs, keys = [], []
+    for ratio, prob, mode in cells:
+        spec = child_magnitude_spec(**{**params, "child_magnitude": ratio * parent_magnitude, "child_p": prob})
+        num_sampled = max(2, ToyModel(spec).num_features // 2)
+        for seed in range(seeds):
+            specs.append(RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10))
+            keys.append((ratio, prob, mode))
+    results = run_many(specs, jobs, desc="phase")
+    rows: dict[tuple, list[dict]] = {}
+    for key, result in zip(keys, results):
+        rows.setdefault(key, []).append(_phase_row(result, key[0]))
+    table = []
+    for (ratio, prob, mode), rs in rows.items():
+        firsts = [r["first"] for r in rs]
+        table.append([f"{ratio:g}", f"{prob:g}", mode, fmt(summarize([r["absorption"] for r in rs])),
+                      f"{firsts.count('parent')}/{len(rs)}", f"{firsts.count('child')}/{len(rs)}",
+                      fmt(summarize([r["child_cos_parent"] for r in rs])), f"{1 / np.sqrt(1 + ratio ** 2):.3f}",
+                      fmt(summarize([r["mix_neg"] for r in rs]))])
+    text = format_table(table, ["ratio", "P(c|p)", "mode", "absorption", "parent first", "child first",
+                                "cos(child lat, parent)", "1/sqrt(1+r^2)", "mix -"])
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def grid(mode: str, value) -> np.ndarray:
+        return np.asarray([[np.nanmean([np.nan if (v := value(r)) is None else v for r in rows[(ratio, prob, mode)]])
+                            for ratio in ratios] for prob in probs], dtype=float)
+
+    figures = []
+    for name, value, label, lo, hi, cmap in (
+            ("phase_absorption.png", lambda r: r["absorption"], "absorption rate", 0, 1, "viridis"),
+            ("phase_child_first.png", lambda r: float(r["first"] == "child"), "share of seeds: child learned first",
+             0, 1, "viridis"),
+            ("phase_child_cos.png", lambda r: r["child_cos_parent"], "cos(child latent, parent direction)",
+             -0.2, 1, "viridis")):
+        path = out / name
+        plots.phase_heatmaps([(m, grid(m, value)) for m in modes], ratios, probs, path,
+                             f"{label}: mean over {seeds} seeds, {steps} steps (columns: child/parent magnitude)",
+                             vmin=lo, vmax=hi, cmap=cmap)
+        figures.append(path)
+    elapsed = time.perf_counter() - start
+    cpu_s = sum(r.get("seconds", 0.0) for r in results)
+    md = [f"# Child-magnitude phase diagram: {steps} steps per run, {seeds} seeds, mean ± 95% CI (Student t)\n",
+          "```", text, "```\n",
+          f"Total wall time {elapsed:.0f} s with {jobs} process(es); CPU time of the {len(results)} runs {cpu_s:.0f} s.\n"]
+    payload = {"study": "child_magnitude_phase", "steps": steps, "seeds": seeds, "ratios": list(ratios),
+               "probs": list(probs), "modes": list(modes), "freq_modes": list(freq_modes),
+               "mode_settings": {m: study_mode(m) for m in (*modes, *freq_modes)},
+               "rows": {f"{r:g}|{p:g}|{m}": v for (r, p, m), v in rows.items()}, "runtime_s": elapsed,
+               "cpu_s": cpu_s}
+    write_outputs(out, "phase_results.json", payload, "phase_results.md", md, figures, docs)
+    print(f"total time {elapsed:.0f} s")
+    return payload

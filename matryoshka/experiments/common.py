@@ -1,11 +1,30 @@
-"""Shared machinery of the studies: the training recipe, one tracked run, many runs in parallel,
-mean ± std summaries and plain-text tables."""
+"""Shared machinery of the studies: the training recipe, study modes, one tracked run, many runs in
+parallel, mean ± 95% confidence-interval summaries (Student t over seeds) and plain-text tables.
+
+Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and trainer settings):
+
+* ``vanilla``, ``groups``, ``sampled``, ``every``: the trainer's prefix modes as they are.
+* ``every-uniform``: ``every`` with uniform weights ``1/n``.
+* ``every-b<β>`` (e.g. ``every-b0.3``): ``every`` with the inner prefixes scaled by β,
+  ``L_n + β Σ_{l<n} ω_l L_l`` (``ω``: the exact every-prefix weights of the inner prefixes,
+  renormalised to sum 1); ``every-uniform-b<β>``: the same with uniform ``ω``; a ``-norm`` suffix
+  divides the objective by ``1 + β``.
+* ``balanced-b<β>``: the fixed groups with weights ``β^(G-g)`` (``Prefixes.balanced``); ``-norm``
+  divides by their sum.
+* ``detached``: ``every`` (exact weights) with detached levels; ``detached-uniform``: with uniform
+  weights; ``groups-detached``: the fixed groups with detached levels.
+* any of these with a ``-freq`` suffix: latents re-sorted by firing frequency instead of mean
+  squared activation.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
+import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -13,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
@@ -23,8 +43,53 @@ from ..toy import ToyModel
 from ..train import TrainConfig, every_prefix_weights, train
 
 __all__ = [
-    "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "summarize", "fmt", "format_table", "write_json",
+    "study_mode", "check_study_mode", "BASE_MODES",
+    "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
+    "format_table", "write_json",
+    "write_outputs",
 ]
+
+
+BASE_MODES = ("vanilla", "groups", "sampled", "every")
+_MODE = re.compile(r"^(every|every-uniform|balanced)-b([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(-norm)?$")
+
+
+def study_mode(name: str) -> tuple[str, dict]:
+    """``(prefix_mode, TrainConfig overrides)`` of a study mode name (see the module doc)."""
+    if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
+        prefix_mode, overrides = study_mode(name[: -len("-freq")])
+        return prefix_mode, {**overrides, "resort_by": "frequency"}
+    if name in BASE_MODES:
+        return name, {}
+    if name == "every-uniform":
+        return "every", {"every_weights": "uniform"}
+    if name == "detached":
+        return "every", {"detach": True}
+    if name == "detached-uniform":
+        return "every", {"detach": True, "every_weights": "uniform"}
+    if name == "groups-detached":
+        return "groups", {"detach": True}
+    match = _MODE.match(name)
+    if match is None:
+        raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
+                         f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
+                         f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm")
+    kind, beta, norm = match.groups()
+    overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
+    if kind == "every-uniform":
+        overrides["every_weights"] = "uniform"
+    return ("balanced" if kind == "balanced" else "every"), overrides
+
+
+def check_study_mode(name: str) -> str:
+    """``argparse`` type of ``--modes``: the name if :func:`study_mode` accepts it."""
+    import argparse
+
+    try:
+        study_mode(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 @dataclass(frozen=True)
@@ -34,7 +99,8 @@ class RunSpec:
     The recipe (Nabeshima's, with the step count as a knob): as many latents as features, ReLU with
     an L1 coefficient adapted to the toy's true L0, Adam lr 3e-2 with betas (0.5, 0.9375), clipping
     at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled`` prefixes per step.
-    ``train_overrides`` replaces any other :class:`TrainConfig` field.
+    ``mode`` is a study mode (:func:`study_mode`); ``train_overrides`` replaces any other
+    :class:`TrainConfig` field.
     """
 
     toy_spec: dict
@@ -47,9 +113,10 @@ class RunSpec:
     train_overrides: dict = field(default_factory=dict)
 
     def train_config(self, toy: ToyModel) -> TrainConfig:
+        prefix_mode, mode_settings = study_mode(self.mode)
         recipe = dict(
             steps=self.steps, batch_size=200, lr=3e-2, betas=(0.5, 0.9375), clip_norm=1.0,
-            prefix_mode=self.mode, num_sampled=self.num_sampled, target_l0=toy.expected_l0(),
+            prefix_mode=prefix_mode, **mode_settings, num_sampled=self.num_sampled, target_l0=toy.expected_l0(),
             # Start with a weak L1 and let the adaptive rule raise it: a strong start kills
             # latents before the coefficient settles, and dead ReLU latents never recover.
             sparsity_coeff=1e-3, resort_every=100, log_every=self.log_every, seed=self.seed,
@@ -83,6 +150,7 @@ class _Tracker:
 def run_one(spec: RunSpec) -> dict:
     """Train one SAE as ``spec`` says; return its config, tracked history and final metrics (JSON-able)."""
     threads = torch.get_num_threads()
+    cpu_start = time.process_time()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead, and one keeps runs bit-identical
     try:
         toy = ToyModel(spec.toy_spec)
@@ -103,6 +171,7 @@ def run_one(spec: RunSpec) -> dict:
         "metrics": metrics,
         "learning_order": tracker.order.as_dict(),
         "history": tracker.rows,
+        "seconds": time.process_time() - cpu_start,  # this run's CPU time (training and evaluation)
     }
 
 
@@ -144,12 +213,23 @@ def history_band(runs: Sequence[dict], value: Callable[[dict], float | None]) ->
     return steps, np.asarray(table, dtype=float)
 
 
+def ci95_half_width(values: np.ndarray) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t, ``n - 1`` degrees of
+    freedom, sample std); NaN for fewer than 2 values, 0 when they are all equal."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return float("nan")
+    return float(scipy.stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+
+
 def summarize(values: Sequence[float]) -> dict:
-    """``{"mean", "std", "n"}`` over seeds (NaNs, e.g. never-learned steps, are left out)."""
+    """``{"mean", "std", "ci95", "n"}`` over seeds (NaNs, e.g. never-learned steps, are left out);
+    ``std`` is the population std (ddof 0), ``ci95`` the t-interval half-width (:func:`ci95_half_width`)."""
     finite = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if finite.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "ci95": ci95_half_width(finite),
+            "n": int(finite.size)}
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -166,14 +246,18 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def fmt(stat: dict, digits: int = 3) -> str:
-    """``mean ± std`` (or ``–`` when no seed has a value)."""
+    """``mean ± 95% CI half-width`` over seeds; just the mean for one seed, ``–`` when no seed has a value."""
     if stat["n"] == 0:
         return "–"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    if stat["n"] < 2 or not np.isfinite(stat.get("ci95", float("nan"))):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
 
 
 def _strict(value):
-    """NaN/inf become ``null``: strict JSON has no spelling for them."""
+    """NaN/inf become ``null``: strict JSON has no spelling for them; numpy scalars become Python ones."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
@@ -181,6 +265,20 @@ def _strict(value):
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
+
+
+def write_outputs(out: Path, json_name: str, payload: dict, md_name: str, md: list[str], figures: list[Path],
+                  docs: Path | None = None, docs_md_name: str | None = None) -> None:
+    """Write ``payload`` as JSON and ``md`` (lines) as markdown into ``out``; with ``docs``, copy the
+    figures and the markdown (as ``docs_md_name``) there too; print what was written."""
+    write_json(out / json_name, payload)
+    (out / md_name).write_text("\n".join(md))
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        for f in figures:
+            (docs / f.name).write_bytes(f.read_bytes())
+        (docs / (docs_md_name or md_name)).write_text("\n".join(md))
+    print(f"\nwrote {out / json_name}, {out / md_name}, " + ", ".join(map(str, figures)))
 
 
 def write_json(path: Path, payload: dict) -> None:

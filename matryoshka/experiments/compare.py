@@ -1,5 +1,6 @@
 """``python -m matryoshka compare``: vanilla vs fixed groups vs sampled vs every-prefix Matryoshka
-SAEs on Nabeshima's hierarchical toy, several seeds each; prints two tables (mean ± std over seeds)
+SAEs on Nabeshima's hierarchical toy, several seeds each; prints two tables (mean ± 95% confidence
+interval over seeds, Student t)
 and writes heatmaps, learning curves and ``results.json``."""
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def compare(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, j
           f"betas (0.5, 0.9375), clip 1.0, warm-up 5% / cool-down 20%, latents re-sorted every 100 steps")
     print(f"modes: vanilla = prefix {n}; groups = widths {default_group_widths(n)}; sampled = 10 random "
           f"prefixes per step; every = all {n} prefixes weighted by their inclusion probability / 10")
-    print(f"{steps} steps per run (the original recipe: 40 000), seeds 0..{seeds - 1}, {jobs} process(es)")
+    print(f"{steps} steps per run (the original recipe: 40 000), seeds 0..{seeds - 1}, {jobs} process(es); "
+          f"tables: mean ± 95% CI (Student t over {seeds} seeds)")
     specs = [RunSpec(toy.spec, mode, seed, steps) for mode in modes for seed in range(seeds)]
     results = run_many(specs, jobs, desc="compare")
     by_mode = {m: [r for r in results if r["spec"]["mode"] == m] for m in modes}
@@ -99,12 +101,13 @@ def compare(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, j
         [("MCC (mean matched |cos|)", {m: history_band(runs, lambda row: row["mcc"]) for m, runs in by_mode.items()}),
          (f"features with a latent at |cos| >= 0.9 (of {n})",
           {m: history_band(runs, lambda row: sum(c >= 0.9 for c in row["best_cos"])) for m, runs in by_mode.items()})],
-        out / "learning_curves.png", title=f"nabeshima toy, {steps} steps, mean ± std over {seeds} seeds")
+        out / "learning_curves.png", title=f"nabeshima toy, {steps} steps, mean ± 95% CI over {seeds} seeds")
     elapsed = time.perf_counter() - start
     write_json(out / "results.json", {
         "study": "compare", "toy": toy.spec, "steps": steps, "seeds": seeds, "modes": list(modes),
-        "runtime_s": elapsed, "summary": summary, "runs": results,
+        "runtime_s": elapsed, "cpu_s": sum(r.get("seconds", 0.0) for r in results), "summary": summary, "runs": results,
     })
     print(f"\nwrote {out / 'results.json'}, {out / 'compare_heatmap.png'}, {out / 'learning_curves.png'}")
-    print(f"total time {elapsed:.0f} s")
+    print(f"total time {elapsed:.0f} s (training CPU time {sum(r.get('seconds', 0.0) for r in results):.0f} s "
+          f"over {len(results)} runs)")
     return {"summary": summary, "runs": results, "runtime_s": elapsed}

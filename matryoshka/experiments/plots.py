@@ -11,12 +11,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["MODE_COLORS", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot"]
+__all__ = ["MODE_COLORS", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot", "ci95",
+           "hedging_figure", "pareto_plot", "phase_heatmaps"]
 
 MODE_COLORS = {"vanilla": "tab:gray", "groups": "tab:green", "sampled": "tab:orange", "every": "tab:blue"}
 
 Band = tuple[Sequence[float], np.ndarray]
-"""``(x, values)`` with ``values`` of shape ``(seeds, len(x))``: drawn as mean ± std over seeds."""
+"""``(x, values)`` with ``values`` of shape ``(seeds, len(x))``: drawn as mean ± 95% CI over seeds."""
+
+
+def ci95(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """95% confidence half-width of the mean along ``axis`` (Student t; NaNs left out; 0 for < 2 values)."""
+    import scipy.stats
+
+    values = np.asarray(values, dtype=float)
+    count = np.sum(np.isfinite(values), axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.nanstd(values, axis, ddof=1) if values.shape[axis] > 1 else np.zeros(np.delete(values.shape, axis))
+        half = scipy.stats.t.ppf(0.975, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
+    return np.where(count >= 2, np.nan_to_num(half), 0.0)
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -53,13 +66,13 @@ def cosine_heatmaps(panels: Sequence[tuple[str, np.ndarray, Sequence[int]]], fea
 
 def band_panels(panels: Sequence[tuple[str, dict[str, Band]]], path: Path, xlabel: str = "training step",
                 title: str | None = None, logx: bool = False) -> None:
-    """Side-by-side panels ``(ylabel, {label: Band})``: a mean line and a ±std band per label
+    """Side-by-side panels ``(ylabel, {label: Band})``: a mean line and a 95% CI band per label
     (modes get their fixed colours, other labels the default cycle)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (ylabel, curves) in zip(axes[0], panels):
         for label, (x, values) in curves.items():
             values = np.asarray(values, dtype=float)
-            mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+            mean, std = np.nanmean(values, 0), ci95(values, 0)
             (line,) = ax.plot(x, mean, label=label, color=MODE_COLORS.get(label))
             ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
         if logx:
@@ -79,7 +92,7 @@ def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np
     for ax, (ylabel, per_mode) in zip(axes[0], panels):
         for mode, values in per_mode.items():
             values = np.asarray(values, dtype=float)
-            ax.errorbar(ratios, np.nanmean(values, 0), yerr=np.nanstd(values, 0), marker="o", capsize=3,
+            ax.errorbar(ratios, np.nanmean(values, 0), yerr=ci95(values, 0), marker="o", capsize=3,
                         label=mode, color=MODE_COLORS.get(mode))
         ax.set_xscale("log")
         ax.set_xticks(list(ratios), [f"{r:g}" for r in ratios])
@@ -87,4 +100,101 @@ def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def hedging_figure(summary: dict, scalars: dict, grid: np.ndarray, curve: np.ndarray, path: Path, title: str,
+                   beta_of) -> None:
+    """Absorption and mixing against β (symlog axis; ``every`` sits at its equivalent β = 9): the
+    unnormalised and ``-norm`` forms, the reference modes as labelled points, and the hedging
+    prediction of the parent->child cosine (curve: at the β runs' final latent positions)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    ax_abs, ax_mix = axes[0]
+    series = {"every-b<β>": [], "every-b<β>-norm": []}
+    for mode in summary:
+        beta = beta_of(mode)
+        if beta is not None and mode.startswith("every-b"):
+            series["every-b<β>-norm" if mode.endswith("-norm") else "every-b<β>"].append((beta, mode))
+    styles = {"every-b<β>": ("o", "-"), "every-b<β>-norm": ("s", "--")}
+    for label, points in series.items():
+        if not points:
+            continue
+        points.sort()
+        x = [b for b, _ in points]
+        marker, line = styles[label]
+        for ax, key, color, name in ((ax_abs, "absorption", "tab:red", "absorption"),
+                                     (ax_mix, "parent_child", "tab:blue", "parent->child cos"),
+                                     (ax_mix, "child_sibling", "tab:purple", "child->sibling cos"),
+                                     (ax_mix, "child_parent", "tab:brown", "child->parent cos")):
+            mean = [summary[m][key]["mean"] for _, m in points]
+            half = [np.nan_to_num(summary[m][key]["ci95"]) for _, m in points]
+            ax.errorbar(x, mean, yerr=half, marker=marker, ls=line, capsize=3, color=color,
+                        label=f"{name}, {label}", alpha=0.9 if line == "-" else 0.6)
+    ax_mix.plot(grid, curve, color="black", lw=1.2, label="hedging prediction (parent->child)")
+    for mode in ("every", "every-uniform", "detached"):
+        if mode not in summary:
+            continue
+        x = {"every": 9.0, "every-uniform": 19.0, "detached": 40.0}[mode]
+        for ax, key, color in ((ax_abs, "absorption", "tab:red"), (ax_mix, "parent_child", "tab:blue"),
+                               (ax_mix, "child_sibling", "tab:purple")):
+            ax.errorbar([x], [summary[mode][key]["mean"]], yerr=[np.nan_to_num(summary[mode][key]["ci95"])],
+                        marker="*", ms=10, color=color, capsize=3)
+            if ax is ax_mix:
+                ax.annotate(mode, (x, summary[mode][key]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if "pred_parent_child" in summary[mode]:
+            ax_mix.plot([x], [summary[mode]["pred_parent_child"]["mean"]], marker="x", color="black")
+    for ax, ylabel in ((ax_abs, "absorption rate"), (ax_mix, "cosine (matched latent, other member)")):
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xlim(-0.01, 60)
+        ticks = [0, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 9, 19, 40]
+        ax.set_xticks(ticks, ["0", ".05", ".1", ".2", ".3", ".5", "1", "9\nevery", "19\nuniform", "detached"],
+                      fontsize=7)
+        ax.set_xlabel("β (total weight of the inner prefixes; the full prefix has 1)", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.grid(alpha=0.3)
+    ax_mix.axhspan(-0.05, 0.05, color="green", alpha=0.08)
+    ax_abs.legend(fontsize=7)
+    ax_mix.legend(fontsize=6, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def pareto_plot(summary: dict, path: Path, title: str) -> None:
+    """Mean absorption against mean mixing (mean |cos| of a parent's latent with its children) per mode,
+    with 95% CIs."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for mode, s in summary.items():
+        x, y = s["absorption"], s["parent_child_abs"]
+        ax.errorbar([y["mean"]], [x["mean"]], xerr=[np.nan_to_num(y["ci95"])], yerr=[np.nan_to_num(x["ci95"])],
+                    marker="o", capsize=2, color=MODE_COLORS.get(mode, "tab:blue" if mode.startswith("every-b") else
+                                                                  "tab:gray"))
+        ax.annotate(mode, (y["mean"], x["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("mixing: mean |cos(parent latent, child direction)| over the 9 pairs")
+    ax.set_ylabel("absorption rate (mean over pairs)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def phase_heatmaps(panels: Sequence[tuple[str, np.ndarray]], ratios: Sequence[float], probs: Sequence[float],
+                   path: Path, title: str, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> None:
+    """One heatmap per ``(title, (len(probs), len(ratios)) values)``, each cell annotated."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0), squeeze=False)
+    image = None
+    for ax, (name, values) in zip(axes[0], panels):
+        values = np.asarray(values, dtype=float)
+        image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios], fontsize=7)
+        ax.set_yticks(range(len(probs)), [f"{p:g}" for p in probs], fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("child / parent magnitude", fontsize=7)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                if np.isfinite(values[i, j]):
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if values[i, j] < (vmin + vmax) / 2 else "black")
+    axes[0][0].set_ylabel("P(child | parent)", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
     _save(fig, path)

@@ -1,0 +1,76 @@
+"""The hedging study and the child-magnitude phase diagram: study modes, the hedging prediction,
+tiny end-to-end runs."""
+
+import json
+import math
+
+import pytest
+
+from matryoshka.experiments import child_magnitude, hedging
+from matryoshka.experiments.common import fmt, study_mode, summarize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_study_modes_parse():
+    assert study_mode("every") == ("every", {})
+    assert study_mode("detached") == ("every", {"detach": True})
+    assert study_mode("every-uniform") == ("every", {"every_weights": "uniform"})
+    assert study_mode("every-b0.3") == ("every", {"balance_beta": 0.3, "balance_normalise": False})
+    assert study_mode("every-b1-norm") == ("every", {"balance_beta": 1.0, "balance_normalise": True})
+    assert study_mode("balanced-b0.5") == ("balanced", {"balance_beta": 0.5, "balance_normalise": False})
+    assert study_mode("every-uniform-b2")[1]["every_weights"] == "uniform"
+    assert study_mode("sampled-freq") == ("sampled", {"resort_by": "frequency"})
+    for bad in ("every-b", "everything", "balanced", "every-b-1"):
+        with pytest.raises(ValueError):
+            study_mode(bad)
+
+
+def test_confidence_intervals():
+    stat = summarize([1.0, 3.0])
+    assert stat["ci95"] == pytest.approx(12.7062047, rel=1e-6)  # t(0.975, 1) * s / sqrt(2), s = sqrt(2)
+    assert fmt(stat) == "2.000 ± 12.706"
+    assert fmt(summarize([0.5])) == "0.500" and math.isnan(summarize([0.5])["ci95"])
+
+
+def test_hedging_prediction():
+    q = [0.2, 0.2, 0.2]
+    full = 0.2 / math.sqrt(1 + 3 * 0.04)  # the parent pointing at E[x | parent]
+    w = hedging.objective_weights("every-b0.3", 20)
+    # children behind the parent: detached levels give the full hedge, beta = 0 none
+    assert hedging.hedging_prediction(w, 0, [3, 4, 5], q, detached=True)["parent_child"] == pytest.approx([full] * 3)
+    none = hedging.hedging_prediction(hedging.objective_weights("every-b0", 20), 0, [3, 4, 5], q)
+    assert none["parent_child"] == [0, 0, 0]
+    # normalising the objective rescales every weight alike: the same prediction
+    a = hedging.hedging_prediction(w, 1, [3, 6, 9], q)
+    b = hedging.hedging_prediction(hedging.objective_weights("every-b0.3-norm", 20), 1, [3, 6, 9], q)
+    for key in a:
+        assert a[key] == pytest.approx(b[key])
+    assert 0 < a["parent_child"][0] < a["parent_child"][1] < a["parent_child"][2] < full
+    # larger beta, more hedging
+    c = hedging.hedging_prediction(hedging.objective_weights("every-b1", 20), 1, [3, 6, 9], q)
+    assert all(x < y for x, y in zip(a["parent_child"], c["parent_child"]))
+    assert all(s < 0 for s in c["child_sibling"])
+
+
+def test_hedging_tiny_run(tmp_path, capsys):
+    hedging.hedging(tmp_path, steps=20, seeds=1, jobs=1, toys=("unequal",), modes=("every-b0.3", "detached"))
+    printed = capsys.readouterr().out
+    assert "L_n + beta * sum" in printed and "parent->child" in printed and "vanish (seeds)" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    summary = results["toys"]["unequal"]["summary"]
+    assert set(summary) == {"every-b0.3", "detached"} and summary["detached"]["seeds"] == 1
+    assert (tmp_path / "hedging_unequal.png").stat().st_size > 10_000
+    assert (tmp_path / "hedging_pareto_unequal.png").stat().st_size > 10_000
+
+
+def test_phase_tiny_run(tmp_path, capsys):
+    child_magnitude.phase(tmp_path, steps=20, seeds=1, jobs=1, ratios=(5.0,), probs=(0.5,),
+                          modes=("every", "detached"), freq_modes=("every-freq",))
+    printed = capsys.readouterr().out
+    assert "1/sqrt(1+r^2)" in printed and "every-freq" in printed
+    results = json.loads((tmp_path / "phase_results.json").read_text())
+    assert set(results["rows"]) == {"5|0.5|every", "5|0.5|detached", "5|0.5|every-freq"}
+    assert results["mode_settings"]["every-freq"][1] == {"resort_by": "frequency"}
+    for name in ("phase_absorption.png", "phase_child_first.png", "phase_child_cos.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
