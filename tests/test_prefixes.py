@@ -73,3 +73,26 @@ def test_float_weights_are_kept_in_float64(make):
 def test_float32_weights_are_read_exactly():
     weights = torch.tensor([0.3, 0.7], dtype=torch.float32)
     assert Prefixes([1, 2], weights).weights.tolist() == weights.double().tolist()
+
+
+def test_builders_keep_their_weights_and_edge_sizes():
+    """Survivors of a mutation run: builders that dropped their weights, or refused n = 1."""
+    assert Prefixes.groups([2, 5], [0.25, 0.75]).weights.tolist() == [0.25, 0.75]
+    assert Prefixes.every(3, [0.5, 0.25, 0.125]).weights.tolist() == [0.5, 0.25, 0.125]
+    assert Prefixes.every(1).lengths.tolist() == [1]
+    assert Prefixes.sample(1, 1).lengths.tolist() == [1]
+
+
+def test_sample_follows_its_generator_and_weights_exactly():
+    draws = [Prefixes.sample(50, 7, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    torch.manual_seed(0)  # the global RNG must not matter
+    other = Prefixes.sample(50, 7, generator=torch.Generator().manual_seed(3))
+    assert draws[0].lengths.tolist() == draws[1].lengths.tolist() == other.lengths.tolist()
+    assert draws[0].weights.dtype == torch.float64 and draws[0].weights.tolist() == [1 / 7] * 7
+    probabilities = Prefixes.sampling_probabilities(10)
+    assert probabilities.dtype == torch.float64 and abs(float(probabilities.sum()) - 1.0) < 1e-15
+
+
+def test_bool_lengths_are_refused():
+    with pytest.raises(TypeError, match="integers"):
+        Prefixes(torch.tensor([False, True]))
