@@ -166,8 +166,7 @@ class SparseAutoencoder(nn.Module):
         if kind == "topk":
             return SparseActs.from_dense(z, k)
         if not self.training:  # batchtopk at inference: one global threshold
-            keep = z > self.threshold.clamp(min=0)
-            return _sparse_rows(z, keep, int(keep.sum(1).max()))  # one host sync sizes the rows
+            return SparseActs.from_mask(z, z > self.threshold.clamp(min=0))  # one host sync: widest row
         ranks = self.data_parallel
         if ranks is None:
             flat = z.flatten()

@@ -48,6 +48,8 @@ class SparseActs:
         One ``embedding_bag`` gather-and-sum: ``O(B * k * d)`` work and no ``(B, n)`` tensor, forward
         or backward.  Differentiable in ``values`` and ``W_dec``.
         """
+        if self.values.shape[1] == 0:  # no slots (e.g. from_mask with nothing kept): embedding_bag
+            return W_dec.new_zeros(self.values.shape[0], W_dec.shape[1])  # rejects empty 2-D bags
         real = self.indices >= 0
         weights = torch.where(real, self.values, 0.0).to(W_dec.dtype)
         return F.embedding_bag(torch.where(real, self.indices, 0), W_dec, per_sample_weights=weights, mode="sum")

@@ -196,3 +196,18 @@ def test_save_into_new_nested_folder_and_overwrite(tmp_path):
     sae.save(target)  # saving again over the same folder is fine
     assert "_row_stats" not in sae.state_dict(), "run-time counters are not part of the saved model"
     torch.testing.assert_close(SparseAutoencoder.load(target).W_dec, sae.W_dec)
+
+
+def test_batchtopk_inference_with_nothing_above_the_threshold():
+    """Rows with no slots at all decode to b_dec (a zero-width SparseActs used to crash decode)."""
+    sae = make("batchtopk", k=2)
+    sae(batch())
+    sae.eval()
+    x = batch(3)
+    with torch.no_grad():
+        sae.threshold.fill_(1e9)
+    out = sae(x)
+    assert out.acts.shape == (B, 0)
+    torch.testing.assert_close(out.recon, sae.b_dec.expand(B, D))
+    torch.testing.assert_close(sae.reconstruction_loss(x, out.acts, Prefixes([N])).loss,
+                               (x - sae.b_dec).pow(2).sum(1).mean())
