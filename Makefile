@@ -5,11 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch: an unpinned `torch` would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
-# Optional extras installed with the package (CI adds sae-lens: `make test EXTRAS=test,sae-lens`).
+# Optional extras installed with the package (CI adds sae-lens and dictionary-learning:
+# `make test EXTRAS=test,sae-lens,dictionary-learning`).
 # A new EXTRAS value has its own stamp file, newer than .installed, so the next target reinstalls.
 EXTRAS ?= test
 comma := ,
 EXTRAS_STAMP := $(VENV)/.extras-$(subst $(comma),+,$(EXTRAS))
+# The dictionary-learning extra holds only its trainers' imports; the package itself is installed without
+# its declared dependencies (nnsight, umap-learn, ...: another torch), pinned to the tested version.
+DICTIONARY_LEARNING_SPEC ?= dictionary-learning==0.1.0
 # Where bench, sweep and gpu write their results (a device call passes RESULTS_DIR=$$OUT/...).
 RESULTS_DIR ?= benchmarks/results
 
@@ -23,6 +27,7 @@ $(VENV)/.installed: pyproject.toml $(EXTRAS_STAMP)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(if $(filter dictionary-learning,$(subst $(comma), ,$(EXTRAS))),$(PY) -m pip install -q --no-deps "$(DICTIONARY_LEARNING_SPEC)")
 	touch $@
 
 demo: $(VENV)/.installed
