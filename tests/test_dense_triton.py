@@ -15,7 +15,7 @@ from matryoshka.kernels.dense_scan import dense_blocks
 from matryoshka.loss import resolve_backend
 
 from .conftest import DEVICE
-from .helpers import assert_compiled_step_matches, assert_half_matches, assert_matches, half_and_oracle, make_problem
+from .helpers import assert_compiled_step_matches, assert_half_matches, assert_matches, half_and_oracle, make_problem, spy
 
 FENCE = 256  # NaN elements on each side of every input in memory
 
@@ -106,17 +106,6 @@ def test_auto_routing_rule(monkeypatch, device_type, dense, want):
     assert resolve_backend("torch", device, dense=dense) == "torch"
     if device_type == "cuda":
         assert resolve_backend("triton", device, dense=dense) == "triton"
-
-
-def spy(monkeypatch, module, name: str, calls: list[str]) -> None:
-    """Replace ``module.name`` by a wrapper that appends ``name`` to ``calls``."""
-    real = getattr(module, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapper)
 
 
 @pytest.mark.parametrize("as_cuda", [False, True], ids=["device", "looks-like-cuda"])

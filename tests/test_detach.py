@@ -14,15 +14,7 @@ from .helpers import assert_compiled_step_matches, assert_matches, make_problem,
 
 def detached_run(p, prefixes, backend, dense=False):
     """``run_loss`` with ``detach=True``."""
-    leaves = [p.x, p.values, p.W_dec] + ([] if p.b_dec is None else [p.b_dec])
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    acts = SparseActs(leaves[1], p.indices)
-    if dense:
-        leaves[1] = acts = acts.to_dense(p.n).detach().requires_grad_()
-    b = leaves[3] if p.b_dec is not None else None
-    out = matryoshka_loss(leaves[0], acts, leaves[2], b, prefixes, backend=backend, detach=True)
-    out.loss.backward()
-    return [out.loss.detach(), out.per_prefix] + [t.grad for t in leaves]
+    return run_loss(p, prefixes, backend, dense, detach=True)
 
 
 def prefix_sets(n: int) -> dict[str, Prefixes]:

@@ -1,0 +1,107 @@
+"""The PyTorch scans' own bookkeeping, against the reference: row blocks and the dense latent blocks
+shrunk so that small problems cross many block edges, half-precision inputs against a float64
+oracle, and padding at ``n = 1``.
+
+The other loss tests run these scans at sizes that fit one row block (``_BLOCK_ELEMENTS`` elements)
+and one dense block (``_DENSE_BLOCK`` latents), where a wrong block edge cannot show.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from matryoshka import Prefixes, matryoshka_loss, SparseActs
+from matryoshka import torch_scan
+
+from .helpers import assert_half_matches, assert_matches, half_and_oracle, make_problem, run_loss
+
+DETACH = [pytest.param(False, id="plain"), pytest.param(True, id="detached")]
+
+
+def sparse_prefix_sets(n: int) -> dict[str, Prefixes]:
+    g = torch.Generator().manual_seed(5)
+    return {
+        "every+empty": Prefixes.every(n, torch.rand(n + 1, generator=g, dtype=torch.float64), include_empty=True),
+        "groups": Prefixes([2, 5, n], [1.0, 0.5, 2.0]),
+    }
+
+
+@pytest.mark.parametrize("detach", DETACH)
+def test_sparse_scan_across_row_blocks(monkeypatch, detach):
+    """Blocks of 3 rows over 11 rows (the last one short), rows sorted by their number of active
+    slots so that every block has its own live rows per slot, padded rows included."""
+    d = 5
+    monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * d)
+    assert [(s.start, s.stop) for s in torch_scan._row_blocks(11, d)] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    p = make_problem(11, d, 9, 4, torch.float64, pad_fraction=0.4, padding_rows=(2, 7), seed=3)
+    for name, prefixes in sparse_prefix_sets(p.n).items():
+        got = run_loss(p, prefixes, "torch", detach=detach)
+        want = run_loss(p, prefixes, "reference", detach=detach)
+        try:
+            assert_matches(got, want, torch.float64)
+        except AssertionError as e:
+            raise AssertionError(f"prefixes={name}: {e}") from None
+    acts = SparseActs(p.values, p.indices)
+    rec = matryoshka_loss(p.x, acts, p.W_dec, p.b_dec, Prefixes([p.n]), backend="torch", detach=detach).reconstruction
+    torch.testing.assert_close(rec, acts.decode(p.W_dec) + p.b_dec, rtol=0, atol=1e-12)
+
+
+def dense_prefix_sets(n: int, block: int) -> dict[str, Prefixes]:
+    """Boundaries on block edges (0, block, 2 blocks, 3 blocks), one past an edge, inside blocks,
+    and every latent."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "every+empty": Prefixes.every(n, torch.rand(n + 1, generator=g, dtype=torch.float64), include_empty=True),
+        "block-edges": Prefixes([0, block, 2 * block, 3 * block, n], [1.0, 0.5, 2.0, 1.5, 1.0]),
+        "past-an-edge": Prefixes([block + 1, n], [1.0, 2.0]),
+        "inside-one-block": Prefixes([block + 1, block + 3]),
+        "edge-only": Prefixes([2 * block]),
+        "empty-only": Prefixes([0]),
+    }
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("detach", DETACH)
+def test_dense_scan_across_latent_blocks(monkeypatch, detach, bias):
+    """Blocks of 4 latents over n = 13 (the last one short), with and without ``b_dec``."""
+    monkeypatch.setattr(torch_scan, "_DENSE_BLOCK", 4)
+    p = make_problem(6, 7, 13, 9, torch.float64, pad_fraction=0.2, bias=bias, seed=4)
+    for name, prefixes in dense_prefix_sets(p.n, 4).items():
+        got = run_loss(p, prefixes, "torch", dense=True, detach=detach)
+        want = run_loss(p, prefixes, "reference", dense=True, detach=detach)
+        try:
+            assert_matches(got, want, torch.float64)
+        except AssertionError as e:
+            raise AssertionError(f"prefixes={name}: {e}") from None
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["", "rescaled"])
+@pytest.mark.parametrize("detach", DETACH)
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(dtype, dense, detach, rescale):
+    """Half inputs: the loss in float32 and each gradient in its input's dtype, within the bounds of a
+    float32-accumulated scan of the same half-rounded inputs (``tests/helpers.py``); decoder-norm
+    rescaling computes its norms in float32 too."""
+    p = make_problem(9, 12, 20, 5, torch.float64, pad_fraction=0.2, seed=6)
+    half, oracle = half_and_oracle([p.x, p.values, p.W_dec, p.b_dec], dtype)
+    fields = ["x", "values", "W_dec", "b_dec"]
+    prefixes = Prefixes.every(p.n, include_empty=True)
+    options = dict(dense=dense, detach=detach, rescale_acts_by_decoder_norm=rescale)
+    got = run_loss(replace(p, **dict(zip(fields, half))), prefixes, "torch", **options)
+    want = run_loss(replace(p, **dict(zip(fields, oracle))), prefixes, "reference", **options)
+    assert_half_matches(got, want, dtype, steps=p.n if dense else p.values.shape[1] + 1,
+                        w_dec_roundings=2 if rescale else 1)
+
+
+@pytest.mark.parametrize("detach", DETACH)
+def test_one_latent_with_padding_and_an_unchecked_out_of_range_index(detach):
+    """``n = 1``: padded slots must not read a row that does not exist, and with ``validate=False``
+    an index equal to ``n`` is inactive like padding (loss and every gradient)."""
+    p = make_problem(4, 6, 1, 1, torch.float64, padding_rows=(1, 3), seed=8)
+    prefixes = Prefixes([0, 1], [1.0, 2.0])
+    want = run_loss(p, prefixes, "reference", detach=detach)
+    assert_matches(run_loss(p, prefixes, "torch", detach=detach), want, torch.float64)
+    out_of_range = replace(p, indices=p.indices.masked_fill(p.indices < 0, p.n))
+    assert_matches(run_loss(out_of_range, prefixes, "torch", validate=False, detach=detach), want, torch.float64)
