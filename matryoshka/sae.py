@@ -264,18 +264,25 @@ class SparseAutoencoder(nn.Module):
         prefixes = self.prefixes if prefixes is None else prefixes
         return matryoshka_loss(x, acts, self.W_dec, self.b_dec, prefixes, validate=validate, detach=detach)
 
-    def sparsity_penalty(self, out: SAEOutput) -> torch.Tensor:
+    def sparsity_penalty(self, out: SAEOutput, latent_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Batch mean of the L1 (ReLU) or L0 (JumpReLU) norm of the activations; 0 for TopK kinds.
 
         Decoder rows have unit norm, so this equals the decoder-norm-scaled penalty.
+        ``latent_weights``: an ``(n,)`` tensor scaling latent ``i``'s term (e.g. the share of the
+        prefix weight that reaches it, :func:`matryoshka.train.prefix_penalty_weights`); ``None``:
+        every latent counts 1 (the plain norm, computed exactly as without the argument).
         """
         kind = self.config.activation
         if kind == "relu":
-            return out.acts.sum(1).mean()
-        if kind == "jumprelu":
+            per_latent = out.acts
+        elif kind == "jumprelu":
             theta = self.log_threshold.exp()
-            return _Step.apply(out.pre.relu(), theta, self.config.jumprelu_bandwidth).sum(1).mean()
-        return out.pre.new_zeros(())
+            per_latent = _Step.apply(out.pre.relu(), theta, self.config.jumprelu_bandwidth)
+        else:
+            return out.pre.new_zeros(())
+        if latent_weights is not None:
+            per_latent = per_latent * latent_weights.to(per_latent.dtype)
+        return per_latent.sum(1).mean()
 
     def auxk_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
         """Dead-latent auxiliary loss (Gao et al., 2024): the ``k_aux`` largest pre-activations among

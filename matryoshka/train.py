@@ -19,6 +19,11 @@ unit-norm decoder constraint.  Prefix modes (``TrainConfig.prefix_mode``):
 ``detach``: detached levels (``matryoshka_loss(..., detach=True)``): a latent's value and decoder
 row learn only from the prefix that adds it; the loss value is unchanged.
 
+``sparsity_weighting="prefix"``: latent ``i``'s sparsity penalty is scaled by the share of the
+step's prefix weight that reaches it, ``c_i = Σ_{g: m_g > i} w_g / Σ_g w_g``
+(:func:`prefix_penalty_weights`), so that each prefix carries ``w_g (L_g + λ · penalty of its own
+latents) / Σ w``; the default ``"uniform"`` penalises every latent fully.
+
 Every random draw (data, prefixes, initialisation) comes from seeded generators: a run is
 deterministic on the CPU.  Metrics are read back every ``log_every`` steps only, so the step loop
 does no per-step host work beyond Python itself.  For toy-sized models on the CPU, call
@@ -83,6 +88,8 @@ __all__ = [
     "every_prefix_weights",
     "PrefixSchedule",
     "scaled_inner_weights",
+    "SPARSITY_WEIGHTINGS",
+    "prefix_penalty_weights",
     "lr_factor",
     "train",
 ]
@@ -92,6 +99,8 @@ PREFIX_MODES = ("vanilla", "groups", "sampled", "every", "balanced")
 # every_prefix_weights) or "uniform" (1/n each: a different objective, weighting long prefixes far
 # more than sampled does).
 EVERY_WEIGHTS = ("exact", "uniform")
+# How the sparsity penalty weighs each latent: "uniform" (all 1) or "prefix" (prefix_penalty_weights).
+SPARSITY_WEIGHTINGS = ("uniform", "prefix")
 
 Callback = Callable[[int, SparseAutoencoder, dict], None]
 
@@ -170,6 +179,21 @@ def scaled_inner_weights(weights: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.cat([beta * inner, torch.ones(1, dtype=torch.float64)])
 
 
+def prefix_penalty_weights(prefixes: Prefixes, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n,)`` float64 on ``device``: ``c_i = Σ_{g: m_g > i} w_g / Σ_g w_g``, the share of the prefix
+    weight on the prefixes that hold latent ``i`` (1 for latents in every prefix, 0 for latents in
+    none; all 0 when every weight is 0).  Scaling latent ``i``'s sparsity penalty by ``c_i`` gives
+    ``Σ_g (w_g / Σ w) · penalty of prefix g's latents``: the penalty follows the reconstruction weight.
+
+    ``O(n + G)`` on the device, no host sync: the weights are scattered to their lengths and summed
+    from the longest down."""
+    prefixes.check_against(n)
+    lengths, weights, _ = prefixes.on(torch.device(device))
+    at_length = torch.zeros(n + 1, dtype=torch.float64, device=lengths.device).index_add_(0, lengths, weights)
+    reaching = at_length.flip(0).cumsum(0).flip(0)  # reaching[m] = Σ_{g: m_g >= m} w_g
+    return reaching[1:] / reaching[0].clamp(min=torch.finfo(torch.float64).tiny)
+
+
 # ----------------------------------------------------------------------------------- the trainer
 @dataclass
 class TrainConfig:
@@ -190,6 +214,9 @@ class TrainConfig:
     and whether the weights are divided by their sum (exact forms in :class:`PrefixSchedule`).
     ``resort_by``: re-sort latents by the EMA of their mean squared activation (``"energy"``) or of
     their firing frequency (``"frequency"``, the share of rows where they fire).
+    ``sparsity_weighting``: ``"uniform"`` (every latent's penalty counts 1) or ``"prefix"`` (latent
+    ``i``'s penalty scaled by the share of the step's prefix weight on prefixes holding it,
+    :func:`prefix_penalty_weights`; ReLU/JumpReLU only: TopK kinds have no penalty).
     """
 
     steps: int = 40_000
@@ -220,12 +247,14 @@ class TrainConfig:
     balance_beta: float | None = None
     balance_normalise: bool = False
     resort_by: str = "energy"
+    sparsity_weighting: str = "uniform"
 
 
 RESORT_BY = ("energy", "frequency")
 # Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,
 # so that checkpoints written before them still resume.
-_LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy"}
+_LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
+                 "sparsity_weighting": "uniform"}
 
 
 @dataclass
@@ -501,6 +530,11 @@ def train(
     data_gen = torch.Generator().manual_seed(config.seed)
     if config.resort_by not in RESORT_BY:
         raise ValueError(f"resort_by must be one of {RESORT_BY}, got {config.resort_by!r}")
+    if config.sparsity_weighting not in SPARSITY_WEIGHTINGS:
+        raise ValueError(f"sparsity_weighting must be one of {SPARSITY_WEIGHTINGS}, got {config.sparsity_weighting!r}")
+    if config.sparsity_weighting != "uniform" and sae.config.activation not in ("relu", "jumprelu"):
+        raise ValueError(f"sparsity_weighting={config.sparsity_weighting!r} weighs the sparsity penalty, but "
+                         f"{sae.config.activation!r} SAEs have none (TopK/BatchTopK fix L0 by k): use 'uniform'")
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
                               torch.Generator().manual_seed(config.seed + 1), config.every_weights,
                               config.balance_beta, config.balance_normalise)
@@ -533,6 +567,8 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
     penalised = sae.config.activation in ("relu", "jumprelu")
     sparse_kind = sae.config.activation in ("topk", "batchtopk")
     no_aux = torch.zeros((), device=device)
+    by_prefix = config.sparsity_weighting == "prefix"
+    weighted_prefixes, latent_weights = None, None
     chunk_steps = config.data_chunk_steps
     chunk = None
     bar = tqdm(range(run.step, config.steps), initial=run.step, total=config.steps, mininterval=1.0,
@@ -552,10 +588,13 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
         x = chunk[step % chunk_steps]
 
         out = model(x)
-        recon = sae.reconstruction_loss(x, out.acts, run.schedule(), detach=config.detach).loss
+        prefixes = run.schedule()
+        recon = sae.reconstruction_loss(x, out.acts, prefixes, detach=config.detach).loss
         loss = recon
         if penalised:
-            loss = loss + log_coeff.exp() * sae.sparsity_penalty(out)
+            if by_prefix and prefixes is not weighted_prefixes:  # once for a fixed set, each step for sampled
+                weighted_prefixes, latent_weights = prefixes, prefix_penalty_weights(prefixes, sae.config.n, device)
+            loss = loss + log_coeff.exp() * sae.sparsity_penalty(out, latent_weights)
         aux = no_aux
         if sparse_kind:
             aux = sae.auxk_loss(x, out, stats.since_fired >= config.dead_after, config.aux_k)

@@ -21,6 +21,13 @@ def test_study_modes_parse():
     assert study_mode("balanced-b0.5") == ("balanced", {"balance_beta": 0.5, "balance_normalise": False})
     assert study_mode("every-uniform-b2")[1]["every_weights"] == "uniform"
     assert study_mode("sampled-freq") == ("sampled", {"resort_by": "frequency"})
+    assert study_mode("every-pp") == ("every", {"sparsity_weighting": "prefix"})
+    assert study_mode("every-uniform-pp") == ("every", {"every_weights": "uniform", "sparsity_weighting": "prefix"})
+    assert study_mode("every-b0.3-pp-freq") == ("every", {"balance_beta": 0.3, "balance_normalise": False,
+                                                         "sparsity_weighting": "prefix", "resort_by": "frequency"})
+    assert hedging.beta_of("every-pp") == hedging.beta_of("every") == 9.0
+    assert hedging.beta_of("every-uniform-pp") == 19.0 and hedging.beta_of("every-b0.3-pp") == 0.3
+    assert "every-pp" in hedging.MODES and "every-uniform-pp" in hedging.MODES
     for bad in ("every-b", "everything", "balanced", "every-b-1"):
         with pytest.raises(ValueError):
             study_mode(bad)
@@ -54,12 +61,15 @@ def test_hedging_prediction():
 
 
 def test_hedging_tiny_run(tmp_path, capsys):
-    hedging.hedging(tmp_path, steps=20, seeds=1, jobs=1, toys=("unequal",), modes=("every-b0.3", "detached"))
+    hedging.hedging(tmp_path, steps=20, seeds=1, jobs=1, toys=("unequal",),
+                    modes=("every-b0.3", "every-pp", "detached"))
     printed = capsys.readouterr().out
     assert "L_n + beta * sum" in printed and "parent->child" in printed and "vanish (seeds)" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     summary = results["toys"]["unequal"]["summary"]
-    assert set(summary) == {"every-b0.3", "detached"} and summary["detached"]["seeds"] == 1
+    assert set(summary) == {"every-b0.3", "every-pp", "detached"} and summary["detached"]["seeds"] == 1
+    runs = results["toys"]["unequal"]["runs"]
+    assert [r["spec"]["mode"] for r in runs] == ["every-b0.3", "every-pp", "detached"]
     assert (tmp_path / "hedging_unequal.png").stat().st_size > 10_000
     assert (tmp_path / "hedging_pareto_unequal.png").stat().st_size > 10_000
 

@@ -13,6 +13,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   divides by their sum.
 * ``detached``: ``every`` (exact weights) with detached levels; ``detached-uniform``: with uniform
   weights; ``groups-detached``: the fixed groups with detached levels.
+* any of these with a ``-pp`` suffix (e.g. ``every-pp``, ``every-uniform-pp``): the sparsity
+  penalty of latent ``i`` scaled by the share of the prefix weight on prefixes holding it
+  (``TrainConfig(sparsity_weighting="prefix")``, a per-prefix normalised penalty).
 * any of these with a ``-freq`` suffix: latents re-sorted by firing frequency instead of mean
   squared activation.
 """
@@ -59,6 +62,9 @@ def study_mode(name: str) -> tuple[str, dict]:
     if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
         prefix_mode, overrides = study_mode(name[: -len("-freq")])
         return prefix_mode, {**overrides, "resort_by": "frequency"}
+    if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
+        prefix_mode, overrides = study_mode(name[: -len("-pp")])
+        return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}
     if name in BASE_MODES:
         return name, {}
     if name == "every-uniform":
@@ -73,7 +79,8 @@ def study_mode(name: str) -> tuple[str, dict]:
     if match is None:
         raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
-                         f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm")
+                         f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
+                         f"suffixes -pp (prefix-weighted penalty) and -freq (frequency re-sorting)")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":

@@ -42,12 +42,15 @@ __all__ = ["MODES", "BETAS", "NORM_BETAS", "REFERENCE_MODES", "DEFAULT_STEPS", "
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 NORM_BETAS = (0.1, 0.3, 1.0)  # the normalised form, at a few β (on the nabeshima toy)
 UNEQUAL_BETAS = (0.0, 0.1, 0.3, 1.0)  # the unequal toy's β grid (coarser: compute)
-REFERENCE_MODES = ("every", "every-uniform", "detached")
+# every-pp / every-uniform-pp: the same objectives with the sparsity penalty weighted like the prefixes
+# (TrainConfig(sparsity_weighting="prefix"): latent i's penalty times the share of the prefix weight
+# reaching it), the per-prefix normalised penalty of item 4 (the dead last latents of every).
+REFERENCE_MODES = ("every", "every-pp", "every-uniform", "every-uniform-pp", "detached")
 DEFAULT_STEPS = 3_000
 DEFAULT_SEEDS = 5
 QUICK_STEPS = 200
 MODES = tuple(f"every-b{b:g}" for b in BETAS) + tuple(f"every-b{b:g}-norm" for b in NORM_BETAS) + REFERENCE_MODES
-QUICK_MODES = ("every-b0", "every-b0.3", "every-b0.3-norm", "every", "detached")
+QUICK_MODES = ("every-b0", "every-b0.3", "every-b0.3-norm", "every", "every-pp", "detached")
 VANISH = 0.05  # "vanishes": every off-target |cos| and the absorption rate below this, on every seed
 
 
@@ -64,7 +67,10 @@ TOYS = {"nabeshima": nabeshima_spec, "unequal": unequal_spec}
 
 
 def beta_of(mode: str, num_sampled: int = 10) -> float | None:
-    """The β a mode puts on its inner prefixes in the normalised-equivalent sense (``every`` = 9)."""
+    """The β a mode puts on its inner prefixes in the normalised-equivalent sense (``every`` = 9);
+    a ``-pp`` mode (prefix-weighted penalty) has the β of its reconstruction objective."""
+    if mode.endswith("-pp"):
+        return beta_of(mode[: -len("-pp")], num_sampled)
     prefix_mode, settings = study_mode(mode)
     if prefix_mode == "every" and "balance_beta" in settings:
         return settings["balance_beta"]
@@ -258,8 +264,9 @@ def report(out: Path, payload: dict, docs: Path | None = None, pareto_all: bool 
     md = [f"# Hedging study: {steps} steps per run, {seeds} seeds per mode, mean ± 95% CI (Student t)\n",
           "β objective: `L_β = L_n + β Σ_{l<n} ω_l L_l` (ω: exact every-prefix weights of the inner prefixes "
           "renormalised to sum 1); `-norm`: divided by `1 + β`; `every` = the `-norm` form at β = 9, "
-          "`every-uniform` = the `-norm` form with uniform ω at β = 19. `vanish`: seeds on which every "
-          "off-target |cos| within a family and every pair's absorption rate are < 0.05.\n"]
+          "`every-uniform` = the `-norm` form with uniform ω at β = 19; `-pp`: the same objective with latent i's "
+          "sparsity penalty scaled by the share of the prefix weight on the prefixes that hold it. `vanish`: "
+          "seeds on which every off-target |cos| within a family and every pair's absorption rate are < 0.05.\n"]
     figures = []
     for toy_name, entry in payload["toys"].items():
         toy = ToyModel(entry["toy"])

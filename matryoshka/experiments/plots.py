@@ -131,14 +131,17 @@ def hedging_figure(summary: dict, scalars: dict, grid: np.ndarray, curve: np.nda
             ax.errorbar(x, mean, yerr=half, marker=marker, ls=line, capsize=3, color=color,
                         label=f"{name}, {label}", alpha=0.9 if line == "-" else 0.6)
     ax_mix.plot(grid, curve, color="black", lw=1.2, label="hedging prediction (parent->child)")
-    for mode in ("every", "every-uniform", "detached"):
+    reference_x = {"every": 9.0, "every-pp": 9.0, "every-uniform": 19.0, "every-uniform-pp": 19.0, "detached": 40.0}
+    for mode, x in reference_x.items():
         if mode not in summary:
             continue
-        x = {"every": 9.0, "every-uniform": 19.0, "detached": 40.0}[mode]
+        pp = mode.endswith("-pp")  # prefix-weighted penalty: a hollow marker, nudged right of its objective's β
+        x = x * 1.12 if pp else x
         for ax, key, color in ((ax_abs, "absorption", "tab:red"), (ax_mix, "parent_child", "tab:blue"),
                                (ax_mix, "child_sibling", "tab:purple")):
             ax.errorbar([x], [summary[mode][key]["mean"]], yerr=[np.nan_to_num(summary[mode][key]["ci95"])],
-                        marker="*", ms=10, color=color, capsize=3)
+                        marker="P" if pp else "*", ms=8 if pp else 10, color=color, capsize=3,
+                        mfc="none" if pp else color)
             if ax is ax_mix:
                 ax.annotate(mode, (x, summary[mode][key]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "pred_parent_child" in summary[mode]:
