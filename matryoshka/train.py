@@ -108,7 +108,7 @@ Callback = Callable[[int, SparseAutoencoder, dict], None]
 # ----------------------------------------------------------------------------------- prefix modes
 def default_group_widths(n: int, num_groups: int = 4) -> list[int]:
     """Cumulative widths that double up to ``n``, e.g. ``[3, 5, 10, 20]`` for ``n = 20``."""
-    return sorted({max(1, math.ceil(n / 2 ** (num_groups - 1 - g))) for g in range(num_groups)})
+    return sorted({math.ceil(n / 2 ** (num_groups - 1 - g)) for g in range(num_groups)})
 
 
 class PrefixSchedule:
@@ -465,8 +465,7 @@ class _Run:
             self.stats.frequency = tensors["frequency"].to(device)
         self.log_coeff.copy_(tensors["log_coeff"])
         self.window.copy_(tensors["window"])  # the mean over ranks: averaging again keeps it
-        self.data_gen.set_state(tensors["data_generator"])
-        self.chunk_state = tensors["data_generator"]
+        self.data_gen.set_state(tensors["data_generator"])  # the chunk's start: the loop redraws it
         self.schedule.generator.set_state(tensors["prefix_generator"])
         self.result.history = state["history"]
         self.step = state["step"]

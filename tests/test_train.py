@@ -63,6 +63,8 @@ def test_prefix_modes():
     assert PrefixSchedule("vanilla", 8)().lengths.tolist() == [8]
     groups = PrefixSchedule("groups", 20)()
     assert groups.lengths.tolist() == default_group_widths(20) == [3, 5, 10, 20]
+    # small n: doubling widths collapse, the smallest group is one latent
+    assert [default_group_widths(n) for n in (1, 3, 4, 8)] == [[1], [1, 2, 3], [1, 2, 4], [1, 2, 4, 8]]
     g = torch.Generator().manual_seed(0)
     sampled = PrefixSchedule("sampled", 20, 10, generator=g)
     a, b = sampled(), sampled()
