@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .harness import device_name, summarize
+from .harness import add_sae_step_arguments, device_name, summarize
 
 GROUPS = {"5": [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2], "64": [1 / 64] * 64}
 
@@ -43,13 +43,7 @@ def build(variant: str, kind: str, args: argparse.Namespace, state: dict | None)
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=9)
+    add_sae_step_arguments(parser, repeats=9)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

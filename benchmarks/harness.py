@@ -134,6 +134,18 @@ class InputSet:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+def add_sae_step_arguments(parser, repeats: int) -> None:
+    """The command-line sizes shared by the integration benchmarks (one SAE training step of a
+    d -> n TopK-family SAE on a batch), with their defaults."""
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
 def random_topk_indices(B: int, n: int, k: int, device, generator: torch.Generator) -> torch.Tensor:
     """``(B, k)`` distinct uniformly random latents per row, made in row chunks (bounded memory)."""
     out = torch.empty(B, k, dtype=torch.int64, device=device)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import REPO, device_slug, environment, summarize
+from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET = 1.1  # the target: every-prefix fused step <= 1.1x the stock 5-group step
@@ -177,13 +177,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=7)
+    add_sae_step_arguments(parser, repeats=7)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per timing before repeats stop (min 2)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
