@@ -101,6 +101,23 @@ def test_reconstruction_is_the_full_decode():
     torch.testing.assert_close(reconstruction_reference(acts, p.W_dec, None, compute=torch.float64), want - p.b_dec)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_reconstruction_of_half_inputs_is_float32(backend):
+    """The reconstruction comes in the compute dtype (float32 for half inputs), sparse and dense,
+    with and without rescaling, and equals the float64 decode of the same half-rounded inputs."""
+    p = make_problem(4, 10, 16, 5, torch.float64, pad_fraction=0.2, seed=8)
+    half = [t.to(torch.bfloat16) for t in (p.x, p.values, p.W_dec, p.b_dec)]
+    acts = SparseActs(half[1], p.indices)
+    for rescale in (False, True):
+        W = half[2].double() / (half[2].double().norm(dim=1, keepdim=True) if rescale else 1.0)
+        want = SparseActs(half[1].double(), p.indices).decode(W) + half[3].double()
+        for a in (acts, acts.to_dense(p.n)):
+            out = matryoshka_loss(half[0], a, half[2], half[3], Prefixes([3]), backend=backend,
+                                  rescale_acts_by_decoder_norm=rescale)
+            assert out.reconstruction.dtype == torch.float32, (backend, rescale, a.__class__)
+            torch.testing.assert_close(out.reconstruction.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_from_dense_keeps_every_nonzero_entry():
     acts = torch.tensor([[0.0, 2.0, 0.0, -3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], requires_grad=True)
     sparse = SparseActs.from_dense(acts)

@@ -107,5 +107,5 @@ def test_triton_on_cpu_without_interpreter_is_explained(monkeypatch):
 
 
 def test_module_checks_prefixes():
-    with pytest.raises(TypeError, match="`prefixes`"):
+    with pytest.raises(TypeError, match="`prefixes` must be a matryoshka.Prefixes, got list"):
         MatryoshkaLoss([1, 2])
