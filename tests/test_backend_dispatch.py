@@ -78,3 +78,28 @@ def test_module_defaults_are_the_functions():
     bad = SparseActs(p.values, p.indices.masked_fill(p.indices == p.indices[0, 0], p.n))
     with pytest.raises(ValueError, match="indices"):
         module(p.x, bad, p.W_dec, p.b_dec)
+
+
+def test_module_passes_every_option_on():
+    """``MatryoshkaLoss(prefixes, validate=False, order="rank", detach=True, rescale_acts_by_decoder_norm=True)``
+    computes what ``matryoshka_loss`` does with those options (each one changes the loss or a
+    gradient here), and ``validate=False`` lets a repeated index through, counted twice."""
+    prefixes = Prefixes([1, 3, 4], [1.0, 0.5, 2.0])
+    options = dict(order="rank", detach=True, rescale_acts_by_decoder_norm=True)
+    module = MatryoshkaLoss(prefixes, "torch", False, **options)
+    p = make_problem(6, 5, 10, 4, torch.float64, pad_fraction=0.2)
+    repeated = p.indices.clone()
+    repeated[0, 1] = repeated[0, 0] = 3
+
+    def loss_and_grads(loss_fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.values, p.W_dec, p.b_dec)]
+        out = loss_fn(leaves[0], SparseActs(leaves[1], repeated), leaves[2], leaves[3])
+        out.loss.backward()
+        return [out.loss.detach(), out.per_prefix] + [t.grad for t in leaves]
+
+    want = loss_and_grads(lambda x, acts, W, b: matryoshka_loss(x, acts, W, b, prefixes, "torch", False, **options))
+    assert_matches(loss_and_grads(module), want, torch.float64)
+    for name in options:  # each option on its own makes a difference on this problem
+        other = dict(options, **{name: {"order": "index"}.get(name, False)})
+        changed = loss_and_grads(lambda x, acts, W, b: matryoshka_loss(x, acts, W, b, prefixes, "torch", False, **other))
+        assert any(not torch.allclose(a, b) for a, b in zip(changed, want)), name
