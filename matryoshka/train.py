@@ -615,8 +615,9 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
                 if ranks is not None:  # the whole batch's L0: every rank keeps the same coefficient
                     l0 = ranks.mean(l0)
                 # Relative L0 error, clipped so that an early L0 far above target (dense start)
-                # cannot blow the coefficient up within a few steps and kill latents for good.
-                error = ((l0 - config.target_l0) / config.target_l0).clamp(-1.0, 1.0)
+                # cannot blow the coefficient up within a few steps and kill latents for good
+                # (it cannot fall below -1: L0 >= 0).
+                error = ((l0 - config.target_l0) / config.target_l0).clamp(max=1.0)
                 log_coeff += config.adapt_rate * error
             stats.update(out.acts, sae.W_dec, ranks)
             window += torch.stack([loss.detach(), recon.detach(), l0, aux.detach()])

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
 
-def _uninterrupted(activation: str) -> tuple[dict, list]:
+def _uninterrupted(activation: str, **overrides) -> tuple[dict, list]:
     sae = tiny_sae(activation)
-    history = train(sae, sample, tiny_config(activation)).history
+    history = train(sae, sample, tiny_config(activation, **overrides)).history
     return final_state(sae), history
 
 
@@ -61,6 +61,19 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, one_thread, activation):
     result = train(sae, sample, tiny_config(activation), checkpoint_dir=tmp_path, resume=True)
     _assert_same_run(sae, result.history, want_state, want_history)
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000005", "step_0000010", "step_0000015"]
+
+
+def test_resume_from_a_data_chunk_start_with_frequency_resorting_is_bit_exact(tmp_path, one_thread):
+    """Checkpoints every 4 steps land on data-chunk starts (chunks of 4), where the checkpoint holds
+    the generator as it is (the next chunk's start), not the finished chunk's; re-sorting by
+    firing frequency needs the frequency statistics restored."""
+    overrides = dict(checkpoint_every=4, resort_by="frequency")
+    want_state, want_history = _uninterrupted("relu", **overrides)
+    with pytest.raises(_Crash):  # checkpoints at 4 and 8; dies at 9 (a logging step)
+        train(tiny_sae("relu"), sample, tiny_config("relu", **overrides), callback=_crash_at(9), checkpoint_dir=tmp_path)
+    sae = tiny_sae("relu", seed=99)
+    result = train(sae, sample, tiny_config("relu", **overrides), checkpoint_dir=tmp_path, resume=True)
+    _assert_same_run(sae, result.history, want_state, want_history)
 
 
 def _killed_child(folder: str) -> None:
@@ -187,7 +200,7 @@ def test_resume_without_checkpoints_starts_at_zero_with_a_warning(tmp_path, one_
     with pytest.warns(UserWarning, match="no checkpoint in .* starting at step 0"):
         result = train(tiny_sae("topk"), sample, tiny_config("topk", steps=5), checkpoint_dir=tmp_path, resume=True)
     assert result.history[0]["step"] == 3
-    with pytest.raises(ValueError, match="resume=True.* needs checkpoint_dir"):
+    with pytest.raises(ValueError, match=r"^train\(resume=True\) needs checkpoint_dir"):
         train(tiny_sae("topk"), sample, tiny_config("topk"), resume=True)
 
 
@@ -196,3 +209,4 @@ def test_checkpoint_is_a_loadable_sae_with_a_manifest(written):
     manifest = json.loads((path / "manifest.json").read_text())
     assert sorted(manifest["files"]) == ["config.json", "sae.safetensors", "trainer.json", "trainer.safetensors"]
     assert SparseAutoencoder.load(path).config.n == tiny_sae("relu").config.n
+    assert json.loads((path / "trainer.json").read_text())["world_size"] == 1
