@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,12 +193,13 @@ def test_free_settings_may_change_on_resume(copy):
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(copy):
-    with pytest.raises(CheckpointError, match=r"already holds checkpoints \(latest: step_0000005\); pass resume=True"):
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint_dir {str(copy)!r} already holds checkpoints "
+                                                         "(latest: step_0000005); pass resume=True")):
         train(tiny_sae("relu"), sample, tiny_config("relu"), checkpoint_dir=copy)
 
 
 def test_resume_without_checkpoints_starts_at_zero_with_a_warning(tmp_path, one_thread):
-    with pytest.warns(UserWarning, match="no checkpoint in .* starting at step 0"):
+    with pytest.warns(UserWarning, match=re.escape(f"no checkpoint in {str(tmp_path)!r} yet; starting at step 0")):
         result = train(tiny_sae("topk"), sample, tiny_config("topk", steps=5), checkpoint_dir=tmp_path, resume=True)
     assert result.history[0]["step"] == 3
     with pytest.raises(ValueError, match=r"^train\(resume=True\) needs checkpoint_dir"):

@@ -112,3 +112,25 @@ def test_lr_factor_with_one_step_of_warm_up_and_cool_down():
 def test_scaled_inner_weights_with_no_inner_weight():
     torch.testing.assert_close(scaled_inner_weights([0.0, 0.0, 1.0], 0.5), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(scaled_inner_weights([1.0, 3.0, 1.0], 2.0), torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64))
+
+
+def test_train_builds_its_schedule_and_optimizer_from_the_config(monkeypatch):
+    """``group_widths``, ``balance_beta`` and ``betas`` reach the prefix schedule and Adam (the
+    learning rate is set every step)."""
+    from matryoshka.train import PrefixSchedule
+
+    result = train(tiny_sae("relu"), sample, tiny_config("relu", steps=1, prefix_mode="groups", group_widths=[2, 6, 12]))
+    assert result.objective.lengths.tolist() == [2, 6, 12]
+    result = train(tiny_sae("relu"), sample, tiny_config("relu", steps=1, prefix_mode="every", balance_beta=0.5))
+    want = PrefixSchedule("every", 12, 4, balance_beta=0.5).objective
+    torch.testing.assert_close(result.objective.weights, want.weights)
+    built = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            built.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    train(tiny_sae("relu"), sample, tiny_config("relu", steps=1, betas=(0.25, 0.75)))
+    assert built[0]["betas"] == (0.25, 0.75)
