@@ -142,8 +142,9 @@ def hedging_figure(summary: dict, scalars: dict, grid: np.ndarray, curve: np.nda
             ax.errorbar([x], [summary[mode][key]["mean"]], yerr=[np.nan_to_num(summary[mode][key]["ci95"])],
                         marker="P" if pp else "*", ms=8 if pp else 10, color=color, capsize=3,
                         mfc="none" if pp else color)
-            if ax is ax_mix:
-                ax.annotate(mode, (x, summary[mode][key]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if ax is ax_mix:  # -pp points sit just right of their objective's: label them "pp", below
+                ax.annotate("pp" if pp else mode, (x, summary[mode][key]["mean"]), fontsize=7,
+                            xytext=(3, -9) if pp else (3, 3), textcoords="offset points")
         if "pred_parent_child" in summary[mode]:
             ax_mix.plot([x], [summary[mode]["pred_parent_child"]["mean"]], marker="x", color="black")
     for ax, ylabel in ((ax_abs, "absorption rate"), (ax_mix, "cosine (matched latent, other member)")):
