@@ -134,3 +134,19 @@ def test_train_builds_its_schedule_and_optimizer_from_the_config(monkeypatch):
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     train(tiny_sae("relu"), sample, tiny_config("relu", steps=1, betas=(0.25, 0.75)))
     assert built[0]["betas"] == (0.25, 0.75)
+
+
+def test_each_step_scores_the_schedules_prefixes(monkeypatch):
+    """``sampled``: every step's loss is over that step's draw of ``num_sampled`` prefixes, not the
+    SAE's fixed objective."""
+    seen = []
+    reconstruction_loss = SparseAutoencoder.reconstruction_loss
+
+    def spy(self, x, acts, prefixes=None, **kwargs):
+        seen.append(prefixes)
+        return reconstruction_loss(self, x, acts, prefixes, **kwargs)
+
+    monkeypatch.setattr(SparseAutoencoder, "reconstruction_loss", spy)
+    train(tiny_sae("relu"), sample, tiny_config("relu", steps=6, num_sampled=4))
+    assert len(seen) == 6 and all(p is not None and len(p) == 4 for p in seen)
+    assert len({tuple(p.lengths.tolist()) for p in seen}) > 1

@@ -41,12 +41,12 @@ def test_non_finite_data_stops_before_reaching_the_model(tmp_path, one_thread, v
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "list"])
 def test_sampler_output_of_the_wrong_kind_is_named(bad):
     def wrong(rows, generator):
         data = sample(rows, generator)
-        return data[:, :-1] if bad == "shape" else data.to(torch.int64)
-    got = r"\(64, 7\) torch.float32" if bad == "shape" else r"\(64, 8\) torch.int64"
+        return {"shape": data[:, :-1], "dtype": data.to(torch.int64), "list": data.tolist()}[bad]
+    got = {"shape": r"\(64, 7\) torch.float32", "dtype": r"\(64, 8\) torch.int64", "list": "list$"}[bad]
     with pytest.raises(ValueError, match=rf"sample\(64, generator\) must return a \(64, {D}\) floating-point "
                                          rf"tensor \(d = the SAE's input size\), got {got}"):
         train(tiny_sae("relu"), wrong, tiny_config("relu"))
