@@ -1,5 +1,7 @@
 """The trainer: prefix modes and their weights, schedule, re-sorting, determinism, loss going down."""
 
+import math
+
 import pytest
 import torch
 
@@ -176,10 +178,24 @@ def test_every_with_inner_levels_scaled_by_beta():
     # ... and uniform weights are the normalised uniform form at beta = n - 1
     uniform = PrefixSchedule("every", 20, every_weights="uniform", balance_beta=19, balance_normalise=True)
     torch.testing.assert_close(uniform.objective.weights, torch.full((20,), 1 / 20, dtype=torch.float64))
-    for bad in (dict(mode="sampled", balance_beta=0.5), dict(mode="groups", balance_beta=0.5),
-                dict(mode="balanced"), dict(mode="every", balance_beta=-1.0)):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(mode="sampled", balance_beta=0.5), "^balance_beta applies to prefix modes"),
+                         (dict(mode="groups", balance_beta=0.5), "^balance_beta applies to prefix modes"),
+                         (dict(mode="balanced"), r"^prefix mode 'balanced' needs balance_beta \(the inner"),
+                         (dict(mode="every", balance_beta=-1.0), r"^balance_beta must be finite and >= 0, got -1.0$"),
+                         (dict(mode="every", balance_beta=math.inf), r"^balance_beta must be finite and >= 0, got inf$"),
+                         (dict(mode="sideways"), "^prefix mode must be one of"),
+                         (dict(mode="every", every_weights="flat"), "^every_weights must be one of")):
+        with pytest.raises(ValueError, match=message):
             PrefixSchedule(n=20, **bad)
+
+
+def test_schedule_objectives_and_defaults():
+    """The objectives' weights (not only their lengths), and 10 sampled prefixes by default."""
+    torch.testing.assert_close(PrefixSchedule("groups", 20).objective.weights, torch.full((4,), 0.25, dtype=torch.float64))
+    uniform = PrefixSchedule("every", 20, every_weights="uniform")
+    torch.testing.assert_close(uniform.objective.weights, torch.full((20,), 1 / 20, dtype=torch.float64))
+    assert uniform() is uniform.objective
+    assert len(PrefixSchedule("sampled", 20, generator=torch.Generator().manual_seed(0))()) == 10
 
 
 def test_detach_reaches_the_loss_same_value_other_gradients():

@@ -150,3 +150,9 @@ def test_each_step_scores_the_schedules_prefixes(monkeypatch):
     train(tiny_sae("relu"), sample, tiny_config("relu", steps=6, num_sampled=4))
     assert len(seen) == 6 and all(p is not None and len(p) == 4 for p in seen)
     assert len({tuple(p.lengths.tolist()) for p in seen}) > 1
+
+
+def test_prefix_weighted_penalty_trains_jumprelu():
+    """``sparsity_weighting="prefix"`` is for every penalised kind: JumpReLU (L0) as well as ReLU."""
+    history = train(tiny_sae("jumprelu"), sample, tiny_config("jumprelu", steps=3, sparsity_weighting="prefix")).history
+    assert history[-1]["step"] == 3
