@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["BACKENDS", "ORDERS", "check_inputs", "check_sparse_indices"]
+__all__ = ["BACKENDS", "ORDERS", "check_inputs", "check_sparse_indices", "check_weight_values"]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 ORDERS = ("index", "rank")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weight_values(name: str, weights) -> list[float]:
+    """The entries of a user's list of prefix weights (argument ``name``) as floats: numbers (not
+    bools), finite and >= 0; the integrations check the container and the length themselves."""
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise TypeError(f"{name} must hold only numbers, got {list(weights)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"{name} must be finite and >= 0, got {list(weights)}")
+    return [float(w) for w in weights]
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import math
 import sys
 from collections import namedtuple
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ import torch
 from ..loss import matryoshka_loss
 from ..prefixes import Prefixes
 from ..sparse_acts import SparseActs
-from ..validation import BACKENDS
+from ..validation import BACKENDS, check_weight_values
 
 __all__ = ["FusedMatryoshkaBatchTopKTrainer"]
 
@@ -118,13 +117,10 @@ def _check_weights(name: str, weights, expected: int) -> list[float]:
         weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(f"{name} must be a list of numbers or None, got {weights!r}")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise TypeError(f"{name} must hold only numbers, got {list(weights)}")
-    if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f"{name} must be finite and >= 0, got {list(weights)}")
-    if len(weights) != expected:
-        raise ValueError(f"{name} must have {expected} entries, got {len(weights)}")
-    return [float(w) for w in weights]
+    values = check_weight_values(name, weights)
+    if len(values) != expected:
+        raise ValueError(f"{name} must have {expected} entries, got {len(values)}")
+    return values
 
 
 class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):

@@ -45,7 +45,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from ..loss import matryoshka_loss
 from ..prefixes import Prefixes
 from ..sparse_acts import PADDING_INDEX, SparseActs
-from ..validation import BACKENDS
+from ..validation import BACKENDS, check_weight_values
 
 __all__ = ["FusedMatryoshkaBatchTopKTrainingSAEConfig", "FusedMatryoshkaBatchTopKTrainingSAE"]
 
@@ -90,10 +90,7 @@ class FusedMatryoshkaBatchTopKTrainingSAEConfig(MatryoshkaBatchTopKTrainingSAECo
         weights = self.matryoshka_level_weights
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
             raise TypeError(f"matryoshka_level_weights must be a list of numbers or None, got {weights!r}")
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-            raise TypeError(f"matryoshka_level_weights must hold only numbers, got {list(weights)}")
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"matryoshka_level_weights must be finite and >= 0, got {list(weights)}")
+        check_weight_values("matryoshka_level_weights", weights)
         if self.matryoshka_prefixes == "every":
             expected, what = self.d_sae, "one per prefix 1..d_sae with matryoshka_prefixes='every'"
         else:
