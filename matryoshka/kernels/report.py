@@ -99,26 +99,31 @@ class Result:
         return out
 
 
-def _sparse_builds(dtypes, shapes) -> list[Build]:
+def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
+    """The sparse kernels at ``launch`` (``None``: the host's ``default_launch`` for each shape)."""
     from . import sparse_scan
 
     out = []
     for dtype in dtypes:
         for _, d in shapes:
-            acc, _, meta = sparse_scan._launch_meta(d, dtype)
+            acc, _, meta = sparse_scan._launch_meta(d, dtype, launch)
+            meta = dict(meta)
+            options = dict(num_warps=meta.pop("num_warps"))
             config = f"BLOCK_D={meta['BLOCK_D']} (d={d})"
+            if launch is not None:
+                config += f" w={options['num_warps']} s={meta['LOOP_STAGES']} {meta['ATOMIC_SEM']}"
             out.append(Build(
                 "sparse_forward", dtype, config, sparse_scan._sparse_scan_forward_kernel,
                 dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64,
                      counts_ptr=torch.int32, norms_ptr=acc, residual_ptr=acc),
-                dict(HAS_BIAS=True, **meta)))
+                dict(HAS_BIAS=True, **sparse_scan._forward_meta(meta)), options))
             for detach in (False, True):
                 out.append(Build(
                     "sparse_backward" + "_detached" * detach, dtype, config, sparse_scan._sparse_scan_backward_kernel,
                     dict(residual_ptr=acc, grad_norms_ptr=acc, grad_level_ptr=acc, levels_ptr=torch.int64,
                          w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.int32,
                          dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
-                    dict(DETACH=detach, **meta)))
+                    dict(DETACH=detach, **meta), options))
     return out
 
 

@@ -44,9 +44,17 @@ adds it.
 Both passes are O(k * d) per row with O(d) extra memory per row, whatever the number of prefixes.
 Accumulation is float32 (float64 for float64 inputs).  Every load of a decoder row is masked by
 ``0 <= p < n``, so no index, checked or not, reaches outside ``W_dec``.
+
+Launch configuration (``SparseLaunch``): the chunk width ``BLOCK_D``, the warps per program, the
+software-pipelining depth of the slot loop (``LOOP_STAGES``: Triton may then load slot ``t + s``'s
+decoder row while slot ``t`` is reduced) and the memory order of the ``dW_dec`` atomics.  None of
+them changes the math, only the order of float additions across chunks; ``default_launch`` is what
+the op uses, and ``benchmarks/tune.py`` times the alternatives on a GPU.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -55,7 +63,7 @@ import triton.language as tl
 from ..scan_layout import slot_counts
 from .guard import device_guard
 
-__all__ = ["sparse_scan_forward", "sparse_scan_backward"]
+__all__ = ["SparseLaunch", "default_launch", "sparse_scan_forward", "sparse_scan_backward"]
 
 
 @triton.jit
@@ -76,7 +84,7 @@ def _sparse_scan_forward_kernel(
     x_ptr, bias_ptr, w_ptr, values_ptr, indices_ptr, counts_ptr, norms_ptr, residual_ptr,
     num_rows, k, d, n,
     stride_x, stride_w, stride_values, stride_indices,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """norms[chunk, b, t] = ||r_t[chunk]||^2 for t = 0..k; residual[b, chunk] = r_k[chunk]."""
     row = tl.program_id(0).to(tl.int64)
@@ -90,7 +98,7 @@ def _sparse_scan_forward_kernel(
     norm = tl.sum(r * r, axis=0)
     tl.store(norms_row, norm)
     count = tl.load(counts_ptr + row)
-    for t in range(0, count):
+    for t in tl.range(0, count, num_stages=LOOP_STAGES):
         latent = tl.load(indices_ptr + row * stride_indices + t)
         value = tl.load(values_ptr + row * stride_values + t).to(ACC)
         w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
@@ -108,7 +116,8 @@ def _sparse_scan_backward_kernel(
     dx_ptr, dvalues_ptr, dw_ptr,
     num_rows, k, d, n,
     stride_w, stride_values, stride_indices, stride_levels, stride_dw,
-    DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
 ):
     """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics.
 
@@ -141,7 +150,7 @@ def _sparse_scan_backward_kernel(
         for t in range(count, k):
             tail += 2.0 * tl.load(grad_row + t + 1).to(ACC)
     suffix = tail * r
-    for step in range(0, count):
+    for step in tl.range(0, count, num_stages=LOOP_STAGES):
         t = count - 1 - step  # slot t holds latent number t + 1 of the scan
         twice_grad = 2.0 * tl.load(grad_row + t + 1).to(ACC)
         if DETACH:
@@ -160,7 +169,7 @@ def _sparse_scan_backward_kernel(
         value = tl.where(active, tl.load(values_ptr + row * stride_values + t).to(ACC), 0.0)
         tl.store(dvalues_row + t, -tl.sum(slot_suffix * w, axis=0))
         tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * slot_suffix, mask=active,
-                      sem="relaxed")
+                      sem=ATOMIC_SEM)
         r += value * w
     twice_first = 2.0 * tl.load(grad_row).to(ACC)
     if DETACH:
@@ -169,18 +178,59 @@ def _sparse_scan_backward_kernel(
     tl.store(dx_ptr + row * d + cols, suffix, mask=in_d)
 
 
-def _block_d(d: int) -> int:
-    # One chunk per row up to d = 1024 keeps the scan in one program; wider rows split so that a
-    # chunk's residual stays in registers (4 warps x 32 lanes x 8 floats).
-    return max(16, min(triton.next_power_of_2(d), 1024))
+@dataclass(frozen=True)
+class SparseLaunch:
+    """How the sparse kernels are launched; the results do not depend on it beyond float rounding.
+
+    ``block_d``: columns per program (a power of two, >= 16); ``num_warps``: warps per program;
+    ``loop_stages``: ``tl.range``'s ``num_stages`` for the slot loop (1: no software pipelining);
+    ``atomic_sem``: memory order of the ``dW_dec`` atomics.  A sum needs no ordering, so
+    ``"relaxed"``; ``"acq_rel"`` (Triton's default) is kept selectable to measure what the fences cost.
+    """
+
+    block_d: int
+    num_warps: int = 4
+    loop_stages: int = 1
+    atomic_sem: str = "relaxed"
+
+    def __post_init__(self):
+        if self.block_d < 16 or self.block_d & (self.block_d - 1):
+            raise ValueError(f"block_d must be a power of two >= 16, got {self.block_d}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got {self.num_warps}")
+        if self.loop_stages < 1:
+            raise ValueError(f"loop_stages must be >= 1, got {self.loop_stages}")
+        if self.atomic_sem not in ("relaxed", "acq_rel", "acquire", "release"):
+            raise ValueError(f"atomic_sem must be 'relaxed', 'acq_rel', 'acquire' or 'release', got {self.atomic_sem!r}")
 
 
-def _launch_meta(d: int, acc_dtype: torch.dtype) -> tuple[torch.dtype, int, dict]:
-    """``(torch accumulation dtype, d-chunks, compile-time arguments)`` of a launch over rows of ``d``."""
-    block_d = _block_d(d)
+def default_launch(d: int) -> SparseLaunch:
+    """The launch the op uses for rows of width ``d``.
+
+    One chunk per row up to d = 1024 keeps the scan in one program; wider rows split so that a
+    chunk's residual stays in registers (4 warps x 32 lanes x 8 floats).  Not yet tuned on a GPU:
+    ``python -m benchmarks.tune`` measures the alternatives.
+    """
+    return SparseLaunch(block_d=max(16, min(triton.next_power_of_2(d), 1024)))
+
+
+def _launch_meta(d: int, acc_dtype: torch.dtype, launch: SparseLaunch | None = None) -> tuple[torch.dtype, int, dict]:
+    """``(torch accumulation dtype, d-chunks, compile-time arguments)`` of a launch over rows of ``d``.
+
+    The compile-time arguments include ``num_warps`` and the backward's ``ATOMIC_SEM``; the forward
+    kernel takes every key but ``ATOMIC_SEM`` (``_forward_meta``).
+    """
+    launch = launch or default_launch(d)
     wide = acc_dtype == torch.float64
     torch_acc, tl_acc = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
-    return torch_acc, triton.cdiv(d, block_d), dict(ACC=tl_acc, BLOCK_D=block_d)
+    meta = dict(ACC=tl_acc, BLOCK_D=launch.block_d, LOOP_STAGES=launch.loop_stages,
+                ATOMIC_SEM=launch.atomic_sem, num_warps=launch.num_warps)
+    return torch_acc, triton.cdiv(d, launch.block_d), meta
+
+
+def _forward_meta(meta: dict) -> dict:
+    """``meta`` without the backward-only ``ATOMIC_SEM``."""
+    return {key: value for key, value in meta.items() if key != "ATOMIC_SEM"}
 
 
 def _counts(indices: torch.Tensor, n: int) -> torch.Tensor:
@@ -195,14 +245,16 @@ def sparse_scan_forward(
     values: torch.Tensor,
     indices: torch.Tensor,
     acc_dtype: torch.dtype,
+    launch: SparseLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward scan.  Returns ``(norms (B, k+1), final residual (B, d))`` in ``acc_dtype``.
 
     ``values``/``indices`` are ``(B, k)``, sorted by index within each row with padding last.
+    ``launch``: ``default_launch(d)`` unless given (tuning).
     """
     num_rows, d = x.shape
     k = values.shape[1]
-    torch_acc, chunks, meta = _launch_meta(d, acc_dtype)
+    torch_acc, chunks, meta = _launch_meta(d, acc_dtype, launch)
     counts = _counts(indices, W_dec.shape[0])
     partial = x.new_empty(chunks, num_rows, k + 1, dtype=torch_acc)
     residual = x.new_empty(num_rows, d, dtype=torch_acc)
@@ -213,7 +265,7 @@ def sparse_scan_forward(
                 x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, counts, partial, residual,
                 num_rows, k, d, W_dec.shape[0],
                 x.stride(0), W_dec.stride(0), values.stride(0), indices.stride(0),
-                HAS_BIAS=b_dec is not None, **meta,
+                HAS_BIAS=b_dec is not None, **_forward_meta(meta),
             )
     return partial.sum(0), residual
 
@@ -226,20 +278,24 @@ def sparse_scan_backward(
     indices: torch.Tensor,
     grad_level_norms: torch.Tensor | None = None,
     levels: torch.Tensor | None = None,
+    launch: SparseLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dvalues, dW_dec)`` in the accumulation dtype.
 
     With ``grad_level_norms`` and ``levels`` (``(B, k)`` int64, non-decreasing per row): the
     detached backward, ``grad_norms`` reaching ``x`` only and ``grad_level_norms`` also the slots
-    of its own level (module doc).
+    of its own level (module doc).  ``launch``: ``default_launch(d)`` unless given (tuning).
 
-    ``dW_dec`` is a scatter-add over rows done with atomics into a zeroed accumulation-dtype buffer.
-    A sort-by-latent segmented reduction is the alternative; it has not been timed against the
-    atomics on a GPU yet (no GPU was available when this was written), so the simpler one stays.
+    ``dW_dec`` is a scatter-add over rows done with (vectorised, relaxed) atomics into a zeroed
+    accumulation-dtype buffer.  A sort-by-latent segmented reduction, as ``embedding_bag``'s backward
+    does, would need every slot's gradient row ``-v_t H_t`` written out first: ``H_t`` exists only
+    inside this reverse walk and differs per slot (``embedding_bag``'s slots share their row's
+    gradient), so that is ``B * k * d`` accumulation-dtype values (4.8 GB at B = 4096, k = 128,
+    d = 2304 in float32) against the atomics' in-place adds.
     """
     num_rows, d = residual.shape
     k = values.shape[1]
-    torch_acc, chunks, meta = _launch_meta(d, residual.dtype)
+    torch_acc, chunks, meta = _launch_meta(d, residual.dtype, launch)
     dx = torch.empty_like(residual)
     dvalues_partial = residual.new_zeros(chunks, num_rows, k)  # padded slots stay 0
     dW = torch.zeros(W_dec.shape, dtype=torch_acc, device=W_dec.device)

@@ -1,0 +1,318 @@
+"""Time the sparse kernels' launch configurations on a GPU: ``python -m benchmarks.tune``.
+
+Issue 15's tuning list, for the sparse scan (``matryoshka.kernels.sparse_scan.SparseLaunch``): the
+chunk width ``BLOCK_D`` against the warps per program, software pipelining of the slot loop
+(``tl.range(..., num_stages=S)``: Triton then loads the next slots' decoder rows with ``cp.async``
+while the current one is reduced) and ``sem="acq_rel"`` atomics against the ``"relaxed"`` ones the
+kernel uses.  Decoder rows are already loaded in their own dtype (bf16/fp16 loads, fp32 math) and the
+``dW_dec`` atomics are already vectorised (``red.global.v4.f32``; see the sm_90 report).  A
+segmented reduction for ``dW_dec`` is not a candidate: it would have to write every slot's gradient
+row first (``sparse_scan_backward``'s docstring).
+
+Phases, per dtype (every phase checks each candidate's outputs against the default launch's first):
+
+1. every ``(block_d, num_warps)`` pair at ``loop_stages = 1``;
+2. ``loop_stages`` 2, 3 and 4 on the two fastest pairs;
+3. ``atomic_sem="acq_rel"`` on the fastest configuration so far.
+
+Each candidate's forward and backward host calls (``sparse_scan_forward``/``_backward``: what the op
+launches, allocations included) are timed with CUDA events, round-robin over the candidates of a
+phase, on rotated input sets, at every ``k``; the score is the sum over ``k`` of the median
+forward+backward time.  ``--time-budget-s``: no phase or round starts past it, and what was measured
+is kept.  Writes ``tune_<device>.{json,md}`` into ``--results``: every candidate's times, its speed-up
+on the default, and the best launch per dtype as the line to put into ``default_launch``.
+
+``--dry-run``: tiny sizes on the CPU in the Triton interpreter (set ``TRITON_INTERPRET=1``), which
+checks the plumbing and each candidate's outputs, not the speed.  ``--compile-only``: no GPU needed;
+builds every launch any phase can pick for sm_90 (``matryoshka.kernels.report``) and prints its
+registers and spills, so that a GPU session meets no candidate that fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+
+from .harness import device_name, device_slug, environment, make_input_sets
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
+PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
+LOOP_STAGES = (2, 3, 4)
+
+
+@dataclass
+class Inputs:
+    """One input set in the kernels' layout: indices sorted within each row, a random upstream gradient."""
+
+    x: torch.Tensor
+    b_dec: torch.Tensor
+    W_dec: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+    grad_norms: torch.Tensor
+
+
+def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> list[Inputs]:
+    """``harness.make_input_sets`` (rotated against the L2) laid out as the op hands them to the kernels."""
+    out = []
+    for s in make_input_sets(B, n, d, k, dtype, device):
+        indices, order = s.acts.indices.sort(dim=1)
+        values = s.acts.values.detach().gather(1, order)
+        grad = torch.rand(B, k + 1, device=device, dtype=torch.float32) / (B * (k + 1))
+        out.append(Inputs(s.x, s.b_dec.detach(), s.W_dec.detach(), values, indices, grad))
+    return out
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run_candidate(launch: SparseLaunch, s: Inputs) -> tuple[torch.Tensor, ...]:
+    """Forward then backward at ``launch``: ``(norms, residual, dx, dvalues, dW_dec)``."""
+    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc_dtype(s.x.dtype), launch)
+    return (norms, residual, *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch))
+
+
+def mismatch(launch: SparseLaunch, s: Inputs, expected: tuple[torch.Tensor, ...]) -> float:
+    """Largest difference of ``launch``'s outputs from ``expected``, relative to each output's scale.
+
+    Launches differ only in the order of float additions (chunk partial sums, atomics), so this is
+    rounding-sized: ~1e-6 in float32 accumulation."""
+    worst = 0.0
+    for got, want in zip(run_candidate(launch, s), expected):
+        scale = want.abs().max().item() or 1.0
+        worst = max(worst, (got - want).abs().max().item() / scale)
+    return worst
+
+
+def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) -> list[tuple[float, float]]:
+    """One call of each candidate on ``s``: ``[(forward seconds, backward seconds)]``."""
+    acc = acc_dtype(s.x.dtype)
+    pending = []
+    for launch in candidates:
+        if device.type == "cuda":
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
+            marks[1].record()
+            sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+            marks[2].record()
+            pending.append(marks)
+        else:
+            t0 = time.perf_counter()
+            _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
+            t1 = time.perf_counter()
+            sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+            pending.append((t0, t1, time.perf_counter()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return [(a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3) for a, b, c in pending]
+    return [(b - a, c - b) for a, b, c in pending]
+
+
+def time_phase(candidates, inputs_by_k, device, rounds, deadline) -> dict:
+    """``{launch: {k: {"forward_s", "backward_s", "mismatch"}}}``; candidates whose outputs are off
+    (or that fail to compile or run) get an ``error`` instead and are not timed."""
+    results = {launch: {} for launch in candidates}
+    for k, sets in inputs_by_k.items():
+        expected = run_candidate(default_launch(sets[0].x.shape[1]), sets[0])
+        live = []
+        for launch in candidates:
+            try:
+                off = mismatch(launch, sets[0], expected)
+            except Exception as e:  # a launch that does not compile or run is a result, not a crash
+                results[launch][k] = dict(error=f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                continue
+            tolerance = 1e-9 if expected[0].dtype == torch.float64 else 1e-4
+            if not off <= tolerance:
+                results[launch][k] = dict(error=f"outputs differ from the default launch's by {off:.2e}")
+                continue
+            results[launch][k] = dict(mismatch=off)
+            live.append(launch)
+        time_round(live, sets[-1], device)  # warm-up: compiles and first touches, not timed
+        samples = {launch: [] for launch in live}
+        for r in range(rounds):
+            if time.time() > deadline and r >= 2:
+                break
+            for launch, times in zip(live, time_round(live, sets[r % len(sets)], device)):
+                samples[launch].append(times)
+        for launch, times in samples.items():
+            results[launch][k].update(
+                forward_s=statistics.median(t[0] for t in times),
+                backward_s=statistics.median(t[1] for t in times),
+                repeats=len(times),
+            )
+    return results
+
+
+def score(per_k: dict) -> float:
+    """Sum over ``k`` of forward + backward median seconds; infinite when a ``k`` failed."""
+    if not per_k or any("error" in r or "forward_s" not in r for r in per_k.values()):
+        return math.inf
+    return sum(r["forward_s"] + r["backward_s"] for r in per_k.values())
+
+
+def candidate_pairs(d: int) -> list[tuple[int, int]]:
+    """``PAIRS`` without chunks wider than ``d`` needs (the default's own is always kept)."""
+    widest = default_launch(d).block_d
+    return [(b, w) for b, w in PAIRS if b <= widest] or [(widest, 4)]
+
+
+def tune_dtype(dtype_name: str, args, device, deadline, echo) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    inputs_by_k = {k: kernel_inputs(args.B, args.n, args.d, k, dtype, device) for k in args.ks}
+    default = default_launch(args.d)
+    measured: dict[SparseLaunch, dict] = {}
+    records = []
+
+    def run_phase(name: str, candidates: list[SparseLaunch]) -> None:
+        candidates = [c for c in dict.fromkeys(candidates) if c not in measured]
+        if not candidates:
+            return
+        if time.time() > deadline:
+            echo(f"[tune] {dtype_name} {name}: skipped (time budget spent)")
+            return
+        echo(f"[tune] {dtype_name} {name}: {len(candidates)} candidates")
+        for launch, per_k in time_phase(candidates, inputs_by_k, device, args.rounds, deadline).items():
+            measured[launch] = per_k
+            records.append(dict(dtype=dtype_name, phase=name, launch=asdict(launch), per_k={str(k): v for k, v in per_k.items()},
+                                score_s=score(per_k)))
+
+    run_phase("pairs", [default] + [SparseLaunch(b, w) for b, w in candidate_pairs(args.d)])
+    ranked = sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
+    run_phase("stages", [SparseLaunch(c.block_d, c.num_warps, s) for c in ranked[:2] for s in LOOP_STAGES])
+    ranked = sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
+    if ranked:
+        best = ranked[0]
+        run_phase("atomics", [SparseLaunch(best.block_d, best.num_warps, best.loop_stages, "acq_rel")])
+    base = score(measured.get(default, {}))
+    for r in records:
+        r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and math.isfinite(r["score_s"]) else None
+    return records
+
+
+def best_launch(records: list[dict]) -> dict | None:
+    finite = [r for r in records if math.isfinite(r["score_s"])]
+    return min(finite, key=lambda r: r["score_s"]) if finite else None
+
+
+def markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = [f"# Sparse kernel launch tuning: {env.get('device_name')}", "",
+             f"`{doc['command']}`; torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}; "
+             f"B={doc['B']}, d={doc['d']}, n={doc['n']}, k in {doc['ks']}. Time: median forward / backward "
+             f"per call (ms), summed over k in the score; speed-up on the default launch "
+             f"`{doc['default_launch']}`.", ""]
+    for dtype_name, records in doc["by_dtype"].items():
+        lines += [f"## {dtype_name}", "", "| phase | block_d | warps | loop stages | atomics | "
+                  + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up |",
+                  "|" + "---|" * (7 + len(doc["ks"]))]
+        for r in sorted(records, key=lambda r: r["score_s"]):
+            L, cells = r["launch"], []
+            for k in doc["ks"]:
+                c = r["per_k"].get(str(k), {})
+                cells.append(c["error"] if "error" in c else
+                             f"{c['forward_s'] * 1e3:.3f} / {c['backward_s'] * 1e3:.3f}" if "forward_s" in c else "-")
+            speed = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] else "-"
+            total = f"{r['score_s'] * 1e3:.3f}" if math.isfinite(r["score_s"]) else "-"
+            lines.append(f"| {r['phase']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
+                         + " | ".join(cells) + f" | {total} | {speed} |")
+        best = best_launch(records)
+        if best:
+            lines += ["", f"Best: `SparseLaunch(block_d={best['launch']['block_d']}, num_warps={best['launch']['num_warps']}, "
+                      f"loop_stages={best['launch']['loop_stages']}, atomic_sem={best['launch']['atomic_sem']!r})`, "
+                      f"{best['speedup_vs_default']:.2f}x the default." if best["speedup_vs_default"] else ""]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def every_candidate(d: int) -> list[SparseLaunch]:
+    """Every launch the phases can time at width ``d``."""
+    out = [SparseLaunch(b, w, s) for b, w in candidate_pairs(d) for s in (1, *LOOP_STAGES)]
+    return [default_launch(d)] + out + [SparseLaunch(c.block_d, c.num_warps, c.loop_stages, "acq_rel") for c in out]
+
+
+def compile_only(args) -> int:
+    """Build ``every_candidate`` for sm_90 at ``args.dtypes``; 1 if a build fails, spills, or (other
+    than the ``acq_rel`` ones) fences its atomics."""
+    from matryoshka.kernels import report
+
+    builds = [b for launch in dict.fromkeys(every_candidate(args.d))
+              for b in report._sparse_builds([DTYPES[name] for name in args.dtypes], [(args.B, args.d)], launch)]
+    results, failed = [], 0
+    for build in builds:
+        try:
+            results.append(report.compile_build(build))
+        except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
+            failed += 1
+            print(f"FAIL {build.kernel} {build.config}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    print(report.format_table(results))
+    # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
+    failed += sum(any(f != "fenced atomic" or "acq_rel" not in r.build.config for f in r.failures) for r in results)
+    print(f"{len(builds)} builds, {failed} failing")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--B", type=int, default=4096)
+    p.add_argument("--d", type=int, default=2304)
+    p.add_argument("--n", type=int, default=65536)
+    p.add_argument("--ks", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument("--rounds", type=int, default=20, help="timed calls per candidate and k (at least 3)")
+    p.add_argument("--time-budget-s", type=float, default=120.0)
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (run under TRITON_INTERPRET=1)")
+    p.add_argument("--compile-only", action="store_true", help="build every candidate for sm_90 (no GPU) and report")
+    args = p.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
+    if args.dry_run:
+        args.device, args.B, args.d, args.n, args.ks, args.dtypes, args.rounds = "cpu", 6, 300, 64, [1, 4], ["fp32"], 3
+    if args.rounds < 3:
+        p.error("--rounds must be at least 3")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: the tuning needs a GPU (--dry-run checks it on the CPU)", file=sys.stderr)
+        return 2
+    start = time.time()
+    deadline = start + args.time_budget_s
+
+    def echo(text: str) -> None:
+        print(f"{text} ({time.time() - start:.0f} s)", flush=True)
+
+    by_dtype = {}
+    for dtype_name in args.dtypes:
+        if time.time() > deadline:
+            echo(f"[tune] {dtype_name}: skipped (time budget spent)")
+            continue
+        by_dtype[dtype_name] = tune_dtype(dtype_name, args, device, deadline, echo)
+    doc = dict(command="python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
+               environment=environment(device), B=args.B, d=args.d, n=args.n, ks=args.ks,
+               default_launch=str(default_launch(args.d)), by_dtype=by_dtype, wall_s=time.time() - start)
+    doc["environment"]["device_name"] = device_name(device)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"tune_{'dry_' if args.dry_run else ''}{device_slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
+    text = markdown(doc)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    failed = [r for records in by_dtype.values() for r in records if not math.isfinite(r["score_s"])]
+    return 1 if failed or not by_dtype else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The sparse kernels' launch configurations (``SparseLaunch``: what ``benchmarks/tune.py`` times) all
+compute the scan's definition; bad configurations are refused by name; the tuner's bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+
+from benchmarks import tune
+
+LAUNCHES = [
+    SparseLaunch(16, num_warps=1),  # many chunks, the last one masked
+    SparseLaunch(32, num_warps=2, loop_stages=3),
+    SparseLaunch(64, num_warps=8, loop_stages=2, atomic_sem="acq_rel"),
+    SparseLaunch(128, num_warps=4, loop_stages=4),  # one chunk wider than d
+]
+
+
+def _problem(B=5, d=100, n=30, k=4, seed=0):
+    """float64 inputs in the kernels' layout: indices sorted per row, padding (-1) last, one padding row."""
+    g = torch.Generator().manual_seed(seed)
+    x, b = torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64)
+    values = torch.randn(B, k, generator=g, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]).sort(dim=1).values
+    indices[1, k - 2:] = -1
+    indices[3] = -1
+    values[indices < 0] = 0.0
+    grad = torch.randn(B, k + 1, generator=g, dtype=torch.float64)
+    return x, b, W, values, indices, grad
+
+
+def _definition(x, b, W, values, indices, grad):
+    """``norms[:, t] = ||x - b - sum_{s<=t} v_s W[p_s]||^2`` and the gradients of ``<grad, norms>``."""
+    x, b, W, values = (t.clone().requires_grad_() for t in (x, b, W, values))
+    live = indices >= 0
+    rows = W[indices.clamp(min=0)] * (values * live).unsqueeze(-1)
+    residuals = (x - b).unsqueeze(1) - torch.cat([torch.zeros_like(rows[:, :1]), rows.cumsum(1)], dim=1)
+    norms = residuals.pow(2).sum(-1)
+    dx, dv, dW = torch.autograd.grad((grad * norms).sum(), (x, values, W))
+    return norms.detach(), residuals[:, -1].detach(), dx, dv, dW
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=str)
+def test_every_launch_computes_the_scan(launch):
+    x, b, W, values, indices, grad = _problem()
+    norms, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
+    dx, dv, dW = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)
+    for got, want in zip((norms, residual, dx, dv, dW), _definition(x, b, W, values, indices, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES[1:3], ids=str)
+def test_detached_backward_does_not_depend_on_the_launch(launch):
+    x, b, W, values, indices, grad = _problem(k=5, seed=1)
+    levels = torch.tensor([0, 0, 1, 1, 2]).expand(x.shape[0], -1).contiguous()
+    grad_level = torch.randn_like(grad)
+    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64)
+    want = sparse_scan_backward(residual, grad, W, values, indices, grad_level, levels)
+    got = sparse_scan_backward(residual, grad, W, values, indices, grad_level, levels, launch=launch)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_the_launch_reaches_both_kernels(monkeypatch):
+    from matryoshka.kernels import sparse_scan
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, {k: kwargs[k] for k in ("BLOCK_D", "LOOP_STAGES", "num_warps")},
+                             kwargs.get("ATOMIC_SEM")))
+                return self.real[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_sparse_scan_forward_kernel", "_sparse_scan_backward_kernel"):
+        monkeypatch.setattr(sparse_scan, name, Recorder(getattr(sparse_scan, name)))
+    x, b, W, values, indices, grad = _problem()
+    launch = SparseLaunch(32, num_warps=2, loop_stages=3, atomic_sem="acq_rel")
+    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
+    sparse_scan_backward(residual, grad, W, values, indices, launch=launch)
+    sparse_scan_forward(x, b, W, values, indices, torch.float64)
+    config = dict(BLOCK_D=32, LOOP_STAGES=3, num_warps=2)
+    assert seen == [((5, 4), config, None), ((5, 4), config, "acq_rel"),
+                    ((5, 1), dict(BLOCK_D=128, LOOP_STAGES=1, num_warps=4), None)]
+
+
+def test_default_launch_is_one_chunk_up_to_1024_columns():
+    assert default_launch(1).block_d == 16
+    assert default_launch(100).block_d == 128
+    assert default_launch(1024).block_d == 1024
+    assert default_launch(2304) == SparseLaunch(1024, num_warps=4, loop_stages=1, atomic_sem="relaxed")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_d=96), "block_d must be a power of two >= 16, got 96"),
+    (dict(block_d=8), "block_d must be a power of two >= 16, got 8"),
+    (dict(block_d=64, num_warps=3), "num_warps must be a power of two from 1 to 32, got 3"),
+    (dict(block_d=64, loop_stages=0), "loop_stages must be >= 1, got 0"),
+    (dict(block_d=64, atomic_sem="seq_cst"), "atomic_sem must be 'relaxed', 'acq_rel', 'acquire' or 'release'"),
+])
+def test_bad_launch_is_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SparseLaunch(**kwargs)
+
+
+def test_report_builds_a_launch_with_its_warps_as_an_option():
+    report = pytest.importorskip("matryoshka.kernels.report")
+    forward, backward, _ = report._sparse_builds([torch.bfloat16], [(4096, 2304)], SparseLaunch(256, 2, 3, "acq_rel"))
+    assert forward.options == backward.options == dict(num_warps=2)
+    assert "ATOMIC_SEM" not in forward.constexprs and "num_warps" not in forward.constexprs
+    assert backward.constexprs["ATOMIC_SEM"] == "acq_rel" and backward.constexprs["LOOP_STAGES"] == 3
+    assert backward.constexprs["BLOCK_D"] == 256 and "w=2 s=3 acq_rel" in backward.config
+
+
+# ------------------------------------------------------------------------------------- the tuner
+def test_tuner_keeps_only_chunks_that_d_needs():
+    assert tune.candidate_pairs(2304) == tune.PAIRS
+    assert tune.candidate_pairs(300) == [(512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
+    assert tune.candidate_pairs(40) == [(64, 4)]
+    assert default_launch(2304) in tune.every_candidate(2304)
+
+
+def test_score_is_infinite_when_any_k_failed():
+    ok = {"forward_s": 1e-3, "backward_s": 2e-3}
+    assert tune.score({32: ok, 128: ok}) == pytest.approx(6e-3)
+    assert math.isinf(tune.score({32: ok, 128: {"error": "outputs differ"}}))
+    assert math.isinf(tune.score({32: {"mismatch": 0.0}}))  # checked but never timed
+    assert math.isinf(tune.score({}))
+
+
+def test_tuner_end_to_end_picks_the_fastest_and_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "PAIRS", [(64, 4), (32, 2)])
+    monkeypatch.setattr(tune, "LOOP_STAGES", (2,))
+    rc = tune.main(["--device", "cpu", "--B", "3", "--d", "40", "--n", "16", "--ks", "2", "--dtypes", "fp32",
+                    "--rounds", "3", "--results", str(tmp_path)])
+    assert rc == 0
+    [json_file] = tmp_path.glob("tune_*.json")
+    doc = __import__("json").loads(json_file.read_text())
+    records = doc["by_dtype"]["fp32"]
+    assert {r["phase"] for r in records} == {"pairs", "stages", "atomics"}
+    assert all(math.isfinite(r["score_s"]) and r["per_k"]["2"]["mismatch"] < 1e-4 for r in records)
+    best = tune.best_launch(records)
+    assert best["score_s"] == min(r["score_s"] for r in records)
+    text = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
+    assert "| pairs | 64 | 4 | 1 | relaxed |" in text and "Best: `SparseLaunch(" in text
+    header, rule = text.split("\n## fp32\n\n")[1].splitlines()[:2]
+    assert header.count("|") == rule.count("|")
