@@ -111,11 +111,13 @@ class DenseBlocks:
 # ahead-of-time report (``python -m matryoshka.kernels.report``): no half or float32 build spills.
 # Float32 is the tight one: its ``tf32x3`` products split every operand into two TF32 halves, and
 # its backward spills at 64x16x32 (216 B), 32x16x32 (328 B), 64x16x16 (176 B), 32x16x16 (24 B) and
-# 16x16x16 (16 B), but not at 16x16x32 (222 registers).  None has been timed on a GPU yet.
+# 16x16x16 (16 B), but not at 16x16x32 (222 registers).  With 4 warps Triton 3.6 (the H200 image's)
+# spills 8 B in the 16x16x32 forward; with 8 warps neither 3.6 nor 3.9 spills in any float32 kernel.
+# None has been timed on a GPU yet.
 _MAX_BLOCKS = {
     torch.float16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
     torch.bfloat16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
-    torch.float32: DenseBlocks(rows=16, latents=16, cols=32, num_warps=4),
+    torch.float32: DenseBlocks(rows=16, latents=16, cols=32, num_warps=8),
     torch.float64: DenseBlocks(rows=32, latents=16, cols=32, num_warps=4),
 }
 # Narrowest column chunk per operand type (else 16): the 16-wide float32 backward spills.
@@ -137,9 +139,14 @@ def _dot(a, b, acc=None):
 
     Float32 operands use three TF32 tensor-core products (``tf32x3``): close to IEEE float32, where
     plain TF32 costs ~1e-3 relative error and IEEE (no tensor cores) spills registers heavily.
-    Half and float64 operands ignore the option.
+    Half and float64 operands ignore the option.  An accumulator's dtype is named as the output's:
+    Triton 3.6 (the H200 image's) otherwise asserts a float32 output and refuses a float64 ``acc``.
     """
-    return tl.dot(a, b, acc=acc, input_precision="tf32x3")
+    if acc is None:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, acc=acc, input_precision="tf32x3", out_dtype=acc.dtype)
+    return out
 
 
 @triton.jit
