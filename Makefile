@@ -17,7 +17,7 @@ DICTIONARY_LEARNING_SPEC ?= dictionary-learning==0.1.0
 # Where bench, sweep and gpu write their results (a device call passes RESULTS_DIR=$$OUT/...).
 RESULTS_DIR ?= benchmarks/results
 
-.PHONY: demo test bench sweep kernels-report realdata real-compare clean gpu gpu-quick gpu-dry-run
+.PHONY: demo test bench sweep kernels-report realdata real-compare clean gpu gpu-quick gpu-dry-run peers
 
 $(EXTRAS_STAMP):
 	mkdir -p $(VENV) && touch $@
@@ -60,6 +60,15 @@ realdata: $(VENV)/.installed
 # Cache 1M tokens of MiniLM layer-3 activations (~6 min on 2 cores), then the study (~15 min).
 real-compare: realdata
 	HF_HUB_OFFLINE=1 $(PY) -m matryoshka real-compare --out runs/real_compare
+
+# flex-sae (github.com/corl-team/flexsae; Apache-2.0 with a CC-BY-NC-4.0 part), whose kernels
+# benchmarks/flexsae_peer.py times beside ours: cloned into the git-ignored peers/flexsae and loaded from
+# there at run time, never committed.  A device call must carry it (carry=["peers/flexsae"]): the GPU
+# machine has no network.  Without network here, a local mirror works too:
+#   make peers FLEXSAE_URL=/work/.mirror/corl-team+flexsae/repo
+FLEXSAE_URL ?= https://github.com/corl-team/flexsae
+peers:
+	test -d peers/flexsae || git clone --depth 1 $(FLEXSAE_URL) peers/flexsae
 
 # A CUDA machine with torch and triton already installed and no network (benchmarks/README.md, "GPU
 # session"): no venv, no installs; runs from the repository root with $(GPU_PY).  Tests on compiled

@@ -11,6 +11,11 @@ to measure):
                 included; JUnit XML; pytest-xdist workers when the machine has it;
 * ``sanitize``  ``compute-sanitizer --tool memcheck`` on ``benchmarks.sanitize`` (both kernels, small
                 forward+backward, checked against the reference);
+* ``peers``     ``benchmarks.flexsae_peer``: flex-sae's own TopK and HierarchicalTopK kernels beside our
+                op at one prefix and at every rank-order prefix, loss and TopK training step, B = 4096,
+                d = 2304, n = 65536, k in {32, 64, 128}, fp32 and bf16, parity first; it needs flex-sae
+                in the git-ignored ``peers/flexsae`` (``make peers``; a device call carries it), and
+                without it the stage is recorded as skipped;
 * ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {36864, 65536},
                 k in {32, 64, 128}, G in {1, 5, 16, 64, n}, fp32 and bf16, the TopK training step at
                 n = 65536), with whatever time the earlier stages left; it starts no configuration
@@ -19,13 +24,15 @@ to measure):
 
 Every file goes into ``--results`` (names start with ``gpu_``, ``gpu_quick_`` or ``gpu_dry_``),
 with ``<prefix>summary.json``/``.md`` (each stage's status, time, budget and estimate; test counts;
-the sanitizer's verdict; the sweep's headline ratios) and ``<prefix>run.log``.  ``--pack DIR`` also
-keeps four files in DIR up to date after every stage (summary JSON and Markdown, the log, and a
-tarball of every file this run wrote), because the device tool returns at most 8 files.
+the sanitizer's verdict; flex-sae's parity and ratios; the sweep's headline ratios) and
+``<prefix>run.log``.  ``--pack DIR`` also keeps four files in DIR up to date after every stage
+(summary JSON and Markdown, the log, and a tarball of every file this run wrote), because the device
+tool returns at most 8 files.
 
-``--quick``: a smoke run (the ``gpu``-marked tests, the sanitizer on the smallest case, one sweep
-point per kernel).  ``--dry-run``: the same stages on the CPU at tiny sizes with ``TRITON_INTERPRET=1``,
-to check this script end to end without a GPU.  ``--list`` prints the plan and exits.
+``--quick``: a smoke run (the ``gpu``-marked tests, the sanitizer on the smallest case, flex-sae at
+k = 32, one sweep point per kernel).  ``--dry-run``: the same stages on the CPU at tiny sizes with
+``TRITON_INTERPRET=1``, to check this script end to end without a GPU.  ``--list`` prints the plan
+(and whether flex-sae is there) and exits.
 """
 
 from __future__ import annotations
@@ -61,6 +68,16 @@ SWEEP_TIMING = ["--warmup", "1", "--cell-budget-s", "0.05", "--min-repeats", "10
 # The sweep starts no configuration after its --time-budget-s, so its budget is the stage's limit
 # less one configuration (~20 s at the full sizes) and the writing of its outputs and plots.
 SWEEP_MARGIN_S = {"full": 45.0, "quick": 15.0, "dry": 20.0}
+# The peers stage likewise starts no (k, dtype, part) unit after its budget: its margin is the
+# longest unit (an fp32 loss or step unit, ~5 s with its compiles; ~8 s in the interpreter),
+# torch's import and the writing of its outputs.
+PEERS_MARGIN_S = {"full": 12.0, "quick": 12.0, "dry": 11.0}
+# A stage's exit status for "nothing to do here" (flex-sae absent): recorded as skipped, not failed.
+SKIPPED_RC = 3
+# Where benchmarks.flexsae_peer finds flex-sae, and where its summary section starts in its Markdown
+# (its SUMMARY_MARKER; this module imports no torch, so the string is repeated, and a test compares).
+FLEXSAE_INIT = REPO / "peers" / "flexsae" / "torch-ext" / "flex_sae" / "__init__.py"
+PEERS_MARKER = "**flex-sae side by side: parity and ratios"
 
 # The device tool copies the working tree without .git: GPU_RUN_COMMIT names the commit instead.
 ENV_CODE = """
@@ -91,6 +108,7 @@ class Stage:
     budget_flag: str | None = None  # passes the stage's remaining seconds, less margin_s, to the last command
     margin_s: float = 0.0
     note: str = ""
+    skipped_note: str | None = None  # with it, exit status SKIPPED_RC records the stage as skipped with this note
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -140,6 +158,19 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
                         {"full": 60.0, "quick": 25.0, "dry": 35.0}[mode],
                         dict(interp, PYTORCH_NO_CUDA_MEMORY_CACHING="1"), note=note))
 
+    # flex-sae beside our op (benchmarks/README.md, "flex-sae side by side").  Cost at the full sizes,
+    # per (k, dtype): flex's six kernels compile anew (they specialise on B, d and k; 0.1-0.6 s each
+    # for sm_90, built ahead of time on the CPU), ~1 s of paired loss rounds and ~1-2 s of training
+    # steps (fp32 ~80 ms a step: the encoder GEMMs), ~5 s; six configurations and the start ~40 s.
+    # What does not fit the budget is listed as not run, bf16 k = 128 first.
+    peers = [PY, "-m", "benchmarks.flexsae_peer", "--device", device, "--results", str(results)]
+    peers += {"full": [], "quick": ["--ks", "32"], "dry": ["--dry-run"]}[mode]
+    stages.append(Stage("peers", [peers], {"full": 60.0, "quick": 25.0, "dry": 35.0}[mode],
+                        {"full": 40.0, "quick": 15.0, "dry": 25.0}[mode], interp,
+                        budget_flag="--time-budget-s", margin_s=PEERS_MARGIN_S[mode],
+                        note="" if FLEXSAE_INIT.exists() else "flex-sae absent now: run `make peers` first",
+                        skipped_note="flex-sae not in peers/flexsae: `make peers`; a device call carries peers/flexsae"))
+
     sweep = [PY, "-m", "benchmarks.sweep", "--device", device, "--out", str(results)]
     if mode == "full":
         sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", *SWEEP_TIMING]
@@ -157,7 +188,7 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
     return stages
 
 
-DEFAULT_STAGES = ["env", "tests", "sanitize", "sweep"]
+DEFAULT_STAGES = ["env", "tests", "sanitize", "peers", "sweep"]
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -216,6 +247,9 @@ def run_stage(stage: Stage, log_path: Path, limit_s: float) -> dict:
                 rec.update(status="timeout", rc=None)
                 log.write(f"\n[gpu_run] stopped after {limit_s:.0f} s (the stage's limit)\n")
                 break
+            if rc == SKIPPED_RC and stage.skipped_note:
+                rec.update(status="skipped", rc=rc, note=stage.skipped_note)
+                break
             if rc != 0:
                 rec.update(status="failed", rc=rc)
                 break
@@ -247,16 +281,16 @@ def sanitizer_verdict(log_path: Path) -> list[str]:
             if "ERROR SUMMARY" in line or line.startswith(("sanitize:", "FAIL"))]
 
 
-def newest_sweep_md(results: Path, since: float) -> str | None:
-    """The name of the newest sweep Markdown written since ``since`` (epoch seconds)."""
-    mds = [p for p in results.glob("sweep_*.md") if p.stat().st_mtime >= since]
+def newest_sweep_md(results: Path, since: float, pattern: str = "sweep_*.md") -> str | None:
+    """The name of the newest sweep (or ``pattern``) Markdown written since ``since`` (epoch seconds)."""
+    mds = [p for p in results.glob(pattern) if p.stat().st_mtime >= since]
     return max(mds, key=lambda p: p.stat().st_mtime).name if mds else None
 
 
-def headline_section(md: Path) -> str:
-    """A sweep Markdown's headline ratios (from ``**Headline ratios`` on), or nothing."""
+def headline_section(md: Path, marker: str = "**Headline ratios") -> str:
+    """A sweep Markdown's headline ratios (or another results Markdown's section from ``marker`` on), or nothing."""
     text = md.read_text() if md.exists() else ""
-    at = text.find("**Headline ratios")
+    at = text.find(marker)
     return text[at:] if at >= 0 else ""
 
 
@@ -276,6 +310,9 @@ def summarize(doc: dict, results: Path) -> str:
         lines += [f"- FAILED {name}" for name in t["failed"][:40]]
     if doc.get("sanitizer"):
         lines += ["", "Sanitizer: " + "; ".join(doc["sanitizer"][:20])]
+    if doc.get("peers_md"):
+        lines += ["", f"flex-sae side by side: `{doc['peers_md']}`", "",
+                  headline_section(results / doc["peers_md"], PEERS_MARKER).rstrip()]
     if doc.get("sweep_md"):
         lines += ["", f"Sweep: `{doc['sweep_md']}`", "", headline_section(results / doc["sweep_md"])]
     return "\n".join(lines) + "\n"
@@ -309,7 +346,8 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
     # started_epoch tells this run's files by their mtimes (1 s of slack for coarse file-system clocks).
     doc = dict(mode=mode, budget_s=budget_s, started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                started_epoch=time.time() - 1,
-               results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, sweep_md=None)
+               results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, peers_md=None,
+               sweep_md=None)
     stop_reason = None
     for stage in stages:
         left = deadline - time.monotonic()
@@ -335,12 +373,20 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
             doc["tests"] = tests_counts(results / f"{prefix}tests_junit.xml")
         elif stage.name == "sanitize":
             doc["sanitizer"] = sanitizer_verdict(results / rec["log"])
+        elif stage.name == "peers":
+            doc["peers_md"] = newest_sweep_md(results, stage_start - 1, "flexsae_*.md")
         elif stage.name == "sweep":
             doc["sweep_md"] = newest_sweep_md(results, stage_start - 1)
         doc["wall_s"] = round(time.monotonic() - start, 1)
         write_outputs(doc, results, prefix, pack)
     doc["wall_s"] = round(time.monotonic() - start, 1)
     return doc
+
+
+def passed(stages: list[dict]) -> bool:
+    """Every stage ok, or skipped by itself (rc SKIPPED_RC: an optional peer is absent); a stage
+    skipped for want of time (no rc) is a failure of the run."""
+    return all(s["status"] == "ok" or (s["status"] == "skipped" and s.get("rc") == SKIPPED_RC) for s in stages)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -385,7 +431,7 @@ def main(argv=None) -> int:
         doc = run(stages, mode, results, prefix, budget, args.pack, echo)
         echo(summarize(doc, results))
     write_outputs(doc, results, prefix, args.pack)  # after the log's last lines
-    return 0 if all(s["status"] == "ok" for s in doc["stages"]) else 1
+    return 0 if passed(doc["stages"]) else 1
 
 
 if __name__ == "__main__":

@@ -72,6 +72,26 @@ def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
     md = gpu_run.summarize(doc, tmp_path)
     assert "NVIDIA H200" in md and "- FAILED tests.test_a::test_bad" in md and "ERROR SUMMARY: 0 errors" in md
     assert "**Headline ratios" in md and "tables" not in md
+    # flex-sae's section, from its marker on, before the sweep's.
+    (tmp_path / "flexsae_cuda-x.md").write_text(f"times\n\n{gpu_run.PEERS_MARKER}** (H200)\n\nParity: all 12 checks\n")
+    assert gpu_run.newest_sweep_md(tmp_path, 0, "flexsae_*.md") == "flexsae_cuda-x.md"
+    md = gpu_run.summarize(dict(doc, peers_md="flexsae_cuda-x.md"), tmp_path)
+    assert "Parity: all 12 checks" in md and "times" not in md
+    assert md.index("flex-sae side by side") < md.index("**Headline ratios")
+
+
+def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
+    """flex-sae absent: the peers stage exits with SKIPPED_RC, which only a stage with a
+    skipped_note takes for "nothing to do"; for any other stage it is a failure."""
+    exit_3 = [[PY, "-c", f"import sys; sys.exit({gpu_run.SKIPPED_RC})"]]
+    stages = [Stage("peers", exit_3, 20.0, 1.0, skipped_note="flex-sae not in peers/flexsae"),
+              Stage("sweep", exit_3, 20.0, 1.0)]
+    doc = gpu_run.run(stages, "dry", tmp_path, "gpu_dry_", 60.0, None, lambda _: None)
+    assert [(s["status"], s["rc"], s["note"]) for s in doc["stages"]] == [
+        ("skipped", 3, "flex-sae not in peers/flexsae"), ("failed", 3, "")]
+    assert "| peers | skipped |" in (tmp_path / "gpu_dry_summary.md").read_text()
+    assert gpu_run.passed(doc["stages"][:1]) and not gpu_run.passed(doc["stages"])
+    assert not gpu_run.passed([dict(name="sweep", status="skipped", note="the run's budget is spent")])
 
 
 @pytest.mark.parametrize("mode", ["full", "quick", "dry"])
@@ -79,13 +99,21 @@ def test_plans_fit_their_budgets(tmp_path, mode):
     stages = [s for s in gpu_run.plan(mode, tmp_path, "p_", 8) if s.name in gpu_run.DEFAULT_STAGES]
     assert [s.name for s in stages] == gpu_run.DEFAULT_STAGES
     fixed = sum(s.budget_s for s in stages if s.budget_s is not None)
-    # The sweep, last, gets what is left: at least its estimate plus its margin.
-    assert fixed + stages[-1].estimate_s + stages[-1].margin_s <= gpu_run.BUDGET_S[mode]
-    assert sum(s.estimate_s for s in stages) < gpu_run.BUDGET_S[mode]
+    # The sweep, last, gets what is left: its estimate plus its margin when the stages before it take
+    # their estimates, and still more than its margin when every one of them takes its whole limit.
+    expected = sum(s.estimate_s for s in stages[:-1])
+    assert expected + stages[-1].estimate_s + stages[-1].margin_s <= gpu_run.BUDGET_S[mode]
+    assert fixed + stages[-1].margin_s < gpu_run.BUDGET_S[mode]
     args = [arg for s in stages for c in s.commands for arg in c]
     assert f"--junitxml={tmp_path / 'p_tests_junit.xml'}" in args and str(tmp_path / "p_env.json") in args
     sweep = stages[-1].commands[0]
     assert sweep[sweep.index("--out") + 1] == str(tmp_path)
+    # flex-sae beside ours: results beside the rest, a time budget, a skip when it is absent.
+    peers = next(s for s in stages if s.name == "peers")
+    command = peers.commands[0]
+    assert command[command.index("--results") + 1] == str(tmp_path)
+    assert peers.budget_flag == "--time-budget-s" and peers.skipped_note and peers.margin_s < peers.budget_s
+    assert {"full": "--device cuda", "quick": "--ks 32", "dry": "--dry-run"}[mode] in " ".join(command)
     # Compiled kernels on the GPU (the variable removed), the interpreter in the dry run.
     assert all(s.env["TRITON_INTERPRET"] == ("1" if mode == "dry" else None) for s in stages)
 
