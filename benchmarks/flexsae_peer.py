@@ -64,7 +64,7 @@ import torch
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
 from .harness import DTYPES, InputSet, device_name, device_slug, environment, make_input_sets, summarize
-from .sae_step import TopKSAE
+from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -353,21 +353,6 @@ def run_loss_unit(flex, cfg: dict, device: torch.device, opts) -> tuple[list[dic
     return checks, records
 
 
-def train_step(sae: TopKSAE, loss_fn: Callable[[torch.Tensor, SparseActs], torch.Tensor]
-               ) -> Callable[[torch.Tensor], None]:
-    """``benchmarks.sae_step.make_train_step``'s step with any loss: encode, loss, backward, Adam."""
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-
-    def step(x: torch.Tensor) -> None:
-        acts = sae.encode(x)
-        loss = loss_fn(x, acts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def run_step_unit(flex, cfg: dict, device: torch.device, opts) -> list[dict]:
     """Timing records of the TopK SAE training step with each of the four losses at ``cfg``; every
     step owns its SAE (the same initial weights) and its Adam state."""
@@ -384,7 +369,7 @@ def run_step_unit(flex, cfg: dict, device: torch.device, opts) -> list[dict]:
             torch.manual_seed(opts.seed)
             sae = TopKSAE(d, n, k, "topk", device=device, dtype=dtype)
             loss = losses[name]
-            step = train_step(sae, lambda x, a, sae=sae, loss=loss: loss(x, a, sae.W_dec, sae.b_dec))
+            step, _ = train_step_with(sae, lambda x, a, sae=sae, loss=loss: loss(x, a, sae.W_dec, sae.b_dec))
         except Exception as exc:  # out of memory for one more SAE: recorded
             errors[name] = _describe(exc)
             continue

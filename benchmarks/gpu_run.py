@@ -16,6 +16,9 @@ to measure):
                 d = 2304, n = 65536, k in {32, 64, 128}, fp32 and bf16, parity first; it needs flex-sae
                 in the git-ignored ``peers/flexsae`` (``make peers``; a device call carries it), and
                 without it the stage is recorded as skipped;
+* ``tune``      ``benchmarks.tune``: the sparse kernels' launch candidates (chunk width x warps, slot-loop
+                pipelining, ``acq_rel`` atomics) at B = 4096, d = 2304, n = 65536, k in {32, 128}, bf16
+                then fp32, each checked against the default launch; not in the quick run;
 * ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {36864, 65536},
                 k in {32, 64, 128}, G in {1, 5, 16, 64, n}, fp32 and bf16, the TopK training step at
                 n = 65536), with whatever time the earlier stages left; it starts no configuration
@@ -24,7 +27,8 @@ to measure):
 
 Every file goes into ``--results`` (names start with ``gpu_``, ``gpu_quick_`` or ``gpu_dry_``),
 with ``<prefix>summary.json``/``.md`` (each stage's status, time, budget and estimate; test counts;
-the sanitizer's verdict; flex-sae's parity and ratios; the sweep's headline ratios) and
+the sanitizer's verdict; flex-sae's parity and ratios; the best launch per dtype; the sweep's
+headline ratios) and
 ``<prefix>run.log``.  ``--pack DIR`` also keeps four files in DIR up to date after every stage
 (summary JSON and Markdown, the log, and a tarball of every file this run wrote), because the device
 tool returns at most 8 files.
@@ -58,7 +62,7 @@ PY = sys.executable
 
 # Total seconds per mode.  The full run fits a 10-minute device call with room for the machine's
 # start and the transfers, and leaves a 15-minute session enough to start a second, quick call.
-BUDGET_S = {"full": 480.0, "quick": 150.0, "dry": 240.0}
+BUDGET_S = {"full": 480.0, "quick": 150.0, "dry": 300.0}
 
 # The issue's methods: the fused op (sparse and dense kernels), the floors and the two loops.
 SWEEP_METHODS = ["fused_triton", "fused_dense_triton", "sparse_floor", "vanilla_floor", "running_sum", "stacked_cumsum"]
@@ -72,6 +76,10 @@ SWEEP_MARGIN_S = {"full": 45.0, "quick": 15.0, "dry": 20.0}
 # longest unit (an fp32 loss or step unit, ~5 s with its compiles; ~8 s in the interpreter),
 # torch's import and the writing of its outputs.
 PEERS_MARGIN_S = {"full": 12.0, "quick": 12.0, "dry": 11.0}
+# The tune stage starts no phase or timing round after its budget: its margin is one phase's
+# compiles and output checks (~8 candidates x ~0.5 s on the GPU; ~10 s in the interpreter) and the
+# writing of its outputs.
+TUNE_MARGIN_S = {"full": 10.0, "dry": 15.0}
 # A stage's exit status for "nothing to do here" (flex-sae absent): recorded as skipped, not failed.
 SKIPPED_RC = 3
 # Where benchmarks.flexsae_peer finds flex-sae, and where its summary section starts in its Markdown
@@ -171,6 +179,15 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
                         note="" if FLEXSAE_INIT.exists() else "flex-sae absent now: run `make peers` first",
                         skipped_note="flex-sae not in peers/flexsae: `make peers`; a device call carries peers/flexsae"))
 
+    # The sparse kernels' launch candidates (benchmarks/tune.py): per dtype ~15 candidates, each two
+    # compiles (~0.5 s) and 20 paired rounds at k = 32 and 128 (~2 ms a call), ~15 s; bf16 then fp32.
+    # Not in the quick smoke run.  Its findings change default_launch, which a later run then times.
+    if mode != "quick":
+        tune = [PY, "-m", "benchmarks.tune", "--device", device, "--results", str(results)]
+        tune += ["--dry-run"] if mode == "dry" else []
+        stages.append(Stage("tune", [tune], {"full": 45.0, "dry": 40.0}[mode], {"full": 35.0, "dry": 25.0}[mode],
+                            interp, budget_flag="--time-budget-s", margin_s=TUNE_MARGIN_S[mode]))
+
     sweep = [PY, "-m", "benchmarks.sweep", "--device", device, "--out", str(results)]
     if mode == "full":
         sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", *SWEEP_TIMING]
@@ -188,7 +205,7 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
     return stages
 
 
-DEFAULT_STAGES = ["env", "tests", "sanitize", "peers", "sweep"]
+DEFAULT_STAGES = ["env", "tests", "sanitize", "peers", "tune", "sweep"]
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -281,7 +298,7 @@ def sanitizer_verdict(log_path: Path) -> list[str]:
             if "ERROR SUMMARY" in line or line.startswith(("sanitize:", "FAIL"))]
 
 
-def newest_sweep_md(results: Path, since: float, pattern: str = "sweep_*.md") -> str | None:
+def newest_md(results: Path, since: float, pattern: str = "sweep_*.md") -> str | None:
     """The name of the newest sweep (or ``pattern``) Markdown written since ``since`` (epoch seconds)."""
     mds = [p for p in results.glob(pattern) if p.stat().st_mtime >= since]
     return max(mds, key=lambda p: p.stat().st_mtime).name if mds else None
@@ -292,6 +309,12 @@ def headline_section(md: Path, marker: str = "**Headline ratios") -> str:
     text = md.read_text() if md.exists() else ""
     at = text.find(marker)
     return text[at:] if at >= 0 else ""
+
+
+def tune_verdict(md: Path) -> list[str]:
+    """A tuning Markdown's dtype headings and its "Best: ..." lines."""
+    text = md.read_text() if md.exists() else ""
+    return [line for line in text.splitlines() if line.startswith(("## ", "Best: "))]
 
 
 def summarize(doc: dict, results: Path) -> str:
@@ -313,6 +336,8 @@ def summarize(doc: dict, results: Path) -> str:
     if doc.get("peers_md"):
         lines += ["", f"flex-sae side by side: `{doc['peers_md']}`", "",
                   headline_section(results / doc["peers_md"], PEERS_MARKER).rstrip()]
+    if doc.get("tune_md"):
+        lines += ["", f"Sparse launch tuning: `{doc['tune_md']}`", ""] + tune_verdict(results / doc["tune_md"])
     if doc.get("sweep_md"):
         lines += ["", f"Sweep: `{doc['sweep_md']}`", "", headline_section(results / doc["sweep_md"])]
     return "\n".join(lines) + "\n"
@@ -346,7 +371,7 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
     # started_epoch tells this run's files by their mtimes (1 s of slack for coarse file-system clocks).
     doc = dict(mode=mode, budget_s=budget_s, started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                started_epoch=time.time() - 1,
-               results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, peers_md=None,
+               results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, peers_md=None, tune_md=None,
                sweep_md=None)
     stop_reason = None
     for stage in stages:
@@ -374,9 +399,11 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
         elif stage.name == "sanitize":
             doc["sanitizer"] = sanitizer_verdict(results / rec["log"])
         elif stage.name == "peers":
-            doc["peers_md"] = newest_sweep_md(results, stage_start - 1, "flexsae_*.md")
+            doc["peers_md"] = newest_md(results, stage_start - 1, "flexsae_*.md")
+        elif stage.name == "tune":
+            doc["tune_md"] = newest_md(results, stage_start - 1, "tune_*.md")
         elif stage.name == "sweep":
-            doc["sweep_md"] = newest_sweep_md(results, stage_start - 1)
+            doc["sweep_md"] = newest_md(results, stage_start - 1)
         doc["wall_s"] = round(time.monotonic() - start, 1)
         write_outputs(doc, results, prefix, pack)
     doc["wall_s"] = round(time.monotonic() - start, 1)
@@ -407,8 +434,11 @@ def main(argv=None) -> int:
     prefix = {"full": "gpu_", "quick": "gpu_quick_", "dry": "gpu_dry_"}[mode]
     results = args.results.resolve()
     budget = args.budget_s or BUDGET_S[mode]
-    wanted = {"env", *(args.stages.split(",") if args.stages else DEFAULT_STAGES)}
-    stages = [s for s in plan(mode, results, prefix, args.workers) if s.name in wanted]
+    planned = plan(mode, results, prefix, args.workers)
+    # The default stages that this mode plans (the quick run has no tune), or exactly those asked for.
+    wanted = {"env", *(args.stages.split(",") if args.stages else
+                       [s.name for s in planned if s.name in DEFAULT_STAGES])}
+    stages = [s for s in planned if s.name in wanted]
     unknown = wanted - {s.name for s in stages}
     if unknown:
         p.error(f"unknown stages: {', '.join(sorted(unknown))}")

@@ -26,7 +26,7 @@ from matryoshka import Prefixes, SparseActs
 
 from .baselines import fused_loss, running_sum_loss, sparse_floor_loss, vanilla_floor_loss
 
-__all__ = ["TopKSAE", "VARIANTS", "groups_for", "variant_prefixes", "make_loss_fn", "make_train_step"]
+__all__ = ["TopKSAE", "VARIANTS", "groups_for", "variant_prefixes", "make_loss_fn", "make_train_step", "train_step_with"]
 
 VARIANTS = ("vanilla", "vanilla_sparse", "groups_running_sum", "groups_fused", "every_fused")
 
@@ -99,8 +99,13 @@ def make_loss_fn(variant: str, sae: TopKSAE, fused_backend: str) -> Callable[[to
 
 
 def make_train_step(variant: str, sae: TopKSAE, fused_backend: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
-    """``(step, optimizer)``; ``step(x)`` runs encode, loss, backward and one Adam update."""
-    loss_fn = make_loss_fn(variant, sae, fused_backend)
+    """``(step, optimizer)``; ``step(x)`` runs encode, ``variant``'s loss, backward and one Adam update."""
+    return train_step_with(sae, make_loss_fn(variant, sae, fused_backend))
+
+
+def train_step_with(sae: TopKSAE, loss_fn: Callable[[torch.Tensor, SparseActs], torch.Tensor]
+                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
+    """``(step, optimizer)`` with any ``loss_fn(x, acts)``: encode, loss, backward, one Adam update."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
     counts = gpu_run.tests_counts(tmp_path / "gpu_tests_junit.xml")
     assert counts == dict(tests=3, failures=1, errors=0, skipped=1, failed=["tests.test_a::test_bad"])
     (tmp_path / "sweep_cuda-x.md").write_text("tables\n\n**Headline ratios against ...**\n| a | b |\n")
-    assert gpu_run.newest_sweep_md(tmp_path, 0) == "sweep_cuda-x.md"
+    assert gpu_run.newest_md(tmp_path, 0) == "sweep_cuda-x.md"
     doc = dict(mode="full", environment=dict(device_name="NVIDIA H200", torch="2.11.0"), started_utc="t",
                wall_s=1.0, budget_s=480.0, stages=[], tests=counts, sanitizer=["========= ERROR SUMMARY: 0 errors"],
                sweep_md="sweep_cuda-x.md")
@@ -74,10 +74,16 @@ def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
     assert "**Headline ratios" in md and "tables" not in md
     # flex-sae's section, from its marker on, before the sweep's.
     (tmp_path / "flexsae_cuda-x.md").write_text(f"times\n\n{gpu_run.PEERS_MARKER}** (H200)\n\nParity: all 12 checks\n")
-    assert gpu_run.newest_sweep_md(tmp_path, 0, "flexsae_*.md") == "flexsae_cuda-x.md"
+    assert gpu_run.newest_md(tmp_path, 0, "flexsae_*.md") == "flexsae_cuda-x.md"
     md = gpu_run.summarize(dict(doc, peers_md="flexsae_cuda-x.md"), tmp_path)
     assert "Parity: all 12 checks" in md and "times" not in md
     assert md.index("flex-sae side by side") < md.index("**Headline ratios")
+    # The tuning's verdict: each dtype's heading and best launch, not its table.
+    (tmp_path / "tune_cuda-x.md").write_text("# Sparse kernel launch tuning\n\n## bf16\n\n| phase |\n|---|\n"
+                                             "| pairs |\n\nBest: `SparseLaunch(block_d=512)`, 1.20x the default.\n")
+    assert gpu_run.newest_md(tmp_path, 0, "tune_*.md") == "tune_cuda-x.md"
+    md = gpu_run.summarize(dict(doc, tune_md="tune_cuda-x.md"), tmp_path)
+    assert "## bf16\nBest: `SparseLaunch(block_d=512)`, 1.20x the default." in md and "| pairs |" not in md
 
 
 def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
@@ -97,7 +103,8 @@ def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
 @pytest.mark.parametrize("mode", ["full", "quick", "dry"])
 def test_plans_fit_their_budgets(tmp_path, mode):
     stages = [s for s in gpu_run.plan(mode, tmp_path, "p_", 8) if s.name in gpu_run.DEFAULT_STAGES]
-    assert [s.name for s in stages] == gpu_run.DEFAULT_STAGES
+    # The quick smoke run does not tune.
+    assert [s.name for s in stages] == [n for n in gpu_run.DEFAULT_STAGES if mode != "quick" or n != "tune"]
     fixed = sum(s.budget_s for s in stages if s.budget_s is not None)
     # The sweep, last, gets what is left: its estimate plus its margin when the stages before it take
     # their estimates, and still more than its margin when every one of them takes its whole limit.
@@ -114,6 +121,13 @@ def test_plans_fit_their_budgets(tmp_path, mode):
     assert command[command.index("--results") + 1] == str(tmp_path)
     assert peers.budget_flag == "--time-budget-s" and peers.skipped_note and peers.margin_s < peers.budget_s
     assert {"full": "--device cuda", "quick": "--ks 32", "dry": "--dry-run"}[mode] in " ".join(command)
+    # The launch tuning: results beside the rest, a time budget with room to stop, tiny in the dry run.
+    if mode != "quick":
+        tune = next(s for s in stages if s.name == "tune")
+        command = tune.commands[0]
+        assert command[command.index("--results") + 1] == str(tmp_path)
+        assert tune.budget_flag == "--time-budget-s" and tune.margin_s < tune.budget_s
+        assert ("--dry-run" in command) == (mode == "dry")
     # Compiled kernels on the GPU (the variable removed), the interpreter in the dry run.
     assert all(s.env["TRITON_INTERPRET"] == ("1" if mode == "dry" else None) for s in stages)
 
