@@ -3,17 +3,18 @@
 Issue 15's tuning list, for the sparse scan (``matryoshka.kernels.sparse_scan.SparseLaunch``): the
 chunk width ``BLOCK_D`` against the warps per program, software pipelining of the slot loop
 (``tl.range(..., num_stages=S)``: Triton then loads the next slots' decoder rows with ``cp.async``
-while the current one is reduced) and ``sem="acq_rel"`` atomics against the ``"relaxed"`` ones the
-kernel uses.  Decoder rows are already loaded in their own dtype (bf16/fp16 loads, fp32 math) and the
-``dW_dec`` atomics are already vectorised (``red.global.v4.f32``; see the sm_90 report).  A
-segmented reduction for ``dW_dec`` is not a candidate: it would have to write every slot's gradient
-row first (``sparse_scan_backward``'s docstring).
+while the current one is reduced), ``sem="acq_rel"`` atomics against the ``"relaxed"`` ones the
+kernel uses, and ``dW_dec`` by atomics against a sort-by-latent segmented sum (``dw_mode="sorted"``:
+per-slot rows written out, then summed per latent; deterministic, ``B k d`` more memory).  Decoder
+rows are already loaded in their own dtype (bf16/fp16 loads, fp32 math) and the ``dW_dec`` atomics
+are already vectorised (``red.global.v4.f32``; see the sm_90 report).
 
 Phases, per dtype (every phase checks each candidate's outputs against the default launch's first):
 
 1. every ``(block_d, num_warps)`` pair at ``loop_stages = 1``;
 2. ``loop_stages`` 2, 3 and 4 on the two fastest pairs;
-3. ``atomic_sem="acq_rel"`` on the fastest configuration so far.
+3. ``atomic_sem="acq_rel"`` on the fastest configuration so far;
+4. ``dw_mode="sorted"`` on the fastest configuration so far.
 
 Each candidate's forward and backward host calls (``sparse_scan_forward``/``_backward``: what the op
 launches, allocations included) are timed with CUDA events, round-robin over the candidates of a
@@ -33,10 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -195,7 +197,8 @@ def tune_dtype(dtype_name: str, args, device, deadline, echo) -> list[dict]:
     ranked = sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
     if ranked:
         best = ranked[0]
-        run_phase("atomics", [SparseLaunch(best.block_d, best.num_warps, best.loop_stages, "acq_rel")])
+        run_phase("atomics", [replace(best, atomic_sem="acq_rel")])
+        run_phase("dw", [replace(best, dw_mode="sorted")])
     base = score(measured.get(default, {}))
     for r in records:
         r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and math.isfinite(r["score_s"]) else None
@@ -215,9 +218,9 @@ def markdown(doc: dict) -> str:
              f"per call (ms), summed over k in the score; speed-up on the default launch "
              f"`{doc['default_launch']}`.", ""]
     for dtype_name, records in doc["by_dtype"].items():
-        lines += [f"## {dtype_name}", "", "| phase | block_d | warps | loop stages | atomics | "
+        lines += [f"## {dtype_name}", "", "| phase | block_d | warps | loop stages | atomics | dW_dec | "
                   + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up |",
-                  "|" + "---|" * (7 + len(doc["ks"]))]
+                  "|" + "---|" * (8 + len(doc["ks"]))]
         for r in sorted(records, key=lambda r: r["score_s"]):
             L, cells = r["launch"], []
             for k in doc["ks"]:
@@ -227,11 +230,13 @@ def markdown(doc: dict) -> str:
             speed = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] else "-"
             total = f"{r['score_s'] * 1e3:.3f}" if math.isfinite(r["score_s"]) else "-"
             lines.append(f"| {r['phase']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
+                         f"{L['dw_mode']} | "
                          + " | ".join(cells) + f" | {total} | {speed} |")
         best = best_launch(records)
         if best:
             lines += ["", f"Best: `SparseLaunch(block_d={best['launch']['block_d']}, num_warps={best['launch']['num_warps']}, "
-                      f"loop_stages={best['launch']['loop_stages']}, atomic_sem={best['launch']['atomic_sem']!r})`, "
+                      f"loop_stages={best['launch']['loop_stages']}, atomic_sem={best['launch']['atomic_sem']!r}, "
+                      f"dw_mode={best['launch']['dw_mode']!r})`, "
                       f"{best['speedup_vs_default']:.2f}x the default." if best["speedup_vs_default"] else ""]
         lines.append("")
     return "\n".join(lines)
@@ -240,23 +245,49 @@ def markdown(doc: dict) -> str:
 def every_candidate(d: int) -> list[SparseLaunch]:
     """Every launch the phases can time at width ``d``."""
     out = [SparseLaunch(b, w, s) for b, w in candidate_pairs(d) for s in (1, *LOOP_STAGES)]
-    return [default_launch(d)] + out + [SparseLaunch(c.block_d, c.num_warps, c.loop_stages, "acq_rel") for c in out]
+    return ([default_launch(d)] + out + [replace(c, atomic_sem="acq_rel") for c in out]
+            + [replace(c, dw_mode="sorted") for c in out])
+
+
+def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
+    """``report.Build`` of every kernel that ``every_candidate(d)`` launches, each distinct build once."""
+    from matryoshka.kernels import report
+
+    builds = [b for launch in dict.fromkeys(every_candidate(d))
+              for b in report._sparse_builds([DTYPES[name] for name in dtype_names], [(B, d)], launch)]
+    distinct = {(b.kernel, b.dtype, repr(sorted(b.constexprs.items())), repr(sorted(b.options.items()))): b
+                for b in builds}
+    return list(distinct.values())
+
+
+def _compile_nth(B: int, d: int, dtype_names: list[str], index: int):
+    """Worker: compile ``candidate_builds(...)[index]`` (JIT functions do not pickle; indices do)."""
+    from matryoshka.kernels import report
+
+    try:
+        r = report.compile_build(candidate_builds(B, d, dtype_names)[index])
+        return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
+    except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def compile_only(args) -> int:
-    """Build ``every_candidate`` for sm_90 at ``args.dtypes``; 1 if a build fails, spills, or (other
-    than the ``acq_rel`` ones) fences its atomics."""
+    """Build ``every_candidate``'s kernels for sm_90 at ``args.dtypes`` in ``args.jobs`` processes;
+    1 if a build fails, spills, or (other than the ``acq_rel`` ones) fences its atomics."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     from matryoshka.kernels import report
 
-    builds = [b for launch in dict.fromkeys(every_candidate(args.d))
-              for b in report._sparse_builds([DTYPES[name] for name in args.dtypes], [(args.B, args.d)], launch)]
-    results, failed = [], 0
-    for build in builds:
-        try:
-            results.append(report.compile_build(build))
-        except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
+    builds = candidate_builds(args.B, args.d, args.dtypes)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        outcomes = list(pool.map(partial(_compile_nth, args.B, args.d, args.dtypes), range(len(builds))))
+    results = [report.Result(b, *o) for b, o in zip(builds, outcomes) if not isinstance(o, str)]
+    failed = 0
+    for build, outcome in zip(builds, outcomes):
+        if isinstance(outcome, str):
             failed += 1
-            print(f"FAIL {build.kernel} {build.config}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"FAIL {build.kernel} {build.config}: {outcome}")
     print(report.format_table(results))
     # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
     failed += sum(any(f != "fenced atomic" or "acq_rel" not in r.build.config for f in r.failures) for r in results)
@@ -278,6 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (run under TRITON_INTERPRET=1)")
     p.add_argument("--compile-only", action="store_true", help="build every candidate for sm_90 (no GPU) and report")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes (--compile-only)")
     args = p.parse_args(argv)
     if args.compile_only:
         return compile_only(args)

@@ -12,11 +12,15 @@ from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_
 
 from benchmarks import tune
 
+from .conftest import DEVICE
+
 LAUNCHES = [
     SparseLaunch(16, num_warps=1),  # many chunks, the last one masked
     SparseLaunch(32, num_warps=2, loop_stages=3),
     SparseLaunch(64, num_warps=8, loop_stages=2, atomic_sem="acq_rel"),
     SparseLaunch(128, num_warps=4, loop_stages=4),  # one chunk wider than d
+    SparseLaunch(32, dw_mode="sorted"),  # dW_dec by a segmented sum over the slots sorted by latent
+    SparseLaunch(128, num_warps=2, loop_stages=2, dw_mode="sorted"),
 ]
 
 
@@ -31,7 +35,7 @@ def _problem(B=5, d=100, n=30, k=4, seed=0):
     indices[3] = -1
     values[indices < 0] = 0.0
     grad = torch.randn(B, k + 1, generator=g, dtype=torch.float64)
-    return x, b, W, values, indices, grad
+    return tuple(t.to(DEVICE) for t in (x, b, W, values, indices, grad))
 
 
 def _definition(x, b, W, values, indices, grad):
@@ -54,10 +58,10 @@ def test_every_launch_computes_the_scan(launch):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("launch", LAUNCHES[1:3], ids=str)
+@pytest.mark.parametrize("launch", LAUNCHES[1:3] + LAUNCHES[4:5], ids=str)
 def test_detached_backward_does_not_depend_on_the_launch(launch):
     x, b, W, values, indices, grad = _problem(k=5, seed=1)
-    levels = torch.tensor([0, 0, 1, 1, 2]).expand(x.shape[0], -1).contiguous()
+    levels = torch.tensor([0, 0, 1, 1, 2], device=DEVICE).expand(x.shape[0], -1).contiguous()
     grad_level = torch.randn_like(grad)
     _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64)
     want = sparse_scan_backward(residual, grad, W, values, indices, grad_level, levels)
@@ -95,11 +99,33 @@ def test_the_launch_reaches_both_kernels(monkeypatch):
                     ((5, 1), dict(BLOCK_D=128, LOOP_STAGES=1, num_warps=4), None)]
 
 
+def test_sorted_dw_is_the_same_bits_every_run_and_zero_for_unused_latents():
+    """No atomics: each dW_dec row is one program's sum in slot order (on a GPU the atomic mode's
+    order varies from run to run; in the interpreter both are fixed, so this pins the zeros)."""
+    x, b, W, values, indices, grad = _problem(n=300)
+    launch = SparseLaunch(32, dw_mode="sorted")
+    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
+    first = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
+    second = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
+    assert torch.equal(first, second)
+    unused = torch.ones(300, dtype=torch.bool, device=DEVICE)
+    unused[indices[indices >= 0]] = False
+    assert unused.sum() > 250 and (first[unused] == 0).all() and (first[~unused] != 0).any(dim=1).all()
+
+
+def test_sorted_dw_with_no_rows_is_all_zeros():
+    x, b, W, values, indices, grad = (t[:0] if t.dim() == 2 and t.shape[0] == 5 else t for t in _problem())
+    launch = SparseLaunch(32, dw_mode="sorted")
+    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
+    dW = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
+    assert dW.shape == W.shape and (dW == 0).all()
+
+
 def test_default_launch_is_one_chunk_up_to_1024_columns():
     assert default_launch(1).block_d == 16
     assert default_launch(100).block_d == 128
     assert default_launch(1024).block_d == 1024
-    assert default_launch(2304) == SparseLaunch(1024, num_warps=4, loop_stages=1, atomic_sem="relaxed")
+    assert default_launch(2304) == SparseLaunch(1024, num_warps=4, loop_stages=1, atomic_sem="relaxed", dw_mode="atomic")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -108,6 +134,7 @@ def test_default_launch_is_one_chunk_up_to_1024_columns():
     (dict(block_d=64, num_warps=3), "num_warps must be a power of two from 1 to 32, got 3"),
     (dict(block_d=64, loop_stages=0), "loop_stages must be >= 1, got 0"),
     (dict(block_d=64, atomic_sem="seq_cst"), "atomic_sem must be 'relaxed', 'acq_rel', 'acquire' or 'release'"),
+    (dict(block_d=64, dw_mode="segmented"), "dw_mode must be one of ('atomic', 'sorted'), got 'segmented'"),
 ])
 def test_bad_launch_is_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -121,6 +148,9 @@ def test_report_builds_a_launch_with_its_warps_as_an_option():
     assert "ATOMIC_SEM" not in forward.constexprs and "num_warps" not in forward.constexprs
     assert backward.constexprs["ATOMIC_SEM"] == "acq_rel" and backward.constexprs["LOOP_STAGES"] == 3
     assert backward.constexprs["BLOCK_D"] == 256 and "w=2 s=3 acq_rel" in backward.config
+    assert backward.constexprs["SORTED_DW"] is False
+    *_, segment_sum = report._sparse_builds([torch.float32], [(4096, 2304)], SparseLaunch(256, dw_mode="sorted"))
+    assert segment_sum.kernel == "sparse_dw_segment_sum" and segment_sum.constexprs["BLOCK_D"] == 256
 
 
 # ------------------------------------------------------------------------------------- the tuner
@@ -142,17 +172,17 @@ def test_score_is_infinite_when_any_k_failed():
 def test_tuner_end_to_end_picks_the_fastest_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "PAIRS", [(64, 4), (32, 2)])
     monkeypatch.setattr(tune, "LOOP_STAGES", (2,))
-    rc = tune.main(["--device", "cpu", "--B", "3", "--d", "40", "--n", "16", "--ks", "2", "--dtypes", "fp32",
+    rc = tune.main(["--device", DEVICE, "--B", "3", "--d", "40", "--n", "16", "--ks", "2", "--dtypes", "fp32",
                     "--rounds", "3", "--results", str(tmp_path)])
     assert rc == 0
     [json_file] = tmp_path.glob("tune_*.json")
     doc = __import__("json").loads(json_file.read_text())
     records = doc["by_dtype"]["fp32"]
-    assert {r["phase"] for r in records} == {"pairs", "stages", "atomics"}
+    assert {r["phase"] for r in records} == {"pairs", "stages", "atomics", "dw"}
     assert all(math.isfinite(r["score_s"]) and r["per_k"]["2"]["mismatch"] < 1e-4 for r in records)
     best = tune.best_launch(records)
     assert best["score_s"] == min(r["score_s"] for r in records)
     text = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
-    assert "| pairs | 64 | 4 | 1 | relaxed |" in text and "Best: `SparseLaunch(" in text
+    assert "| pairs | 64 | 4 | 1 | relaxed | atomic |" in text and "Best: `SparseLaunch(" in text
     header, rule = text.split("\n## fp32\n\n")[1].splitlines()[:2]
     assert header.count("|") == rule.count("|")

@@ -113,6 +113,7 @@ def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
             config = f"BLOCK_D={meta['BLOCK_D']} (d={d})"
             if launch is not None:
                 config += f" w={options['num_warps']} s={meta['LOOP_STAGES']} {meta['ATOMIC_SEM']}"
+                config += " sorted" * meta["SORTED_DW"]
             out.append(Build(
                 "sparse_forward", dtype, config, sparse_scan._sparse_scan_forward_kernel,
                 dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64,
@@ -125,6 +126,11 @@ def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
                          w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.int32,
                          dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
                     dict(DETACH=detach, **meta), options))
+            if meta["SORTED_DW"]:
+                out.append(Build(
+                    "sparse_dw_segment_sum", dtype, config, sparse_scan._dw_segment_sum_kernel,
+                    dict(slot_rows_ptr=acc, order_ptr=torch.int64, starts_ptr=torch.int64, dw_ptr=acc),
+                    dict(ACC=meta["ACC"], BLOCK_D=meta["BLOCK_D"]), options))
     return out
 
 

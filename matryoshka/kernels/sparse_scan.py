@@ -45,11 +45,22 @@ Both passes are O(k * d) per row with O(d) extra memory per row, whatever the nu
 Accumulation is float32 (float64 for float64 inputs).  Every load of a decoder row is masked by
 ``0 <= p < n``, so no index, checked or not, reaches outside ``W_dec``.
 
+``dW_dec`` two ways (``SparseLaunch.dw_mode``):
+
+* ``"atomic"`` (default): each slot adds ``-v_t H_t`` into ``dW_dec[p_t]`` with a relaxed atomic;
+* ``"sorted"``: each slot writes ``-v_t H_t`` to its own row of a ``(B k, d)`` buffer, and
+  ``_dw_segment_sum_kernel`` sums those rows per latent, walking the slots sorted by latent (a
+  stable sort: each latent's rows in slot order), so every ``dW_dec`` row is written once, with no
+  atomics, the same bits every run.  It costs the buffer (``B k d`` accumulation-dtype values, 4.8 GB
+  at B = 4096, k = 128, d = 2304 in float32) and its write and read, where ``embedding_bag``'s
+  sorted backward reuses one gradient row per bag: here ``H_t`` differs per slot and exists only
+  inside the reverse walk.
+
 Launch configuration (``SparseLaunch``): the chunk width ``BLOCK_D``, the warps per program, the
 software-pipelining depth of the slot loop (``LOOP_STAGES``: Triton may then load slot ``t + s``'s
-decoder row while slot ``t`` is reduced) and the memory order of the ``dW_dec`` atomics.  None of
-them changes the math, only the order of float additions across chunks; ``default_launch`` is what
-the op uses, and ``benchmarks/tune.py`` times the alternatives on a GPU.
+decoder row while slot ``t`` is reduced), the memory order of the ``dW_dec`` atomics and the
+``dW_dec`` mode.  None of them changes the math, only the order of float additions; ``default_launch``
+is what the op uses, and ``benchmarks/tune.py`` times the alternatives on a GPU.
 """
 
 from __future__ import annotations
@@ -117,12 +128,13 @@ def _sparse_scan_backward_kernel(
     num_rows, k, d, n,
     stride_w, stride_values, stride_indices, stride_levels, stride_dw,
     DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    ATOMIC_SEM: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr, SORTED_DW: tl.constexpr,
 ):
     """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics.
 
     ``DETACH``: the slots take the level-local suffix ``H_t`` instead of ``G_t`` (module doc);
-    ``grad_level_ptr`` and ``levels_ptr`` are read only then.
+    ``grad_level_ptr`` and ``levels_ptr`` are read only then.  ``SORTED_DW``: ``dw_ptr`` is the
+    ``(B k, d)`` slot-row buffer, and slot ``t`` of row ``b`` stores its term in row ``b k + t``.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -168,14 +180,36 @@ def _sparse_scan_backward_kernel(
         w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
         value = tl.where(active, tl.load(values_ptr + row * stride_values + t).to(ACC), 0.0)
         tl.store(dvalues_row + t, -tl.sum(slot_suffix * w, axis=0))
-        tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * slot_suffix, mask=active,
-                      sem=ATOMIC_SEM)
+        if SORTED_DW:  # summed per latent by _dw_segment_sum_kernel; inactive slots are never read
+            tl.store(dw_ptr + (row * k + t) * stride_dw + cols, -value * slot_suffix, mask=in_d)
+        else:
+            tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * slot_suffix, mask=active,
+                          sem=ATOMIC_SEM)
         r += value * w
     twice_first = 2.0 * tl.load(grad_row).to(ACC)
     if DETACH:
         twice_first += 2.0 * tl.load(grad_level_row).to(ACC)
     suffix += twice_first * r
     tl.store(dx_ptr + row * d + cols, suffix, mask=in_d)
+
+
+@triton.jit
+def _dw_segment_sum_kernel(slot_rows_ptr, order_ptr, starts_ptr, dw_ptr, d, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dW_dec[l, chunk] = sum of slot_rows[order[j], chunk] for j in [starts[l], starts[l + 1]).
+
+    ``order``: the slots sorted by latent; ``starts``: where each latent's run begins.  Every row of
+    ``dW_dec`` is written, zeros for a latent no slot holds."""
+    latent = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = cols < d
+    total = tl.zeros([BLOCK_D], ACC)
+    for j in range(tl.load(starts_ptr + latent), tl.load(starts_ptr + latent + 1)):
+        slot = tl.load(order_ptr + j)
+        total += tl.load(slot_rows_ptr + slot * d + cols, mask=in_d, other=0.0)
+    tl.store(dw_ptr + latent * d + cols, total, mask=in_d)
+
+
+DW_MODES = ("atomic", "sorted")
 
 
 @dataclass(frozen=True)
@@ -186,12 +220,14 @@ class SparseLaunch:
     ``loop_stages``: ``tl.range``'s ``num_stages`` for the slot loop (1: no software pipelining);
     ``atomic_sem``: memory order of the ``dW_dec`` atomics.  A sum needs no ordering, so
     ``"relaxed"``; ``"acq_rel"`` (Triton's default) is kept selectable to measure what the fences cost.
+    ``dw_mode``: ``"atomic"`` or ``"sorted"`` (module doc: deterministic, ``B k d`` more memory).
     """
 
     block_d: int
     num_warps: int = 4
     loop_stages: int = 1
     atomic_sem: str = "relaxed"
+    dw_mode: str = "atomic"
 
     def __post_init__(self):
         if self.block_d < 16 or self.block_d & (self.block_d - 1):
@@ -202,6 +238,8 @@ class SparseLaunch:
             raise ValueError(f"loop_stages must be >= 1, got {self.loop_stages}")
         if self.atomic_sem not in ("relaxed", "acq_rel", "acquire", "release"):
             raise ValueError(f"atomic_sem must be 'relaxed', 'acq_rel', 'acquire' or 'release', got {self.atomic_sem!r}")
+        if self.dw_mode not in DW_MODES:
+            raise ValueError(f"dw_mode must be one of {DW_MODES}, got {self.dw_mode!r}")
 
 
 def default_launch(d: int) -> SparseLaunch:
@@ -217,20 +255,38 @@ def default_launch(d: int) -> SparseLaunch:
 def _launch_meta(d: int, acc_dtype: torch.dtype, launch: SparseLaunch | None = None) -> tuple[torch.dtype, int, dict]:
     """``(torch accumulation dtype, d-chunks, compile-time arguments)`` of a launch over rows of ``d``.
 
-    The compile-time arguments include ``num_warps`` and the backward's ``ATOMIC_SEM``; the forward
-    kernel takes every key but ``ATOMIC_SEM`` (``_forward_meta``).
+    The compile-time arguments include ``num_warps`` and the backward's ``ATOMIC_SEM`` and
+    ``SORTED_DW``; the forward kernel takes every other key (``_forward_meta``).
     """
     launch = launch or default_launch(d)
     wide = acc_dtype == torch.float64
     torch_acc, tl_acc = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
     meta = dict(ACC=tl_acc, BLOCK_D=launch.block_d, LOOP_STAGES=launch.loop_stages,
-                ATOMIC_SEM=launch.atomic_sem, num_warps=launch.num_warps)
+                ATOMIC_SEM=launch.atomic_sem, SORTED_DW=launch.dw_mode == "sorted", num_warps=launch.num_warps)
     return torch_acc, triton.cdiv(d, launch.block_d), meta
 
 
+_BACKWARD_ONLY = ("ATOMIC_SEM", "SORTED_DW")
+
+
 def _forward_meta(meta: dict) -> dict:
-    """``meta`` without the backward-only ``ATOMIC_SEM``."""
-    return {key: value for key, value in meta.items() if key != "ATOMIC_SEM"}
+    """``meta`` without the backward-only keys."""
+    return {key: value for key, value in meta.items() if key not in _BACKWARD_ONLY}
+
+
+def _segment_sum_by_latent(slot_rows: torch.Tensor, indices: torch.Tensor, dW: torch.Tensor, meta: dict) -> None:
+    """``dW[l] = sum of slot_rows[j]`` over the slots ``j`` holding latent ``l``, in slot order.
+
+    All on the device (no host sync): the slots are sorted by latent (stable), invalid ones (padding,
+    out of range) last under the key ``n``, and a latent's run starts at the cumulative count."""
+    n, d = dW.shape
+    flat = indices.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < n), flat, n)
+    order = torch.argsort(key, stable=True)
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=dW.device)
+    torch.cumsum(torch.bincount(key, minlength=n + 1)[:n], 0, out=starts[1:])
+    _dw_segment_sum_kernel[(n, triton.cdiv(d, meta["BLOCK_D"]))](
+        slot_rows, order, starts, dW, d, ACC=meta["ACC"], BLOCK_D=meta["BLOCK_D"], num_warps=meta["num_warps"])
 
 
 def _counts(indices: torch.Tensor, n: int) -> torch.Tensor:
@@ -286,19 +342,18 @@ def sparse_scan_backward(
     detached backward, ``grad_norms`` reaching ``x`` only and ``grad_level_norms`` also the slots
     of its own level (module doc).  ``launch``: ``default_launch(d)`` unless given (tuning).
 
-    ``dW_dec`` is a scatter-add over rows done with (vectorised, relaxed) atomics into a zeroed
-    accumulation-dtype buffer.  A sort-by-latent segmented reduction, as ``embedding_bag``'s backward
-    does, would need every slot's gradient row ``-v_t H_t`` written out first: ``H_t`` exists only
-    inside this reverse walk and differs per slot (``embedding_bag``'s slots share their row's
-    gradient), so that is ``B * k * d`` accumulation-dtype values (4.8 GB at B = 4096, k = 128,
-    d = 2304 in float32) against the atomics' in-place adds.
+    ``dW_dec`` is a scatter-add over rows: by default (vectorised, relaxed) atomics into a zeroed
+    accumulation-dtype buffer; with ``dw_mode="sorted"`` a segmented sum of per-slot rows (module doc).
     """
     num_rows, d = residual.shape
     k = values.shape[1]
     torch_acc, chunks, meta = _launch_meta(d, residual.dtype, launch)
     dx = torch.empty_like(residual)
     dvalues_partial = residual.new_zeros(chunks, num_rows, k)  # padded slots stay 0
-    dW = torch.zeros(W_dec.shape, dtype=torch_acc, device=W_dec.device)
+    sorted_dw = meta["SORTED_DW"]
+    # Sorted: every dW_dec row is written by the segment sum, so no zero fill.
+    dW = (torch.empty if sorted_dw else torch.zeros)(W_dec.shape, dtype=torch_acc, device=W_dec.device)
+    dw_target = residual.new_empty(num_rows * k, d) if sorted_dw else dW
     detach = levels is not None
     grad_norms = grad_norms.to(torch_acc).contiguous()
     grad_level = grad_level_norms.to(torch_acc).contiguous() if detach else grad_norms
@@ -308,9 +363,12 @@ def sparse_scan_backward(
         with device_guard(residual):
             _sparse_scan_backward_kernel[(num_rows, chunks)](
                 residual, grad_norms, grad_level, levels, W_dec, values, indices, _counts(indices, W_dec.shape[0]),
-                dx, dvalues_partial, dW,
+                dx, dvalues_partial, dw_target,
                 num_rows, k, d, W_dec.shape[0],
-                W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0), dW.stride(0),
+                W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0), dw_target.stride(0),
                 DETACH=detach, **meta,
             )
+    if sorted_dw and dW.numel() > 0:
+        with device_guard(residual):
+            _segment_sum_by_latent(dw_target, indices, dW, meta)
     return dx, dvalues_partial.sum(0), dW
