@@ -7,7 +7,10 @@ The cases cover what an out-of-bounds access would hide behind: a ``d`` below on
 over the largest ``BLOCK_D`` (a masked tail chunk), padding slots and a whole padding row, every
 prefix and a few groups, detached levels, and float32 and bfloat16 inputs, for the sparse kernel
 (``SparseActs``) and the dense one (``(B, n)`` activations).  Each case is also checked against the
-reference backend, so a clean memcheck run is a run that computed the right numbers.  ``--quick``
+reference backend, so a clean memcheck run is a run that computed the right numbers.  Then the sparse
+host functions at two tuning launches the op does not use by default (``LAUNCHES``: a pipelined slot
+loop, whose ``cp.async`` copies are masked like its loads, and the sorted ``dW_dec`` with its slot-row
+buffer and segment sum), each against the default launch on the same inputs.  ``--quick``
 keeps the smallest shape in float32 without detached levels (the interpreter is slow); on the CPU the
 dense kernel's bfloat16 cases are left out, since the interpreter's bfloat16 ``tl.dot`` is wrong.
 
@@ -24,6 +27,7 @@ import sys
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
+from matryoshka.kernels.sparse_scan import SparseLaunch, sparse_scan_backward, sparse_scan_forward
 
 from .baselines import densify
 from .checks import _problem
@@ -33,6 +37,9 @@ SHAPES = [(6, 96, 300, 8), (5, 1100, 257, 5)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Relative error against the float64 reference, scaled by the reference's largest magnitude.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+# Launches that differ from the default only in the order of float32 additions.
+LAUNCHES = [SparseLaunch(256, num_warps=2, loop_stages=3), SparseLaunch(256, num_warps=2, loop_stages=3, dw_mode="sorted")]
+LAUNCH_TOLERANCE = 1e-4
 
 
 def _run(tensors, indices, prefixes, backend, dense, detach):
@@ -47,6 +54,39 @@ def _run(tensors, indices, prefixes, backend, dense, detach):
     out = matryoshka_loss(x, acts, W, b, prefixes, backend, detach=detach)
     out.loss.backward()
     return [out.per_prefix.detach()] + [t.grad for t in leaves]
+
+
+def _kernel_layout(values, indices, n):
+    """Each row's slots sorted by latent with the padding last, as the op hands them to the kernels."""
+    order = torch.where(indices >= 0, indices, n).argsort(dim=1, stable=True)
+    return values.gather(1, order).contiguous(), indices.gather(1, order).contiguous()
+
+
+def _host_scan(x, b, W, values, indices, grad, levels, launch):
+    """The sparse host functions' forward and backward: ``(norms, dx, dvalues, dW_dec)``."""
+    norms, residual = sparse_scan_forward(x, b, W, values, indices, torch.float32, launch)
+    detached = (grad, levels) if levels is not None else (None, None)
+    return (norms, *sparse_scan_backward(residual, grad, W, values, indices, *detached, launch=launch))
+
+
+def launch_cases(shapes, dtypes, device, detach_options, seed) -> tuple[int, int]:
+    """``LAUNCHES`` against the default launch: ``(cases, failures)``."""
+    cases = failures = 0
+    for (B, d, n, k), (dtype_name, dtype), launch, detach in itertools.product(
+            shapes, dtypes.items(), LAUNCHES, detach_options):
+        x, values, indices, W, b = _problem(B, n, d, k, dtype, device, seed=seed + cases, pad_fraction=0.25)
+        values, indices = _kernel_layout(values, indices, n)
+        grad = torch.rand(B, k + 1, device=device, generator=torch.Generator(device).manual_seed(cases))
+        levels = (torch.arange(k, device=device) * 3 // k).expand(B, -1).contiguous() if detach else None
+        got = _host_scan(x, b, W, values, indices, grad, levels, launch)
+        want = _host_scan(x, b, W, values, indices, grad, levels, None)
+        err = max(float((a - w).abs().max() / w.abs().max().clamp(min=1e-30)) for a, w in zip(got, want))
+        ok = err <= LAUNCH_TOLERANCE and all(torch.isfinite(a).all() for a in got)
+        cases += 1
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} sparse {dtype_name} B={B} d={d} n={n} k={k} {launch} detach={detach}: "
+              f"max rel err against the default launch {err:.1e}", flush=True)
+    return cases, failures
 
 
 def main(argv=None) -> int:
@@ -74,9 +114,11 @@ def main(argv=None) -> int:
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {'dense ' if dense else 'sparse'} {dtype_name} B={B} d={d} n={n} k={k} "
                   f"G={len(prefixes)} detach={detach}: max rel err {err:.1e}", flush=True)
+    more_cases, more_failures = launch_cases(shapes, dtypes, device, (False,) if args.quick else (False, True), cases)
+    cases, failures = cases + more_cases, failures + more_failures
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(f"sanitize: {cases - failures}/{cases} cases agree with the reference")
+    print(f"sanitize: {cases - failures}/{cases} cases agree with the reference (the launch cases: with the default launch)")
     return 1 if failures else 0
 
 

@@ -48,3 +48,30 @@ def test_compiled_kernels_match_reference_every_prefix():
         outs.append([out.loss.detach()] + [t.grad for t in leaves])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("launch_kwargs", [dict(loop_stages=3), dict(dw_mode="sorted")], ids=["pipelined", "sorted-dW"])
+def test_tuning_launches_at_large_n_and_slot_counts(launch_kwargs):
+    """The tuner's launches (a pipelined slot loop; the sorted dW_dec) against the default launch with
+    offsets past 2^31 bytes: W_dec rows up to n = 2^20 at d = 2304 (bf16), and the sorted mode's
+    (B k, d) float32 slot-row buffer at B = k = 512 (2.4 GB).  About 25 GB of GPU memory."""
+    from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+
+    B, d, n, k = 512, 2304, 1 << 20, 512
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(B, d, device="cuda", generator=g)
+    W = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.stack([torch.randperm(n, device="cuda", generator=g)[:k] for _ in range(B)]).sort(dim=1).values
+    idx[:, -1] = n - 1  # the last row of W_dec
+    idx[1, k // 2:] = -1  # padding slots, last
+    v = torch.rand(B, k, device="cuda", generator=g)
+    grad = torch.rand(B, k + 1, device="cuda", generator=g)
+
+    def scan(launch):
+        norms, residual = sparse_scan_forward(x, None, W, v, idx, torch.float32, launch)
+        return (norms, *sparse_scan_backward(residual, grad, W, v, idx, launch=launch))
+
+    want = scan(None)
+    got = scan(SparseLaunch(default_launch(d).block_d, **launch_kwargs))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
