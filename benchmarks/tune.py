@@ -21,7 +21,8 @@ launches, allocations included) are timed with CUDA events, round-robin over the
 phase, on rotated input sets, at every ``k``; the score is the sum over ``k`` of the median
 forward+backward time.  ``--time-budget-s``: no phase or round starts past it, and what was measured
 is kept.  Writes ``tune_<device>.{json,md}`` into ``--results``: every candidate's times, its speed-up
-on the default, and the best launch per dtype as the line to put into ``default_launch``.
+on the default, its score over the sparse floor's on the same inputs (the issue's target: at most
+2x), and the best launch per dtype as the line to put into ``default_launch``.
 
 ``--dry-run``: tiny sizes on the CPU in the Triton interpreter (set ``TRITON_INTERPRET=1``), which
 checks the plumbing and each candidate's outputs, not the speed.  ``--compile-only``: no GPU needed;
@@ -45,6 +46,9 @@ import torch
 
 from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
 
+from matryoshka import SparseActs
+
+from .baselines import sparse_floor_loss
 from .harness import device_name, device_slug, environment, make_input_sets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,6 +125,33 @@ def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) 
         torch.cuda.synchronize(device)
         return [(a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3) for a, b, c in pending]
     return [(b - a, c - b) for a, b, c in pending]
+
+
+def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
+    """Median seconds of the sparse floor on ``sets``: one ``embedding_bag`` decode and squared error,
+    forward+backward (``baselines.sparse_floor_loss``), what the issue's "every prefix within 2x the
+    sparse floor" compares against.  One warm-up call, then ``rounds`` calls on rotated sets."""
+    leaves = [(s.x, SparseActs(s.values.clone().requires_grad_(), s.indices), s.W_dec.clone().requires_grad_(),
+               s.b_dec.clone().requires_grad_()) for s in sets]
+    times = []
+    for r in range(rounds + 1):
+        x, acts, W, b = leaves[r % len(leaves)]
+        for t in (acts.values, W, b):
+            t.grad = None
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            sparse_floor_loss(x, acts, W, b).backward()
+            end.record()
+            torch.cuda.synchronize(device)
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            sparse_floor_loss(x, acts, W, b).backward()
+            seconds = time.perf_counter() - t0
+        if r:  # the first call is the warm-up
+            times.append(seconds)
+    return statistics.median(times)
 
 
 def time_phase(candidates, inputs_by_k, device, rounds, deadline) -> dict:
@@ -200,8 +231,11 @@ def tune_dtype(dtype_name: str, args, device, deadline, echo) -> list[dict]:
         run_phase("atomics", [replace(best, atomic_sem="acq_rel")])
         run_phase("dw", [replace(best, dw_mode="sorted")])
     base = score(measured.get(default, {}))
+    floor = sum(time_floor(inputs_by_k[k], device, args.rounds) for k in args.ks)
     for r in records:
-        r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and math.isfinite(r["score_s"]) else None
+        finite = math.isfinite(r["score_s"])
+        r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and finite else None
+        r["vs_sparse_floor"] = r["score_s"] / floor if finite else None
     return records
 
 
@@ -216,11 +250,12 @@ def markdown(doc: dict) -> str:
              f"`{doc['command']}`; torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}; "
              f"B={doc['B']}, d={doc['d']}, n={doc['n']}, k in {doc['ks']}. Time: median forward / backward "
              f"per call (ms), summed over k in the score; speed-up on the default launch "
-             f"`{doc['default_launch']}`.", ""]
+             f"`{doc['default_launch']}`; the score over the sparse floor's (one embedding_bag decode and "
+             f"squared error, forward+backward, same inputs; issue 15's target: at most 2x).", ""]
     for dtype_name, records in doc["by_dtype"].items():
         lines += [f"## {dtype_name}", "", "| phase | block_d | warps | loop stages | atomics | dW_dec | "
-                  + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up |",
-                  "|" + "---|" * (8 + len(doc["ks"]))]
+                  + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up | / sparse floor |",
+                  "|" + "---|" * (9 + len(doc["ks"]))]
         for r in sorted(records, key=lambda r: r["score_s"]):
             L, cells = r["launch"], []
             for k in doc["ks"]:
@@ -228,10 +263,11 @@ def markdown(doc: dict) -> str:
                 cells.append(c["error"] if "error" in c else
                              f"{c['forward_s'] * 1e3:.3f} / {c['backward_s'] * 1e3:.3f}" if "forward_s" in c else "-")
             speed = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] else "-"
+            floor = f"{r['vs_sparse_floor']:.2f}x" if r.get("vs_sparse_floor") else "-"
             total = f"{r['score_s'] * 1e3:.3f}" if math.isfinite(r["score_s"]) else "-"
             lines.append(f"| {r['phase']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
                          f"{L['dw_mode']} | "
-                         + " | ".join(cells) + f" | {total} | {speed} |")
+                         + " | ".join(cells) + f" | {total} | {speed} | {floor} |")
         best = best_launch(records)
         if best:
             lines += ["", f"Best: `SparseLaunch(block_d={best['launch']['block_d']}, num_warps={best['launch']['num_warps']}, "

@@ -180,6 +180,8 @@ def test_tuner_end_to_end_picks_the_fastest_and_reports_it(tmp_path, monkeypatch
     records = doc["by_dtype"]["fp32"]
     assert {r["phase"] for r in records} == {"pairs", "stages", "atomics", "dw"}
     assert all(math.isfinite(r["score_s"]) and r["per_k"]["2"]["mismatch"] < 1e-4 for r in records)
+    # The sparse floor timed on the same inputs: one ratio per candidate, in the table's last column.
+    assert all(r["vs_sparse_floor"] > 0 for r in records)
     best = tune.best_launch(records)
     assert best["score_s"] == min(r["score_s"] for r in records)
     text = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
