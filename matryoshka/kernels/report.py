@@ -7,7 +7,9 @@ float32, float16, bfloat16) and at the block configurations the host functions p
 large shapes, through the host functions' own planning code (``sparse_scan._launch_meta``,
 ``dense_scan._plan``), so the report builds what launches.  Dense kernels are built in both their
 ``ATOMIC`` variants (per-chunk buffer, or atomics into one), and both backward kernels in both
-``DETACH`` variants (detached levels or not).
+``DETACH`` variants (detached levels or not).  Launches other than the host's default (the sparse
+tuner's candidates, among them the sorted-``dW_dec`` segment sum, which only ``dw_mode="sorted"``
+launches) are built by ``python -m benchmarks.tune --compile-only`` through ``_sparse_builds``.
 
 Checks (exit status 1 if any fails):
 

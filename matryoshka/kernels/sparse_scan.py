@@ -130,7 +130,8 @@ def _sparse_scan_backward_kernel(
     DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
     ATOMIC_SEM: tl.constexpr, SORTED_DW: tl.constexpr,
 ):
-    """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics.
+    """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics
+    (or, ``SORTED_DW``, via per-slot rows).
 
     ``DETACH``: the slots take the level-local suffix ``H_t`` instead of ``G_t`` (module doc);
     ``grad_level_ptr`` and ``levels_ptr`` are read only then.  ``SORTED_DW``: ``dw_ptr`` is the
