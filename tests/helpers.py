@@ -100,18 +100,21 @@ def spy(monkeypatch, module, name: str, calls: list[str], replacement=None) -> N
     monkeypatch.setattr(module, name, wrapper)
 
 
-def assert_compiled_step_matches(step, inputs: list[torch.Tensor]) -> None:
-    """``torch.compile(step, fullgraph=True)`` gives eager's loss and gradients on ``inputs``."""
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+def assert_compiled_step_matches(step, inputs: list[torch.Tensor], backend: str = "aot_eager", **tolerance) -> None:
+    """``torch.compile(step, fullgraph=True)`` gives eager's loss and gradients on ``inputs``.
+
+    ``aot_eager`` (default) traces and partitions without generating code, so it runs anywhere;
+    ``inductor`` also compiles the ops around ours (GPU tests), to ``tolerance`` (assert_close's)."""
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     twins = [t.detach().clone().requires_grad_() for t in inputs]
     loss = compiled(*leaves)
     loss.backward()
     want = step(*twins)
     want.backward()
-    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss, want, **tolerance)
     for a, b in zip(leaves, twins):
-        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(a.grad, b.grad, **tolerance)
 
 
 # ------------------------------------------------------------------------------- half precision

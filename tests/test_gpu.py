@@ -6,7 +6,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
-from .helpers import check_half_sparse, make_problem
+from .helpers import assert_compiled_step_matches, check_half_sparse, make_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -75,3 +75,21 @@ def test_tuning_launches_at_large_n_and_slot_counts(launch_kwargs):
     got = scan(SparseLaunch(default_launch(d).block_d, **launch_kwargs))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_inductor_compiled_topk_training_step():
+    """A TopK SAE step (encoder GEMM, TopK, every-prefix loss through the custom op) under the default
+    ``torch.compile`` backend: Inductor generates Triton code for everything around our op, which
+    stays opaque; loss and every gradient match eager's to float32 GEMM rounding (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, d, n, k = 256, 384, 2048, 32
+    x, W_enc = torch.randn(B, d, device="cuda", generator=g), torch.randn(d, n, device="cuda", generator=g) / d**0.5
+    W_dec, b_enc, b_dec = W_enc.T.contiguous(), torch.zeros(n, device="cuda"), torch.zeros(d, device="cuda")
+    prefixes = Prefixes.every(n)
+
+    def step(W_enc, b_enc, W_dec, b_dec):
+        values, indices = ((x - b_dec) @ W_enc + b_enc).relu().topk(k, dim=1)
+        return matryoshka_loss(x, SparseActs(values, indices), W_dec, b_dec, prefixes, "triton", validate=False).loss
+
+    assert_compiled_step_matches(step, [W_enc, b_enc, W_dec, b_dec], backend="inductor", rtol=1e-4, atol=1e-5)
