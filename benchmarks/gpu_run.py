@@ -17,7 +17,7 @@ to measure):
                 d = 2304, n = 65536, k in {32, 64, 128}, fp32 and bf16, parity first; it needs flex-sae
                 in the git-ignored ``peers/flexsae`` (``make peers``; a device call carries it), and
                 without it the stage is recorded as skipped;
-* ``tune``      ``benchmarks.tune``: the sparse kernels' launch candidates (chunk width x warps, slot-loop
+* ``tune``      ``benchmarks.tune``: the sparse kernels' launch candidates (chunk width x warps, rows per program, slot-loop
                 pipelining, ``acq_rel`` atomics) at B = 4096, d = 2304, n = 65536, k in {32, 128}, bf16
                 then fp32, each checked against the default launch; not in the quick run;
 * ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {36864, 65536},
@@ -180,13 +180,13 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
                         note="" if FLEXSAE_INIT.exists() else "flex-sae absent now: run `make peers` first",
                         skipped_note="flex-sae not in peers/flexsae: `make peers`; a device call carries peers/flexsae"))
 
-    # The sparse kernels' launch candidates (benchmarks/tune.py): per dtype ~15 candidates, each two
-    # compiles (~0.5 s) and 20 paired rounds at k = 32 and 128 (~2 ms a call), ~15 s; bf16 then fp32.
+    # The sparse kernels' launch candidates (benchmarks/tune.py): per dtype ~20 candidates, each two
+    # compiles (~0.5 s) and 20 paired rounds at k = 32 and 128 (~2 ms a call), ~20 s; bf16 then fp32.
     # Not in the quick smoke run.  Its findings change default_launch, which a later run then times.
     if mode != "quick":
         tune = [PY, "-m", "benchmarks.tune", "--device", device, "--results", str(results)]
         tune += ["--dry-run"] if mode == "dry" else []
-        stages.append(Stage("tune", [tune], {"full": 45.0, "dry": 40.0}[mode], {"full": 35.0, "dry": 25.0}[mode],
+        stages.append(Stage("tune", [tune], {"full": 50.0, "dry": 45.0}[mode], {"full": 40.0, "dry": 30.0}[mode],
                             interp, budget_flag="--time-budget-s", margin_s=TUNE_MARGIN_S[mode]))
 
     sweep = [PY, "-m", "benchmarks.sweep", "--device", device, "--out", str(results)]

@@ -12,9 +12,10 @@ are already vectorised (``red.global.v4.f32``; see the sm_90 report).
 Phases, per dtype (every phase checks each candidate's outputs against the default launch's first):
 
 1. every ``(block_d, num_warps)`` pair at ``loop_stages = 1``;
-2. ``loop_stages`` 2, 3 and 4 on the two fastest pairs;
-3. ``atomic_sem="acq_rel"`` on the fastest configuration so far;
-4. ``dw_mode="sorted"`` on the fastest configuration so far.
+2. several rows per program (``ROWS``: 2 to 16 rows side by side, at the fastest pair's tile area);
+3. ``loop_stages`` 2, 3 and 4 on the two fastest so far;
+4. ``atomic_sem="acq_rel"`` on the fastest configuration so far;
+5. ``dw_mode="sorted"`` on the fastest configuration so far.
 
 Each candidate's forward and backward host calls (``sparse_scan_forward``/``_backward``: what the op
 launches, allocations included) are timed with CUDA events, round-robin over the candidates of a
@@ -55,6 +56,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
 PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
 LOOP_STAGES = (2, 3, 4)
+# Rows per program, each at the pair's tile area (block_d / rows columns): flex-sae's backward runs
+# 16 rows x 32 columns.
+ROWS = (2, 4, 8, 16)
 
 
 @dataclass
@@ -222,12 +226,14 @@ def tune_dtype(dtype_name: str, args, device, deadline, echo) -> list[dict]:
             records.append(dict(dtype=dtype_name, phase=name, launch=asdict(launch), per_k={str(k): v for k, v in per_k.items()},
                                 score_s=score(per_k)))
 
+    def ranked() -> list[SparseLaunch]:
+        return sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
+
     run_phase("pairs", [default] + [SparseLaunch(b, w) for b, w in candidate_pairs(args.d)])
-    ranked = sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
-    run_phase("stages", [SparseLaunch(c.block_d, c.num_warps, s) for c in ranked[:2] for s in LOOP_STAGES])
-    ranked = sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
-    if ranked:
-        best = ranked[0]
+    run_phase("rows", [v for c in ranked()[:1] for v in rows_variants(c)])
+    run_phase("stages", [replace(c, loop_stages=s) for c in ranked()[:2] for s in LOOP_STAGES])
+    if ranked():
+        best = ranked()[0]
         run_phase("atomics", [replace(best, atomic_sem="acq_rel")])
         run_phase("dw", [replace(best, dw_mode="sorted")])
     base = score(measured.get(default, {}))
@@ -253,9 +259,9 @@ def markdown(doc: dict) -> str:
              f"`{doc['default_launch']}`; the score over the sparse floor's (one embedding_bag decode and "
              f"squared error, forward+backward, same inputs; issue 15's target: at most 2x).", ""]
     for dtype_name, records in doc["by_dtype"].items():
-        lines += [f"## {dtype_name}", "", "| phase | block_d | warps | loop stages | atomics | dW_dec | "
+        lines += [f"## {dtype_name}", "", "| phase | rows | block_d | warps | loop stages | atomics | dW_dec | "
                   + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up | / sparse floor |",
-                  "|" + "---|" * (9 + len(doc["ks"]))]
+                  "|" + "---|" * (10 + len(doc["ks"]))]
         for r in sorted(records, key=lambda r: r["score_s"]):
             L, cells = r["launch"], []
             for k in doc["ks"]:
@@ -265,12 +271,13 @@ def markdown(doc: dict) -> str:
             speed = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] else "-"
             floor = f"{r['vs_sparse_floor']:.2f}x" if r.get("vs_sparse_floor") else "-"
             total = f"{r['score_s'] * 1e3:.3f}" if math.isfinite(r["score_s"]) else "-"
-            lines.append(f"| {r['phase']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
+            lines.append(f"| {r['phase']} | {L['rows']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
                          f"{L['dw_mode']} | "
                          + " | ".join(cells) + f" | {total} | {speed} | {floor} |")
         best = best_launch(records)
         if best:
             lines += ["", f"Best: `SparseLaunch(block_d={best['launch']['block_d']}, num_warps={best['launch']['num_warps']}, "
+                      f"rows={best['launch']['rows']}, "
                       f"loop_stages={best['launch']['loop_stages']}, atomic_sem={best['launch']['atomic_sem']!r}, "
                       f"dw_mode={best['launch']['dw_mode']!r})`, "
                       f"{best['speedup_vs_default']:.2f}x the default." if best["speedup_vs_default"] else ""]
@@ -278,21 +285,33 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def rows_variants(launch: SparseLaunch) -> list[SparseLaunch]:
+    """``launch`` with ``ROWS`` rows per program at the same tile area (at least 16 columns)."""
+    return [replace(launch, rows=r, block_d=launch.block_d // r) for r in ROWS if launch.block_d // r >= 16]
+
+
 def every_candidate(d: int) -> list[SparseLaunch]:
-    """Every launch the phases can time at width ``d``."""
-    out = [SparseLaunch(b, w, s) for b, w in candidate_pairs(d) for s in (1, *LOOP_STAGES)]
+    """The launches the phases time at width ``d``: every pair at every depth, each also with
+    ``acq_rel`` atomics and with the sorted ``dW_dec``, and every pair's rows variants (pipelined
+    only for the default pair's, which the phases meet first; a candidate that fails to compile on
+    the GPU is recorded there, not fatal)."""
+    out = [replace(SparseLaunch(b, w), loop_stages=s) for b, w in candidate_pairs(d) for s in (1, *LOOP_STAGES)]
+    rows = [v for b, w in candidate_pairs(d) for v in rows_variants(SparseLaunch(b, w))]
+    rows += [replace(v, loop_stages=s) for v in rows_variants(default_launch(d)) for s in LOOP_STAGES]
     return ([default_launch(d)] + out + [replace(c, atomic_sem="acq_rel") for c in out]
-            + [replace(c, dw_mode="sorted") for c in out])
+            + [replace(c, dw_mode="sorted") for c in out] + rows)
 
 
 def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
     """``report.Build`` of every kernel that ``every_candidate(d)`` launches, each distinct build once."""
     from matryoshka.kernels import report
 
-    builds = [b for launch in dict.fromkeys(every_candidate(d))
+    # Only the default launch's builds are what the op launches ("not picked" in the table otherwise).
+    builds = [replace(b, launched=launch == default_launch(d)) for launch in dict.fromkeys(every_candidate(d))
               for b in report._sparse_builds([DTYPES[name] for name in dtype_names], [(B, d)], launch)]
-    distinct = {(b.kernel, b.dtype, repr(sorted(b.constexprs.items())), repr(sorted(b.options.items()))): b
-                for b in builds}
+    distinct = {}  # the first of identical builds: the default launch's, which comes first
+    for b in builds:
+        distinct.setdefault((b.kernel, b.dtype, repr(sorted(b.constexprs.items())), repr(sorted(b.options.items()))), b)
     return list(distinct.values())
 
 
@@ -309,7 +328,9 @@ def _compile_nth(B: int, d: int, dtype_names: list[str], index: int):
 
 def compile_only(args) -> int:
     """Build ``every_candidate``'s kernels for sm_90 at ``args.dtypes`` in ``args.jobs`` processes;
-    1 if a build fails, spills, or (other than the ``acq_rel`` ones) fences its atomics."""
+    1 if a build fails to compile or a relaxed candidate fences its atomics.  A spilling candidate is
+    listed but does not fail: it is a finding the timing will weigh, while the launch the op uses is
+    held to no spill by ``matryoshka.kernels.report``."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -326,8 +347,11 @@ def compile_only(args) -> int:
             print(f"FAIL {build.kernel} {build.config}: {outcome}")
     print(report.format_table(results))
     # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
-    failed += sum(any(f != "fenced atomic" or "acq_rel" not in r.build.config for f in r.failures) for r in results)
-    print("(an acq_rel candidate's \"fenced atomic\" is by design: it measures what the fences cost; not counted)")
+    failed += sum(r.fenced and "acq_rel" not in r.build.config for r in results)
+    spilling = [r for r in results if r.spill_bytes]
+    print("(an acq_rel candidate's \"fenced atomic\" is by design: it measures what the fences cost)")
+    print(f"{len(spilling)} candidate build(s) spill, up to {max((r.spill_bytes for r in spilling), default=0)} B "
+          "(timed all the same)")
     print(f"{len(builds)} builds, {failed} failing")
     return 1 if failed else 0
 

@@ -21,6 +21,11 @@ LAUNCHES = [
     SparseLaunch(128, num_warps=4, loop_stages=4),  # one chunk wider than d
     SparseLaunch(32, dw_mode="sorted"),  # dW_dec by a segmented sum over the slots sorted by latent
     SparseLaunch(128, num_warps=2, loop_stages=2, dw_mode="sorted"),
+    # Several rows per program, side by side: ragged counts (row 1 half padding, row 3 all padding)
+    # inside one program, and a last program with rows past B.
+    SparseLaunch(32, rows=2),
+    SparseLaunch(16, rows=4, loop_stages=2, dw_mode="sorted"),
+    SparseLaunch(64, num_warps=2, rows=8),
 ]
 
 
@@ -58,7 +63,7 @@ def test_every_launch_computes_the_scan(launch):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("launch", LAUNCHES[1:3] + LAUNCHES[4:5], ids=str)
+@pytest.mark.parametrize("launch", LAUNCHES[1:3] + LAUNCHES[4:5] + LAUNCHES[6:], ids=str)
 def test_detached_backward_does_not_depend_on_the_launch(launch):
     x, b, W, values, indices, grad = _problem(k=5, seed=1)
     levels = torch.tensor([0, 0, 1, 1, 2], device=DEVICE).expand(x.shape[0], -1).contiguous()
@@ -125,13 +130,16 @@ def test_default_launch_is_one_chunk_up_to_1024_columns():
     assert default_launch(1).block_d == 16
     assert default_launch(100).block_d == 128
     assert default_launch(1024).block_d == 1024
-    assert default_launch(2304) == SparseLaunch(1024, num_warps=4, loop_stages=1, atomic_sem="relaxed", dw_mode="atomic")
+    assert default_launch(2304) == SparseLaunch(1024, num_warps=4, rows=1, loop_stages=1, atomic_sem="relaxed",
+                                                dw_mode="atomic")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(block_d=96), "block_d must be a power of two >= 16, got 96"),
     (dict(block_d=8), "block_d must be a power of two >= 16, got 8"),
     (dict(block_d=64, num_warps=3), "num_warps must be a power of two from 1 to 32, got 3"),
+    (dict(block_d=64, rows=3), "rows must be a power of two from 1 to 64, got 3"),
+    (dict(block_d=64, rows=128), "rows must be a power of two from 1 to 64, got 128"),
     (dict(block_d=64, loop_stages=0), "loop_stages must be >= 1, got 0"),
     (dict(block_d=64, atomic_sem="seq_cst"), "atomic_sem must be 'relaxed', 'acq_rel', 'acquire' or 'release'"),
     (dict(block_d=64, dw_mode="segmented"), "dw_mode must be one of ('atomic', 'sorted'), got 'segmented'"),
@@ -147,7 +155,7 @@ def test_report_builds_a_launch_with_its_warps_as_an_option():
     assert forward.options == backward.options == dict(num_warps=2)
     assert "ATOMIC_SEM" not in forward.constexprs and "num_warps" not in forward.constexprs
     assert backward.constexprs["ATOMIC_SEM"] == "acq_rel" and backward.constexprs["LOOP_STAGES"] == 3
-    assert backward.constexprs["BLOCK_D"] == 256 and "w=2 s=3 acq_rel" in backward.config
+    assert backward.constexprs["BLOCK_D"] == 256 and "R=1 w=2 s=3 acq_rel" in backward.config
     assert backward.constexprs["SORTED_DW"] is False
     *_, segment_sum = report._sparse_builds([torch.float32], [(4096, 2304)], SparseLaunch(256, dw_mode="sorted"))
     assert segment_sum.kernel == "sparse_dw_segment_sum" and segment_sum.constexprs["BLOCK_D"] == 256
@@ -161,6 +169,12 @@ def test_tuner_keeps_only_chunks_that_d_needs():
     assert default_launch(2304) in tune.every_candidate(2304)
 
 
+def test_rows_variants_keep_the_tile_area():
+    assert tune.rows_variants(SparseLaunch(1024, num_warps=8, loop_stages=2)) == [
+        SparseLaunch(1024 // r, num_warps=8, loop_stages=2, rows=r) for r in (2, 4, 8, 16)]
+    assert tune.rows_variants(SparseLaunch(64)) == [SparseLaunch(32, rows=2), SparseLaunch(16, rows=4)]
+
+
 def test_score_is_infinite_when_any_k_failed():
     ok = {"forward_s": 1e-3, "backward_s": 2e-3}
     assert tune.score({32: ok, 128: ok}) == pytest.approx(6e-3)
@@ -172,19 +186,20 @@ def test_score_is_infinite_when_any_k_failed():
 def test_tuner_end_to_end_picks_the_fastest_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "PAIRS", [(64, 4), (32, 2)])
     monkeypatch.setattr(tune, "LOOP_STAGES", (2,))
+    monkeypatch.setattr(tune, "ROWS", (2,))
     rc = tune.main(["--device", DEVICE, "--B", "3", "--d", "40", "--n", "16", "--ks", "2", "--dtypes", "fp32",
                     "--rounds", "3", "--results", str(tmp_path)])
     assert rc == 0
     [json_file] = tmp_path.glob("tune_*.json")
     doc = __import__("json").loads(json_file.read_text())
     records = doc["by_dtype"]["fp32"]
-    assert {r["phase"] for r in records} == {"pairs", "stages", "atomics", "dw"}
+    assert {r["phase"] for r in records} == {"pairs", "rows", "stages", "atomics", "dw"}
     assert all(math.isfinite(r["score_s"]) and r["per_k"]["2"]["mismatch"] < 1e-4 for r in records)
     # The sparse floor timed on the same inputs: one ratio per candidate, in the table's last column.
     assert all(r["vs_sparse_floor"] > 0 for r in records)
     best = tune.best_launch(records)
     assert best["score_s"] == min(r["score_s"] for r in records)
     text = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
-    assert "| pairs | 64 | 4 | 1 | relaxed | atomic |" in text and "Best: `SparseLaunch(" in text
+    assert "| pairs | 1 | 64 | 4 | 1 | relaxed | atomic |" in text and "Best: `SparseLaunch(" in text
     header, rule = text.split("\n## fp32\n\n")[1].splitlines()[:2]
     assert header.count("|") == rule.count("|")

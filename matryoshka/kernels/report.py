@@ -114,7 +114,7 @@ def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
             options = dict(num_warps=meta.pop("num_warps"))
             config = f"BLOCK_D={meta['BLOCK_D']} (d={d})"
             if launch is not None:
-                config += f" w={options['num_warps']} s={meta['LOOP_STAGES']} {meta['ATOMIC_SEM']}"
+                config += f" R={meta['ROWS']} w={options['num_warps']} s={meta['LOOP_STAGES']} {meta['ATOMIC_SEM']}"
                 config += " sorted" * meta["SORTED_DW"]
             out.append(Build(
                 "sparse_forward", dtype, config, sparse_scan._sparse_scan_forward_kernel,

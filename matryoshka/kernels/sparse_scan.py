@@ -1,11 +1,13 @@
 """Fused Triton kernels for the sparse residual scan, and their host functions.
 
-One program owns one row ``b`` and one chunk of ``BLOCK_D`` columns of ``d``; it walks the row's
-active latents in the order they arrive (sorted by index, or by value for rank-order prefixes;
-padding last), keeping its residual chunk in registers.  It stops at the row's count ``c_b`` (one
-past its last active slot, read from a tensor: no host sync), so a ragged batch (BatchTopK) costs
-its mean count, not its widest row; the slots past ``c_b`` leave the residual unchanged.  Nothing here knows about prefixes: they
-enter only through ``grad_norms`` (and, detached, through each slot's level).
+One program owns one row ``b`` and one chunk of ``BLOCK_D`` columns of ``d`` (or ``ROWS`` rows side
+by side: ``SparseLaunch.rows``); it walks the row's active latents in the order they arrive (sorted
+by index, or by value for rank-order prefixes; padding last), keeping its residual chunk in
+registers.  It stops at the row's count ``c_b`` (one past its last active slot, read from a tensor:
+no host sync), so a ragged batch (BatchTopK) costs its mean count, not its widest row (with several
+rows per program, the mean over programs of their longest row); the slots past ``c_b`` leave the
+residual unchanged.  Nothing here knows about prefixes: they enter only through ``grad_norms`` (and,
+detached, through each slot's level).
 
 Forward (``sparse_scan_forward``), for ``t = 1..c_b`` (and ``norms[b, t] = norms[b, c_b]`` past it):
 
@@ -78,15 +80,16 @@ __all__ = ["SparseLaunch", "default_launch", "sparse_scan_forward", "sparse_scan
 
 
 @triton.jit
-def _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC: tl.constexpr):
-    """Columns ``cols`` of ``W_dec[latent]`` and the per-column mask ``in_d & 0 <= latent < n``.
+def _load_decoder_rows(w_ptr, latents, stride_w, cols, in_d, n, ACC: tl.constexpr):
+    """Columns ``cols`` of ``W_dec[latents]``, one decoder row per program row, and the mask
+    ``in_d & 0 <= latent < n`` (both ``(ROWS, BLOCK_D)``).
 
-    The scalar index is broadcast before the comparison: the interpreter turns ``block & scalar``
-    masks into int32, which its loads reject.  An inactive slot loads zeros and reads no memory.
+    The index is broadcast to the tile before the comparison: the interpreter turns masks of mixed
+    shapes into int32, which its loads reject.  An inactive slot loads zeros and reads no memory.
     """
-    latent_cols = latent + tl.zeros_like(cols).to(tl.int64)
-    active = in_d & (latent_cols >= 0) & (latent_cols < n)
-    w = tl.load(w_ptr + latent_cols * stride_w + cols, mask=active, other=0.0).to(ACC)
+    latent_cols = latents[:, None] + tl.zeros_like(cols).to(tl.int64)[None, :]
+    active = in_d[None, :] & (latent_cols >= 0) & (latent_cols < n)
+    w = tl.load(w_ptr + latent_cols * stride_w + cols[None, :], mask=active, other=0.0).to(ACC)
     return w, active
 
 
@@ -95,30 +98,37 @@ def _sparse_scan_forward_kernel(
     x_ptr, bias_ptr, w_ptr, values_ptr, indices_ptr, counts_ptr, norms_ptr, residual_ptr,
     num_rows, k, d, n,
     stride_x, stride_w, stride_values, stride_indices,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
-    """norms[chunk, b, t] = ||r_t[chunk]||^2 for t = 0..k; residual[b, chunk] = r_k[chunk]."""
-    row = tl.program_id(0).to(tl.int64)
+    """norms[chunk, b, t] = ||r_t[chunk]||^2 for t = 0..k; residual[b, chunk] = r_k[chunk], for the
+    program's ``ROWS`` rows ``b``.  The rows walk their slots side by side up to the longest count
+    among them; a row past its own count is in its padding, where its residual stays ``r_{c_b}``."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in = rows < num_rows
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
-    r = tl.load(x_ptr + row * stride_x + cols, mask=in_d, other=0.0).to(ACC)
+    tile_in = row_in[:, None] & in_d[None, :]
+    r = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=tile_in, other=0.0).to(ACC)
     if HAS_BIAS:
-        r -= tl.load(bias_ptr + cols, mask=in_d, other=0.0).to(ACC)
-    norms_row = norms_ptr + (chunk.to(tl.int64) * num_rows + row) * (k + 1)
-    norm = tl.sum(r * r, axis=0)
-    tl.store(norms_row, norm)
-    count = tl.load(counts_ptr + row)
-    for t in tl.range(0, count, num_stages=LOOP_STAGES):
-        latent = tl.load(indices_ptr + row * stride_indices + t)
-        value = tl.load(values_ptr + row * stride_values + t).to(ACC)
-        w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
-        r -= tl.where(active, value, 0.0) * w
-        norm = tl.sum(r * r, axis=0)
-        tl.store(norms_row + t + 1, norm)
-    for t in range(count, k):  # padding: the residual stays r_{c_b}
-        tl.store(norms_row + t + 1, norm)
-    tl.store(residual_ptr + row * d + cols, r, mask=in_d)
+        r -= tl.load(bias_ptr + cols, mask=in_d, other=0.0).to(ACC)[None, :]
+    norms_rows = norms_ptr + (chunk.to(tl.int64) * num_rows + rows) * (k + 1)
+    norm = tl.sum(r * r, axis=1)
+    tl.store(norms_rows, norm, mask=row_in)
+    counts = tl.load(counts_ptr + rows, mask=row_in, other=0)
+    longest = tl.max(counts, axis=0)
+    for t in tl.range(0, longest, num_stages=LOOP_STAGES):
+        live = t < counts
+        latents = tl.load(indices_ptr + rows * stride_indices + t, mask=live, other=-1)
+        values = tl.load(values_ptr + rows * stride_values + t, mask=live, other=0.0).to(ACC)
+        w, active = _load_decoder_rows(w_ptr, latents, stride_w, cols, in_d, n, ACC)
+        r -= tl.where(active, values[:, None], 0.0) * w
+        norm = tl.sum(r * r, axis=1)
+        tl.store(norms_rows + t + 1, norm, mask=row_in)
+    for t in range(longest, k):  # padding of every row: the residuals stay r_{c_b}
+        tl.store(norms_rows + t + 1, norm, mask=row_in)
+    tl.store(residual_ptr + rows[:, None] * d + cols[None, :], r, mask=tile_in)
 
 
 @triton.jit
@@ -127,71 +137,82 @@ def _sparse_scan_backward_kernel(
     dx_ptr, dvalues_ptr, dw_ptr,
     num_rows, k, d, n,
     stride_w, stride_values, stride_indices, stride_levels, stride_dw,
-    DETACH: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    ATOMIC_SEM: tl.constexpr, SORTED_DW: tl.constexpr,
+    DETACH: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, ATOMIC_SEM: tl.constexpr, SORTED_DW: tl.constexpr,
 ):
     """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics
-    (or, ``SORTED_DW``, via per-slot rows).
+    (or, ``SORTED_DW``, via per-slot rows), for the program's ``ROWS`` rows ``b``.
 
     ``DETACH``: the slots take the level-local suffix ``H_t`` instead of ``G_t`` (module doc);
     ``grad_level_ptr`` and ``levels_ptr`` are read only then.  ``SORTED_DW``: ``dw_ptr`` is the
     ``(B k, d)`` slot-row buffer, and slot ``t`` of row ``b`` stores its term in row ``b k + t``.
+    The rows walk back from the longest count among them; a row whose slot ``t`` is past its count
+    waits (its residual is still ``r_k``, its padding already in the suffix sums).
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in = rows < num_rows
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
-    r = tl.load(residual_ptr + row * d + cols, mask=in_d, other=0.0)
-    grad_row = grad_norms_ptr + row * (k + 1)
-    dvalues_row = dvalues_ptr + (chunk.to(tl.int64) * num_rows + row) * k
-    count = tl.load(counts_ptr + row)
-    # The padded slots t >= count all see r_k: their gradients start the suffix sums as scalars.
-    tail = tl.full([], 0.0, ACC)
+    tile_in = row_in[:, None] & in_d[None, :]
+    r = tl.load(residual_ptr + rows[:, None] * d + cols[None, :], mask=tile_in, other=0.0)
+    grad_rows = grad_norms_ptr + rows * (k + 1)
+    dvalues_rows = dvalues_ptr + (chunk.to(tl.int64) * num_rows + rows) * k
+    counts = tl.load(counts_ptr + rows, mask=row_in, other=0)
+    # The padded slots t >= c_b all see r_k: their gradients start the suffix sums as per-row scalars.
+    first_padded = tl.min(tl.where(row_in, counts, k), axis=0)
+    tail = tl.zeros([ROWS], ACC)
     if DETACH:
-        grad_level_row = grad_level_ptr + row * (k + 1)
-        levels_row = levels_ptr + row * stride_levels
-        # slot count's level, or -1 when there is no slot after the last live one: its level ends there
-        next_level = tl.load(levels_row + count, mask=count < k, other=-1).to(tl.int64)
-        level_tail = tl.full([], 0.0, ACC)
-        for t in range(count, k):
-            twice_level_grad = 2.0 * tl.load(grad_level_row + t + 1).to(ACC)
-            tail += 2.0 * tl.load(grad_row + t + 1).to(ACC) + twice_level_grad
-            same_level = tl.load(levels_row + t).to(tl.int64) == next_level
+        grad_level_rows = grad_level_ptr + rows * (k + 1)
+        levels_rows = levels_ptr + rows * stride_levels
+        # slot c_b's level, or -1 when there is no slot after the last live one: its level ends there
+        next_level = tl.load(levels_rows + counts, mask=row_in & (counts < k), other=-1).to(tl.int64)
+        level_tail = tl.zeros([ROWS], ACC)
+        for t in range(first_padded, k):
+            padded = row_in & (t >= counts)
+            twice_level_grad = 2.0 * tl.load(grad_level_rows + t + 1, mask=padded, other=0.0).to(ACC)
+            tail += 2.0 * tl.load(grad_rows + t + 1, mask=padded, other=0.0).to(ACC) + twice_level_grad
+            same_level = tl.load(levels_rows + t, mask=padded, other=-1).to(tl.int64) == next_level
             level_tail += tl.where(same_level, twice_level_grad, 0.0)
-        level_suffix = level_tail * r
+        level_suffix = level_tail[:, None] * r
     else:
-        for t in range(count, k):
-            tail += 2.0 * tl.load(grad_row + t + 1).to(ACC)
-    suffix = tail * r
-    for step in tl.range(0, count, num_stages=LOOP_STAGES):
-        t = count - 1 - step  # slot t holds latent number t + 1 of the scan
-        twice_grad = 2.0 * tl.load(grad_row + t + 1).to(ACC)
+        for t in range(first_padded, k):
+            padded = row_in & (t >= counts)
+            tail += 2.0 * tl.load(grad_rows + t + 1, mask=padded, other=0.0).to(ACC)
+    suffix = tail[:, None] * r
+    longest = tl.max(counts, axis=0)
+    for step in tl.range(0, longest, num_stages=LOOP_STAGES):
+        t = longest - 1 - step  # slot t holds latent number t + 1 of the scan
+        live = t < counts
+        twice_grad = 2.0 * tl.load(grad_rows + t + 1, mask=live, other=0.0).to(ACC)
         if DETACH:
-            twice_level_grad = 2.0 * tl.load(grad_level_row + t + 1).to(ACC)
-            suffix += (twice_grad + twice_level_grad) * r
-            level = tl.load(levels_row + t).to(tl.int64)
-            same_level = (level == next_level).to(ACC)
-            level_suffix = same_level * level_suffix + twice_level_grad * r
-            next_level = level
+            twice_level_grad = 2.0 * tl.load(grad_level_rows + t + 1, mask=live, other=0.0).to(ACC)
+            suffix += (twice_grad + twice_level_grad)[:, None] * r
+            level = tl.load(levels_rows + t, mask=live, other=-1).to(tl.int64)
+            keeps = ((level == next_level) | (t >= counts)).to(ACC)  # a waiting row keeps its suffix
+            level_suffix = keeps[:, None] * level_suffix + twice_level_grad[:, None] * r
+            next_level = tl.where(live, level, next_level)
             slot_suffix = level_suffix
         else:
-            suffix += twice_grad * r
+            suffix += twice_grad[:, None] * r
             slot_suffix = suffix
-        latent = tl.load(indices_ptr + row * stride_indices + t)
-        w, active = _load_decoder_row(w_ptr, latent, stride_w, cols, in_d, n, ACC)
-        value = tl.where(active, tl.load(values_ptr + row * stride_values + t).to(ACC), 0.0)
-        tl.store(dvalues_row + t, -tl.sum(slot_suffix * w, axis=0))
+        latents = tl.load(indices_ptr + rows * stride_indices + t, mask=live, other=-1)
+        w, active = _load_decoder_rows(w_ptr, latents, stride_w, cols, in_d, n, ACC)
+        values = tl.load(values_ptr + rows * stride_values + t, mask=live, other=0.0).to(ACC)
+        values = tl.where(active, values[:, None], 0.0)
+        tl.store(dvalues_rows + t, -tl.sum(slot_suffix * w, axis=1), mask=live)
         if SORTED_DW:  # summed per latent by _dw_segment_sum_kernel; inactive slots are never read
-            tl.store(dw_ptr + (row * k + t) * stride_dw + cols, -value * slot_suffix, mask=in_d)
+            tl.store(dw_ptr + (rows[:, None] * k + t) * stride_dw + cols[None, :], -values * slot_suffix,
+                     mask=live[:, None] & in_d[None, :])
         else:
-            tl.atomic_add(dw_ptr + latent * stride_dw + cols, -value * slot_suffix, mask=active,
-                          sem=ATOMIC_SEM)
-        r += value * w
-    twice_first = 2.0 * tl.load(grad_row).to(ACC)
+            tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], -values * slot_suffix,
+                          mask=active, sem=ATOMIC_SEM)
+        r += values * w
+    twice_first = 2.0 * tl.load(grad_rows, mask=row_in, other=0.0).to(ACC)
     if DETACH:
-        twice_first += 2.0 * tl.load(grad_level_row).to(ACC)
-    suffix += twice_first * r
-    tl.store(dx_ptr + row * d + cols, suffix, mask=in_d)
+        twice_first += 2.0 * tl.load(grad_level_rows, mask=row_in, other=0.0).to(ACC)
+    suffix += twice_first[:, None] * r
+    tl.store(dx_ptr + rows[:, None] * d + cols[None, :], suffix, mask=tile_in)
 
 
 @triton.jit
@@ -217,7 +238,9 @@ DW_MODES = ("atomic", "sorted")
 class SparseLaunch:
     """How the sparse kernels are launched; the results do not depend on it beyond float rounding.
 
-    ``block_d``: columns per program (a power of two, >= 16); ``num_warps``: warps per program;
+    ``block_d``: columns per program (a power of two, >= 16); ``rows``: batch rows per program (a
+    power of two up to 64; they walk their slots side by side, so one program has ``rows`` decoder
+    rows in flight per step); ``num_warps``: warps per program;
     ``loop_stages``: ``tl.range``'s ``num_stages`` for the slot loop (1: no software pipelining);
     ``atomic_sem``: memory order of the ``dW_dec`` atomics.  A sum needs no ordering, so
     ``"relaxed"``; ``"acq_rel"`` (Triton's default) is kept selectable to measure what the fences cost.
@@ -229,10 +252,13 @@ class SparseLaunch:
     loop_stages: int = 1
     atomic_sem: str = "relaxed"
     dw_mode: str = "atomic"
+    rows: int = 1
 
     def __post_init__(self):
         if self.block_d < 16 or self.block_d & (self.block_d - 1):
             raise ValueError(f"block_d must be a power of two >= 16, got {self.block_d}")
+        if self.rows not in (1, 2, 4, 8, 16, 32, 64):
+            raise ValueError(f"rows must be a power of two from 1 to 64, got {self.rows}")
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two from 1 to 32, got {self.num_warps}")
         if self.loop_stages < 1:
@@ -262,7 +288,7 @@ def _launch_meta(d: int, acc_dtype: torch.dtype, launch: SparseLaunch | None = N
     launch = launch or default_launch(d)
     wide = acc_dtype == torch.float64
     torch_acc, tl_acc = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
-    meta = dict(ACC=tl_acc, BLOCK_D=launch.block_d, LOOP_STAGES=launch.loop_stages,
+    meta = dict(ACC=tl_acc, ROWS=launch.rows, BLOCK_D=launch.block_d, LOOP_STAGES=launch.loop_stages,
                 ATOMIC_SEM=launch.atomic_sem, SORTED_DW=launch.dw_mode == "sorted", num_warps=launch.num_warps)
     return torch_acc, triton.cdiv(d, launch.block_d), meta
 
@@ -318,7 +344,7 @@ def sparse_scan_forward(
     if num_rows > 0:
         x, W_dec = x.contiguous(), W_dec.contiguous()
         with device_guard(x):
-            _sparse_scan_forward_kernel[(num_rows, chunks)](
+            _sparse_scan_forward_kernel[(triton.cdiv(num_rows, meta["ROWS"]), chunks)](
                 x, x if b_dec is None else b_dec.contiguous(), W_dec, values, indices, counts, partial, residual,
                 num_rows, k, d, W_dec.shape[0],
                 x.stride(0), W_dec.stride(0), values.stride(0), indices.stride(0),
@@ -362,7 +388,7 @@ def sparse_scan_backward(
     if num_rows > 0:
         W_dec = W_dec.contiguous()
         with device_guard(residual):
-            _sparse_scan_backward_kernel[(num_rows, chunks)](
+            _sparse_scan_backward_kernel[(triton.cdiv(num_rows, meta["ROWS"]), chunks)](
                 residual, grad_norms, grad_level, levels, W_dec, values, indices, _counts(indices, W_dec.shape[0]),
                 dx, dvalues_partial, dw_target,
                 num_rows, k, d, W_dec.shape[0],
