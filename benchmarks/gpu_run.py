@@ -174,7 +174,7 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
     # What does not fit the budget is listed as not run, bf16 k = 128 first.
     peers = [PY, "-m", "benchmarks.flexsae_peer", "--device", device, "--results", str(results)]
     peers += {"full": [], "quick": ["--ks", "32"], "dry": ["--dry-run"]}[mode]
-    stages.append(Stage("peers", [peers], {"full": 60.0, "quick": 25.0, "dry": 35.0}[mode],
+    stages.append(Stage("peers", [peers], {"full": 60.0, "quick": 25.0, "dry": 45.0}[mode],
                         {"full": 40.0, "quick": 15.0, "dry": 25.0}[mode], interp,
                         budget_flag="--time-budget-s", margin_s=PEERS_MARGIN_S[mode],
                         note="" if FLEXSAE_INIT.exists() else "flex-sae absent now: run `make peers` first",
