@@ -193,8 +193,10 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
     if mode == "full":
         sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", *SWEEP_TIMING]
     elif mode == "quick":
+        # With both dense backends: the headline's routing record (what "auto" runs for dense CUDA acts).
         sweep += ["--n", "36864", "--k", "32", "--dtypes", "fp32", "--G", "1", "n", "--methods", "fused_triton",
-                  "fused_dense_triton", "sparse_floor", "vanilla_floor", "--no-e2e", "--tag", "_gpu_quick", *SWEEP_TIMING]
+                  "fused_dense_triton", "fused_dense_torch", "sparse_floor", "vanilla_floor", "--no-e2e",
+                  "--tag", "_gpu_quick", *SWEEP_TIMING]
     else:
         sweep += ["--quick", "--activations", "topk", "--tag", "_dry"]
     stages.append(Stage("sweep", [sweep], None, {"full": 160.0, "quick": 30.0, "dry": 25.0}[mode], interp,

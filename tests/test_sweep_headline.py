@@ -1,0 +1,32 @@
+"""The sweep's headline for dense activations: each dense backend against one dense decode, and the
+routing record (dense kernel against the PyTorch scan) that decides what ``"auto"`` runs on CUDA."""
+
+from __future__ import annotations
+
+from benchmarks.sweep import headline
+
+
+def _record(method, g_kind, seconds):
+    return dict(kind="loss", n=4096, k=32, d=256, dtype="bf16", B=512, method=method, g_kind=g_kind,
+                status="ok", median_s=seconds, min_s=seconds, times_s=[seconds, seconds])
+
+
+def _items(rows, fused):
+    return [item for row in rows if row.get("fused") == fused for item in row["items"]]
+
+
+def test_dense_backends_against_one_decode_and_the_routing_record():
+    records = [_record("vanilla_floor", None, 1.0),
+               _record("fused_dense_triton", "n", 3.0), _record("fused_dense_torch", "n", 1.2),
+               _record("fused_dense_triton", "5", 1.1), _record("fused_dense_torch", "5", 2.2)]
+    rows = headline(records, "cuda")
+    [kernel] = _items(rows, "fused_dense_triton")
+    [scan] = _items(rows, "fused_dense_torch")
+    assert (kernel["ratio_of_medians"], kernel["met"]) == (3.0, False)
+    assert (scan["ratio_of_medians"], scan["met"]) == (1.2, True)
+    routing = {item["name"].split(" at ")[1].split(" ")[0]: item for item in _items(rows, "dense routing")}
+    assert routing["G=n"]["ratio_of_medians"] == 2.5 and routing["G=5"]["ratio_of_medians"] == 0.5
+    assert all(item["met"] is None and not item["target_applies"] for item in routing.values())
+    # On the CPU the 1.3x target does not apply, and without both dense backends there is no routing row.
+    cpu = headline([r for r in records if r["method"] != "fused_dense_triton"], "cpu")
+    assert _items(cpu, "fused_dense_torch")[0]["met"] is None and not _items(cpu, "dense routing")
