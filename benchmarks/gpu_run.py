@@ -191,7 +191,9 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
 
     sweep = [PY, "-m", "benchmarks.sweep", "--device", device, "--out", str(results)]
     if mode == "full":
-        sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", *SWEEP_TIMING]
+        # The training steps first: a few seconds next to the loss grid, and what a budget cut must not drop.
+        sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", "--e2e-first",
+                  *SWEEP_TIMING]
     elif mode == "quick":
         # With both dense backends: the headline's routing record (what "auto" runs for dense CUDA acts).
         sweep += ["--n", "36864", "--k", "32", "--dtypes", "fp32", "--G", "1", "n", "--methods", "fused_triton",

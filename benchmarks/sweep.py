@@ -531,6 +531,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     p.add_argument("--e2e-only", action="store_true")
+    p.add_argument("--e2e-first", action="store_true",
+                   help="time the training steps before the loss grid (a --time-budget-s cut then drops loss configurations)")
     p.add_argument("--activations", nargs="+", default=["topk", "batchtopk"], choices=["topk", "batchtopk"])
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default 1 on the CPU: on a shared machine OpenMP barrier stalls inflated "
@@ -590,6 +592,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"sweep_{device_slug(device)}{'_quick' if args.quick else ''}{args.tag}"
     units = [("loss", cfg) for cfg in configs] + [("e2e", cfg) for cfg in e2e_configs]
+    if args.e2e_first:  # cheap next to the loss grid, and a target of their own
+        units = [u for u in units if u[0] == "e2e"] + [u for u in units if u[0] == "loss"]
     with tqdm(total=total, desc="sweep", unit="cell", dynamic_ncols=True) as bar:
         for kind, cfg in units:
             # The budget is checked between configurations: a caller with a hard limit (a 10-minute

@@ -1,8 +1,12 @@
-"""The sweep's headline for dense activations: each dense backend against one dense decode, and the
-routing record (dense kernel against the PyTorch scan) that decides what ``"auto"`` runs on CUDA."""
+"""The sweep's headline for dense activations (each dense backend against one dense decode, and the
+routing record, dense kernel against the PyTorch scan, that decides what ``"auto"`` runs on CUDA),
+and the order of its units."""
 
 from __future__ import annotations
 
+import json
+
+from benchmarks import sweep
 from benchmarks.sweep import headline
 
 
@@ -30,3 +34,11 @@ def test_dense_backends_against_one_decode_and_the_routing_record():
     # On the CPU the 1.3x target does not apply, and without both dense backends there is no routing row.
     cpu = headline([r for r in records if r["method"] != "fused_dense_triton"], "cpu")
     assert _items(cpu, "fused_dense_torch")[0]["met"] is None and not _items(cpu, "dense routing")
+
+
+def test_e2e_first_times_the_training_steps_before_the_loss_grid(tmp_path, one_thread):
+    sweep.main(["--device", "cpu", "--quick", "--G", "1", "n", "--methods", "fused_torch", "sparse_floor",
+                "--activations", "topk", "--e2e-first", "--out", str(tmp_path), "--tag", "_order"])
+    records = json.loads(next(tmp_path.glob("sweep_*_order.json")).read_text())["records"]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "e2e" and "loss" in kinds and kinds.index("loss") > max(i for i, k in enumerate(kinds) if k == "e2e")
