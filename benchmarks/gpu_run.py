@@ -191,7 +191,7 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
 
     sweep = [PY, "-m", "benchmarks.sweep", "--device", device, "--out", str(results)]
     if mode == "full":
-        # The training steps first: a few seconds next to the loss grid, and what a budget cut must not drop.
+        # The training steps first: ~20 s next to the loss grid, and what a budget cut must not drop.
         sweep += ["--G", "1", "5", "16", "64", "n", "--methods", *SWEEP_METHODS, "--activations", "topk", "--e2e-first",
                   *SWEEP_TIMING]
     elif mode == "quick":

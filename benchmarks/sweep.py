@@ -592,7 +592,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"sweep_{device_slug(device)}{'_quick' if args.quick else ''}{args.tag}"
     units = [("loss", cfg) for cfg in configs] + [("e2e", cfg) for cfg in e2e_configs]
-    if args.e2e_first:  # cheap next to the loss grid, and a target of their own
+    if args.e2e_first:  # cheaper than the loss grid, and a target of their own
         units = [u for u in units if u[0] == "e2e"] + [u for u in units if u[0] == "loss"]
     with tqdm(total=total, desc="sweep", unit="cell", dynamic_ncols=True) as bar:
         for kind, cfg in units:
