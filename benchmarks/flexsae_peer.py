@@ -52,7 +52,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -63,7 +62,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
-from .harness import DTYPES, InputSet, device_name, device_slug, environment, make_input_sets, summarize
+from .harness import DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets, summarize
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,13 +139,9 @@ def load_flexsae(root: Path) -> ModuleType | None:
 def flexsae_commit(root: Path) -> str | None:
     """The clone's commit: ``git rev-parse HEAD``, else ``.git/HEAD`` read by hand (a device machine
     may lack git), else ``None``."""
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = git_output("rev-parse", "HEAD", cwd=root)
+    if commit:
+        return commit
     git = Path(root) / ".git"
     try:
         head = (git / "HEAD").read_text().strip()
@@ -563,7 +558,6 @@ def main(argv=None) -> int:
     flex = load_flexsae(root)
     started = time.perf_counter()
     env = environment(device)
-    env["git_commit"] = env["git_commit"] or os.environ.get("GPU_RUN_COMMIT")
     settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()}
     settings.update(
         interpreted=interpreted,

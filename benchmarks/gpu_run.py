@@ -55,7 +55,7 @@ import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,17 +88,16 @@ SKIPPED_RC = 3
 FLEXSAE_INIT = REPO / "peers" / "flexsae" / "torch-ext" / "flex_sae" / "__init__.py"
 PEERS_MARKER = "**flex-sae side by side: parity and ratios"
 
-# The device tool copies the working tree without .git: GPU_RUN_COMMIT names the commit instead.
+# The environment record (harness.environment: GPU_RUN_COMMIT names the commit in a tree without .git).
 ENV_CODE = """
-import json, os, shutil, sys, torch
+import json, shutil, sys, torch
 from benchmarks.harness import device_slug, environment
 device = torch.device(sys.argv[1])
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit("no CUDA device: torch " + torch.__version__ + " sees none")
 env = environment(device)
 env.update(device_slug=device_slug(device), python_executable=sys.executable,
-           compute_sanitizer=sys.argv[3] or None, nvidia_smi=shutil.which("nvidia-smi"),
-           git_commit=env["git_commit"] or os.environ.get("GPU_RUN_COMMIT"))
+           compute_sanitizer=sys.argv[3] or None, nvidia_smi=shutil.which("nvidia-smi"))
 open(sys.argv[2], "w").write(json.dumps(env, indent=1))
 print(json.dumps(env, indent=1))
 """

@@ -68,9 +68,10 @@ def device_slug(device: torch.device) -> str:
     return f"{device.type}-{slug.strip('-')}"
 
 
-def _git(*args: str) -> str | None:
+def git_output(*args: str, cwd: Path = REPO) -> str | None:
+    """``git args`` run in ``cwd`` (this repository by default): its output, or ``None`` on failure."""
     try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.rstrip() if out.returncode == 0 else None  # keep porcelain's leading spaces
@@ -84,7 +85,7 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     # Dirty: a modified tracked file anywhere, or an untracked file in the code that was measured.
-    status = _git("status", "--porcelain", "--", ".", ":!benchmarks/results")
+    status = git_output("status", "--porcelain", "--", ".", ":!benchmarks/results")
     changed = [] if status is None else [
         line[3:] for line in status.splitlines()
         if not line.startswith("??") or line[3:].startswith(("matryoshka/", "benchmarks/"))
@@ -99,7 +100,8 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
-        "git_commit": _git("rev-parse", "HEAD"),
+        # The device tool copies the working tree without .git: GPU_RUN_COMMIT names the commit instead.
+        "git_commit": git_output("rev-parse", "HEAD") or os.environ.get("GPU_RUN_COMMIT"),
         "git_dirty": None if status is None else bool(changed),
         "git_dirty_paths": changed[:50],
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
