@@ -140,3 +140,19 @@ def test_list_prints_the_plan():
     bad = subprocess.run([PY, "-m", "benchmarks.gpu_run", "--list", "--stages", "nope"], capture_output=True,
                          text=True, timeout=60, cwd=gpu_run.REPO)
     assert bad.returncode == 2 and "unknown stages: nope" in bad.stderr
+
+
+def test_results_name_the_commit_in_a_tree_without_git(monkeypatch):
+    """The device tool copies the working tree without .git: every results file's environment record
+    (harness.environment, which the sweep, the tuner and flex-sae's run all write) takes
+    GPU_RUN_COMMIT, and a real checkout's own commit wins over it."""
+    import torch
+
+    from benchmarks import harness
+
+    monkeypatch.setenv("GPU_RUN_COMMIT", "abc123")
+    checkout = harness.git_output("rev-parse", "HEAD")  # None in the device tool's copy
+    if checkout:
+        assert harness.environment(torch.device("cpu"))["git_commit"] == checkout
+    monkeypatch.setattr(harness, "git_output", lambda *args, **kw: None)
+    assert harness.environment(torch.device("cpu"))["git_commit"] == "abc123"
