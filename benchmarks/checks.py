@@ -53,10 +53,11 @@ def _run(fn, x, values, indices, W, b, prefixes):
     return [loss.detach(), per_prefix.detach()] + [t.grad for t in leaves]
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    scale = b.abs().max().clamp_min(1e-30)
-    return float((a - b).abs().max() / scale)
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|`` in float64 on the tensors' device (the scale floored at 1e-30): how far
+    a result is from its reference, relative to the reference's largest magnitude."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def check_method(method: Method, device="cpu", dtype=torch.float64, seed=0) -> dict:
@@ -69,7 +70,7 @@ def check_method(method: Method, device="cpu", dtype=torch.float64, seed=0) -> d
             prefixes = Prefixes([n])
         got = _run(lambda *a: method(*a, return_per_prefix=True), x, values, indices, W, b, prefixes)
         want = _run(matryoshka_loss_reference, x, values, indices, W, b, prefixes)
-        errors = {name: _rel_err(g, w) for name, g, w in zip(names, got, want)}
+        errors = {name: rel_err(g, w) for name, g, w in zip(names, got, want)}
         cases.append({"prefixes": label, "errors": errors})
         if not method.uses_prefixes:
             break
@@ -125,7 +126,7 @@ def check_train_step(variant: str, activation: str, device, fused_backend: str, 
 
     got = run(lambda m, x, acts: make_loss_fn(variant, m, fused_backend)(x, acts))
     want = run(lambda m, x, acts: matryoshka_loss_reference(x, acts, m.W_dec, m.b_dec, prefixes)[0])
-    errors = {name: _rel_err(got[name], want[name]) for name in want}
+    errors = {name: rel_err(got[name], want[name]) for name in want}
     worst, tol = max(errors.values()), TOLERANCE[dtype]
     return {"method": f"{variant} ({activation})", "max_rel_err": worst, "tolerance": tol, "ok": worst <= tol,
             "errors": errors}

@@ -62,6 +62,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
+from .checks import rel_err
 from .harness import DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets, summarize
 from .sae_step import TopKSAE, train_step_with
 
@@ -213,11 +214,6 @@ def ranked_input_set(s: InputSet) -> InputSet:
                     s.W_dec.detach().requires_grad_(), s.b_dec.detach().requires_grad_())
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def parity(losses: dict[str, LossFn], s: InputSet, tolerance: float, pairs=PARITY_PAIRS) -> list[dict]:
     """Each flex kernel against the op of ours that computes the same number, on ``s``: the largest
     relative difference of the loss and of the ``W_dec``, ``values`` and ``b_dec`` gradients."""
@@ -233,7 +229,7 @@ def parity(losses: dict[str, LossFn], s: InputSet, tolerance: float, pairs=PARIT
                 got[name] = dict(loss=loss.detach(), W_dec=s.W_dec.grad, values=s.acts.values.grad,
                                  b_dec=s.b_dec.grad)
             s.clear_grads()
-            diffs = {key: _rel_diff(got[flex_name][key], got[ours_name][key]) for key in got[ours_name]}
+            diffs = {key: rel_err(got[flex_name][key], got[ours_name][key]) for key in got[ours_name]}
             worst = max(diffs.values())
             # NaN compares false: a NaN difference is a failure, not a pass.
             rec.update(rel_diff=diffs, max_rel_diff=worst, ok=bool(worst <= tolerance),

@@ -30,7 +30,7 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels.sparse_scan import SparseLaunch, sparse_scan_backward, sparse_scan_forward
 
 from .baselines import densify
-from .checks import _problem
+from .checks import _problem, rel_err
 
 # (B, d, n, k): d = 96 fits one block; d = 1100 needs a second, masked chunk beyond BLOCK_D = 1024.
 SHAPES = [(6, 96, 300, 8), (5, 1100, 257, 5)]
@@ -80,7 +80,7 @@ def launch_cases(shapes, dtypes, device, detach_options, seed) -> tuple[int, int
         levels = (torch.arange(k, device=device) * 3 // k).expand(B, -1).contiguous() if detach else None
         got = _host_scan(x, b, W, values, indices, grad, levels, launch)
         want = _host_scan(x, b, W, values, indices, grad, levels, None)
-        err = max(float((a - w).abs().max() / w.abs().max().clamp(min=1e-30)) for a, w in zip(got, want))
+        err = max(rel_err(a, w) for a, w in zip(got, want))
         ok = err <= LAUNCH_TOLERANCE and all(torch.isfinite(a).all() for a in got)
         cases += 1
         failures += not ok
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         for prefixes in (Prefixes.every(n), Prefixes.groups([1, n // 3, n])):
             got = _run(tensors, indices, prefixes, "triton", dense, detach)
             want = _run([t.double() for t in tensors], indices, prefixes, "reference", dense, detach)
-            err = max(float((a.double() - w).abs().max() / w.abs().max().clamp(min=1e-30)) for a, w in zip(got, want))
+            err = max(rel_err(a, w) for a, w in zip(got, want))
             ok = err <= TOLERANCE[dtype] and all(torch.isfinite(a).all() for a in got)
             cases += 1
             failures += not ok

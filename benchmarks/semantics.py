@@ -27,6 +27,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
+from .checks import rel_err
 from .harness import device_name, make_input_sets, prefix_set
 
 __all__ = ["Variant", "variants", "check_variants", "main"]
@@ -73,7 +74,7 @@ def check_variants(backend: str, device, tolerance: float = 1e-9) -> dict[str, f
             out = v.loss(leaves[0], SparseActs(leaves[1], indices.to(device)), leaves[2], leaves[3], which, True)
             out.loss.backward()
             grads.append([out.loss.detach()] + [t.grad for t in leaves])
-        errors[v.name] = max(float((a - w).abs().max() / w.abs().max().clamp_min(1e-30)) for a, w in zip(*grads))
+        errors[v.name] = max(rel_err(a, w) for a, w in zip(*grads))
         if errors[v.name] > tolerance:
             raise AssertionError(f"{v.name}: relative error {errors[v.name]:.3g} > {tolerance}")
     return errors

@@ -50,6 +50,7 @@ from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_
 from matryoshka import SparseActs
 
 from .baselines import sparse_floor_loss
+from .checks import rel_err
 from .harness import device_name, device_slug, environment, make_input_sets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,11 +100,7 @@ def mismatch(launch: SparseLaunch, s: Inputs, expected: tuple[torch.Tensor, ...]
 
     Launches differ only in the order of float additions (chunk partial sums, atomics), so this is
     rounding-sized: ~1e-6 in float32 accumulation."""
-    worst = 0.0
-    for got, want in zip(run_candidate(launch, s), expected):
-        scale = want.abs().max().item() or 1.0
-        worst = max(worst, (got - want).abs().max().item() / scale)
-    return worst
+    return max(rel_err(got, want) for got, want in zip(run_candidate(launch, s), expected))
 
 
 def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) -> list[tuple[float, float]]:
