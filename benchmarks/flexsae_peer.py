@@ -61,6 +61,7 @@ from types import ModuleType
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
+from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
 from .harness import DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets, summarize
@@ -206,11 +207,8 @@ def ranked_input_set(s: InputSet) -> InputSet:
     """``s`` with each row's slots sorted by value, largest first, ties by latent index (our rank
     order), so that flex's slot-order prefixes are our rank-order prefixes; new leaves."""
     with torch.no_grad():
-        by_index = s.acts.indices.argsort(dim=1)
-        values, indices = s.acts.values.gather(1, by_index), s.acts.indices.gather(1, by_index)
-        by_value = values.float().argsort(dim=1, descending=True, stable=True)
-        values, indices = values.gather(1, by_value), indices.gather(1, by_value)
-    return InputSet(s.x, SparseActs(values.contiguous().requires_grad_(), indices.contiguous()),
+        ranked = SortedActs(s.acts, s.W_dec.shape[0]).ranked(s.W_dec.shape[0])  # what order="rank" does
+    return InputSet(s.x, SparseActs(ranked.values.contiguous().requires_grad_(), ranked.indices.contiguous()),
                     s.W_dec.detach().requires_grad_(), s.b_dec.detach().requires_grad_())
 
 

@@ -28,6 +28,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels.sparse_scan import SparseLaunch, sparse_scan_backward, sparse_scan_forward
+from matryoshka.scan_layout import SortedActs
 
 from .baselines import densify
 from .checks import _problem, rel_err
@@ -56,12 +57,6 @@ def _run(tensors, indices, prefixes, backend, dense, detach):
     return [out.per_prefix.detach()] + [t.grad for t in leaves]
 
 
-def _kernel_layout(values, indices, n):
-    """Each row's slots sorted by latent with the padding last, as the op hands them to the kernels."""
-    order = torch.where(indices >= 0, indices, n).argsort(dim=1, stable=True)
-    return values.gather(1, order).contiguous(), indices.gather(1, order).contiguous()
-
-
 def _host_scan(x, b, W, values, indices, grad, levels, launch):
     """The sparse host functions' forward and backward: ``(norms, dx, dvalues, dW_dec)``."""
     norms, residual = sparse_scan_forward(x, b, W, values, indices, torch.float32, launch)
@@ -75,7 +70,8 @@ def launch_cases(shapes, dtypes, device, detach_options, seed) -> tuple[int, int
     for (B, d, n, k), (dtype_name, dtype), launch, detach in itertools.product(
             shapes, dtypes.items(), LAUNCHES, detach_options):
         x, values, indices, W, b = _problem(B, n, d, k, dtype, device, seed=seed + cases, pad_fraction=0.25)
-        values, indices = _kernel_layout(values, indices, n)
+        slots = SortedActs(SparseActs(values, indices), n)  # the kernels' layout, as the op hands it over
+        values, indices = slots.values, slots.indices
         grad = torch.rand(B, k + 1, device=device, generator=torch.Generator(device).manual_seed(cases))
         levels = (torch.arange(k, device=device) * 3 // k).expand(B, -1).contiguous() if detach else None
         got = _host_scan(x, b, W, values, indices, grad, levels, launch)

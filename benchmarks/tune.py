@@ -48,6 +48,7 @@ import torch
 from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
 
 from matryoshka import SparseActs
+from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
@@ -78,10 +79,9 @@ def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: to
     """``harness.make_input_sets`` (rotated against the L2) laid out as the op hands them to the kernels."""
     out = []
     for s in make_input_sets(B, n, d, k, dtype, device):
-        indices, order = s.acts.indices.sort(dim=1)
-        values = s.acts.values.detach().gather(1, order)
+        slots = SortedActs(s.acts, n)
         grad = torch.rand(B, k + 1, device=device, dtype=torch.float32) / (B * (k + 1))
-        out.append(Inputs(s.x, s.b_dec.detach(), s.W_dec.detach(), values, indices, grad))
+        out.append(Inputs(s.x, s.b_dec.detach(), s.W_dec.detach(), slots.values.detach(), slots.indices, grad))
     return out
 
 

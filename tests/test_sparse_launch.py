@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
+from matryoshka import SparseActs
 from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+from matryoshka.scan_layout import SortedActs
 
 from benchmarks import tune
 
 from .conftest import DEVICE
+from .helpers import make_problem
 
 LAUNCHES = [
     SparseLaunch(16, num_warps=1),  # many chunks, the last one masked
@@ -21,7 +24,7 @@ LAUNCHES = [
     SparseLaunch(128, num_warps=4, loop_stages=4),  # one chunk wider than d
     SparseLaunch(32, dw_mode="sorted"),  # dW_dec by a segmented sum over the slots sorted by latent
     SparseLaunch(128, num_warps=2, loop_stages=2, dw_mode="sorted"),
-    # Several rows per program, side by side: ragged counts (row 1 half padding, row 3 all padding)
+    # Several rows per program, side by side: ragged counts (random padding, row 3 all padding)
     # inside one program, and a last program with rows past B.
     SparseLaunch(32, rows=2),
     SparseLaunch(16, rows=4, loop_stages=2, dw_mode="sorted"),
@@ -30,17 +33,14 @@ LAUNCHES = [
 
 
 def _problem(B=5, d=100, n=30, k=4, seed=0):
-    """float64 inputs in the kernels' layout: indices sorted per row, padding (-1) last, one padding row."""
-    g = torch.Generator().manual_seed(seed)
-    x, b = torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    W = torch.randn(n, d, generator=g, dtype=torch.float64)
-    values = torch.randn(B, k, generator=g, dtype=torch.float64)
-    indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]).sort(dim=1).values
-    indices[1, k - 2:] = -1
-    indices[3] = -1
-    values[indices < 0] = 0.0
-    grad = torch.randn(B, k + 1, generator=g, dtype=torch.float64)
-    return tuple(t.to(DEVICE) for t in (x, b, W, values, indices, grad))
+    """float64 inputs in the kernels' layout (``SortedActs``: indices sorted per row, padding last) with
+    ragged rows: a third of the slots padding (garbage values), row 3 all padding."""
+    p = make_problem(B, d, n, k, torch.float64, DEVICE, pad_fraction=0.3, padding_rows=(3,), seed=seed)
+    slots = SortedActs(SparseActs(p.values, p.indices), n)
+    counts = (slots.indices >= 0).sum(1)
+    assert len(set(counts.tolist())) > 2, "the launches with several rows per program need ragged rows"
+    grad = torch.randn(B, k + 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
+    return p.x, p.b_dec, p.W_dec, slots.values, slots.indices, grad
 
 
 def _definition(x, b, W, values, indices, grad):
