@@ -64,7 +64,8 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
-from .harness import DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets, summarize
+from .harness import (DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets,
+                      start_timer, stop_timer, summarize, sync, timer_seconds)
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,27 +245,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
-def _start_timer(device: torch.device):
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        return start
-    return time.perf_counter()
-
-
-def _stop_timer(device: torch.device, start):
-    """CPU: seconds.  CUDA: an event pair, read after the round's synchronisation."""
-    if device.type == "cuda":
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        return start, end
-    return time.perf_counter() - start
-
-
-def _read(device: torch.device, timer) -> float:
-    return timer[0].elapsed_time(timer[1]) / 1e3 if device.type == "cuda" else timer
-
-
 def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warmup: int, min_rounds: int,
                 max_rounds: int, budget_s: float) -> tuple[dict[str, list[float]], dict[str, str]]:
     """``(times, errors)``: seconds of every call per round, one call of each per round (paired:
@@ -286,16 +266,15 @@ def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warm
         pending = {}
         for name in list(times):
             try:
-                start = _start_timer(device)
+                start = start_timer(device)
                 calls[name]()
-                pending[name] = _stop_timer(device, start)
+                pending[name] = stop_timer(device, start)
             except Exception as exc:
                 errors[name] = _describe(exc)
                 del times[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         for name, timer in pending.items():
-            times[name].append(_read(device, timer))
+            times[name].append(timer_seconds(device, timer))
         if round_index == 0:
             per_round = sum(t[0] for t in times.values() if t) or 1.0
             rounds = max(min_rounds, min(max_rounds, int(budget_s / per_round)))

@@ -219,9 +219,33 @@ def prefix_set(kind: str, n: int, seed: int = 0) -> Prefixes:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def start_timer(device: torch.device):
+    """A timer's start: a recorded CUDA event, or ``time.perf_counter()`` on the CPU."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+    return time.perf_counter()
+
+
+def stop_timer(device: torch.device, start):
+    """CPU: the seconds since ``start``.  CUDA: the ``(start, end)`` event pair, for
+    :func:`timer_seconds` after a synchronisation (one per round of calls, not one per call)."""
+    if device.type == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return start, end
+    return time.perf_counter() - start
+
+
+def timer_seconds(device: torch.device, timer) -> float:
+    """The seconds a :func:`stop_timer` result measured (CUDA: once the device is synchronised)."""
+    return timer[0].elapsed_time(timer[1]) / 1e3 if device.type == "cuda" else timer
 
 
 def summarize(times: list[float]) -> dict:
@@ -313,11 +337,11 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> tuple[float, float, f
         a = torch.randn(size, size, device=device).to(dtype)
         for _ in range(2):
             a @ a
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(3):
             a @ a
-        _sync(device)
+        sync(device)
         rate = 3 * 2 * size**3 / (time.perf_counter() - t0)
         leaf = torch.randn(16, 16, device=device, requires_grad=True)
         chain = 100
@@ -327,15 +351,15 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> tuple[float, float, f
             for _ in range(chain):
                 y = y * 1.0001 + leaf
             y.sum().backward()
-            _sync(device)
+            sync(device)
             per_op = (time.perf_counter() - t0) / (2 * chain)
         src, dst = torch.ones(1 << 24, device=device), torch.zeros(1 << 24, device=device)
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(3):
             dst.copy_(src)
-        _sync(device)
+        sync(device)
         bandwidth = 3 * 2 * src.numel() * 4 / (time.perf_counter() - t0)
         _RATE_CACHE[key] = (rate, per_op, bandwidth)
     return _RATE_CACHE[key]

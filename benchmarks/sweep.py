@@ -48,7 +48,11 @@ from .harness import (
     memory_budget,
     peak_extra_memory,
     prefix_set,
+    start_timer,
+    stop_timer,
     summarize,
+    sync,
+    timer_seconds,
 )
 from .sae_step import VARIANTS, TopKSAE, make_train_step
 
@@ -90,24 +94,16 @@ def _make_step(method: Method, prefixes):
 
 
 def _timed_call(step, s: InputSet, device: torch.device):
-    """CPU: seconds. CUDA: a (start, end) event pair, read after the round's synchronisation."""
+    """``step(s)`` timed: a ``harness.stop_timer`` result, read by ``_resolve`` after the round."""
     s.clear_grads()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(s)
-        end.record()
-        return (start, end)
-    t0 = time.perf_counter()
+    start = start_timer(device)
     step(s)
-    return time.perf_counter() - t0
+    return stop_timer(device, start)
 
 
 def _resolve(device: torch.device, pending: list) -> list[float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return [a.elapsed_time(b) / 1e3 for a, b in pending]
-    return list(pending)
+    sync(device)
+    return [timer_seconds(device, timer) for timer in pending]
 
 
 def run_config(cfg: dict, methods: list[Method], g_kinds: list[str], device, opts, bar) -> list[dict]:

@@ -52,7 +52,8 @@ from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import device_name, device_slug, environment, make_input_sets
+from .harness import (device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
+                      timer_seconds)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
@@ -108,24 +109,14 @@ def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) 
     acc = acc_dtype(s.x.dtype)
     pending = []
     for launch in candidates:
-        if device.type == "cuda":
-            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            marks[0].record()
-            _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
-            marks[1].record()
-            sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
-            marks[2].record()
-            pending.append(marks)
-        else:
-            t0 = time.perf_counter()
-            _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
-            t1 = time.perf_counter()
-            sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
-            pending.append((t0, t1, time.perf_counter()))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return [(a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3) for a, b, c in pending]
-    return [(b - a, c - b) for a, b, c in pending]
+        start = start_timer(device)
+        _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
+        forward = stop_timer(device, start)
+        start = start_timer(device)
+        sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+        pending.append((forward, stop_timer(device, start)))
+    sync(device)
+    return [(timer_seconds(device, forward), timer_seconds(device, backward)) for forward, backward in pending]
 
 
 def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
@@ -139,19 +130,12 @@ def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
         x, acts, W, b = leaves[r % len(leaves)]
         for t in (acts.values, W, b):
             t.grad = None
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            sparse_floor_loss(x, acts, W, b).backward()
-            end.record()
-            torch.cuda.synchronize(device)
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            sparse_floor_loss(x, acts, W, b).backward()
-            seconds = time.perf_counter() - t0
+        start = start_timer(device)
+        sparse_floor_loss(x, acts, W, b).backward()
+        timer = stop_timer(device, start)
+        sync(device)
         if r:  # the first call is the warm-up
-            times.append(seconds)
+            times.append(timer_seconds(device, timer))
     return statistics.median(times)
 
 
