@@ -292,6 +292,16 @@ def _paired(a, b):
     return statistics.median(x / y for x, y in pairs) if pairs else None
 
 
+def _item(name: str, num, den, target: float | None = None, op: str = "<=", applies: bool = False) -> dict:
+    """One headline ratio ``num / den`` (records, or ``None`` when not measured) against ``target``
+    (``None``: recorded, no target); ``met`` only where the target ``applies`` on this device."""
+    med = _ratio(num, den)
+    met = None if med is None or target is None or not applies else (med <= target if op == "<=" else med >= target)
+    return dict(name=name, ratio_of_medians=med, paired_ratio=_paired(num, den), ratio_of_minimums=_ratio(num, den, "min_s"),
+                target="record" if target is None else f"{op} {target}", target_applies=applies and target is not None,
+                met=met)
+
+
 def headline(records: list[dict], device_type: str) -> list[dict]:
     """The issue's target ratios per configuration, for each fused backend that was measured."""
     on_gpu = device_type == "cuda"
@@ -306,20 +316,12 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
             sparse, vanilla = _find(rows, method="sparse_floor"), _find(rows, method="vanilla_floor")
             rs5, rs64 = _find(rows, method="running_sum", g_kind="5"), _find(rows, method="running_sum", g_kind="64")
             peaks = [r["peak_extra_bytes"] for r in f.values() if r is not None and "peak_extra_bytes" in r]
-
-            def item(name, num, den, target, op, applies):
-                med, mn = _ratio(num, den), _ratio(num, den, "min_s")
-                met = None if med is None or not applies else (med <= target if op == "<=" else med >= target)
-                return dict(name=name, ratio_of_medians=med, paired_ratio=_paired(num, den), ratio_of_minimums=mn,
-                            target=f"{op} {target}",
-                            target_applies=applies, met=met)
-
             items = [
-                item("every prefix / one prefix (fused)", f["n"], f["1"], 1.1 if on_gpu else 1.5, "<=", True),
-                item("every prefix (fused) / sparse floor", f["n"], sparse, 2.0, "<=", on_gpu),
-                item("every prefix (fused) / vanilla dense floor", f["n"], vanilla, 1.0, "<=", False),
-                item("running sum / fused at G=5", rs5, f["5"], 3.0, ">=", on_gpu),
-                item("running sum / fused at G=64", rs64, f["64"], 10.0, ">=", on_gpu),
+                _item("every prefix / one prefix (fused)", f["n"], f["1"], 1.1 if on_gpu else 1.5, "<=", True),
+                _item("every prefix (fused) / sparse floor", f["n"], sparse, 2.0, "<=", on_gpu),
+                _item("every prefix (fused) / vanilla dense floor", f["n"], vanilla, 1.0, "<=", False),
+                _item("running sum / fused at G=5", rs5, f["5"], 3.0, ">=", on_gpu),
+                _item("running sum / fused at G=64", rs64, f["64"], 10.0, ">=", on_gpu),
             ]
             flat = None if len(peaks) < 2 else max(peaks) / max(1, min(peaks))
             items.append(dict(name="fused peak extra memory, max/min over G", ratio_of_medians=flat,
@@ -331,22 +333,15 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
             dense = _find(rows, method=fused, g_kind="n")
             if dense is None or vanilla is None:
                 continue
-            med = _ratio(dense, vanilla)
-            items = [dict(
-                name=f"every prefix (dense, {'kernel' if fused.endswith('triton') else 'PyTorch scan'}) / one dense decode",
-                ratio_of_medians=med, paired_ratio=_paired(dense, vanilla), ratio_of_minimums=_ratio(dense, vanilla, "min_s"),
-                target="<= 1.3", target_applies=on_gpu, met=None if med is None or not on_gpu else med <= 1.3)]
-            out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused=fused, items=items))
+            name = f"every prefix (dense, {'kernel' if fused.endswith('triton') else 'PyTorch scan'}) / one dense decode"
+            out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused=fused, items=[_item(name, dense, vanilla, 1.3, "<=", on_gpu)]))
         # What "auto" should run for dense CUDA activations (it runs the PyTorch scan until the kernel
         # measures faster): the two at every G measured, recorded, not a target.
         for kind in G_KINDS:
             kernel, scan = _find(rows, method="fused_dense_triton", g_kind=kind), _find(rows, method="fused_dense_torch", g_kind=kind)
             if kernel is not None and scan is not None:
-                med = _ratio(kernel, scan)
-                out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused="dense routing", items=[dict(
-                    name=f"dense kernel / dense PyTorch scan at G={kind} (< 1: auto should route dense CUDA to Triton)",
-                    ratio_of_medians=med, paired_ratio=_paired(kernel, scan), ratio_of_minimums=_ratio(kernel, scan, "min_s"),
-                    target="record", target_applies=False, met=None)]))
+                name = f"dense kernel / dense PyTorch scan at G={kind} (< 1: auto should route dense CUDA to Triton)"
+                out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused="dense routing", items=[_item(name, kernel, scan)]))
     e2e = [r for r in records if r["kind"] == "e2e"]
     for dtype, act, n, k in sorted({(r["dtype"], r["activation"], r["n"], r["k"]) for r in e2e}):
         match = dict(dtype=dtype, activation=act, n=n, k=k)
@@ -355,18 +350,12 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
         ev = _find(e2e, variant="every_fused", **match)
         gf = _find(e2e, variant="groups_fused", **match)
         grs = _find(e2e, variant="groups_running_sum", **match)
-        items = []
-        for name, num, den, target, applies in [
-            ("every-prefix step / vanilla step", ev, van, 1.1, on_gpu),
-            ("every-prefix step / vanilla sparse-decode step", ev, vsp, 1.1, False),
-            ("groups (fused) step / vanilla step", gf, van, 1.1, False),
-            ("groups (running sum) step / vanilla step", grs, van, 1.1, False),
-        ]:
-            med = _ratio(num, den)
-            items.append(dict(name=name, ratio_of_medians=med, paired_ratio=_paired(num, den),
-                              ratio_of_minimums=_ratio(num, den, "min_s"),
-                              target=f"<= {target}", target_applies=applies,
-                              met=None if med is None or not applies else med <= target))
+        items = [
+            _item("every-prefix step / vanilla step", ev, van, 1.1, "<=", on_gpu),
+            _item("every-prefix step / vanilla sparse-decode step", ev, vsp, 1.1, "<=", False),
+            _item("groups (fused) step / vanilla step", gf, van, 1.1, "<=", False),
+            _item("groups (running sum) step / vanilla step", grs, van, 1.1, "<=", False),
+        ]
         ref = ev or van or {}
         out.append(dict(e2e=True, activation=act, n=n, k=k, d=ref.get("d"), dtype=dtype, B=ref.get("B"), items=items))
     return out
