@@ -28,6 +28,7 @@ import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels.sparse_scan import SparseLaunch, sparse_scan_backward, sparse_scan_forward
+from matryoshka.precision import compute_dtype
 from matryoshka.scan_layout import SortedActs
 
 from .baselines import densify
@@ -59,7 +60,7 @@ def _run(tensors, indices, prefixes, backend, dense, detach):
 
 def _host_scan(x, b, W, values, indices, grad, levels, launch):
     """The sparse host functions' forward and backward: ``(norms, dx, dvalues, dW_dec)``."""
-    norms, residual = sparse_scan_forward(x, b, W, values, indices, torch.float32, launch)
+    norms, residual = sparse_scan_forward(x, b, W, values, indices, compute_dtype(x, b, W, values), launch)
     detached = (grad, levels) if levels is not None else (None, None)
     return (norms, *sparse_scan_backward(residual, grad, W, values, indices, *detached, launch=launch))
 

@@ -45,17 +45,16 @@ from pathlib import Path
 
 import torch
 
-from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
-
 from matryoshka import SparseActs
+from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+from matryoshka.precision import compute_dtype
 from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import (device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
+from .harness import (DTYPES, device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
                       timer_seconds)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
 PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
 LOOP_STAGES = (2, 3, 4)
@@ -86,13 +85,9 @@ def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: to
     return out
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def run_candidate(launch: SparseLaunch, s: Inputs) -> tuple[torch.Tensor, ...]:
     """Forward then backward at ``launch``: ``(norms, residual, dx, dvalues, dW_dec)``."""
-    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc_dtype(s.x.dtype), launch)
+    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, compute_dtype(s.x), launch)
     return (norms, residual, *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch))
 
 
@@ -106,7 +101,7 @@ def mismatch(launch: SparseLaunch, s: Inputs, expected: tuple[torch.Tensor, ...]
 
 def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) -> list[tuple[float, float]]:
     """One call of each candidate on ``s``: ``[(forward seconds, backward seconds)]``."""
-    acc = acc_dtype(s.x.dtype)
+    acc = compute_dtype(s.x)
     pending = []
     for launch in candidates:
         start = start_timer(device)
