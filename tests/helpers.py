@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
@@ -178,3 +182,20 @@ def check_half_sparse(p: Problem, prefixes: Prefixes, dtype: torch.dtype) -> Non
     got = run_loss(replace(p, **dict(zip(fields, half))), prefixes, "triton")
     want = run_loss(replace(p, **dict(zip(fields, oracle))), prefixes, "reference")
     assert_half_matches(got, want, dtype, steps=p.values.shape[1] + 1)
+
+
+# -------------------------------------------------------------------------------- optional packages
+def assert_missing_package_hint(monkeypatch, blocked: tuple[str, ...], integration: str, hint: str) -> None:
+    """Importing ``integration`` while the modules ``blocked`` cannot be imported fails with an
+    ``ImportError`` matching ``hint``: the install command for the missing package."""
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
+    monkeypatch.delitem(sys.modules, integration)
+    with pytest.raises(ImportError, match=hint):
+        importlib.import_module(integration)
+
+
+def assert_core_imports_without(package: str) -> None:
+    """``matryoshka`` and ``matryoshka.integrations`` import in a fresh interpreter without ``package``."""
+    code = f"import sys; sys.modules[{package!r}] = None; import matryoshka, matryoshka.integrations"
+    subprocess.run([sys.executable, "-c", code], check=True)

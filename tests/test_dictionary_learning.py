@@ -6,8 +6,6 @@ latents stay dead) keep the file fast.
 """
 
 import importlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,8 @@ if importlib.util.find_spec("dictionary_learning") is None:
 from matryoshka import Prefixes, matryoshka_loss  # noqa: E402
 from matryoshka.integrations.dictionary_learning import FusedMatryoshkaBatchTopKTrainer  # noqa: E402
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer  # noqa: E402
+
+from .helpers import assert_core_imports_without, assert_missing_package_hint  # noqa: E402
 
 D, F, K, BATCH = 16, 64, 2, 16
 FRACTIONS = [0.125, 0.25, 0.625]  # groups of 8, 16 and 40 latents
@@ -243,13 +243,10 @@ def test_package_without_nnsight_explains_missing_names():
 
 
 def test_missing_dictionary_learning_gives_install_hint(monkeypatch):
-    for name in ("dictionary_learning", "dictionary_learning.trainers.matryoshka_batch_top_k"):
-        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
-    monkeypatch.delitem(sys.modules, "matryoshka.integrations.dictionary_learning")
-    with pytest.raises(ImportError, match=r"pip install --no-deps dictionary-learning==0\.1\.0"):
-        importlib.import_module("matryoshka.integrations.dictionary_learning")
+    assert_missing_package_hint(monkeypatch, ("dictionary_learning", "dictionary_learning.trainers.matryoshka_batch_top_k"),
+                                "matryoshka.integrations.dictionary_learning",
+                                r"pip install --no-deps dictionary-learning==0\.1\.0")
 
 
 def test_core_package_imports_without_dictionary_learning():
-    code = "import sys; sys.modules['dictionary_learning'] = None; import matryoshka, matryoshka.integrations"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_core_imports_without("dictionary_learning")

@@ -6,8 +6,6 @@ d_sae = 64, batch 32) keep the file fast.
 
 import importlib
 import itertools
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -32,6 +30,8 @@ from matryoshka.integrations.sae_lens import (  # noqa: E402
     FusedMatryoshkaBatchTopKTrainingSAE,
     FusedMatryoshkaBatchTopKTrainingSAEConfig,
 )
+
+from .helpers import assert_core_imports_without, assert_missing_package_hint  # noqa: E402
 
 D_IN, D_SAE, K, BATCH = 16, 64, 4, 32
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -253,12 +253,9 @@ def test_sae_trainer_final_parameters_match_stock(one_thread, dtype, tolerance):
 
 
 def test_missing_sae_lens_gives_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sae_lens", None)  # makes `import sae_lens` fail
-    monkeypatch.delitem(sys.modules, "matryoshka.integrations.sae_lens")
-    with pytest.raises(ImportError, match=r"pip install matryoshka-loss\[sae-lens\]"):
-        importlib.import_module("matryoshka.integrations.sae_lens")
+    assert_missing_package_hint(monkeypatch, ("sae_lens",), "matryoshka.integrations.sae_lens",
+                                r"pip install matryoshka-loss\[sae-lens\]")
 
 
 def test_core_package_imports_without_sae_lens():
-    code = "import sys; sys.modules['sae_lens'] = None; import matryoshka, matryoshka.integrations"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_core_imports_without("sae_lens")
