@@ -15,6 +15,7 @@ import torch
 from matryoshka import Prefixes, SparseActs, matryoshka_loss_reference
 
 from .baselines import Method
+from .harness import describe_error
 
 # float64 on the CPU agrees to round-off; float32 (CUDA checks) accumulates in float32.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -92,7 +93,7 @@ def check_methods(methods: list[Method], device="cpu") -> list[dict]:
             results.append(check_method(m, device, dtype))
         except Exception as exc:  # e.g. a kernel that does not exist on this device or build
             results.append({"method": m.name, "dtype": str(dtype), "max_rel_err": None, "tolerance": TOLERANCE[dtype],
-                            "ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "cases": []})
+                            "ok": False, "error": describe_error(exc), "cases": []})
     return results
 
 

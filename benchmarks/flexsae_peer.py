@@ -51,7 +51,6 @@ import importlib.util
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -64,8 +63,8 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
-from .harness import (DTYPES, InputSet, device_name, device_slug, environment, git_output, make_input_sets,
-                      start_timer, stop_timer, summarize, sync, timer_seconds)
+from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find_ok, git_output,
+                      make_input_sets, paired_ratio, ratio, start_timer, stop_timer, summarize, sync, timer_seconds)
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,16 +234,12 @@ def parity(losses: dict[str, LossFn], s: InputSet, tolerance: float, pairs=PARIT
                        loss_flex=float(got[flex_name]["loss"]), loss_ours=float(got[ours_name]["loss"]))
         except Exception as exc:  # a kernel that cannot run here: recorded, the run goes on
             s.clear_grads()
-            rec.update(ok=False, error=_describe(exc))
+            rec.update(ok=False, error=describe_error(exc))
         out.append(rec)
     return out
 
 
 # ---------------------------------------------------------------------------------------- timing
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
 def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warmup: int, min_rounds: int,
                 max_rounds: int, budget_s: float) -> tuple[dict[str, list[float]], dict[str, str]]:
     """``(times, errors)``: seconds of every call per round, one call of each per round (paired:
@@ -257,7 +252,7 @@ def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warm
             for _ in range(warmup):
                 call()
         except Exception as exc:
-            errors[name] = _describe(exc)
+            errors[name] = describe_error(exc)
     times = {name: [] for name in calls if name not in errors}
     rounds = min_rounds
     for round_index in itertools.count():
@@ -270,7 +265,7 @@ def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warm
                 calls[name]()
                 pending[name] = stop_timer(device, start)
             except Exception as exc:
-                errors[name] = _describe(exc)
+                errors[name] = describe_error(exc)
                 del times[name]
         sync(device)
         for name, timer in pending.items():
@@ -339,7 +334,7 @@ def run_step_unit(flex, cfg: dict, device: torch.device, opts) -> list[dict]:
             loss = losses[name]
             step, _ = train_step_with(sae, lambda x, a, sae=sae, loss=loss: loss(x, a, sae.W_dec, sae.b_dec))
         except Exception as exc:  # out of memory for one more SAE: recorded
-            errors[name] = _describe(exc)
+            errors[name] = describe_error(exc)
             continue
         counter = itertools.count()
         calls[name] = lambda step=step, counter=counter: step(batches[next(counter) % len(batches)])
@@ -348,19 +343,6 @@ def run_step_unit(flex, cfg: dict, device: torch.device, opts) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- ratios
-def _find(records: list[dict], **match) -> dict | None:
-    for r in records:
-        if all(r.get(key) == value for key, value in match.items()) and r.get("status") == "ok":
-            return r
-    return None
-
-
-def _paired(a: dict, b: dict) -> float | None:
-    """Median over rounds of the per-round ratio (the cells of a unit share rounds)."""
-    pairs = list(zip(a.get("times_s", []), b.get("times_s", [])))
-    return statistics.median(x / y for x, y in pairs) if pairs else None
-
-
 def ratios(records: list[dict], device_type: str) -> list[dict]:
     """Every ratio of ``RATIOS`` per configuration: ratio of medians (what ``met`` reads), the
     median of per-round ratios, flex-sae's published figure where the shape is its, and ``met``
@@ -372,9 +354,8 @@ def ratios(records: list[dict], device_type: str) -> list[dict]:
         at = dict(k=k, dtype=dtype, B=B, n=n, d=d)
         published = PUBLISHED_OVERHEAD.get(k) if dict(n=n, d=d) == PUBLISHED_SHAPE else None
         for label, num_name, den_name, part, target in RATIOS:
-            num, den = _find(records, part=part, loss=num_name, **at), _find(records, part=part, loss=den_name, **at)
-            median = None if num is None or den is None else num["median_s"] / den["median_s"]
-            paired = None if num is None or den is None else _paired(num, den)
+            num, den = find_ok(records, part=part, loss=num_name, **at), find_ok(records, part=part, loss=den_name, **at)
+            median, paired = ratio(num, den), paired_ratio(num, den)
             bar = published if target == "published" else None
             met = None if median is None or bar is None or device_type != "cuda" else bool(median < bar)
             out.append(dict(at, ratio=label, part=part, numerator=num_name, denominator=den_name,
@@ -566,7 +547,7 @@ def main(argv=None) -> int:
             else:
                 records = run_step_unit(flex, cfg, device, args)
         except Exception as exc:  # the inputs themselves did not fit: every cell of the unit is recorded
-            records = [dict(cfg, part=part, loss=name, label=LABELS[name], status="error", reason=_describe(exc))
+            records = [dict(cfg, part=part, loss=name, label=LABELS[name], status="error", reason=describe_error(exc))
                        for name in LOSSES]
         doc["records"] += records
         if device.type == "cuda":

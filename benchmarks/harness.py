@@ -259,6 +259,33 @@ def summarize(times: list[float]) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------- records
+def describe_error(exc: BaseException) -> str:
+    """An exception in one line, for a results record (a cell that failed is a result, not a crash)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def find_ok(records: list[dict], **match) -> dict | None:
+    """The first record with every ``key == value`` of ``match`` that was measured (status ``ok``)."""
+    for r in records:
+        if all(r.get(key) == value for key, value in match.items()) and r.get("status") == "ok":
+            return r
+    return None
+
+
+def ratio(a: dict | None, b: dict | None, stat: str = "median_s") -> float | None:
+    """``a[stat] / b[stat]`` of two timing records, ``None`` when either was not measured."""
+    return None if a is None or b is None else a[stat] / b[stat]
+
+
+def paired_ratio(a: dict | None, b: dict | None) -> float | None:
+    """Median over rounds of the per-round time ratio (records timed in the same rounds)."""
+    if a is None or b is None or "times_s" not in a or "times_s" not in b:
+        return None
+    pairs = list(zip(a["times_s"], b["times_s"]))
+    return statistics.median(x / y for x, y in pairs) if pairs else None
+
+
 # ------------------------------------------------------------------------------------------ memory
 class LiveTensorTracker(TorchDispatchMode):
     """Peak bytes of tensor storages created inside the mode and still referenced.

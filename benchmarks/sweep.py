@@ -26,7 +26,6 @@ import argparse
 import csv
 import itertools
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,12 +41,16 @@ from .harness import (
     InputSet,
     calibrate,
     device_slug,
+    describe_error,
     environment,
     estimate,
+    find_ok,
     make_input_sets,
     memory_budget,
     peak_extra_memory,
+    paired_ratio,
     prefix_set,
+    ratio,
     start_timer,
     stop_timer,
     summarize,
@@ -147,7 +150,7 @@ def run_config(cfg: dict, methods: list[Method], g_kinds: list[str], device, opt
             bar.update(1)
             continue
         except Exception as exc:  # a method that cannot run here (e.g. a dtype it lacks): record it
-            cell.record.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            cell.record.update(status="error", reason=describe_error(exc))
             bar.update(1)
             continue
         cell.record.update(peak_extra_bytes=peak, memory_method=how, loss_value=float(loss), warm_call_s=first)
@@ -229,7 +232,7 @@ def run_e2e(e2e: dict, activations: list[str], dtype_name: str, device, opts, ba
                 first = time.perf_counter() - t0
             except Exception as exc:  # out of memory, or a variant that cannot run here: record it
                 status = "skipped" if isinstance(exc, torch.OutOfMemoryError) else "error"
-                rec.update(status=status, reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                rec.update(status=status, reason=describe_error(exc))
                 cells.append([rec, None, 0, []])
                 del sae, step, opt
                 if device.type == "cuda":
@@ -273,31 +276,12 @@ def run_e2e(e2e: dict, activations: list[str], dtype_name: str, device, opts, ba
 
 
 # ------------------------------------------------------------------------------------- summaries
-def _find(records, **match):
-    for r in records:
-        if all(r.get(key) == value for key, value in match.items()) and r.get("status") == "ok":
-            return r
-    return None
-
-
-def _ratio(a, b, stat="median_s"):
-    return None if a is None or b is None else a[stat] / b[stat]
-
-
-def _paired(a, b):
-    """Median over rounds of the per-round time ratio (cells of one configuration share rounds)."""
-    if a is None or b is None or "times_s" not in a or "times_s" not in b:
-        return None
-    pairs = list(zip(a["times_s"], b["times_s"]))
-    return statistics.median(x / y for x, y in pairs) if pairs else None
-
-
 def _item(name: str, num, den, target: float | None = None, op: str = "<=", applies: bool = False) -> dict:
     """One headline ratio ``num / den`` (records, or ``None`` when not measured) against ``target``
     (``None``: recorded, no target); ``met`` only where the target ``applies`` on this device."""
-    med = _ratio(num, den)
+    med = ratio(num, den)
     met = None if med is None or target is None or not applies else (med <= target if op == "<=" else med >= target)
-    return dict(name=name, ratio_of_medians=med, paired_ratio=_paired(num, den), ratio_of_minimums=_ratio(num, den, "min_s"),
+    return dict(name=name, ratio_of_medians=med, paired_ratio=paired_ratio(num, den), ratio_of_minimums=ratio(num, den, "min_s"),
                 target="record" if target is None else f"{op} {target}", target_applies=applies and target is not None,
                 met=met)
 
@@ -310,11 +294,11 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
     for n, k, d, dtype, B in configs:
         rows = [r for r in records if r["kind"] == "loss" and (r["n"], r["k"], r["d"], r["dtype"], r["B"]) == (n, k, d, dtype, B)]
         for fused in ("fused_triton", "fused_torch"):
-            f = {kind: _find(rows, method=fused, g_kind=kind) for kind in G_KINDS}
+            f = {kind: find_ok(rows, method=fused, g_kind=kind) for kind in G_KINDS}
             if not any(f.values()):
                 continue
-            sparse, vanilla = _find(rows, method="sparse_floor"), _find(rows, method="vanilla_floor")
-            rs5, rs64 = _find(rows, method="running_sum", g_kind="5"), _find(rows, method="running_sum", g_kind="64")
+            sparse, vanilla = find_ok(rows, method="sparse_floor"), find_ok(rows, method="vanilla_floor")
+            rs5, rs64 = find_ok(rows, method="running_sum", g_kind="5"), find_ok(rows, method="running_sum", g_kind="64")
             peaks = [r["peak_extra_bytes"] for r in f.values() if r is not None and "peak_extra_bytes" in r]
             items = [
                 _item("every prefix / one prefix (fused)", f["n"], f["1"], 1.1 if on_gpu else 1.5, "<=", True),
@@ -328,9 +312,9 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
                               paired_ratio=None, ratio_of_minimums=None,
                               target="<= 1.1 (flat in G)", target_applies=True, met=None if flat is None else flat <= 1.1))
             out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused=fused, items=items))
-        vanilla = _find(rows, method="vanilla_floor")
+        vanilla = find_ok(rows, method="vanilla_floor")
         for fused in ("fused_dense_triton", "fused_dense_torch"):
-            dense = _find(rows, method=fused, g_kind="n")
+            dense = find_ok(rows, method=fused, g_kind="n")
             if dense is None or vanilla is None:
                 continue
             name = f"every prefix (dense, {'kernel' if fused.endswith('triton') else 'PyTorch scan'}) / one dense decode"
@@ -338,18 +322,18 @@ def headline(records: list[dict], device_type: str) -> list[dict]:
         # What "auto" should run for dense CUDA activations (it runs the PyTorch scan until the kernel
         # measures faster): the two at every G measured, recorded, not a target.
         for kind in G_KINDS:
-            kernel, scan = _find(rows, method="fused_dense_triton", g_kind=kind), _find(rows, method="fused_dense_torch", g_kind=kind)
+            kernel, scan = find_ok(rows, method="fused_dense_triton", g_kind=kind), find_ok(rows, method="fused_dense_torch", g_kind=kind)
             if kernel is not None and scan is not None:
                 name = f"dense kernel / dense PyTorch scan at G={kind} (< 1: auto should route dense CUDA to Triton)"
                 out.append(dict(n=n, k=k, d=d, dtype=dtype, B=B, fused="dense routing", items=[_item(name, kernel, scan)]))
     e2e = [r for r in records if r["kind"] == "e2e"]
     for dtype, act, n, k in sorted({(r["dtype"], r["activation"], r["n"], r["k"]) for r in e2e}):
         match = dict(dtype=dtype, activation=act, n=n, k=k)
-        van = _find(e2e, variant="vanilla", **match)
-        vsp = _find(e2e, variant="vanilla_sparse", **match)
-        ev = _find(e2e, variant="every_fused", **match)
-        gf = _find(e2e, variant="groups_fused", **match)
-        grs = _find(e2e, variant="groups_running_sum", **match)
+        van = find_ok(e2e, variant="vanilla", **match)
+        vsp = find_ok(e2e, variant="vanilla_sparse", **match)
+        ev = find_ok(e2e, variant="every_fused", **match)
+        gf = find_ok(e2e, variant="groups_fused", **match)
+        grs = find_ok(e2e, variant="groups_running_sum", **match)
         items = [
             _item("every-prefix step / vanilla step", ev, van, 1.1, "<=", on_gpu),
             _item("every-prefix step / vanilla sparse-decode step", ev, vsp, 1.1, "<=", False),
@@ -411,7 +395,7 @@ def markdown(doc: dict) -> str:
                   f"n={r0['n']}, k={r0['k']}, {dtype}: median ms**", "",
                   "| step | " + " | ".join(acts) + " |", "|---" * (len(acts) + 1) + "|"]
         for variant in VARIANTS:
-            cells = [_fmt_ms(_find(e2e, variant=variant, activation=a) or {"status": "missing"}) for a in acts]
+            cells = [_fmt_ms(find_ok(e2e, variant=variant, activation=a) or {"status": "missing"}) for a in acts]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**Headline ratios against the issue's targets** (ratio of medians; in brackets the median of "

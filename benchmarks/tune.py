@@ -52,7 +52,7 @@ from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import (DTYPES, device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
+from .harness import (DTYPES, describe_error, device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
                       timer_seconds)
 
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
@@ -145,7 +145,7 @@ def time_phase(candidates, inputs_by_k, device, rounds, deadline) -> dict:
             try:
                 off = mismatch(launch, sets[0], expected)
             except Exception as e:  # a launch that does not compile or run is a result, not a crash
-                results[launch][k] = dict(error=f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                results[launch][k] = dict(error=describe_error(e))
                 continue
             tolerance = 1e-9 if expected[0].dtype == torch.float64 else 1e-4
             if not off <= tolerance:
@@ -299,7 +299,7 @@ def _compile_nth(B: int, d: int, dtype_names: list[str], index: int):
         r = report.compile_build(candidate_builds(B, d, dtype_names)[index])
         return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
     except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return describe_error(e)
 
 
 def compile_only(args) -> int:
