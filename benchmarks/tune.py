@@ -52,7 +52,7 @@ from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import (DTYPES, describe_error, device_name, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
+from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
                       timer_seconds)
 
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
@@ -252,11 +252,8 @@ def markdown(doc: dict) -> str:
                          + " | ".join(cells) + f" | {total} | {speed} | {floor} |")
         best = best_launch(records)
         if best:
-            lines += ["", f"Best: `SparseLaunch(block_d={best['launch']['block_d']}, num_warps={best['launch']['num_warps']}, "
-                      f"rows={best['launch']['rows']}, "
-                      f"loop_stages={best['launch']['loop_stages']}, atomic_sem={best['launch']['atomic_sem']!r}, "
-                      f"dw_mode={best['launch']['dw_mode']!r})`, "
-                      f"{best['speedup_vs_default']:.2f}x the default." if best["speedup_vs_default"] else ""]
+            lines += ["", f"Best: `{SparseLaunch(**best['launch'])}`, {best['speedup_vs_default']:.2f}x the default."
+                      if best["speedup_vs_default"] else ""]
         lines.append("")
     return "\n".join(lines)
 
@@ -372,7 +369,6 @@ def main(argv=None) -> int:
     doc = dict(command="python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
                environment=environment(device), B=args.B, d=args.d, n=args.n, ks=args.ks,
                default_launch=str(default_launch(args.d)), by_dtype=by_dtype, wall_s=time.time() - start)
-    doc["environment"]["device_name"] = device_name(device)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"tune_{'dry_' if args.dry_run else ''}{device_slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))

@@ -58,8 +58,8 @@ Accumulation is float32 (float64 for float64 inputs).  Every load of a decoder r
   sorted backward reuses one gradient row per bag: here ``H_t`` differs per slot and exists only
   inside the reverse walk.
 
-Launch configuration (``SparseLaunch``): the chunk width ``BLOCK_D``, the warps per program, the
-software-pipelining depth of the slot loop (``LOOP_STAGES``: Triton may then load slot ``t + s``'s
+Launch configuration (``SparseLaunch``): the chunk width ``BLOCK_D``, the rows per program
+(``ROWS``), the warps per program, the software-pipelining depth of the slot loop (``LOOP_STAGES``: Triton may then load slot ``t + s``'s
 decoder row while slot ``t`` is reduced), the memory order of the ``dW_dec`` atomics and the
 ``dW_dec`` mode.  None of them changes the math, only the order of float additions; ``default_launch``
 is what the op uses, and ``benchmarks/tune.py`` times the alternatives on a GPU.
