@@ -27,12 +27,12 @@ import sys
 import torch
 
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
-from matryoshka.kernels.sparse_scan import SparseLaunch, sparse_scan_backward, sparse_scan_forward
-from matryoshka.precision import compute_dtype
+from matryoshka.kernels.sparse_scan import SparseLaunch
 from matryoshka.scan_layout import SortedActs
 
 from .baselines import densify
 from .checks import _problem, rel_err
+from .tune import Inputs, run_candidate
 
 # (B, d, n, k): d = 96 fits one block; d = 1100 needs a second, masked chunk beyond BLOCK_D = 1024.
 SHAPES = [(6, 96, 300, 8), (5, 1100, 257, 5)]
@@ -58,13 +58,6 @@ def _run(tensors, indices, prefixes, backend, dense, detach):
     return [out.per_prefix.detach()] + [t.grad for t in leaves]
 
 
-def _host_scan(x, b, W, values, indices, grad, levels, launch):
-    """The sparse host functions' forward and backward: ``(norms, dx, dvalues, dW_dec)``."""
-    norms, residual = sparse_scan_forward(x, b, W, values, indices, compute_dtype(x, b, W, values), launch)
-    detached = (grad, levels) if levels is not None else (None, None)
-    return (norms, *sparse_scan_backward(residual, grad, W, values, indices, *detached, launch=launch))
-
-
 def launch_cases(shapes, dtypes, device, detach_options, seed) -> tuple[int, int]:
     """``LAUNCHES`` against the default launch: ``(cases, failures)``."""
     cases = failures = 0
@@ -72,11 +65,10 @@ def launch_cases(shapes, dtypes, device, detach_options, seed) -> tuple[int, int
             shapes, dtypes.items(), LAUNCHES, detach_options):
         x, values, indices, W, b = _problem(B, n, d, k, dtype, device, seed=seed + cases, pad_fraction=0.25)
         slots = SortedActs(SparseActs(values, indices), n)  # the kernels' layout, as the op hands it over
-        values, indices = slots.values, slots.indices
         grad = torch.rand(B, k + 1, device=device, generator=torch.Generator(device).manual_seed(cases))
         levels = (torch.arange(k, device=device) * 3 // k).expand(B, -1).contiguous() if detach else None
-        got = _host_scan(x, b, W, values, indices, grad, levels, launch)
-        want = _host_scan(x, b, W, values, indices, grad, levels, None)
+        inputs = Inputs(x, b, W, slots.values, slots.indices, grad, levels)
+        got, want = run_candidate(launch, inputs), run_candidate(None, inputs)
         err = max(rel_err(a, w) for a, w in zip(got, want))
         ok = err <= LAUNCH_TOLERANCE and all(torch.isfinite(a).all() for a in got)
         cases += 1

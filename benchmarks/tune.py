@@ -65,14 +65,17 @@ ROWS = (2, 4, 8, 16)
 
 @dataclass
 class Inputs:
-    """One input set in the kernels' layout: indices sorted within each row, a random upstream gradient."""
+    """One input set in the kernels' layout (``SortedActs``: indices sorted within each row, padding
+    last) and an upstream gradient; with ``levels``, the detached backward, the same gradient reaching
+    both of its outputs."""
 
     x: torch.Tensor
-    b_dec: torch.Tensor
+    b_dec: torch.Tensor | None
     W_dec: torch.Tensor
     values: torch.Tensor
     indices: torch.Tensor
     grad_norms: torch.Tensor
+    levels: torch.Tensor | None = None
 
 
 def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> list[Inputs]:
@@ -85,10 +88,13 @@ def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: to
     return out
 
 
-def run_candidate(launch: SparseLaunch, s: Inputs) -> tuple[torch.Tensor, ...]:
-    """Forward then backward at ``launch``: ``(norms, residual, dx, dvalues, dW_dec)``."""
-    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, compute_dtype(s.x), launch)
-    return (norms, residual, *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch))
+def run_candidate(launch: SparseLaunch | None, s: Inputs) -> tuple[torch.Tensor, ...]:
+    """Forward then backward at ``launch`` (``None``: the default): ``(norms, residual, dx, dvalues, dW_dec)``."""
+    acc = compute_dtype(s.x, s.b_dec, s.W_dec, s.values)
+    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
+    detached = (s.grad_norms, s.levels) if s.levels is not None else (None, None)
+    return (norms, residual,
+            *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, *detached, launch=launch))
 
 
 def mismatch(launch: SparseLaunch, s: Inputs, expected: tuple[torch.Tensor, ...]) -> float:

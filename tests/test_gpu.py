@@ -55,7 +55,8 @@ def test_tuning_launches_at_large_n_and_slot_counts(launch_kwargs):
     """The tuner's launches (a pipelined slot loop; the sorted dW_dec) against the default launch with
     offsets past 2^31 bytes: W_dec rows up to n = 2^20 at d = 2304 (bf16), and the sorted mode's
     (B k, d) float32 slot-row buffer at B = k = 512 (2.4 GB).  About 25 GB of GPU memory."""
-    from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch, sparse_scan_backward, sparse_scan_forward
+    from benchmarks.tune import Inputs, run_candidate
+    from matryoshka.kernels.sparse_scan import SparseLaunch, default_launch
 
     B, d, n, k = 512, 2304, 1 << 20, 512
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -66,13 +67,9 @@ def test_tuning_launches_at_large_n_and_slot_counts(launch_kwargs):
     idx[1, k // 2:] = -1  # padding slots, last
     v = torch.rand(B, k, device="cuda", generator=g)
     grad = torch.rand(B, k + 1, device="cuda", generator=g)
-
-    def scan(launch):
-        norms, residual = sparse_scan_forward(x, None, W, v, idx, torch.float32, launch)
-        return (norms, *sparse_scan_backward(residual, grad, W, v, idx, launch=launch))
-
-    want = scan(None)
-    got = scan(SparseLaunch(default_launch(d).block_d, **launch_kwargs))
+    inputs = Inputs(x, None, W, v, idx, grad)
+    want = run_candidate(None, inputs)
+    got = run_candidate(SparseLaunch(default_launch(d).block_d, **launch_kwargs), inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 

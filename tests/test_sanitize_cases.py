@@ -16,13 +16,13 @@ def test_the_tuning_launches_agree_with_the_default_launch(one_thread):
 
 
 def test_a_launch_that_differs_is_a_failure(monkeypatch, one_thread, capsys):
-    real = sanitize._host_scan
+    real = sanitize.run_candidate
 
-    def wrong_dw_for_tuned_launches(*args):
-        out = real(*args)
-        return out if args[-1] is None else (*out[:3], 2 * out[3])
+    def wrong_dw_for_tuned_launches(launch, inputs):
+        out = real(launch, inputs)
+        return out if launch is None else (*out[:4], 2 * out[4])
 
-    monkeypatch.setattr(sanitize, "_host_scan", wrong_dw_for_tuned_launches)
+    monkeypatch.setattr(sanitize, "run_candidate", wrong_dw_for_tuned_launches)
     cases, failures = sanitize.launch_cases(sanitize.SHAPES[:1], {"fp32": torch.float32}, DEVICE, (False,), 0)
     assert failures == cases == len(sanitize.LAUNCHES)
     assert capsys.readouterr().out.count("FAIL sparse fp32") == cases

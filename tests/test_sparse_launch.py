@@ -57,9 +57,8 @@ def _definition(x, b, W, values, indices, grad):
 @pytest.mark.parametrize("launch", LAUNCHES, ids=str)
 def test_every_launch_computes_the_scan(launch):
     x, b, W, values, indices, grad = _problem()
-    norms, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
-    dx, dv, dW = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)
-    for got, want in zip((norms, residual, dx, dv, dW), _definition(x, b, W, values, indices, grad)):
+    got_all = tune.run_candidate(launch, tune.Inputs(x, b, W, values, indices, grad))
+    for got, want in zip(got_all, _definition(x, b, W, values, indices, grad)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -108,10 +107,8 @@ def test_sorted_dw_is_the_same_bits_every_run_and_zero_for_unused_latents():
     """No atomics: each dW_dec row is one program's sum in slot order (on a GPU the atomic mode's
     order varies from run to run; in the interpreter both are fixed, so this pins the zeros)."""
     x, b, W, values, indices, grad = _problem(n=300)
-    launch = SparseLaunch(32, dw_mode="sorted")
-    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
-    first = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
-    second = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
+    inputs = tune.Inputs(x, b, W, values, indices, grad)
+    first, second = (tune.run_candidate(SparseLaunch(32, dw_mode="sorted"), inputs)[4] for _ in range(2))
     assert torch.equal(first, second)
     unused = torch.ones(300, dtype=torch.bool, device=DEVICE)
     unused[indices[indices >= 0]] = False
@@ -120,9 +117,7 @@ def test_sorted_dw_is_the_same_bits_every_run_and_zero_for_unused_latents():
 
 def test_sorted_dw_with_no_rows_is_all_zeros():
     x, b, W, values, indices, grad = (t[:0] if t.dim() == 2 and t.shape[0] == 5 else t for t in _problem())
-    launch = SparseLaunch(32, dw_mode="sorted")
-    _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
-    dW = sparse_scan_backward(residual, grad, W, values, indices, launch=launch)[2]
+    dW = tune.run_candidate(SparseLaunch(32, dw_mode="sorted"), tune.Inputs(x, b, W, values, indices, grad))[4]
     assert dW.shape == W.shape and (dW == 0).all()
 
 
