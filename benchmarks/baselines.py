@@ -129,13 +129,18 @@ def stacked_cumsum_loss(x, acts, W_dec, b_dec, prefixes, return_per_prefix=False
 
 
 # ------------------------------------------------------------------------------------ 4/5. floors
-def vanilla_floor_loss(x, acts, W_dec, b_dec, prefixes=None, return_per_prefix=False):
-    """One prefix of length n (``prefixes`` ignored): dense decode + squared error."""
-    rows, n = x.shape[0], W_dec.shape[0]
-    recon = densify(acts, n) @ W_dec
+def dense_decode_loss(x, dense_acts, W_dec, b_dec):
+    """One dense decode GEMM and the squared error, ``||x - (A W_dec + b_dec)||^2 / B``: what a
+    plain SAE with dense ``(B, n)`` activations pays (cuBLAS on CUDA)."""
+    recon = dense_acts @ W_dec
     if b_dec is not None:
         recon = recon + b_dec
-    loss = _squared_error(x - recon) / rows
+    return _squared_error(x - recon) / x.shape[0]
+
+
+def vanilla_floor_loss(x, acts, W_dec, b_dec, prefixes=None, return_per_prefix=False):
+    """One prefix of length n (``prefixes`` ignored): dense decode + squared error."""
+    loss = dense_decode_loss(x, densify(acts, W_dec.shape[0]), W_dec, b_dec)
     return (loss, loss.detach().reshape(1)) if return_per_prefix else loss
 
 

@@ -22,8 +22,12 @@ to measure):
                 then fp32, each checked against the default launch; not in the quick run;
 * ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {36864, 65536},
                 k in {32, 64, 128}, G in {1, 5, 16, 64, n}, fp32 and bf16, the TopK training step at
-                n = 65536), with whatever time the earlier stages left; it starts no configuration
-                past its budget and keeps what it measured.
+                n = 65536), with whatever time the earlier and later stages leave; it starts no
+                configuration past its budget and keeps what it measured;
+* ``tune-dense`` ``benchmarks.tune_dense``: the dense kernels' tile shapes and warps, and float32's
+                ``tf32`` products against ``tf32x3``, at B = 4096, d = 2304, n = 4096, every prefix,
+                bf16 then fp32, beside one dense decode and the dense PyTorch scan; after the sweep,
+                which matters more, with its limit held back from the sweep's; not in the quick run.
 * ``bench``     the pytest-benchmark suite; not in the default plan (time), ask with ``--stages``.
 
 Every file goes into ``--results`` (names start with ``gpu_``, ``gpu_quick_`` or ``gpu_dry_``),
@@ -63,7 +67,7 @@ PY = sys.executable
 
 # Total seconds per mode.  The full run fits a 10-minute device call with room for the machine's
 # start and the transfers, and leaves a 15-minute session enough to start a second, quick call.
-BUDGET_S = {"full": 480.0, "quick": 150.0, "dry": 300.0}
+BUDGET_S = {"full": 500.0, "quick": 150.0, "dry": 360.0}
 
 # The issue's methods: the fused op (sparse and dense kernels), the floors and the two loops.
 SWEEP_METHODS = ["fused_triton", "fused_dense_triton", "sparse_floor", "vanilla_floor", "running_sum", "stacked_cumsum"]
@@ -81,6 +85,8 @@ PEERS_MARGIN_S = {"full": 12.0, "quick": 12.0, "dry": 11.0}
 # compiles and output checks (~8 candidates x ~0.5 s on the GPU; ~10 s in the interpreter) and the
 # writing of its outputs.
 TUNE_MARGIN_S = {"full": 10.0, "dry": 15.0}
+# The same for the dense tuner: one phase's compiles (~1-2 s per dense kernel) and the writing.
+TUNE_DENSE_MARGIN_S = {"full": 8.0, "dry": 15.0}
 # A stage's exit status for "nothing to do here" (flex-sae absent): recorded as skipped, not failed.
 SKIPPED_RC = 3
 # Where benchmarks.flexsae_peer finds flex-sae, and where its summary section starts in its Markdown
@@ -109,7 +115,7 @@ class Stage:
 
     name: str
     commands: list[list[str]]
-    budget_s: float | None  # None: whatever is left of the run's budget
+    budget_s: float | None  # None: whatever the run's budget leaves after the later stages' limits
     estimate_s: float  # what the stage is expected to take (stated up front, compared afterwards)
     env: dict[str, str | None] = field(default_factory=dict)  # None removes the variable
     required: bool = False  # a failure skips every later stage
@@ -203,13 +209,23 @@ def plan(mode: str, results: Path, prefix: str, workers: int) -> list[Stage]:
     stages.append(Stage("sweep", [sweep], None, {"full": 160.0, "quick": 30.0, "dry": 25.0}[mode], interp,
                         budget_flag="--time-budget-s", margin_s=SWEEP_MARGIN_S[mode]))
 
+    # The dense kernels' launch candidates (benchmarks/tune_dense.py) at every prefix only (the
+    # Gram form's dearest case, and where the kernel might beat the PyTorch scan), n = 4096: 6 bf16
+    # and up to 9 float32 candidates, each two compiles (~1-2 s) and 5 calls of ~20-80 ms; ~25 s.
+    if mode != "quick":
+        tune_dense = [PY, "-m", "benchmarks.tune_dense", "--device", device, "--results", str(results)]
+        tune_dense += ["--dry-run"] if mode == "dry" else ["--n", "4096", "--G", "n", "--rounds", "3"]
+        stages.append(Stage("tune-dense", [tune_dense], {"full": 40.0, "dry": 45.0}[mode],
+                            {"full": 25.0, "dry": 25.0}[mode], interp, budget_flag="--time-budget-s",
+                            margin_s=TUNE_DENSE_MARGIN_S[mode]))
+
     bench_json = results / f"{prefix}pytest-benchmark.json"
     stages.append(Stage("bench", [[PY, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p", "no:cacheprovider",
                                    f"--benchmark-json={bench_json}"]], None, 240.0, interp))
     return stages
 
 
-DEFAULT_STAGES = ["env", "tests", "sanitize", "peers", "tune", "sweep"]
+DEFAULT_STAGES = ["env", "tests", "sanitize", "peers", "tune", "sweep", "tune-dense"]
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -344,6 +360,8 @@ def summarize(doc: dict, results: Path) -> str:
         lines += ["", f"Sparse launch tuning: `{doc['tune_md']}`", ""] + tune_verdict(results / doc["tune_md"])
     if doc.get("sweep_md"):
         lines += ["", f"Sweep: `{doc['sweep_md']}`", "", headline_section(results / doc["sweep_md"])]
+    if doc.get("tune_dense_md"):
+        lines += ["", f"Dense launch tuning: `{doc['tune_dense_md']}`", ""] + tune_verdict(results / doc["tune_dense_md"])
     return "\n".join(lines) + "\n"
 
 
@@ -376,11 +394,12 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
     doc = dict(mode=mode, budget_s=budget_s, started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                started_epoch=time.time() - 1,
                results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, peers_md=None, tune_md=None,
-               sweep_md=None)
+               sweep_md=None, tune_dense_md=None)
     stop_reason = None
-    for stage in stages:
+    for i, stage in enumerate(stages):
         left = deadline - time.monotonic()
-        limit = left if stage.budget_s is None else min(stage.budget_s, left)
+        later = sum(s.budget_s for s in stages[i + 1:] if s.budget_s is not None)
+        limit = left - later if stage.budget_s is None else min(stage.budget_s, left)
         if stop_reason or limit < 1:
             doc["stages"].append(dict(name=stage.name, status="skipped", estimate_s=stage.estimate_s,
                                       note=stop_reason or "the run's budget is spent"))
@@ -408,6 +427,8 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
             doc["tune_md"] = newest_md(results, stage_start - 1, "tune_*.md")
         elif stage.name == "sweep":
             doc["sweep_md"] = newest_md(results, stage_start - 1)
+        elif stage.name == "tune-dense":
+            doc["tune_dense_md"] = newest_md(results, stage_start - 1, "tune_dense_*.md")
         doc["wall_s"] = round(time.monotonic() - start, 1)
         write_outputs(doc, results, prefix, pack)
     doc["wall_s"] = round(time.monotonic() - start, 1)

@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -97,42 +98,63 @@ def run_candidate(launch: SparseLaunch | None, s: Inputs) -> tuple[torch.Tensor,
             *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, *detached, launch=launch))
 
 
-def mismatch(launch: SparseLaunch, s: Inputs, expected: tuple[torch.Tensor, ...]) -> float:
-    """Largest difference of ``launch``'s outputs from ``expected``, relative to each output's scale.
+@dataclass(frozen=True)
+class Tunable:
+    """A kernel pair as the timing phases see it (the sparse one here, the dense one in ``tune_dense``).
 
-    Launches differ only in the order of float additions (chunk partial sums, atomics), so this is
-    rounding-sized: ~1e-6 in float32 accumulation."""
-    return max(rel_err(got, want) for got, want in zip(run_candidate(launch, s), expected))
+    ``forward(launch, s)`` makes the forward host call and returns what ``backward(launch, s, saved)``
+    takes; ``outputs(launch, s)``: every output of both, which a candidate must reproduce;
+    ``default(s)``: the launch the op uses on ``s``; ``tolerance(launch, expected)``: the largest
+    ``rel_err`` from the default launch's outputs that a candidate may show.
+    """
+
+    forward: Callable
+    backward: Callable
+    outputs: Callable
+    default: Callable
+    tolerance: Callable
 
 
-def time_round(candidates: list[SparseLaunch], s: Inputs, device: torch.device) -> list[tuple[float, float]]:
+def _sparse_forward(launch: SparseLaunch, s: Inputs) -> torch.Tensor:
+    acc = compute_dtype(s.x, s.b_dec, s.W_dec, s.values)
+    return sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)[1]
+
+
+def _sparse_backward(launch: SparseLaunch, s: Inputs, residual: torch.Tensor) -> None:
+    sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+
+
+def rounding_tolerance(launch, expected: tuple[torch.Tensor, ...]) -> float:
+    """Launches that differ only in the order of float additions (chunk partial sums, atomics) agree
+    to rounding: ~1e-6 in float32 accumulation, ~1e-15 in float64."""
+    return 1e-9 if expected[0].dtype == torch.float64 else 1e-4
+
+
+SPARSE = Tunable(_sparse_forward, _sparse_backward, run_candidate, lambda s: default_launch(s.x.shape[1]),
+                 rounding_tolerance)
+
+
+def time_round(kernel: Tunable, candidates: list, s, device: torch.device) -> list[tuple[float, float]]:
     """One call of each candidate on ``s``: ``[(forward seconds, backward seconds)]``."""
-    acc = compute_dtype(s.x)
     pending = []
     for launch in candidates:
         start = start_timer(device)
-        _, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
+        saved = kernel.forward(launch, s)
         forward = stop_timer(device, start)
         start = start_timer(device)
-        sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+        kernel.backward(launch, s, saved)
         pending.append((forward, stop_timer(device, start)))
     sync(device)
     return [(timer_seconds(device, forward), timer_seconds(device, backward)) for forward, backward in pending]
 
 
-def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
-    """Median seconds of the sparse floor on ``sets``: one ``embedding_bag`` decode and squared error,
-    forward+backward (``baselines.sparse_floor_loss``), what the issue's "every prefix within 2x the
-    sparse floor" compares against.  One warm-up call, then ``rounds`` calls on rotated sets."""
-    leaves = [(s.x, SparseActs(s.values.clone().requires_grad_(), s.indices), s.W_dec.clone().requires_grad_(),
-               s.b_dec.clone().requires_grad_()) for s in sets]
+def time_calls(step: Callable[[int], None], device: torch.device, rounds: int) -> float:
+    """Median seconds of ``step(r)`` (``r``: the call's number, to rotate input sets) over ``rounds``
+    calls after one warm-up call."""
     times = []
     for r in range(rounds + 1):
-        x, acts, W, b = leaves[r % len(leaves)]
-        for t in (acts.values, W, b):
-            t.grad = None
         start = start_timer(device)
-        sparse_floor_loss(x, acts, W, b).backward()
+        step(r)
         timer = stop_timer(device, start)
         sync(device)
         if r:  # the first call is the warm-up
@@ -140,34 +162,50 @@ def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
     return statistics.median(times)
 
 
-def time_phase(candidates, inputs_by_k, device, rounds, deadline) -> dict:
-    """``{launch: {k: {"forward_s", "backward_s", "mismatch"}}}``; candidates whose outputs are off
-    (or that fail to compile or run) get an ``error`` instead and are not timed."""
+def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
+    """Median seconds of the sparse floor on ``sets``: one ``embedding_bag`` decode and squared error,
+    forward+backward (``baselines.sparse_floor_loss``), what the issue's "every prefix within 2x the
+    sparse floor" compares against; input sets rotated."""
+    leaves = [(s.x, SparseActs(s.values.clone().requires_grad_(), s.indices), s.W_dec.clone().requires_grad_(),
+               s.b_dec.clone().requires_grad_()) for s in sets]
+
+    def step(r: int) -> None:
+        x, acts, W, b = leaves[r % len(leaves)]
+        for t in (acts.values, W, b):
+            t.grad = None
+        sparse_floor_loss(x, acts, W, b).backward()
+
+    return time_calls(step, device, rounds)
+
+
+def time_phase(kernel: Tunable, candidates: list, inputs_by_key: dict, device, rounds, deadline) -> dict:
+    """``{launch: {key: {"forward_s", "backward_s", "mismatch"}}}`` over the input sets of each key
+    (the sparse tuner's ``k``, the dense one's prefix set); candidates whose outputs are off (or that
+    fail to compile or run) get an ``error`` instead and are not timed."""
     results = {launch: {} for launch in candidates}
-    for k, sets in inputs_by_k.items():
-        expected = run_candidate(default_launch(sets[0].x.shape[1]), sets[0])
+    for key, sets in inputs_by_key.items():
+        expected = kernel.outputs(kernel.default(sets[0]), sets[0])
         live = []
         for launch in candidates:
             try:
-                off = mismatch(launch, sets[0], expected)
+                off = max(rel_err(got, want) for got, want in zip(kernel.outputs(launch, sets[0]), expected))
             except Exception as e:  # a launch that does not compile or run is a result, not a crash
-                results[launch][k] = dict(error=describe_error(e))
+                results[launch][key] = dict(error=describe_error(e))
                 continue
-            tolerance = 1e-9 if expected[0].dtype == torch.float64 else 1e-4
-            if not off <= tolerance:
-                results[launch][k] = dict(error=f"outputs differ from the default launch's by {off:.2e}")
+            if not off <= kernel.tolerance(launch, expected):
+                results[launch][key] = dict(error=f"outputs differ from the default launch's by {off:.2e}")
                 continue
-            results[launch][k] = dict(mismatch=off)
+            results[launch][key] = dict(mismatch=off)
             live.append(launch)
-        time_round(live, sets[-1], device)  # warm-up: compiles and first touches, not timed
+        time_round(kernel, live, sets[-1], device)  # warm-up: compiles and first touches, not timed
         samples = {launch: [] for launch in live}
         for r in range(rounds):
             if time.time() > deadline and r >= 2:
                 break
-            for launch, times in zip(live, time_round(live, sets[r % len(sets)], device)):
+            for launch, times in zip(live, time_round(kernel, live, sets[r % len(sets)], device)):
                 samples[launch].append(times)
         for launch, times in samples.items():
-            results[launch][k].update(
+            results[launch][key].update(
                 forward_s=statistics.median(t[0] for t in times),
                 backward_s=statistics.median(t[1] for t in times),
                 repeats=len(times),
@@ -188,43 +226,62 @@ def candidate_pairs(d: int) -> list[tuple[int, int]]:
     return [(b, w) for b, w in PAIRS if b <= widest] or [(widest, 4)]
 
 
+class Phases:
+    """The timing phases of one dtype: each ``run`` times those of its candidates not measured yet
+    (``time_phase``) and records them as ``dict(dtype, phase, launch, <per_key>, score_s)``."""
+
+    def __init__(self, kernel: Tunable, inputs_by_key: dict, dtype_name: str, per_key: str, args, device, deadline,
+                 echo, tool: str, limit: int | None = None):
+        self.kernel, self.inputs_by_key, self.dtype_name, self.per_key = kernel, inputs_by_key, dtype_name, per_key
+        self.args, self.device, self.deadline, self.echo, self.tool, self.limit = args, device, deadline, echo, tool, limit
+        self.measured: dict = {}
+        self.records: list[dict] = []
+
+    def run(self, name: str, candidates: list) -> None:
+        candidates = [c for c in dict.fromkeys(candidates) if c not in self.measured][: self.limit]
+        if not candidates:
+            return
+        if time.time() > self.deadline:
+            self.echo(f"[{self.tool}] {self.dtype_name} {name}: skipped (time budget spent)")
+            return
+        self.echo(f"[{self.tool}] {self.dtype_name} {name}: {len(candidates)} candidates")
+        timed = time_phase(self.kernel, candidates, self.inputs_by_key, self.device, self.args.rounds, self.deadline)
+        for launch, per_key in timed.items():
+            self.measured[launch] = per_key
+            self.records.append({"dtype": self.dtype_name, "phase": name, "launch": asdict(launch),
+                                 self.per_key: {str(k): v for k, v in per_key.items()}, "score_s": score(per_key)})
+
+    def ranked(self) -> list:
+        """The measured candidates that ran, fastest first."""
+        finite = (c for c in self.measured if math.isfinite(score(self.measured[c])))
+        return sorted(finite, key=lambda c: score(self.measured[c]))
+
+    def add_ratios(self, default, **references: float) -> list[dict]:
+        """The records, each with its speed-up on ``default`` and its score over each reference's
+        (``vs_<name>``: seconds summed over the same keys); ``None`` where a side did not run."""
+        base = score(self.measured.get(default, {}))
+        for r in self.records:
+            finite = math.isfinite(r["score_s"])
+            r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and finite else None
+            for name, seconds in references.items():
+                r[f"vs_{name}"] = r["score_s"] / seconds if finite else None
+        return self.records
+
+
 def tune_dtype(dtype_name: str, args, device, deadline, echo) -> list[dict]:
     dtype = DTYPES[dtype_name]
     inputs_by_k = {k: kernel_inputs(args.B, args.n, args.d, k, dtype, device) for k in args.ks}
     default = default_launch(args.d)
-    measured: dict[SparseLaunch, dict] = {}
-    records = []
-
-    def run_phase(name: str, candidates: list[SparseLaunch]) -> None:
-        candidates = [c for c in dict.fromkeys(candidates) if c not in measured]
-        if not candidates:
-            return
-        if time.time() > deadline:
-            echo(f"[tune] {dtype_name} {name}: skipped (time budget spent)")
-            return
-        echo(f"[tune] {dtype_name} {name}: {len(candidates)} candidates")
-        for launch, per_k in time_phase(candidates, inputs_by_k, device, args.rounds, deadline).items():
-            measured[launch] = per_k
-            records.append(dict(dtype=dtype_name, phase=name, launch=asdict(launch), per_k={str(k): v for k, v in per_k.items()},
-                                score_s=score(per_k)))
-
-    def ranked() -> list[SparseLaunch]:
-        return sorted((c for c in measured if math.isfinite(score(measured[c]))), key=lambda c: score(measured[c]))
-
-    run_phase("pairs", [default] + [SparseLaunch(b, w) for b, w in candidate_pairs(args.d)])
-    run_phase("rows", [v for c in ranked()[:1] for v in rows_variants(c)])
-    run_phase("stages", [replace(c, loop_stages=s) for c in ranked()[:2] for s in LOOP_STAGES])
-    if ranked():
-        best = ranked()[0]
-        run_phase("atomics", [replace(best, atomic_sem="acq_rel")])
-        run_phase("dw", [replace(best, dw_mode="sorted")])
-    base = score(measured.get(default, {}))
+    phases = Phases(SPARSE, inputs_by_k, dtype_name, "per_k", args, device, deadline, echo, "tune")
+    phases.run("pairs", [default] + [SparseLaunch(b, w) for b, w in candidate_pairs(args.d)])
+    phases.run("rows", [v for c in phases.ranked()[:1] for v in rows_variants(c)])
+    phases.run("stages", [replace(c, loop_stages=s) for c in phases.ranked()[:2] for s in LOOP_STAGES])
+    if phases.ranked():
+        best = phases.ranked()[0]
+        phases.run("atomics", [replace(best, atomic_sem="acq_rel")])
+        phases.run("dw", [replace(best, dw_mode="sorted")])
     floor = sum(time_floor(inputs_by_k[k], device, args.rounds) for k in args.ks)
-    for r in records:
-        finite = math.isfinite(r["score_s"])
-        r["speedup_vs_default"] = base / r["score_s"] if math.isfinite(base) and finite else None
-        r["vs_sparse_floor"] = r["score_s"] / floor if finite else None
-    return records
+    return phases.add_ratios(default, sparse_floor=floor)
 
 
 def best_launch(records: list[dict]) -> dict | None:
@@ -294,30 +351,32 @@ def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
     return list(distinct.values())
 
 
-def _compile_nth(B: int, d: int, dtype_names: list[str], index: int):
-    """Worker: compile ``candidate_builds(...)[index]`` (JIT functions do not pickle; indices do)."""
+def _compile_nth(make_builds: Callable[[], list], index: int):
+    """Worker: compile ``make_builds()[index]`` (JIT functions do not pickle; a partial of a module
+    function and an index do)."""
     from matryoshka.kernels import report
 
     try:
-        r = report.compile_build(candidate_builds(B, d, dtype_names)[index])
+        r = report.compile_build(make_builds()[index])
         return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
     except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
         return describe_error(e)
 
 
-def compile_only(args) -> int:
-    """Build ``every_candidate``'s kernels for sm_90 at ``args.dtypes`` in ``args.jobs`` processes;
-    1 if a build fails to compile or a relaxed candidate fences its atomics.  A spilling candidate is
-    listed but does not fail: it is a finding the timing will weigh, while the launch the op uses is
-    held to no spill by ``matryoshka.kernels.report``."""
+def compile_report(make_builds: Callable[[], list], jobs: int, fenced_by_design: Callable = lambda build: False,
+                   note: str = "") -> int:
+    """Build ``make_builds()`` for sm_90 in ``jobs`` processes and print the report; 1 if a build fails
+    to compile or fences its atomics (unless ``fenced_by_design``).  A spilling candidate is listed
+    but does not fail: it is a finding the timing will weigh, while the launch the op uses is held to
+    no spill by ``matryoshka.kernels.report``."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     from matryoshka.kernels import report
 
-    builds = candidate_builds(args.B, args.d, args.dtypes)
-    with ProcessPoolExecutor(args.jobs) as pool:
-        outcomes = list(pool.map(partial(_compile_nth, args.B, args.d, args.dtypes), range(len(builds))))
+    builds = make_builds()
+    with ProcessPoolExecutor(jobs) as pool:
+        outcomes = list(pool.map(partial(_compile_nth, make_builds), range(len(builds))))
     results = [report.Result(b, *o) for b, o in zip(builds, outcomes) if not isinstance(o, str)]
     failed = 0
     for build, outcome in zip(builds, outcomes):
@@ -325,35 +384,47 @@ def compile_only(args) -> int:
             failed += 1
             print(f"FAIL {build.kernel} {build.config}: {outcome}")
     print(report.format_table(results))
-    # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
-    failed += sum(r.fenced and "acq_rel" not in r.build.config for r in results)
+    failed += sum(r.fenced and not fenced_by_design(r.build) for r in results)
     spilling = [r for r in results if r.spill_bytes]
-    print("(an acq_rel candidate's \"fenced atomic\" is by design: it measures what the fences cost)")
+    if note:
+        print(note)
     print(f"{len(spilling)} candidate build(s) spill, up to {max((r.spill_bytes for r in spilling), default=0)} B "
           "(timed all the same)")
     print(f"{len(builds)} builds, {failed} failing")
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
+def compile_only(args) -> int:
+    """``compile_report`` of every kernel ``every_candidate`` launches at ``args.dtypes``."""
+    from functools import partial
+
+    # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
+    return compile_report(partial(candidate_builds, args.B, args.d, args.dtypes), args.jobs,
+                          lambda build: "acq_rel" in build.config,
+                          "(an acq_rel candidate's \"fenced atomic\" is by design: it measures what the fences cost)")
+
+
+def tuner_parser(prog: str, description: str, rounds: int, budget_s: float, rounds_per: str) -> argparse.ArgumentParser:
+    """The options both tuners take; each adds its own sizes."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--device", default="cuda")
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--d", type=int, default=2304)
-    p.add_argument("--n", type=int, default=65536)
-    p.add_argument("--ks", type=int, nargs="+", default=[32, 128])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--rounds", type=int, default=20, help="timed calls per candidate and k (at least 3)")
-    p.add_argument("--time-budget-s", type=float, default=120.0)
+    p.add_argument("--rounds", type=int, default=rounds, help=f"timed calls per candidate and {rounds_per} (at least 3)")
+    p.add_argument("--time-budget-s", type=float, default=budget_s)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (run under TRITON_INTERPRET=1)")
     p.add_argument("--compile-only", action="store_true", help="build every candidate for sm_90 (no GPU) and report")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes (--compile-only)")
-    args = p.parse_args(argv)
-    if args.compile_only:
-        return compile_only(args)
-    if args.dry_run:
-        args.device, args.B, args.d, args.n, args.ks, args.dtypes, args.rounds = "cpu", 6, 300, 64, [1, 4], ["fp32"], 3
+    return p
+
+
+def run_tuner(p: argparse.ArgumentParser, args, argv, name: str, tune_one: Callable, markdown: Callable, **fields) -> int:
+    """Both tuners' run: every dtype of ``args.dtypes`` through ``tune_one(dtype_name, args, device,
+    deadline, echo) -> (records, extras)`` until ``--time-budget-s`` is spent, then
+    ``<name>_<device>.{json,md}`` (``extras[key]`` goes to the document's ``key`` under the dtype;
+    ``fields`` to its top level).  Exit status 1 if a candidate failed or no dtype ran."""
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
     device = torch.device(args.device)
@@ -366,23 +437,37 @@ def main(argv=None) -> int:
     def echo(text: str) -> None:
         print(f"{text} ({time.time() - start:.0f} s)", flush=True)
 
-    by_dtype = {}
+    doc = dict(command=f"python -m benchmarks.{name} " + " ".join(argv if argv is not None else sys.argv[1:]),
+               environment=environment(device), **fields, by_dtype={})
     for dtype_name in args.dtypes:
         if time.time() > deadline:
-            echo(f"[tune] {dtype_name}: skipped (time budget spent)")
+            echo(f"[{name}] {dtype_name}: skipped (time budget spent)")
             continue
-        by_dtype[dtype_name] = tune_dtype(dtype_name, args, device, deadline, echo)
-    doc = dict(command="python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
-               environment=environment(device), B=args.B, d=args.d, n=args.n, ks=args.ks,
-               default_launch=str(default_launch(args.d)), by_dtype=by_dtype, wall_s=time.time() - start)
+        doc["by_dtype"][dtype_name], extras = tune_one(dtype_name, args, device, deadline, echo)
+        for key, value in extras.items():
+            doc.setdefault(key, {})[dtype_name] = value
+    doc["wall_s"] = time.time() - start
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"tune_{'dry_' if args.dry_run else ''}{device_slug(device)}"
+    stem = args.results / f"{name}_{'dry_' if args.dry_run else ''}{device_slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
     text = markdown(doc)
     stem.with_suffix(".md").write_text(text)
     print(text)
-    failed = [r for records in by_dtype.values() for r in records if not math.isfinite(r["score_s"])]
-    return 1 if failed or not by_dtype else 0
+    failed = [r for records in doc["by_dtype"].values() for r in records if not math.isfinite(r["score_s"])]
+    return 1 if failed or not doc["by_dtype"] else 0
+
+
+def main(argv=None) -> int:
+    p = tuner_parser("python -m benchmarks.tune", __doc__.split("\n")[0], rounds=20, budget_s=120.0, rounds_per="k")
+    p.add_argument("--n", type=int, default=65536)
+    p.add_argument("--ks", type=int, nargs="+", default=[32, 128])
+    args = p.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
+    if args.dry_run:
+        args.device, args.B, args.d, args.n, args.ks, args.dtypes, args.rounds = "cpu", 6, 300, 64, [1, 4], ["fp32"], 3
+    return run_tuner(p, args, argv, "tune", lambda *a: (tune_dtype(*a), {}), markdown, B=args.B, d=args.d, n=args.n,
+                     ks=args.ks, default_launch=str(default_launch(args.d)))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,27 @@ def spy(monkeypatch, module, name: str, calls: list[str], replacement=None) -> N
     monkeypatch.setattr(module, name, wrapper)
 
 
+def record_kernel_launches(monkeypatch, module, names: tuple[str, ...], keys: tuple[str, ...]) -> list:
+    """Wrap the ``@triton.jit`` kernels ``module.<name>`` so that every launch ``kernel[grid](...)``
+    still runs and appends ``(grid, {key: its keyword argument, None if absent})`` to the list returned."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, {key: kwargs.get(key) for key in keys}))
+                return self.real[grid](*args, **kwargs)
+
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    return seen
+
+
 def assert_compiled_step_matches(step, inputs: list[torch.Tensor], backend: str = "aot_eager", **tolerance) -> None:
     """``torch.compile(step, fullgraph=True)`` gives eager's loss and gradients on ``inputs``.
 

@@ -1,7 +1,7 @@
 """The fused Triton dense scan against the plain-loop reference: loss and all gradients.
 
 On a machine without CUDA the kernels run in the Triton interpreter (see conftest), so shapes stay
-small; the tile shapes come from ``dense_blocks`` so that prefix boundaries can be put exactly on,
+small; the tile shapes come from ``default_launch`` so that prefix boundaries can be put exactly on,
 and strictly inside, latent tiles.
 """
 
@@ -11,7 +11,7 @@ import torch
 import matryoshka.loss
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels import dense_scan_op, sparse_scan_op
-from matryoshka.kernels.dense_scan import dense_blocks
+from matryoshka.kernels.dense_scan import default_launch
 from matryoshka.loss import resolve_backend
 
 from .conftest import DEVICE
@@ -78,7 +78,7 @@ PREFIX_SETS = ["edges-and-inside", "every+empty", "longest-inside-a-tile", "empt
 @pytest.mark.parametrize("B,d,n", SHAPES)
 def test_matches_reference(B, d, n, dtype, prefix_set):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    prefixes = prefix_sets(n, dense_blocks(acc, B, d).latents)[prefix_set]
+    prefixes = prefix_sets(n, default_launch(acc, B, d).latents)[prefix_set]
     problem = make_dense_problem(B, d, n, dtype)
     assert_matches(run_dense(problem, prefixes, "triton"), run_dense(problem, prefixes, "reference"), dtype)
 

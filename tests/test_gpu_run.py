@@ -49,6 +49,17 @@ def test_failures_and_timeouts_are_recorded_and_the_run_goes_on(tmp_path):
         assert {"gpu_dry_env.log", "gpu_dry_tests.log", "gpu_dry_sanitize.log", "gpu_dry_sweep.log"} <= set(tar.getnames())
 
 
+def test_the_rest_of_the_budget_leaves_the_later_stages_their_limits(tmp_path):
+    """A stage without a limit of its own (the sweep) gets the run's budget less what the stages after
+    it may take, so that a later stage (the dense tuning) still runs."""
+    stages = [_stage("sweep", "import sys; print(sys.argv[1:])", budget_s=None, budget_flag="--time-budget-s"),
+              _stage("tune-dense", "print('tuned')", budget_s=25.0)]
+    doc = gpu_run.run(stages, "dry", tmp_path, "gpu_dry_", 100.0, None, lambda _: None)
+    sweep, tune = doc["stages"]
+    assert 70 < sweep["budget_s"] <= 75 and tune["status"] == "ok" and tune["budget_s"] == 25.0
+    assert sweep["commands"][0].endswith(f"--time-budget-s {sweep['budget_s']:.0f}")
+
+
 def test_a_failed_required_stage_skips_the_rest(tmp_path):
     stages = [_stage("env", "import sys; sys.exit('no CUDA device')", required=True), _stage("tests", "pass")]
     doc = gpu_run.run(stages, "full", tmp_path, "gpu_", 60.0, None, lambda _: None)
@@ -84,6 +95,10 @@ def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
     assert gpu_run.newest_md(tmp_path, 0, "tune_*.md") == "tune_cuda-x.md"
     md = gpu_run.summarize(dict(doc, tune_md="tune_cuda-x.md"), tmp_path)
     assert "## bf16\nBest: `SparseLaunch(block_d=512)`, 1.20x the default." in md and "| pairs |" not in md
+    (tmp_path / "tune_dense_cuda-x.md").write_text("# Dense kernel launch tuning\n\n## fp32\n\n| tiles |\n\n"
+                                                   "Best: `DenseLaunch(rows=32)`, 1.50x the default.\n")
+    md = gpu_run.summarize(dict(doc, tune_dense_md="tune_dense_cuda-x.md"), tmp_path)
+    assert "Dense launch tuning: `tune_dense_cuda-x.md`\n\n## fp32\nBest: `DenseLaunch(rows=32)`" in md
 
 
 def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
@@ -104,16 +119,17 @@ def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
 def test_plans_fit_their_budgets(tmp_path, mode):
     stages = [s for s in gpu_run.plan(mode, tmp_path, "p_", 8) if s.name in gpu_run.DEFAULT_STAGES]
     # The quick smoke run does not tune.
-    assert [s.name for s in stages] == [n for n in gpu_run.DEFAULT_STAGES if mode != "quick" or n != "tune"]
+    assert [s.name for s in stages] == [n for n in gpu_run.DEFAULT_STAGES if mode != "quick" or "tune" not in n]
     fixed = sum(s.budget_s for s in stages if s.budget_s is not None)
-    # The sweep, last, gets what is left: its estimate plus its margin when the stages before it take
-    # their estimates, and still more than its margin when every one of them takes its whole limit.
-    expected = sum(s.estimate_s for s in stages[:-1])
-    assert expected + stages[-1].estimate_s + stages[-1].margin_s <= gpu_run.BUDGET_S[mode]
-    assert fixed + stages[-1].margin_s < gpu_run.BUDGET_S[mode]
+    [sweep_stage] = [s for s in stages if s.name == "sweep"]
+    # The sweep gets what the others leave: its estimate plus its margin when they take their
+    # estimates, and still more than its margin when every one of them takes its whole limit.
+    expected = sum(s.estimate_s for s in stages if s is not sweep_stage)
+    assert expected + sweep_stage.estimate_s + sweep_stage.margin_s <= gpu_run.BUDGET_S[mode]
+    assert fixed + sweep_stage.margin_s < gpu_run.BUDGET_S[mode]
     args = [arg for s in stages for c in s.commands for arg in c]
     assert f"--junitxml={tmp_path / 'p_tests_junit.xml'}" in args and str(tmp_path / "p_env.json") in args
-    sweep = stages[-1].commands[0]
+    sweep = sweep_stage.commands[0]
     assert sweep[sweep.index("--out") + 1] == str(tmp_path)
     # flex-sae beside ours: results beside the rest, a time budget, a skip when it is absent.
     peers = next(s for s in stages if s.name == "peers")
@@ -122,8 +138,7 @@ def test_plans_fit_their_budgets(tmp_path, mode):
     assert peers.budget_flag == "--time-budget-s" and peers.skipped_note and peers.margin_s < peers.budget_s
     assert {"full": "--device cuda", "quick": "--ks 32", "dry": "--dry-run"}[mode] in " ".join(command)
     # The launch tuning: results beside the rest, a time budget with room to stop, tiny in the dry run.
-    if mode != "quick":
-        tune = next(s for s in stages if s.name == "tune")
+    for tune in (s for s in stages if s.name in ("tune", "tune-dense")):
         command = tune.commands[0]
         assert command[command.index("--results") + 1] == str(tmp_path)
         assert tune.budget_flag == "--time-budget-s" and tune.margin_s < tune.budget_s

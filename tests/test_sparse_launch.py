@@ -15,7 +15,7 @@ from matryoshka.scan_layout import SortedActs
 from benchmarks import tune
 
 from .conftest import DEVICE
-from .helpers import make_problem
+from .helpers import make_problem, record_kernel_launches
 
 LAUNCHES = [
     SparseLaunch(16, num_warps=1),  # many chunks, the last one masked
@@ -77,30 +77,16 @@ def test_detached_backward_does_not_depend_on_the_launch(launch):
 def test_the_launch_reaches_both_kernels(monkeypatch):
     from matryoshka.kernels import sparse_scan
 
-    seen = []
-
-    class Recorder:
-        def __init__(self, real):
-            self.real = real
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((grid, {k: kwargs[k] for k in ("BLOCK_D", "LOOP_STAGES", "num_warps")},
-                             kwargs.get("ATOMIC_SEM")))
-                return self.real[grid](*args, **kwargs)
-
-            return launch
-
-    for name in ("_sparse_scan_forward_kernel", "_sparse_scan_backward_kernel"):
-        monkeypatch.setattr(sparse_scan, name, Recorder(getattr(sparse_scan, name)))
+    seen = record_kernel_launches(monkeypatch, sparse_scan, ("_sparse_scan_forward_kernel", "_sparse_scan_backward_kernel"),
+                                  ("BLOCK_D", "LOOP_STAGES", "num_warps", "ATOMIC_SEM"))
     x, b, W, values, indices, grad = _problem()
     launch = SparseLaunch(32, num_warps=2, loop_stages=3, atomic_sem="acq_rel")
     _, residual = sparse_scan_forward(x, b, W, values, indices, torch.float64, launch)
     sparse_scan_backward(residual, grad, W, values, indices, launch=launch)
     sparse_scan_forward(x, b, W, values, indices, torch.float64)
     config = dict(BLOCK_D=32, LOOP_STAGES=3, num_warps=2)
-    assert seen == [((5, 4), config, None), ((5, 4), config, "acq_rel"),
-                    ((5, 1), dict(BLOCK_D=128, LOOP_STAGES=1, num_warps=4), None)]
+    assert seen == [((5, 4), dict(config, ATOMIC_SEM=None)), ((5, 4), dict(config, ATOMIC_SEM="acq_rel")),
+                    ((5, 1), dict(BLOCK_D=128, LOOP_STAGES=1, num_warps=4, ATOMIC_SEM=None))]
 
 
 def test_sorted_dw_is_the_same_bits_every_run_and_zero_for_unused_latents():

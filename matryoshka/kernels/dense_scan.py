@@ -29,7 +29,8 @@ change only the backward: with ``c_g = dL/dnorms[:, g]`` a latent ``i`` of level
 ``dx`` tile in memory, read and written once per tile that holds a prefix.  Accumulation is
 float32 (float64 for float64 inputs).  GEMM operands are the half type for half activations and
 decoder (tensor cores; the float32 residual and suffix sum are rounded to it for their products),
-else float32 via ``tf32x3`` or float64.  Extra memory is the saved final residual ``(B, d)`` plus the
+else float32 via ``tf32x3`` (``tf32`` when the user allows PyTorch's float32 matmuls TF32; see
+``default_launch``) or float64.  Extra memory is the saved final residual ``(B, d)`` plus the
 reduction buffers above, whatever the number of prefixes.
 
 Cost against one plain decode GEMM ``A @ W_dec`` (B x n x d: ``2Bnd`` FLOPs, ``(Bn + nd + Bd) e``
@@ -93,17 +94,38 @@ import triton.language as tl
 
 from .guard import device_guard
 
-__all__ = ["DenseBlocks", "dense_blocks", "dense_scan_forward", "dense_scan_backward"]
+__all__ = ["DenseLaunch", "PRECISIONS", "default_launch", "dense_scan_forward", "dense_scan_backward"]
+
+PRECISIONS = ("tf32x3", "tf32")  # of float32 GEMM operands, most precise first
 
 
 @dataclass(frozen=True)
-class DenseBlocks:
-    """Tile shape of the dense scan: rows per program, latents per tile, columns per program."""
+class DenseLaunch:
+    """How the dense kernels are launched; the results do not depend on it beyond float rounding.
+
+    ``rows`` x ``latents`` x ``cols``: batch rows per program, latents per tile, columns of ``d``
+    per program (``BLOCK_B``, ``BLOCK_N``, ``BLOCK_D``), each a power of two >= 16 (the least
+    ``tl.dot`` dimension a GPU build takes); ``num_warps``: warps per program.  ``precision``: of
+    float32 GEMM operands, ``"tf32x3"`` (three TF32 tensor-core products, close to float32) or
+    ``"tf32"`` (one, ~1e-3 relative error per product, accumulated in float32 as cuBLAS's TF32
+    GEMMs are); half and float64 operands ignore it.
+    """
 
     rows: int
     latents: int
     cols: int
     num_warps: int
+    precision: str = "tf32x3"
+
+    def __post_init__(self):
+        for name in ("rows", "latents", "cols"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got {self.num_warps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 # Largest tiles per GEMM operand type.  The residual tile and, in the backward, its suffix-sum twin
@@ -113,39 +135,52 @@ class DenseBlocks:
 # its backward spills at 64x16x32 (216 B), 32x16x32 (328 B), 64x16x16 (176 B), 32x16x16 (24 B) and
 # 16x16x16 (16 B), but not at 16x16x32 (222 registers).  With 4 warps Triton 3.6 (the H200 image's)
 # spills 8 B in the 16x16x32 forward; with 8 warps neither 3.6 nor 3.9 spills in any float32 kernel.
-# None has been timed on a GPU yet.
-_MAX_BLOCKS = {
-    torch.float16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
-    torch.bfloat16: DenseBlocks(rows=32, latents=16, cols=64, num_warps=4),
-    torch.float32: DenseBlocks(rows=16, latents=16, cols=32, num_warps=8),
-    torch.float64: DenseBlocks(rows=32, latents=16, cols=32, num_warps=4),
+# None has been timed on a GPU yet: ``python -m benchmarks.tune_dense`` times the alternatives.
+_LARGEST = {
+    torch.float16: DenseLaunch(rows=32, latents=16, cols=64, num_warps=4),
+    torch.bfloat16: DenseLaunch(rows=32, latents=16, cols=64, num_warps=4),
+    torch.float32: DenseLaunch(rows=16, latents=16, cols=32, num_warps=8),
+    torch.float64: DenseLaunch(rows=32, latents=16, cols=32, num_warps=4),
 }
+# Float32 at "tf32": one product per operand pair instead of three frees registers, yet on 8 warps
+# Triton 3.9 spills 24 B in the 16x16x32 backward (128 registers); on 4 warps neither 3.6 nor 3.9
+# spills.  Untimed, like the rest: ``python -m benchmarks.tune_dense`` times larger tf32 tiles.
+_LARGEST_TF32 = DenseLaunch(rows=16, latents=16, cols=32, num_warps=4, precision="tf32")
 # Narrowest column chunk per operand type (else 16): the 16-wide float32 backward spills.
 _MIN_COLS = {torch.float32: 32}
 
 
-def dense_blocks(operand_dtype: torch.dtype, num_rows: int, d: int) -> DenseBlocks:
-    """Tiles for GEMM operands of ``operand_dtype``, shrunk to small ``B`` and ``d`` but never below
-    16: every ``tl.dot`` dimension must be at least 16 to compile for a GPU."""
-    largest = _MAX_BLOCKS[operand_dtype]
+def default_launch(operand_dtype: torch.dtype, num_rows: int, d: int, precision: str | None = None) -> DenseLaunch:
+    """The launch the op uses for GEMM operands of ``operand_dtype``: the largest tiles, shrunk to
+    small ``B`` and ``d`` but never below 16.
+
+    ``precision`` (``None``: the user's): float32 products run ``"tf32"`` when the user allows
+    PyTorch's own float32 matmuls TF32 (``torch.set_float32_matmul_precision("high")`` or
+    ``"medium"``), else ``"tf32x3"``, so that the kernels round their products as the PyTorch scan's
+    cuBLAS GEMMs do.
+    """
+    if precision is None:
+        precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    largest = _LARGEST_TF32 if operand_dtype == torch.float32 and precision == "tf32" else _LARGEST[operand_dtype]
     rows = max(16, min(triton.next_power_of_2(max(num_rows, 1)), largest.rows))
     cols = max(_MIN_COLS.get(operand_dtype, 16), min(triton.next_power_of_2(max(d, 1)), largest.cols))
-    return DenseBlocks(rows=rows, latents=largest.latents, cols=cols, num_warps=largest.num_warps)
+    return DenseLaunch(rows=rows, latents=largest.latents, cols=cols, num_warps=largest.num_warps, precision=precision)
 
 
 @triton.jit
-def _dot(a, b, acc=None):
+def _dot(a, b, PRECISION: tl.constexpr, acc=None):
     """``acc + a @ b``.  Accumulating into an existing tile saves the registers of a second one.
 
-    Float32 operands use three TF32 tensor-core products (``tf32x3``): close to IEEE float32, where
-    plain TF32 costs ~1e-3 relative error and IEEE (no tensor cores) spills registers heavily.
-    Half and float64 operands ignore the option.  An accumulator's dtype is named as the output's:
-    Triton 3.6 (the H200 image's) otherwise asserts a float32 output and refuses a float64 ``acc``.
+    ``PRECISION`` (``DenseLaunch.precision``) applies to float32 operands: ``"tf32x3"``, three TF32
+    tensor-core products, close to IEEE float32 (IEEE itself has no tensor cores and spills
+    registers heavily), or ``"tf32"``, one product at ~1e-3 relative error.  Half and float64
+    operands ignore it.  An accumulator's dtype is named as the output's: Triton 3.6 (the H200
+    image's) otherwise asserts a float32 output and refuses a float64 ``acc``.
     """
     if acc is None:
-        out = tl.dot(a, b, input_precision="tf32x3")
+        out = tl.dot(a, b, input_precision=PRECISION)
     else:
-        out = tl.dot(a, b, acc=acc, input_precision="tf32x3", out_dtype=acc.dtype)
+        out = tl.dot(a, b, acc=acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return out
 
 
@@ -199,18 +234,18 @@ def _edge_column(table_ptr, start, like):
 
 
 @triton.jit
-def _norms_inside_tile(r, a, w, ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norms_inside_tile(r, a, w, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(BLOCK_B, BLOCK_N)``: this chunk's share of ``||R - sum_{l <= j} a_l d_l||^2`` for every ``j``.
 
     With ``P = R W^T`` and ``Gm = W W^T``: ``||R||^2 + cumsum_j a_j (sum_l a_l M_lj - 2 P_j)``, where
     ``M_lj`` is ``2 Gm_lj`` for ``l < j``, ``Gm_jj`` on the diagonal and 0 below it.
     """
-    p = _dot(r.to(DOT), tl.trans(w))
-    gram = _dot(w, tl.trans(w))
+    p = _dot(r.to(DOT), tl.trans(w), PRECISION)
+    gram = _dot(w, tl.trans(w), PRECISION)
     l = tl.arange(0, BLOCK_N)[:, None]
     j = tl.arange(0, BLOCK_N)[None, :]
     pairs = tl.where(l < j, 2.0 * gram, tl.where(l == j, gram, 0.0))
-    cross = _dot(a, pairs.to(DOT))
+    cross = _dot(a, pairs.to(DOT), PRECISION)
     steps = a.to(ACC) * (cross - 2.0 * p)
     return tl.sum(r * r, axis=1)[:, None] + tl.cumsum(steps, axis=1)
 
@@ -220,7 +255,7 @@ def _dense_scan_forward_kernel(
     x_ptr, bias_ptr, w_ptr, acts_ptr, table_ptr, norms_ptr, residual_ptr,
     num_rows, d, scan_len, num_prefixes,
     stride_x, stride_w, stride_acts, stride_norms_chunk,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """norms[chunk, b, g] = this chunk's share of ||r_{m_g}||^2; residual[b, chunk] = r_L[chunk].
@@ -246,17 +281,17 @@ def _dense_scan_forward_kernel(
                              stride_acts, stride_w, DOT)
         inner = _inner_columns(table_ptr, start, scan_len, BLOCK_N)
         if tl.max(inner) >= 0:
-            norms = _norms_inside_tile(r, a, w, ACC, DOT, BLOCK_N)
+            norms = _norms_inside_tile(r, a, w, ACC, DOT, PRECISION, BLOCK_N)
             _write(norms_rows[:, None] + inner[None, :], norms,
                    row_in[:, None] & (inner[None, :] >= 0), ATOMIC)
-        r = _dot(-a, w, r)
+        r = _dot(-a, w, PRECISION, r)
     _write(norms_rows + num_prefixes - 1, tl.sum(r * r, axis=1), row_in, ATOMIC)
     tl.store(residual_ptr + rows[:, None] * d + cols[None, :], r, mask=tile_in)
 
 
 @triton.jit
 def _add_grads_inside_tile(da, dw, s, r_start, a, w, suffix_weights, ACC: tl.constexpr, DOT: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add the terms of the prefixes *inside* a tile to ``(dA, dW_dec, S)`` and return them.
 
     With ``T_j = sum_{j' >= j} 2 c_{j'}`` (``c_{j'}`` the norm gradient at the position after latent
@@ -267,20 +302,20 @@ def _add_grads_inside_tile(da, dw, s, r_start, a, w, suffix_weights, ACC: tl.con
         dW_l  += -sum_b a_l T_l R_s + sum_m M_lm d_m,   M_lm = sum_b a_l a_m T_{max(l,m)}
         S     += T_0 R_s - sum_l a_l T_l d_l           (the suffix sum before the tile)
     """
-    p = _dot(r_start.to(DOT), tl.trans(w))
-    gram = _dot(w, tl.trans(w))
+    p = _dot(r_start.to(DOT), tl.trans(w), PRECISION)
+    gram = _dot(w, tl.trans(w), PRECISION)
     l = tl.arange(0, BLOCK_N)[:, None]
     j = tl.arange(0, BLOCK_N)[None, :]
     upper = tl.where(l <= j, gram, 0.0).to(DOT)
     lower = tl.where(l > j, gram, 0.0).to(DOT)
     t = 2.0 * tl.cumsum(suffix_weights, axis=1, reverse=True)
     at = (a.to(ACC) * t).to(DOT)
-    da += t * (_dot(a, upper) - p) + _dot(at, lower)
-    k = _dot(tl.trans(a), at)  # k_lm = sum_b a_l a_m T_m; M takes it for l <= m, its transpose below
+    da += t * (_dot(a, upper, PRECISION) - p) + _dot(at, lower, PRECISION)
+    k = _dot(tl.trans(a), at, PRECISION)  # k_lm = sum_b a_l a_m T_m; M takes it for l <= m, its transpose below
     pair_weights = tl.where(l <= j, k, tl.trans(k)).to(DOT)
-    dw = _dot(tl.trans(-at), r_start.to(DOT), _dot(pair_weights, w, dw))
+    dw = _dot(tl.trans(-at), r_start.to(DOT), PRECISION, _dot(pair_weights, w, PRECISION, dw))
     t_first = 2.0 * tl.sum(suffix_weights, axis=1)
-    s = _dot(-at, w, s + t_first[:, None] * r_start)
+    s = _dot(-at, w, PRECISION, s + t_first[:, None] * r_start)
     return da, dw, s
 
 
@@ -295,7 +330,7 @@ def _level_ends(inner, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends, ACC: tl.constexpr,
-                                    DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+                                    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Detached levels: add the terms of the levels that *end inside* a tile to ``dA`` (returned)
     and ``dW_dec`` (added atomically here: accumulated into the tile's ``dW`` registers instead, the
     float32 build spilled), and move the level suffix ``H`` to the tile's start (before the edge
@@ -310,31 +345,33 @@ def _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_ow
     The level suffix at the tile start is latent 0's: ``H`` if its level runs past the tile (then
     ``u_0 = 0``), else ``u_0 (R_s - sum_{m <= e(0)} a_m d_m)``, where ``u_m = u_0`` for ``m <= e(0)``.
     """
-    p = _dot(r_start.to(DOT), tl.trans(w))
-    gram = _dot(w, tl.trans(w))
+    p = _dot(r_start.to(DOT), tl.trans(w), PRECISION)
+    gram = _dot(w, tl.trans(w), PRECISION)
     m = tl.arange(0, BLOCK_N)[:, None]
     l = tl.arange(0, BLOCK_N)[None, :]
-    da += c_own * (_dot(a, tl.where(m <= ends[None, :], gram, 0.0).to(DOT)) - p)
+    da += c_own * (_dot(a, tl.where(m <= ends[None, :], gram, 0.0).to(DOT), PRECISION) - p)
     au = (a.to(ACC) * c_own).to(DOT)
-    pairs = _dot(tl.trans(au), a)  # pairs[l, m] = K_lm before the mask m <= e(l)
-    dw = _dot(tl.trans(-au), r_start.to(DOT), _dot(tl.where(l <= ends[:, None], pairs, 0.0).to(DOT), w))
+    pairs = _dot(tl.trans(au), a, PRECISION)  # pairs[l, m] = K_lm before the mask m <= e(l)
+    own_pairs = tl.where(l <= ends[:, None], pairs, 0.0).to(DOT)
+    dw = _dot(tl.trans(-au), r_start.to(DOT), PRECISION, _dot(own_pairs, w, PRECISION))
     tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
     first_end = tl.min(ends)  # e is non-decreasing: e(0)
     u_first = tl.sum(tl.where(l == 0, c_own, 0.0), axis=1)
     first_level = tl.where(l <= first_end, -au, 0.0)
-    h = _dot(first_level, w, (first_end >= BLOCK_N).to(ACC) * h + u_first[:, None] * r_start)
+    h = _dot(first_level, w, PRECISION, (first_end >= BLOCK_N).to(ACC) * h + u_first[:, None] * r_start)
     return da, h
 
 
 @triton.jit
-def _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC: tl.constexpr, DOT: tl.constexpr):
+def _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC: tl.constexpr, DOT: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Detached levels keep the full suffix ``S`` (for ``dx`` only) in the program's own ``dx`` tile
     in memory, not in registers: add a tile's prefixes' terms ``T_0 R_s - sum_l a_l T_l d_l`` (as
     ``_add_grads_inside_tile``) and ``2 c_s R_s`` of its edge."""
     t = 2.0 * tl.cumsum(c_inner, axis=1, reverse=True)
     t_first = 2.0 * tl.sum(c_inner, axis=1) + 2.0 * c_edge
     s = tl.load(dx_ptrs, mask=tile_in, other=0.0) + t_first[:, None] * r_start
-    tl.store(dx_ptrs, _dot((-a.to(ACC) * t).to(DOT), w, s), mask=tile_in)
+    tl.store(dx_ptrs, _dot((-a.to(ACC) * t).to(DOT), w, PRECISION, s), mask=tile_in)
 
 
 @triton.jit
@@ -342,7 +379,7 @@ def _dense_scan_backward_kernel(
     residual_ptr, grad_norms_ptr, w_ptr, acts_ptr, table_ptr, dx_ptr, dacts_ptr, dw_ptr,
     num_rows, d, n, scan_len, num_prefixes,
     stride_w, stride_acts, stride_dw, stride_dacts_chunk,
-    DETACH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    DETACH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx[b, chunk] = S_0; dacts[chunk, b, :L] = chunk shares of dA; dW_dec += via atomics.
@@ -384,7 +421,7 @@ def _dense_scan_backward_kernel(
         latents = start + tl.arange(0, BLOCK_N).to(tl.int64)
         a, w, latent_in = _load_tile(acts_ptr, w_ptr, rows, latents, cols, row_in, col_in, scan_len,
                                      stride_acts, stride_w, DOT)
-        r_start = _dot(a, w, r)
+        r_start = _dot(a, w, PRECISION, r)
         dw_ptrs = dw_ptr + latents[:, None] * stride_dw + cols[None, :]
         dw_mask = latent_in[:, None] & col_in[None, :]
         inner = _inner_columns(table_ptr, start, scan_len, BLOCK_N)
@@ -393,28 +430,28 @@ def _dense_scan_backward_kernel(
             ends = _level_ends(inner, BLOCK_N)
             runs_past = (ends >= BLOCK_N)[None, :]  # the latent's level ends at or after the tile's end
             h_dot = h.to(DOT)
-            da = tl.where(runs_past, -_dot(h_dot, tl.trans(w)), 0.0)
-            dw = _dot(tl.trans(-tl.where(runs_past, a, 0.0).to(DOT)), h_dot)
+            da = tl.where(runs_past, -_dot(h_dot, tl.trans(w), PRECISION), 0.0)
+            dw = _dot(tl.trans(-tl.where(runs_past, a, 0.0).to(DOT)), h_dot, PRECISION)
             if tl.max(inner) >= 0:
                 own_column = tl.load(table_ptr + start + 1 + ends, mask=ends < BLOCK_N, other=-1)
                 c_own = 2.0 * tl.load(grad_rows[:, None] + own_column[None, :],
                                       mask=row_in[:, None] & (own_column[None, :] >= 0), other=0.0)
                 da, h = _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends,
-                                                        ACC, DOT, BLOCK_N)
+                                                        ACC, DOT, PRECISION, BLOCK_N)
             c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
             if tl.max(tl.maximum(inner, tl.max(edge))) >= 0:
                 c_inner = tl.load(grad_rows[:, None] + inner[None, :],
                                   mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
-                _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC, DOT)
+                _add_to_full_suffix(dx_ptrs, tile_in, r_start, a, w, c_inner, c_edge, ACC, DOT, PRECISION)
             h = tl.where((edge >= 0)[:, None], 2.0 * c_edge[:, None] * r_start, h)
         else:
             s_dot = s.to(DOT)
-            da = -_dot(s_dot, tl.trans(w))
-            dw = _dot(tl.trans(-a), s_dot)
+            da = -_dot(s_dot, tl.trans(w), PRECISION)
+            dw = _dot(tl.trans(-a), s_dot, PRECISION)
             if tl.max(inner) >= 0:
                 c_inner = tl.load(grad_rows[:, None] + inner[None, :],
                                   mask=row_in[:, None] & (inner[None, :] >= 0), other=0.0)
-                da, dw, s = _add_grads_inside_tile(da, dw, s, r_start, a, w, c_inner, ACC, DOT, BLOCK_N)
+                da, dw, s = _add_grads_inside_tile(da, dw, s, r_start, a, w, c_inner, ACC, DOT, PRECISION, BLOCK_N)
             c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
             s += 2.0 * c_edge[:, None] * r_start
         r = r_start
@@ -437,14 +474,18 @@ def _operand_dtype(acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype) ->
     return acc
 
 
-def _plan(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype):
-    """``(grid, meta)``: the launch grid (row blocks, d-chunks) and the compile-time arguments."""
+def _plan(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype,
+          launch: DenseLaunch | None = None):
+    """``(grid, meta)``: the launch grid (row blocks, d-chunks) and the compile-time arguments of
+    ``launch`` (``None``: ``default_launch``)."""
     operand = _operand_dtype(acts, W_dec, acc)
-    blocks = dense_blocks(operand, num_rows, d)
-    grid = (triton.cdiv(num_rows, blocks.rows), triton.cdiv(d, blocks.cols))
+    launch = launch or default_launch(operand, num_rows, d)
+    grid = (triton.cdiv(num_rows, launch.rows), triton.cdiv(d, launch.cols))
     meta = dict(
         ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[operand],
-        BLOCK_B=blocks.rows, BLOCK_N=blocks.latents, BLOCK_D=blocks.cols, num_warps=blocks.num_warps,
+        # Only float32 operands read it: one build per other dtype, whatever the launch says.
+        PRECISION=launch.precision if operand == torch.float32 else PRECISIONS[0],
+        BLOCK_B=launch.rows, BLOCK_N=launch.latents, BLOCK_D=launch.cols, num_warps=launch.num_warps,
     )
     return grid, meta
 
@@ -481,15 +522,17 @@ def dense_scan_forward(
     acts: torch.Tensor,
     lengths_cpu: torch.Tensor,
     acc_dtype: torch.dtype,
+    launch: DenseLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward scan.  Returns ``(norms (B, G), residual after the longest prefix (B, d))``
     in ``acc_dtype`` (float32 or float64).
 
-    ``lengths_cpu``: the strictly increasing prefix lengths, int64 on the host.
+    ``lengths_cpu``: the strictly increasing prefix lengths, int64 on the host; ``launch``: tiles,
+    warps and float32 precision (``None``: ``default_launch``).
     """
     num_rows, d = x.shape
     num_prefixes = lengths_cpu.numel()
-    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype)
+    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype, launch)
     shares, atomic = _chunk_shares(grid[1], num_rows, num_prefixes, d, acc_dtype, x.device)
     residual = x.new_empty(num_rows, d, dtype=acc_dtype)
     if num_rows > 0 and d > 0:
@@ -512,16 +555,18 @@ def dense_scan_backward(
     acts: torch.Tensor,
     lengths_cpu: torch.Tensor,
     detach: bool = False,
+    launch: DenseLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dacts, dW_dec)`` in the residual's (accumulation) dtype.
-    ``detach``: norm ``g`` differentiates only its own level's latents (``DETACH`` on the kernel).
+    ``detach``: norm ``g`` differentiates only its own level's latents (``DETACH`` on the kernel);
+    ``launch``: as the forward's (the backward need not match it).
 
     ``dW_dec`` sums over row blocks with atomics into a zeroed buffer, like the sparse scan's.
     """
     num_rows, d = residual.shape
     n = W_dec.shape[0]
     acc_dtype = residual.dtype
-    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype)
+    grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype, launch)
     dx = torch.empty_like(residual)
     dacts_shares, atomic = _chunk_shares(grid[1], num_rows, n, d, acc_dtype, residual.device)
     dW = torch.zeros(W_dec.shape, dtype=acc_dtype, device=W_dec.device)

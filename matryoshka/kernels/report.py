@@ -6,8 +6,9 @@ Every kernel (sparse and dense, forward and backward) is built at every supporte
 float32, float16, bfloat16) and at the block configurations the host functions pick for small and
 large shapes, through the host functions' own planning code (``sparse_scan._launch_meta``,
 ``dense_scan._plan``), so the report builds what launches.  Dense kernels are built in both their
-``ATOMIC`` variants (per-chunk buffer, or atomics into one), and both backward kernels in both
-``DETACH`` variants (detached levels or not).  Launches other than the host's default (the sparse
+``ATOMIC`` variants (per-chunk buffer, or atomics into one), float32 ones at both precisions
+(``tf32x3``, and ``tf32``, which runs when the user allows PyTorch's matmuls TF32), and both backward
+kernels in both ``DETACH`` variants (detached levels or not).  Launches other than the host's default (the sparse
 tuner's candidates, among them the sorted-``dW_dec`` segment sum, which only ``dw_mode="sorted"``
 launches) are built by ``python -m benchmarks.tune --compile-only`` through ``_sparse_builds``.
 
@@ -136,37 +137,57 @@ def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
     return out
 
 
-def _dense_builds(dtypes, shapes, num_prefixes: int = 8) -> list[Build]:
-    from ..precision import compute_dtype
+def _dense_builds(dtypes, shapes, num_prefixes: int = 8, launch=None) -> list[Build]:
+    """The dense kernels at ``launch`` (``None``: the host's ``default_launch`` for each shape, for
+    float32 operands at both precisions: which one runs follows the user's matmul precision)."""
     from . import dense_scan
 
     out = []
     for dtype in dtypes:
         for num_rows, d in shapes:
-            acts = torch.empty(num_rows, N_LATENTS, dtype=dtype, device="meta")
-            W_dec = torch.empty(N_LATENTS, d, dtype=dtype, device="meta")
-            acc = compute_dtype(acts, W_dec)
-            grid, meta = dense_scan._plan(num_rows, d, acts, W_dec, acc)
-            meta = dict(meta)
-            options = dict(num_warps=meta.pop("num_warps"))
-            picked = {
-                "forward": dense_scan._chunk_shares(grid[1], num_rows, num_prefixes, d, acc, "meta")[1],
-                "backward": dense_scan._chunk_shares(grid[1], num_rows, N_LATENTS, d, acc, "meta")[1],
-            }
-            tiles = f"{meta['BLOCK_B']}x{meta['BLOCK_N']}x{meta['BLOCK_D']}"
-            for atomic in (False, True):
-                config = f"B,N,D={tiles} ATOMIC={int(atomic)} (B={num_rows}, d={d})"
-                out.append(Build(
-                    "dense_forward", dtype, config, dense_scan._dense_scan_forward_kernel,
-                    dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, acts_ptr=dtype, table_ptr=torch.int32,
-                         norms_ptr=acc, residual_ptr=acc),
-                    dict(HAS_BIAS=True, ATOMIC=atomic, **meta), options, picked["forward"] == atomic))
-                for detach in (False, True):
-                    out.append(Build(
-                        "dense_backward" + "_detached" * detach, dtype, config, dense_scan._dense_scan_backward_kernel,
-                        dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
-                             table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
-                        dict(DETACH=detach, ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
+            if launch is not None:
+                launches = [launch]
+            else:
+                precisions = dense_scan.PRECISIONS if dtype == torch.float32 else dense_scan.PRECISIONS[:1]
+                launches = [dense_scan.default_launch(dtype, num_rows, d, p) for p in precisions]
+            for each in launches:
+                out += _dense_builds_at(each, dtype, num_rows, d, num_prefixes)
+    return out
+
+
+def _dense_builds_at(launch, dtype, num_rows, d, num_prefixes) -> list[Build]:
+    """Both dense kernels at one launch on ``dtype`` inputs, in both ``ATOMIC`` variants (the backward
+    also in both ``DETACH`` ones), each marked launched when the host picks that variant at this shape."""
+    from ..precision import compute_dtype
+    from . import dense_scan
+
+    acts = torch.empty(num_rows, N_LATENTS, dtype=dtype, device="meta")
+    W_dec = torch.empty(N_LATENTS, d, dtype=dtype, device="meta")
+    acc = compute_dtype(acts, W_dec)
+    grid, meta = dense_scan._plan(num_rows, d, acts, W_dec, acc, launch)
+    meta = dict(meta)
+    options = dict(num_warps=meta.pop("num_warps"))
+    picked = {
+        "forward": dense_scan._chunk_shares(grid[1], num_rows, num_prefixes, d, acc, "meta")[1],
+        "backward": dense_scan._chunk_shares(grid[1], num_rows, N_LATENTS, d, acc, "meta")[1],
+    }
+    tiles = f"{meta['BLOCK_B']}x{meta['BLOCK_N']}x{meta['BLOCK_D']} w={options['num_warps']}"
+    if dtype == torch.float32:
+        tiles += f" {meta['PRECISION']}"
+    out = []
+    for atomic in (False, True):
+        config = f"B,N,D={tiles} ATOMIC={int(atomic)} (B={num_rows}, d={d})"
+        out.append(Build(
+            "dense_forward", dtype, config, dense_scan._dense_scan_forward_kernel,
+            dict(x_ptr=dtype, bias_ptr=dtype, w_ptr=dtype, acts_ptr=dtype, table_ptr=torch.int32,
+                 norms_ptr=acc, residual_ptr=acc),
+            dict(HAS_BIAS=True, ATOMIC=atomic, **meta), options, picked["forward"] == atomic))
+        for detach in (False, True):
+            out.append(Build(
+                "dense_backward" + "_detached" * detach, dtype, config, dense_scan._dense_scan_backward_kernel,
+                dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
+                     table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
+                dict(DETACH=detach, ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
     return out
 
 
