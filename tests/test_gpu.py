@@ -74,6 +74,35 @@ def test_tuning_launches_at_large_n_and_slot_counts(launch_kwargs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("setting", ["highest", "high"])
+def test_dense_float32_products_follow_the_users_matmul_precision(setting):
+    """Compiled dense kernels on float32 inputs against the float64 reference: ``tf32x3`` (PyTorch's
+    default "highest") to float32 rounding; ``tf32`` ("high": TF32 allowed) to TF32's ~1e-3, and
+    visibly coarser, which shows that the one-product TF32 path really ran."""
+    before = torch.get_float32_matmul_precision()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, d, n = 96, 300, 1000
+    x, b = torch.randn(B, d, device="cuda", generator=g), torch.randn(d, device="cuda", generator=g)
+    W = torch.randn(n, d, device="cuda", generator=g) / d**0.5
+    acts = torch.randn(B, n, device="cuda", generator=g).relu()
+    prefixes = Prefixes([0, 1, 15, 16, 17, 333, n])
+    outs = []
+    try:
+        torch.set_float32_matmul_precision(setting)
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, acts, W, b)]
+            out = matryoshka_loss(leaves[0], leaves[1], leaves[2], leaves[3], prefixes, backend)
+            out.loss.backward()
+            outs.append([out.per_prefix.detach()] + [t.grad for t in leaves])
+    finally:
+        torch.set_float32_matmul_precision(before)
+    err = max(((a.double() - w).abs().max() / w.abs().max()).item() for a, w in zip(*outs))
+    if setting == "highest":
+        assert err < 1e-4
+    else:
+        assert 1e-5 < err < 2e-2
+
+
 def test_inductor_compiled_topk_training_step():
     """A TopK SAE step (encoder GEMM, TopK, every-prefix loss through the custom op) under the default
     ``torch.compile`` backend: Inductor generates Triton code for everything around our op, which

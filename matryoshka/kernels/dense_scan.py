@@ -156,8 +156,8 @@ def default_launch(operand_dtype: torch.dtype, num_rows: int, d: int, precision:
 
     ``precision`` (``None``: the user's): float32 products run ``"tf32"`` when the user allows
     PyTorch's own float32 matmuls TF32 (``torch.set_float32_matmul_precision("high")`` or
-    ``"medium"``), else ``"tf32x3"``, so that the kernels round their products as the PyTorch scan's
-    cuBLAS GEMMs do.
+    ``"medium"``, or ``torch.backends.cuda.matmul.allow_tf32 = True``, which sets ``"high"``), else
+    ``"tf32x3"``, so that the kernels round their products as the PyTorch scan's cuBLAS GEMMs do.
     """
     if precision is None:
         precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
