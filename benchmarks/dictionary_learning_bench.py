@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
-from .harness import add_sae_step_arguments, device_name, summarize
+from .harness import add_sae_step_arguments, device_name, summarize, time_call
 
 GROUPS = {"5": [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2], "64": [1 / 64] * 64}
 
@@ -64,14 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"variant": variant, "kind": kind, "loss": call().item(), "call": call, "times": []})
     for round_ in range(args.repeats + 1):
         for row in rows:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            row["call"]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            seconds = time_call(row["call"], device)
             if round_ > 0:
-                row["times"].append(time.perf_counter() - start)
+                row["times"].append(seconds)
     stock = {row["kind"]: row for row in rows if row["variant"] == "stock"}
     base = summarize(stock["5"]["times"])["median_s"]
     print(f"# dictionary_learning Matryoshka BatchTopK, loss + backward: {device_name(device)}, "

@@ -248,6 +248,23 @@ def timer_seconds(device: torch.device, timer) -> float:
     return timer[0].elapsed_time(timer[1]) / 1e3 if device.type == "cuda" else timer
 
 
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, its work finished: CUDA events around it and a
+    synchronisation on CUDA, ``time.perf_counter`` on the CPU."""
+    start = start_timer(device)
+    fn()
+    timer = stop_timer(device, start)
+    sync(device)
+    return timer_seconds(device, timer)
+
+
+def median_time(step: Callable[[int], object], device: torch.device, rounds: int) -> float:
+    """Median seconds of ``step(r)`` (``r``: the call's number, to rotate input sets) over ``rounds``
+    calls after one warm-up call."""
+    time_call(lambda: step(0), device)  # warm-up: compiles and first touches, not timed
+    return statistics.median(time_call(lambda: step(r), device) for r in range(1, rounds + 1))
+
+
 def summarize(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {

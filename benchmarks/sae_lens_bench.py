@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize
+from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize, time_call
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET = 1.1  # the issue's target: every-prefix fused step <= 1.1x the stock 5-group step
@@ -79,16 +78,6 @@ def build_sae(variant: str, kind: str, args: argparse.Namespace, state: dict | N
     return sae
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def make_calls(variant: str, kind: str, args, state: dict, x: torch.Tensor) -> dict:
     """The row of ``variant`` with its two timed calls, ``forward`` and ``step``, and its loss."""
     from sae_lens.saes.sae import TrainStepInput
@@ -124,7 +113,7 @@ def measure(rows: list[dict], device: torch.device, repeats: int, budget_s: floa
                 done = times[i, name]
                 if len(done) >= 2 and sum(done) > budget_s:
                     continue
-                seconds = _timed(fn, device)
+                seconds = time_call(fn, device)
                 if round_ > 0:
                     done.append(seconds)
     for i, row in enumerate(rows):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 
 from .checks import rel_err
-from .harness import device_name, make_input_sets, prefix_set
+from .harness import device_name, make_input_sets, prefix_set, time_call
 
 __all__ = ["Variant", "variants", "check_variants", "main"]
 
@@ -89,13 +88,7 @@ def time_variants(B, n, d, k, backend, device, rounds: int) -> dict[str, dict]:
     def run(v: Variant) -> float:
         s = sets[next(calls) % len(sets)]
         s.clear_grads()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        v.loss(s.x, s.acts, s.W_dec, s.b_dec, backend).loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time_call(lambda: v.loss(s.x, s.acts, s.W_dec, s.b_dec, backend).loss.backward(), device)
 
     for v in chosen:  # warm-up
         run(v)

@@ -55,6 +55,7 @@ from .harness import (
     stop_timer,
     summarize,
     sync,
+    time_call,
     timer_seconds,
 )
 from .sae_step import VARIANTS, TopKSAE, make_train_step
@@ -255,17 +256,7 @@ def run_e2e(e2e: dict, activations: list[str], dtype_name: str, device, opts, ba
             if step is None or len(times) >= target:
                 continue
             x = batches[round_index % len(batches)]
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(x)
-                end.record()
-                torch.cuda.synchronize(device)
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                step(x)
-                times.append(time.perf_counter() - t0)
+            times.append(time_call(lambda: step(x), device))
         round_index += 1
     out = []
     for rec, _, _, times in cells:

@@ -53,8 +53,8 @@ from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, start_timer, stop_timer, sync,
-                      timer_seconds)
+from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, median_time, start_timer,
+                      stop_timer, sync, timer_seconds)
 
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
 PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
@@ -148,20 +148,6 @@ def time_round(kernel: Tunable, candidates: list, s, device: torch.device) -> li
     return [(timer_seconds(device, forward), timer_seconds(device, backward)) for forward, backward in pending]
 
 
-def time_calls(step: Callable[[int], None], device: torch.device, rounds: int) -> float:
-    """Median seconds of ``step(r)`` (``r``: the call's number, to rotate input sets) over ``rounds``
-    calls after one warm-up call."""
-    times = []
-    for r in range(rounds + 1):
-        start = start_timer(device)
-        step(r)
-        timer = stop_timer(device, start)
-        sync(device)
-        if r:  # the first call is the warm-up
-            times.append(timer_seconds(device, timer))
-    return statistics.median(times)
-
-
 def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
     """Median seconds of the sparse floor on ``sets``: one ``embedding_bag`` decode and squared error,
     forward+backward (``baselines.sparse_floor_loss``), what the issue's "every prefix within 2x the
@@ -175,7 +161,7 @@ def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
             t.grad = None
         sparse_floor_loss(x, acts, W, b).backward()
 
-    return time_calls(step, device, rounds)
+    return median_time(step, device, rounds)
 
 
 def time_phase(kernel: Tunable, candidates: list, inputs_by_key: dict, device, rounds, deadline) -> dict:

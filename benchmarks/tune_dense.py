@@ -46,9 +46,8 @@ from matryoshka.precision import compute_dtype
 from matryoshka.torch_scan import dense_prefix_norms_torch
 
 from .baselines import dense_decode_loss, densify
-from .harness import DTYPES, make_input_set, prefix_set
-from .tune import (Phases, Tunable, best_launch, compile_report, rounding_tolerance, run_tuner, time_calls,
-                   tuner_parser)
+from .harness import DTYPES, make_input_set, median_time, prefix_set
+from .tune import Phases, Tunable, best_launch, compile_report, rounding_tolerance, run_tuner, tuner_parser
 
 # (rows, latents, cols, num_warps); the default launch's tiles come first in each list.  Larger row
 # and column tiles re-read less (``A`` d/cols times, ``W_dec`` B/rows times) but hold more registers.
@@ -143,7 +142,7 @@ def time_references(sets: list[DenseInputs], device: torch.device, rounds: int) 
         x, A, W, b, lengths, grad = inputs(r)
         (dense_prefix_norms_torch(x, b, W, A, lengths) * grad).sum().backward()
 
-    return {name: time_calls(step, device, rounds) for name, step in (("decode_s", decode), ("torch_scan_s", torch_scan))}
+    return {name: median_time(step, device, rounds) for name, step in (("decode_s", decode), ("torch_scan_s", torch_scan))}
 
 
 def tiles_for(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
