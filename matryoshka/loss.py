@@ -66,8 +66,14 @@ class MatryoshkaLossOutput:
         return self._reconstruct()
 
 
+# Looked up once, at import: the answer cannot change while the process runs, and torch.compile
+# refuses to trace importlib.util.find_spec (Dynamo in torch 2.11, the H200 image's, raises
+# "Attempted to call function marked as skipped" under fullgraph=True).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(backend: str, device: torch.device, *, dense: bool) -> str:

@@ -28,6 +28,22 @@ def test_opcheck_sparse_scan(bias):
     )
 
 
+def test_backend_resolution_calls_nothing_torch_compile_refuses(monkeypatch):
+    """torch 2.11's Dynamo (the H200 image's) refuses to trace ``importlib.util.find_spec``, which made
+    every ``fullgraph=True`` compile of the loss fail there: whether Triton is installed is looked up
+    once, at import, not on every call."""
+    import importlib.util
+
+    from matryoshka.loss import resolve_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("importlib.util.find_spec called while resolving the backend")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    assert resolve_backend("auto", torch.device("cuda"), dense=False) == "triton"
+    assert resolve_backend("triton", torch.device("cuda"), dense=True) == "triton"
+
+
 def test_loss_inside_torch_compile():
     """The whole loss (sort, fold, kernel, unfold) traces through dynamo with the op kept opaque."""
     p = make_problem(4, 16, 20, 5, torch.float32, DEVICE, pad_fraction=0.2)
