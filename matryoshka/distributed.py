@@ -8,12 +8,14 @@ gloo).  :func:`matryoshka.train.train` then picks the group up by itself, see :m
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["Ranks", "init_from_env"]
+__all__ = ["Ranks", "data_parallel", "init_from_env"]
 
 
 def init_from_env() -> bool:
@@ -30,6 +32,26 @@ def init_from_env() -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return True
+
+
+def _has_forward_sync_buffers() -> bool:
+    return "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``module`` in DDP (gradients averaged over the ranks during backward), with rank 0's parameters
+    and buffers copied to every rank once, here, and never at a forward.
+
+    torch 2.13 says so with ``forward_sync_buffers=False``.  Older torch (the H200 image has 2.11)
+    lacks that argument, and its ``broadcast_buffers=False`` skips the buffers at construction too,
+    so they are broadcast from rank 0 here first.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    if _has_forward_sync_buffers():
+        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 class Ranks:

@@ -68,11 +68,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, remove_partial, save_checkpoint
-from .distributed import Ranks
+from .distributed import Ranks, data_parallel
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
@@ -546,8 +545,7 @@ def train(
     # DDP averages the gradients over the ranks during backward.  It copies rank 0's parameters and
     # buffers to every rank here, before the restore (which sets rank-specific BatchTopK counters),
     # and never again: the BatchTopK threshold is computed identically on every rank.
-    model = sae if ranks is None else DistributedDataParallel(
-        sae, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    model = sae if ranks is None else data_parallel(sae, device)
     folder = _start_from(run, checkpoint_dir, resume, config, ranks)
     previous_parallel, sae.data_parallel = sae.data_parallel, ranks
     try:

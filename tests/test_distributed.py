@@ -6,6 +6,7 @@ another world size."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from matryoshka import distributed
 from matryoshka.train import train
 from tests.tiny_runs import final_state, sample, tiny_config, tiny_sae
 
@@ -121,3 +123,49 @@ def test_rank_zero_writes_checkpoints_any_world_size_resumes(runs, one_thread):
 
 def test_batch_must_split_evenly(runs):
     assert runs[1][0]["odd_batch"] == "batch_size=15 must be divisible by the world size 2"
+
+
+class _Counter(torch.nn.Module):
+    """A parameter and a buffer that start at the rank's number; each forward adds 1 to the buffer."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((2,), float(rank)))
+        self.register_buffer("count", torch.full((1,), float(rank)))
+
+    def forward(self, x):
+        self.count += 1
+        return (x * self.weight).sum()
+
+
+def _wrap_main(rank: int, folder: Path, old_torch: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        if old_torch:  # torch < 2.13's path: no forward_sync_buffers argument
+            distributed._has_forward_sync_buffers = lambda: False
+        module = _Counter(rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: deprecated in torch 2.13
+            model = distributed.data_parallel(module, torch.device("cpu"))
+        wrapped = dict(weight=module.weight.detach().clone(), count=module.count.clone())
+        if rank == 1:
+            module.count += 10  # rank-local from here on, as the BatchTopK counters after a restore
+        model(torch.ones(2)).backward()
+        torch.save(dict(wrapped=wrapped, count=module.count.clone()), folder / f"wrap{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("old_torch", [False, True], ids=["forward_sync_buffers", "broadcast_buffers"])
+def test_data_parallel_copies_rank_zeros_state_once_and_never_at_a_forward(tmp_path, old_torch):
+    """What the trainer relies on, on torch 2.13 and on older torch (the H200 image's 2.11)."""
+    threads = torch.get_num_threads()
+    try:
+        mp.start_processes(_wrap_main, args=(tmp_path, old_torch), nprocs=2, join=True, start_method="fork")
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(tmp_path / f"wrap{r}.pt") for r in range(2)]
+    for r in ranks:  # rank 0's parameters and buffers everywhere after the wrap
+        assert torch.equal(r["wrapped"]["weight"], torch.zeros(2)) and torch.equal(r["wrapped"]["count"], torch.zeros(1))
+    assert [float(r["count"]) for r in ranks] == [1.0, 11.0]  # no buffer copy at the forward
