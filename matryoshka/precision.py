@@ -25,9 +25,16 @@ def promote(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
+# Whether autocast exists for a device type, asked once per type: torch.compile in torch 2.11 (the
+# H200 image's) refuses to trace torch.amp.is_autocast_available, so the common types are asked at import.
+_AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type) for device_type in ("cpu", "cuda")}
+
+
 def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     """A context without autocast on ``device_type``, so the scans accumulate in :func:`compute_dtype`
     whatever autocast would pick for their matmuls and reductions (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device_type):
+    if device_type not in _AUTOCAST_AVAILABLE:
+        _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if _AUTOCAST_AVAILABLE[device_type]:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

@@ -44,6 +44,20 @@ def test_backend_resolution_calls_nothing_torch_compile_refuses(monkeypatch):
     assert resolve_backend("triton", torch.device("cuda"), dense=True) == "triton"
 
 
+def test_autocast_switch_calls_nothing_torch_compile_refuses(monkeypatch):
+    """The same for ``torch.amp.is_autocast_available`` (torch 2.11's Dynamo refuses it too): asked at
+    import for CPU and CUDA, once for any other device type."""
+    from matryoshka.precision import autocast_disabled
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.amp.is_autocast_available called at a loss call")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
+    for device_type in ("cpu", "cuda"):
+        with autocast_disabled(device_type):
+            assert not torch.is_autocast_enabled(device_type)
+
+
 def test_loss_inside_torch_compile():
     """The whole loss (sort, fold, kernel, unfold) traces through dynamo with the op kept opaque."""
     p = make_problem(4, 16, 20, 5, torch.float32, DEVICE, pad_fraction=0.2)
