@@ -178,7 +178,10 @@ class Method:
 
     ``cost(B, n, d, k, lengths, elem)`` returns ``(flops, extra_bytes, ops)``: forward+backward
     floating-point operations, bytes held for the backward, and the number of framework ops
-    launched (each costs a fixed overhead, which dominates the per-group loops at large G).
+    launched (each costs a fixed overhead, which dominates the per-group loops at large G); a
+    fourth value, where a method has one, is the bytes it streams besides (re-reads, atomics).
+    ``depends_on_k``: False for the dense op, whose time is that of its ``(B, n)`` activations
+    whatever ``k`` the TopK outputs were densified from (the sweep times it at one ``k``).
     """
 
     name: str
@@ -187,6 +190,7 @@ class Method:
     uses_prefixes: bool
     cost: Callable
     devices: tuple[str, ...] = ("cpu", "cuda")
+    depends_on_k: bool = True
 
     def __call__(self, x, acts, W_dec, b_dec, prefixes, return_per_prefix=False):
         return self.fn(x, acts, W_dec, b_dec, prefixes, return_per_prefix=return_per_prefix)
@@ -229,13 +233,30 @@ def _cost_fused_dense(B, n, d, k, lengths, elem):
     return 6 * B * n * d + 6 * boundary_blocks * B * 256 * d, boundary_blocks * B * (d + 256) * 4 + _dense_bytes(B, n, elem), 20 * blocks
 
 
+def _cost_fused_dense_triton(B, n, d, k, lengths, elem):
+    """The dense kernels' cost model (``kernels/dense_scan.py``'s docstring): every program streams its
+    rows' activations and its chunk's ``W_dec`` rows, forward and backward, and the backward adds its
+    shares into ``dW_dec`` (and ``dacts`` when several chunks share it) with float32 atomics, each a
+    read and a write.  No L2 reuse is counted, so this errs slow."""
+    from matryoshka.kernels.dense_scan import default_launch
+
+    operand = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[elem]  # float16's tiles are bfloat16's
+    tiles = default_launch(operand, B, d)
+    chunks, row_blocks = -(-d // tiles.cols), -(-B // tiles.rows)
+    inner = min(1.0, len(lengths) * tiles.latents / max(n, 1))  # share of tiles with boundaries inside
+    flops = 2 * B * n * d * (4 + 8 * inner)
+    atomics = n * d * row_blocks + (B * n * chunks if chunks > 1 and chunks * n > d else 0)
+    streamed = 2 * (B * n * chunks + n * d * row_blocks) * elem + 8 * atomics
+    return flops, 2 * B * d * 4 + _dense_bytes(B, n, elem), 4, streamed
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("fused_triton", "fused op (Triton)", lambda *a, **kw: fused_loss(*a, backend="triton", **kw), True, _cost_fused, ("cuda",)),
         Method("fused_torch", "fused op (PyTorch scan)", lambda *a, **kw: fused_loss(*a, backend="torch", **kw), True, _cost_fused),
-        Method("fused_dense_triton", "fused op, dense acts (Triton)", lambda *a, **kw: fused_dense_loss(*a, backend="triton", **kw), True, _cost_fused_dense, ("cuda",)),
-        Method("fused_dense_torch", "fused op, dense acts (PyTorch)", lambda *a, **kw: fused_dense_loss(*a, backend="torch", **kw), True, _cost_fused_dense),
+        Method("fused_dense_triton", "fused op, dense acts (Triton)", lambda *a, **kw: fused_dense_loss(*a, backend="triton", **kw), True, _cost_fused_dense_triton, ("cuda",), False),
+        Method("fused_dense_torch", "fused op, dense acts (PyTorch)", lambda *a, **kw: fused_dense_loss(*a, backend="torch", **kw), True, _cost_fused_dense, depends_on_k=False),
         Method("running_sum", "running sum", running_sum_loss, True, _cost_running),
         Method("stacked_cumsum", "stacked cumsum", stacked_cumsum_loss, True, _cost_stacked),
         Method("prefix_from_scratch", "prefix from scratch", prefix_from_scratch_loss, True, _cost_scratch),

@@ -20,10 +20,10 @@ to measure):
 * ``tune``      ``benchmarks.tune``: the sparse kernels' launch candidates (chunk width x warps, rows per program, slot-loop
                 pipelining, ``acq_rel`` atomics) at B = 4096, d = 2304, n = 65536, k in {32, 128}, bf16
                 then fp32, each checked against the default launch; not in the quick run;
-* ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {36864, 65536},
-                k in {32, 64, 128}, G in {1, 5, 16, 64, n}, fp32 and bf16, the TopK training step at
-                n = 65536), with whatever time the earlier and later stages leave; it starts no
-                configuration past its budget and keeps what it measured;
+* ``sweep``     ``benchmarks.sweep`` at issue 15's sizes (B = 4096, d = 2304, n in {65536, 36864},
+                k in {32, 64, 128}, G in {1, 5, 16, 64, n}, bf16 and fp32, in that order, the TopK
+                training step at n = 65536 first), with whatever time the earlier and later stages
+                leave; it starts no configuration past its budget and keeps what it measured;
 * ``tune-dense`` ``benchmarks.tune_dense``: the dense kernels' tile shapes and warps, and float32's
                 ``tf32`` products against ``tf32x3``, at B = 4096, d = 2304, n = 4096, every prefix,
                 bf16 then fp32, beside one dense decode and the dense PyTorch scan; after the sweep,

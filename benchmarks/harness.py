@@ -412,10 +412,10 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> tuple[float, float, f
 def estimate(method, B, n, d, k, prefixes, dtype, device) -> tuple[float, int]:
     """``(seconds, extra bytes)`` a forward+backward of ``method`` is expected to take."""
     elem = torch.empty(0, dtype=dtype).element_size()
-    flops, extra, ops = method.cost(B, n, d, k, prefixes.lengths.tolist(), elem)
+    flops, extra, ops, *streamed = method.cost(B, n, d, k, prefixes.lengths.tolist(), elem)
     rate, per_op, bandwidth = calibrate(device, dtype)
     # Every byte held for the backward is written once and read about twice more.
-    return flops / rate + ops * per_op + 3 * extra / bandwidth, int(extra)
+    return flops / rate + ops * per_op + (3 * extra + sum(streamed)) / bandwidth, int(extra)
 
 
 def memory_budget(device: torch.device) -> int:

@@ -132,3 +132,23 @@ def test_live_tensor_tracker_counts_saved_tensors_and_frees():
         del loss
     assert tracker.peak >= 2 * 256 * 256 * 4  # a*2 and the gradient alive together
     assert tracker.current == a.grad.numel() * 4  # only the gradient is left
+
+
+def test_dense_kernel_cost_model_is_its_docstrings_arithmetic():
+    """At B = 4096, n = 36864, d = 2304 in float32 ``kernels/dense_scan.py`` counts A 43.5 GB + W_dec
+    87.0 GB streamed per pass and 1.09e10 + 2.17e10 float32 atomics in the backward."""
+    flops, held, ops, streamed = METHODS["fused_dense_triton"].cost(4096, 36864, 2304, 32, list(range(1, 36865)), 4)
+    per_pass, atomics = (43.49e9 + 86.97e9), (1.087e10 + 2.174e10)
+    assert streamed == pytest.approx(2 * per_pass + 8 * atomics, rel=1e-3)
+    decode = 2 * 4096 * 36864 * 2304
+    assert 11 * decode < flops < 14 * decode  # every latent a prefix: the docstring's 3.5 + 9.5 decodes
+    # Group prefixes: about four decodes (forward, and the backward's three).
+    assert METHODS["fused_dense_triton"].cost(4096, 36864, 2304, 32, [36864], 4)[0] < 2 * 4096 * 36864 * 2304 * 4.01
+
+
+def test_the_dense_op_is_timed_at_one_k():
+    from benchmarks.sweep import methods_at
+
+    chosen = [METHODS[m] for m in ("fused_triton", "fused_dense_triton", "fused_dense_torch", "vanilla_floor")]
+    assert [m.name for m in methods_at(chosen, 32, [32, 64])] == [m.name for m in chosen]
+    assert [m.name for m in methods_at(chosen, 64, [32, 64])] == ["fused_triton", "vanilla_floor"]
