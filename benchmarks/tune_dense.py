@@ -146,6 +146,7 @@ def time_references(sets: list[DenseInputs], device: torch.device, rounds: int) 
 
 
 def tiles_for(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The tiles phase's candidates for inputs of ``dtype`` (float32, or a half type)."""
     return FLOAT32_TILES if dtype == torch.float32 else HALF_TILES
 
 
@@ -240,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--G", nargs="+", default=list(PREFIX_KINDS), help="prefix sets (harness.prefix_set kinds)")
     p.add_argument("--limit", type=int, help="at most this many candidates a phase")
     args = p.parse_args(argv)
+    if "fp64" in args.dtypes:
+        p.error("--dtypes: the dense tuner has candidates for fp32, bf16 and fp16 (float64 has one launch)")
     if args.compile_only:
         return compile_report(partial(candidate_builds, args.B, args.d, args.dtypes), args.jobs)
     if args.dry_run:
