@@ -468,8 +468,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown stages: {', '.join(sorted(unknown))}")
     if args.list:
-        for s in stages:
-            limit = "rest" if s.budget_s is None else f"{s.budget_s:.0f} s"
+        for i, s in enumerate(stages):
+            later = sum(t.budget_s for t in stages[i + 1:] if t.budget_s is not None)
+            limit = f"{s.budget_s:.0f} s" if s.budget_s is not None else f"rest less {later:.0f} s" if later else "rest"
             print(f"{s.name}: limit {limit}, estimate {s.estimate_s:.0f} s{'; ' + s.note if s.note else ''}")
             for command in s.commands:
                 print("    " + shlex.join(command)[:300])
