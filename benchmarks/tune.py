@@ -89,39 +89,36 @@ def kernel_inputs(B: int, n: int, d: int, k: int, dtype: torch.dtype, device: to
     return out
 
 
-def run_candidate(launch: SparseLaunch | None, s: Inputs) -> tuple[torch.Tensor, ...]:
-    """Forward then backward at ``launch`` (``None``: the default): ``(norms, residual, dx, dvalues, dW_dec)``."""
-    acc = compute_dtype(s.x, s.b_dec, s.W_dec, s.values)
-    norms, residual = sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
-    detached = (s.grad_norms, s.levels) if s.levels is not None else (None, None)
-    return (norms, residual,
-            *sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, *detached, launch=launch))
-
-
 @dataclass(frozen=True)
 class Tunable:
     """A kernel pair as the timing phases see it (the sparse one here, the dense one in ``tune_dense``).
 
-    ``forward(launch, s)`` makes the forward host call and returns what ``backward(launch, s, saved)``
-    takes; ``outputs(launch, s)``: every output of both, which a candidate must reproduce;
-    ``default(s)``: the launch the op uses on ``s``; ``tolerance(launch, expected)``: the largest
-    ``rel_err`` from the default launch's outputs that a candidate may show.
+    ``forward(launch, s)`` makes the forward host call and returns its outputs, which
+    ``backward(launch, s, saved)`` takes and whose outputs it returns; ``default(s)``: the launch the
+    op uses on ``s``; ``tolerance(launch, expected)``: the largest ``rel_err`` from the default
+    launch's outputs that a candidate may show.
     """
 
     forward: Callable
     backward: Callable
-    outputs: Callable
     default: Callable
     tolerance: Callable
 
+    def outputs(self, launch, s) -> tuple[torch.Tensor, ...]:
+        """Forward then backward at ``launch`` (``None``: the default): every output of both, which a
+        candidate must reproduce."""
+        saved = self.forward(launch, s)
+        return (*saved, *self.backward(launch, s, saved))
 
-def _sparse_forward(launch: SparseLaunch, s: Inputs) -> torch.Tensor:
+
+def _sparse_forward(launch: SparseLaunch | None, s: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     acc = compute_dtype(s.x, s.b_dec, s.W_dec, s.values)
-    return sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)[1]
+    return sparse_scan_forward(s.x, s.b_dec, s.W_dec, s.values, s.indices, acc, launch)
 
 
-def _sparse_backward(launch: SparseLaunch, s: Inputs, residual: torch.Tensor) -> None:
-    sparse_scan_backward(residual, s.grad_norms, s.W_dec, s.values, s.indices, launch=launch)
+def _sparse_backward(launch: SparseLaunch | None, s: Inputs, saved) -> tuple[torch.Tensor, ...]:
+    detached = (s.grad_norms, s.levels) if s.levels is not None else (None, None)
+    return sparse_scan_backward(saved[1], s.grad_norms, s.W_dec, s.values, s.indices, *detached, launch=launch)
 
 
 def rounding_tolerance(launch, expected: tuple[torch.Tensor, ...]) -> float:
@@ -130,8 +127,12 @@ def rounding_tolerance(launch, expected: tuple[torch.Tensor, ...]) -> float:
     return 1e-9 if expected[0].dtype == torch.float64 else 1e-4
 
 
-SPARSE = Tunable(_sparse_forward, _sparse_backward, run_candidate, lambda s: default_launch(s.x.shape[1]),
-                 rounding_tolerance)
+SPARSE = Tunable(_sparse_forward, _sparse_backward, lambda s: default_launch(s.x.shape[1]), rounding_tolerance)
+
+
+def run_candidate(launch: SparseLaunch | None, s: Inputs) -> tuple[torch.Tensor, ...]:
+    """Forward then backward at ``launch`` (``None``: the default): ``(norms, residual, dx, dvalues, dW_dec)``."""
+    return SPARSE.outputs(launch, s)
 
 
 def time_round(kernel: Tunable, candidates: list, s, device: torch.device) -> list[tuple[float, float]]:
@@ -328,10 +329,16 @@ def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
     """``report.Build`` of every kernel that ``every_candidate(d)`` launches, each distinct build once."""
     from matryoshka.kernels import report
 
-    # Only the default launch's builds are what the op launches ("not picked" in the table otherwise).
-    builds = [replace(b, launched=launch == default_launch(d)) for launch in dict.fromkeys(every_candidate(d))
-              for b in report._sparse_builds([DTYPES[name] for name in dtype_names], [(B, d)], launch)]
-    distinct = {}  # the first of identical builds: the default launch's, which comes first
+    # Only the default launch's builds are what the op launches ("not picked" in the table otherwise);
+    # of identical builds the default launch's, which comes first, is kept.
+    return distinct_builds([replace(b, launched=launch == default_launch(d)) for launch in every_candidate(d)
+                            for b in report._sparse_builds([DTYPES[name] for name in dtype_names], [(B, d)], launch)])
+
+
+def distinct_builds(builds: list) -> list:
+    """The first of each set of identical ``report.Build``s (same kernel, dtype, constants and
+    options: one compile), in order."""
+    distinct = {}
     for b in builds:
         distinct.setdefault((b.kernel, b.dtype, repr(sorted(b.constexprs.items())), repr(sorted(b.options.items()))), b)
     return list(distinct.values())

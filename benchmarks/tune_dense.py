@@ -47,7 +47,8 @@ from matryoshka.torch_scan import dense_prefix_norms_torch
 
 from .baselines import dense_decode_loss, densify
 from .harness import DTYPES, make_input_set, median_time, prefix_set
-from .tune import Phases, Tunable, best_launch, compile_report, rounding_tolerance, run_tuner, tuner_parser
+from .tune import (Phases, Tunable, best_launch, compile_report, distinct_builds, rounding_tolerance, run_tuner,
+                   tuner_parser)
 
 # (rows, latents, cols, num_warps); the default launch's tiles come first in each list.  Larger row
 # and column tiles re-read less (``A`` d/cols times, ``W_dec`` B/rows times) but hold more registers.
@@ -103,12 +104,6 @@ def _backward(launch: DenseLaunch | None, s: DenseInputs, saved) -> tuple[torch.
     return dense_scan_backward(saved[1], s.grad_norms, s.W_dec, s.acts, s.lengths, launch=launch)
 
 
-def run_candidate(launch: DenseLaunch | None, s: DenseInputs) -> tuple[torch.Tensor, ...]:
-    """Forward then backward at ``launch`` (``None``: the default): ``(norms, residual, dx, dacts, dW_dec)``."""
-    saved = _forward(launch, s)
-    return (*saved, *_backward(launch, s, saved))
-
-
 def _op_launch(s: DenseInputs) -> DenseLaunch:
     operand = _operand_dtype(s.acts, s.W_dec, compute_dtype(s.x, s.b_dec, s.W_dec, s.acts))
     return default_launch(operand, s.x.shape[0], s.x.shape[1])
@@ -118,7 +113,12 @@ def _tolerance(launch: DenseLaunch, expected: tuple[torch.Tensor, ...]) -> float
     return TF32_TOLERANCE if launch.precision == "tf32" else rounding_tolerance(launch, expected)
 
 
-DENSE = Tunable(_forward, _backward, run_candidate, _op_launch, _tolerance)
+DENSE = Tunable(_forward, _backward, _op_launch, _tolerance)
+
+
+def run_candidate(launch: DenseLaunch | None, s: DenseInputs) -> tuple[torch.Tensor, ...]:
+    """Forward then backward at ``launch`` (``None``: the default): ``(norms, residual, dx, dacts, dW_dec)``."""
+    return DENSE.outputs(launch, s)
 
 
 def time_references(sets: list[DenseInputs], device: torch.device, rounds: int) -> dict:
@@ -216,21 +216,17 @@ def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
     every launch a phase can pick, each distinct build once; only the op's default is "launched"."""
     from matryoshka.kernels import report
 
-    out, seen = [], set()
+    builds = []
     for name in dtype_names:
         dtype = DTYPES[name]
         default = default_launch(dtype, B, d)
         launches = [DenseLaunch(*t) for t in tiles_for(dtype)]
         if dtype == torch.float32:
             launches += [DenseLaunch(*t, precision="tf32") for t in tiles_for(dtype) + TF32_TILES]
-        for launch in launches:
-            for b in report._dense_builds([dtype], [(B, d)], launch=launch):
-                key = (b.kernel, b.dtype, repr(sorted(b.constexprs.items())), repr(sorted(b.options.items())))
-                if "detached" in b.kernel or not b.launched or key in seen:
-                    continue
-                seen.add(key)
-                out.append(replace(b, launched=launch == default))
-    return out
+        builds += [replace(b, launched=launch == default) for launch in launches
+                   for b in report._dense_builds([dtype], [(B, d)], launch=launch)
+                   if b.launched and "detached" not in b.kernel]  # the ATOMIC variant the host picks
+    return distinct_builds(builds)
 
 
 def main(argv=None) -> int:
