@@ -276,6 +276,23 @@ def best_launch(records: list[dict]) -> dict | None:
     return min(finite, key=lambda r: r["score_s"]) if finite else None
 
 
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` formatted, ``-`` where nothing was measured."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def timing_cell(c: dict) -> str:
+    """A candidate's cell at one input key: why it was not timed, or its median forward / backward ms."""
+    if "error" in c:
+        return c["error"]
+    return f"{c['forward_s'] * 1e3:.3f} / {c['backward_s'] * 1e3:.3f}" if "forward_s" in c else "-"
+
+
+def score_cell(r: dict) -> str:
+    """A candidate's score (ms), ``-`` where a key failed."""
+    return fmt(r["score_s"] * 1e3 if math.isfinite(r["score_s"]) else None, ".3f")
+
+
 def markdown(doc: dict) -> str:
     env = doc["environment"]
     lines = [f"# Sparse kernel launch tuning: {env.get('device_name')}", "",
@@ -289,17 +306,11 @@ def markdown(doc: dict) -> str:
                   + " | ".join(f"k={k} fwd / bwd ms" for k in doc["ks"]) + " | score ms | speed-up | / sparse floor |",
                   "|" + "---|" * (10 + len(doc["ks"]))]
         for r in sorted(records, key=lambda r: r["score_s"]):
-            L, cells = r["launch"], []
-            for k in doc["ks"]:
-                c = r["per_k"].get(str(k), {})
-                cells.append(c["error"] if "error" in c else
-                             f"{c['forward_s'] * 1e3:.3f} / {c['backward_s'] * 1e3:.3f}" if "forward_s" in c else "-")
-            speed = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] else "-"
-            floor = f"{r['vs_sparse_floor']:.2f}x" if r.get("vs_sparse_floor") else "-"
-            total = f"{r['score_s'] * 1e3:.3f}" if math.isfinite(r["score_s"]) else "-"
+            L = r["launch"]
+            cells = [timing_cell(r["per_k"].get(str(k), {})) for k in doc["ks"]]
             lines.append(f"| {r['phase']} | {L['rows']} | {L['block_d']} | {L['num_warps']} | {L['loop_stages']} | {L['atomic_sem']} | "
-                         f"{L['dw_mode']} | "
-                         + " | ".join(cells) + f" | {total} | {speed} | {floor} |")
+                         f"{L['dw_mode']} | " + " | ".join(cells) + f" | {score_cell(r)} | "
+                         f"{fmt(r['speedup_vs_default'], '.2f', 'x')} | {fmt(r.get('vs_sparse_floor'), '.2f', 'x')} |")
         best = best_launch(records)
         if best:
             lines += ["", f"Best: `{SparseLaunch(**best['launch'])}`, {best['speedup_vs_default']:.2f}x the default."

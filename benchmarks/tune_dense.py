@@ -33,7 +33,6 @@ sm_90 and prints its registers and spills.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, replace
 from functools import partial
@@ -47,8 +46,8 @@ from matryoshka.torch_scan import dense_prefix_norms_torch
 
 from .baselines import dense_decode_loss, densify
 from .harness import DTYPES, make_input_set, median_time, prefix_set
-from .tune import (Phases, Tunable, best_launch, compile_report, distinct_builds, rounding_tolerance, run_tuner,
-                   tuner_parser)
+from .tune import (Phases, Tunable, best_launch, compile_report, distinct_builds, fmt, rounding_tolerance, run_tuner,
+                   score_cell, timing_cell, tuner_parser)
 
 # (rows, latents, cols, num_warps); the default launch's tiles come first in each list.  Larger row
 # and column tiles re-read less (``A`` d/cols times, ``W_dec`` B/rows times) but hold more registers.
@@ -187,28 +186,20 @@ def markdown(doc: dict) -> str:
                   + " | score ms | speed-up | / one decode | / PyTorch scan | mismatch |",
                   "|" + "---|" * (9 + len(doc["G"]))]
         for r in sorted(records, key=lambda r: r["score_s"]):
-            L, cells = r["launch"], []
-            for g in doc["G"]:
-                c = r["per_g"].get(g, {})
-                cells.append(c["error"] if "error" in c else
-                             f"{c['forward_s'] * 1e3:.3f} / {c['backward_s'] * 1e3:.3f}" if "forward_s" in c else "-")
+            L = r["launch"]
+            cells = [timing_cell(r["per_g"].get(g, {})) for g in doc["G"]]
             mismatch = max((c["mismatch"] for c in r["per_g"].values() if "mismatch" in c), default=None)
             lines.append(
                 f"| {r['phase']} | {L['rows']}x{L['latents']}x{L['cols']} | {L['num_warps']} | {L['precision']} | "
-                + " | ".join(cells)
-                + f" | {_fmt(r['score_s'] * 1e3 if math.isfinite(r['score_s']) else None, '.3f')}"
-                + f" | {_fmt(r['speedup_vs_default'], '.2f', 'x')} | {_fmt(r['vs_decode'], '.2f', 'x')}"
-                + f" | {_fmt(r['vs_torch_scan'], '.2f', 'x')} | {_fmt(mismatch, '.1e')} |")
+                + " | ".join(cells) + f" | {score_cell(r)}"
+                + f" | {fmt(r['speedup_vs_default'], '.2f', 'x')} | {fmt(r['vs_decode'], '.2f', 'x')}"
+                + f" | {fmt(r['vs_torch_scan'], '.2f', 'x')} | {fmt(mismatch, '.1e')} |")
         best = best_launch(records)
         if best and best["speedup_vs_default"]:
             lines += ["", f"Best: `{DenseLaunch(**best['launch'])}`, {best['speedup_vs_default']:.2f}x the default, "
                       f"{best['vs_decode']:.2f}x one decode, {best['vs_torch_scan']:.2f}x the PyTorch scan."]
         lines.append("")
     return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def candidate_builds(B: int, d: int, dtype_names: list[str]) -> list:
