@@ -63,8 +63,8 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
-from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find_ok, git_output,
-                      make_input_sets, paired_ratio, ratio, start_timer, stop_timer, summarize, sync, timer_seconds)
+from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find, find_ok, git_output,
+                      make_input_sets, paired_ratio, ratio, read_timers, start_timer, stop_timer, summarize)
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,9 +267,8 @@ def round_robin(calls: dict[str, Callable[[], None]], device: torch.device, warm
             except Exception as exc:
                 errors[name] = describe_error(exc)
                 del times[name]
-        sync(device)
-        for name, timer in pending.items():
-            times[name].append(timer_seconds(device, timer))
+        for name, seconds in zip(pending, read_timers(device, list(pending.values()))):
+            times[name].append(seconds)
         if round_index == 0:
             per_round = sum(t[0] for t in times.values() if t) or 1.0
             rounds = max(min_rounds, min(max_rounds, int(budget_s / per_round)))
@@ -408,7 +407,7 @@ def markdown(doc: dict) -> str:
              "|---" * (len(LOSSES) + 3) + "|"]
     for k, dtype, part in sorted({(r["k"], r["dtype"], r["part"]) for r in records},
                                  key=lambda c: (list(DTYPES).index(c[1]), c[0], c[2])):
-        cells = [_fmt_ms(_find_any(records, k=k, dtype=dtype, part=part, loss=name)) for name in LOSSES]
+        cells = [_fmt_ms(find(records, k=k, dtype=dtype, part=part, loss=name)) for name in LOSSES]
         lines.append(f"| {k} | {dtype} | {part} | " + " | ".join(cells) + " |")
     lines += ["", "**Parity** (flex-sae's kernel against our op on the same inputs; relative difference "
               "max |flex - ours| / max |ours|)", "",
@@ -441,10 +440,6 @@ def markdown(doc: dict) -> str:
     for unit in doc["not_run"]:
         lines.append("Not run: " + ", ".join(f"{key}={value}" for key, value in unit.items()))
     return "\n".join(lines) + "\n"
-
-
-def _find_any(records: list[dict], **match) -> dict | None:
-    return next((r for r in records if all(r.get(key) == value for key, value in match.items())), None)
 
 
 def flex_ran_note(records: list[dict], checks: list[dict], interpreted: bool) -> str:

@@ -248,6 +248,12 @@ def timer_seconds(device: torch.device, timer) -> float:
     return timer[0].elapsed_time(timer[1]) / 1e3 if device.type == "cuda" else timer
 
 
+def read_timers(device: torch.device, timers: list) -> list[float]:
+    """The seconds of a round's :func:`stop_timer` results, after one synchronisation."""
+    sync(device)
+    return [timer_seconds(device, timer) for timer in timers]
+
+
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of ``fn`` takes, its work finished: CUDA events around it and a
     synchronisation on CUDA, ``time.perf_counter`` on the CPU."""
@@ -282,12 +288,14 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def find(records: list[dict], **match) -> dict | None:
+    """The first record with every ``key == value`` of ``match``, whatever its status."""
+    return next((r for r in records if all(r.get(key) == value for key, value in match.items())), None)
+
+
 def find_ok(records: list[dict], **match) -> dict | None:
     """The first record with every ``key == value`` of ``match`` that was measured (status ``ok``)."""
-    for r in records:
-        if all(r.get(key) == value for key, value in match.items()) and r.get("status") == "ok":
-            return r
-    return None
+    return find(records, status="ok", **match)
 
 
 def ratio(a: dict | None, b: dict | None, stat: str = "median_s") -> float | None:

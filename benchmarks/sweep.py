@@ -52,11 +52,10 @@ from .harness import (
     prefix_set,
     ratio,
     start_timer,
+    read_timers,
     stop_timer,
     summarize,
-    sync,
     time_call,
-    timer_seconds,
 )
 from .sae_step import VARIANTS, TopKSAE, make_train_step
 
@@ -100,16 +99,11 @@ def _make_step(method: Method, prefixes):
 
 
 def _timed_call(step, s: InputSet, device: torch.device):
-    """``step(s)`` timed: a ``harness.stop_timer`` result, read by ``_resolve`` after the round."""
+    """``step(s)`` timed: a ``harness.stop_timer`` result, read by ``read_timers`` after the round."""
     s.clear_grads()
     start = start_timer(device)
     step(s)
     return stop_timer(device, start)
-
-
-def _resolve(device: torch.device, pending: list) -> list[float]:
-    sync(device)
-    return [timer_seconds(device, timer) for timer in pending]
 
 
 def run_config(cfg: dict, methods: list[Method], g_kinds: list[str], device, opts, bar) -> list[dict]:
@@ -146,7 +140,7 @@ def run_config(cfg: dict, methods: list[Method], g_kinds: list[str], device, opt
             peak, how = peak_extra_memory(cell.step, sets[0], device)  # on the CPU: also a warm-up
             with torch.no_grad():
                 loss = cell.method(sets[0].x, sets[0].acts, sets[0].W_dec, sets[0].b_dec, cell.prefixes)
-            first = _resolve(device, [_timed_call(cell.step, sets[1 % len(sets)], device)])[0]
+            first = read_timers(device, [_timed_call(cell.step, sets[1 % len(sets)], device)])[0]
         except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
             cell.record.update(status="skipped", reason=f"out of memory: {exc}".splitlines()[0])
             torch.cuda.empty_cache()
@@ -184,7 +178,7 @@ def run_config(cfg: dict, methods: list[Method], g_kinds: list[str], device, opt
             c._pending = [_timed_call(c.step, sets[next(calls) % len(sets)], device)
                           for _ in range(1 if device.type == "cpu" else min(5, c.target_repeats - len(c.times)))]
         for c in active:
-            c.times += _resolve(device, c._pending)
+            c.times += read_timers(device, c._pending)
             c._pending = []
         round_index += 1
     for s in sets:

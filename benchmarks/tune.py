@@ -53,8 +53,8 @@ from matryoshka.scan_layout import SortedActs
 
 from .baselines import sparse_floor_loss
 from .checks import rel_err
-from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, median_time, start_timer,
-                      stop_timer, sync, timer_seconds)
+from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, median_time, read_timers,
+                      start_timer, stop_timer)
 
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
 PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
@@ -144,9 +144,9 @@ def time_round(kernel: Tunable, candidates: list, s, device: torch.device) -> li
         forward = stop_timer(device, start)
         start = start_timer(device)
         kernel.backward(launch, s, saved)
-        pending.append((forward, stop_timer(device, start)))
-    sync(device)
-    return [(timer_seconds(device, forward), timer_seconds(device, backward)) for forward, backward in pending]
+        pending += [forward, stop_timer(device, start)]
+    seconds = read_timers(device, pending)
+    return list(zip(seconds[::2], seconds[1::2]))
 
 
 def time_floor(sets: list[Inputs], device: torch.device, rounds: int) -> float:
