@@ -45,6 +45,11 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedD
     torch 2.13 says so with ``forward_sync_buffers=False``.  Older torch (the H200 image has 2.11)
     lacks that argument, and its ``broadcast_buffers=False`` skips the buffers at construction too,
     so they are broadcast from rank 0 here first.
+
+    Drop the returned model before ``dist.destroy_process_group()`` (:func:`matryoshka.train.train`
+    does: the model lives only while it trains).  A DDP model that outlives the group is its last
+    owner, and freeing it then runs gloo's destructor with the GIL held: that joins a worker thread
+    which may still need the GIL to free its last collective, and both wait forever.
     """
     device_ids = [device.index] if device.type == "cuda" else None
     if _has_forward_sync_buffers():

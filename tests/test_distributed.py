@@ -5,7 +5,9 @@ another world size."""
 
 from __future__ import annotations
 
+import gc
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -13,10 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from matryoshka import distributed
 from matryoshka.train import train
 from tests.tiny_runs import final_state, sample, tiny_config, tiny_sae
+
+# Two ranks that have not finished by then are hung (a lost collective, a deadlock at teardown): they
+# are killed and the test fails, instead of holding CI until its limit.  A healthy run takes < 10 s.
+RANKS_TIMEOUT_S = 300
 
 # relu: the adaptive L1 coefficient; topk: per-row selection and the AuxK loss; batchtopk: the
 # batch-global selection, its threshold and row width.  Enough steps for re-sorts and dead latents.
@@ -48,6 +55,8 @@ def _rank_main(rank: int, folder: Path) -> None:
             train(tiny_sae("topk"), sample, _config("topk", batch_size=15))
         except ValueError as exc:
             results["odd_batch"] = str(exc)
+        # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
+        results["ddp_models_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
         torch.save(results, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -63,13 +72,31 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
         single = {a: _run(a, folder / f"single_{a}") for a in ACTIVATIONS}
         # The two ranks resume the one-rank relu run from its step-10 checkpoint.
         shutil.copytree(folder / "single_relu" / "step_0000010", folder / "from_one_rank" / "step_0000010")
-        # Forked ranks inherit the imported torch (spawned ones would spend ~15 s importing it
-        # again on a busy 2-core machine); each sets one thread and joins a fresh gloo group.
-        mp.start_processes(_rank_main, args=(folder,), nprocs=2, join=True, start_method="fork")
+        _run_two_ranks(_rank_main, folder)
     finally:
         torch.set_num_threads(threads)
     ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return single, ranks, folder
+
+
+def _run_two_ranks(main, *args) -> None:
+    """``main(rank, *args)`` on ranks 0 and 1, each in a process of its own; fails after
+    ``RANKS_TIMEOUT_S``, with both processes killed.
+
+    The processes come from a fork server: a fresh, single-threaded interpreter that imports torch and
+    this module once for the session, so a rank starts in ~3 s and inherits nothing of the suite.
+    Forking pytest itself would copy a process that by then runs other threads (OpenMP's, Triton's),
+    with whatever locks they hold (Python 3.12 warns about such forks).
+    """
+    forkserver = mp.get_context("forkserver")
+    forkserver.set_forkserver_preload(["torch", "matryoshka.train", __name__])
+    ranks = mp.start_processes(main, args=args, nprocs=2, join=False, start_method="forkserver")
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while not ranks.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{main.__name__}: the two ranks did not finish within {RANKS_TIMEOUT_S} s (killed)")
 
 
 def _assert_close_runs(got: dict, want: dict) -> None:
@@ -125,6 +152,11 @@ def test_batch_must_split_evenly(runs):
     assert runs[1][0]["odd_batch"] == "batch_size=15 must be divisible by the world size 2"
 
 
+def test_train_frees_its_ddp_model_before_the_group_is_destroyed(runs):
+    """A DDP model that outlives its process group deadlocks at teardown (distributed.data_parallel)."""
+    assert [rank["ddp_models_alive"] for rank in runs[1]] == [0, 0]
+
+
 class _Counter(torch.nn.Module):
     """A parameter and a buffer that start at the rank's number; each forward adds 1 to the buffer."""
 
@@ -138,21 +170,28 @@ class _Counter(torch.nn.Module):
         return (x * self.weight).sum()
 
 
+def _wrap_and_step(rank: int, folder: Path, old_torch: bool) -> None:
+    if old_torch:  # torch < 2.13's path: no forward_sync_buffers argument
+        distributed._has_forward_sync_buffers = lambda: False
+    module = _Counter(rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: deprecated in torch 2.13
+        model = distributed.data_parallel(module, torch.device("cpu"))
+    wrapped = dict(weight=module.weight.detach().clone(), count=module.count.clone())
+    if rank == 1:
+        module.count += 10  # rank-local from here on, as the BatchTopK counters after a restore
+    model(torch.ones(2)).backward()
+    torch.save(dict(wrapped=wrapped, count=module.count.clone()), folder / f"wrap{rank}.pt")
+
+
 def _wrap_main(rank: int, folder: Path, old_torch: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
     try:
-        if old_torch:  # torch < 2.13's path: no forward_sync_buffers argument
-            distributed._has_forward_sync_buffers = lambda: False
-        module = _Counter(rank)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: deprecated in torch 2.13
-            model = distributed.data_parallel(module, torch.device("cpu"))
-        wrapped = dict(weight=module.weight.detach().clone(), count=module.count.clone())
-        if rank == 1:
-            module.count += 10  # rank-local from here on, as the BatchTopK counters after a restore
-        model(torch.ones(2)).backward()
-        torch.save(dict(wrapped=wrapped, count=module.count.clone()), folder / f"wrap{rank}.pt")
+        # The DDP model is gone when this returns, before the group is destroyed.  A DDP model that
+        # outlives the group owns it last; freeing it then runs gloo's destructor with the GIL held,
+        # which joins a worker thread that may still need the GIL: a deadlock (CI hung on it once).
+        _wrap_and_step(rank, folder, old_torch)
     finally:
         dist.destroy_process_group()
 
@@ -160,11 +199,7 @@ def _wrap_main(rank: int, folder: Path, old_torch: bool) -> None:
 @pytest.mark.parametrize("old_torch", [False, True], ids=["forward_sync_buffers", "broadcast_buffers"])
 def test_data_parallel_copies_rank_zeros_state_once_and_never_at_a_forward(tmp_path, old_torch):
     """What the trainer relies on, on torch 2.13 and on older torch (the H200 image's 2.11)."""
-    threads = torch.get_num_threads()
-    try:
-        mp.start_processes(_wrap_main, args=(tmp_path, old_torch), nprocs=2, join=True, start_method="fork")
-    finally:
-        torch.set_num_threads(threads)
+    _run_two_ranks(_wrap_main, tmp_path, old_torch)
     ranks = [torch.load(tmp_path / f"wrap{r}.pt") for r in range(2)]
     for r in ranks:  # rank 0's parameters and buffers everywhere after the wrap
         assert torch.equal(r["wrapped"]["weight"], torch.zeros(2)) and torch.equal(r["wrapped"]["count"], torch.zeros(1))
