@@ -1,8 +1,6 @@
 """``matryoshka.inclusion``: the O(n * num)-per-node inclusion probabilities against the former
 O(n^2 * num) dynamic programme (kept here as the oracle), and at n = 65536."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -47,9 +45,6 @@ def test_edge_cases():
 
 
 def test_every_prefix_weights_at_65536_latents():
-    start = time.perf_counter()
-    pi = sampled_inclusion_probabilities(65536, 10)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0  # ~0.6 s on a shared 2-core CPU: generous for a loaded CI machine
+    pi = sampled_inclusion_probabilities(65536, 10)  # ~0.6 s on the 2-core machine; no timing asserted
     assert float(pi.sum()) == pytest.approx(10.0, abs=1e-8)
     assert bool((pi[1:-1] <= pi[:-2]).all()) and bool((pi > 0).all()) and float(pi[-1]) == 1.0
