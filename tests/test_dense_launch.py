@@ -18,16 +18,11 @@ from benchmarks import tune_dense
 
 from .conftest import DEVICE
 from .helpers import record_kernel_launches
+from .launches import DENSE_LAUNCHES as LAUNCHES
+from .launches import DENSE_PROBLEM
 from .test_dense_triton import make_dense_problem, prefix_sets
 
-LAUNCHES = [
-    DenseLaunch(16, 16, 16, 1),  # several row blocks and column chunks, the last of each masked
-    DenseLaunch(32, 16, 32, 2),
-    DenseLaunch(16, 32, 16, 4),  # 32-latent tiles: other boundaries fall inside them
-    DenseLaunch(64, 16, 64, 8),  # one block taller than B and wider than d
-    DenseLaunch(16, 16, 32, 4, precision="tf32"),  # float64 operands ignore the precision
-]
-B, D, N = 37, 50, 70
+B, D, N = DENSE_PROBLEM
 
 
 @pytest.fixture

@@ -6,10 +6,12 @@ into interpreter objects that cannot be compiled."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 report = pytest.importorskip("matryoshka.kernels.report")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fence_detection():
@@ -34,3 +36,19 @@ def test_sm90_builds_have_no_fenced_atomics_and_no_spills():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " builds, 0 failing" in done.stdout
+
+
+def test_the_launch_tests_float64_builds_compile_for_sm90():
+    """The launch tests run these launches in float64 on a GPU: each of their builds compiles for
+    sm_90 (CI runs this with this machine's Triton and with the H200 image's)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"ahead-of-time compilation unavailable: {e}")
+    from tests import launches
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.launches"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(launches.float64_builds())} builds, 0 failing" in done.stdout

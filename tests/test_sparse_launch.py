@@ -16,23 +16,11 @@ from benchmarks import tune
 
 from .conftest import DEVICE
 from .helpers import make_problem, record_kernel_launches
-
-LAUNCHES = [
-    SparseLaunch(16, num_warps=1),  # many chunks, the last one masked
-    SparseLaunch(32, num_warps=2, loop_stages=3),
-    SparseLaunch(64, num_warps=8, loop_stages=2, atomic_sem="acq_rel"),
-    SparseLaunch(128, num_warps=4, loop_stages=4),  # one chunk wider than d
-    SparseLaunch(32, dw_mode="sorted"),  # dW_dec by a segmented sum over the slots sorted by latent
-    SparseLaunch(128, num_warps=2, loop_stages=2, dw_mode="sorted"),
-    # Several rows per program, side by side: ragged counts (random padding, row 3 all padding)
-    # inside one program, and a last program with rows past B.
-    SparseLaunch(32, rows=2),
-    SparseLaunch(16, rows=4, loop_stages=2, dw_mode="sorted"),
-    SparseLaunch(64, num_warps=2, rows=8),
-]
+from .launches import SPARSE_LAUNCHES as LAUNCHES
+from .launches import SPARSE_PROBLEM
 
 
-def _problem(B=5, d=100, n=30, k=4, seed=0):
+def _problem(B=SPARSE_PROBLEM[0], d=SPARSE_PROBLEM[1], n=30, k=4, seed=0):
     """float64 inputs in the kernels' layout (``SortedActs``: indices sorted per row, padding last) with
     ragged rows: a third of the slots padding (garbage values), row 3 all padding."""
     p = make_problem(B, d, n, k, torch.float64, DEVICE, pad_fraction=0.3, padding_rows=(3,), seed=seed)
