@@ -398,13 +398,17 @@ def compile_report(make_builds: Callable[[], list], jobs: int, fenced_by_design:
     return 1 if failed else 0
 
 
+def acq_rel_by_design(build) -> bool:
+    """A sparse build at ``atomic_sem="acq_rel"`` is fenced by construction: it is there to measure
+    what the fences cost (``compile_report``'s ``fenced_by_design``)."""
+    return "acq_rel" in build.config
+
+
 def compile_only(args) -> int:
     """``compile_report`` of every kernel ``every_candidate`` launches at ``args.dtypes``."""
     from functools import partial
 
-    # An acq_rel candidate is fenced by construction: it is there to measure what the fences cost.
-    return compile_report(partial(candidate_builds, args.B, args.d, args.dtypes), args.jobs,
-                          lambda build: "acq_rel" in build.config,
+    return compile_report(partial(candidate_builds, args.B, args.d, args.dtypes), args.jobs, acq_rel_by_design,
                           "(an acq_rel candidate's \"fenced atomic\" is by design: it measures what the fences cost)")
 
 
