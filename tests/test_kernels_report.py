@@ -26,17 +26,23 @@ def test_fence_detection():
     assert report.atomics_and_fences("\tmembar.gl;\n") == (0, False)  # no atomic to fence
 
 
-def test_sm90_builds_have_no_fenced_atomics_and_no_spills():
+def _compile_for_sm90(module: str, *args: str) -> str:
+    """``python -m module args`` without ``TRITON_INTERPRET``, from the repository root: its output,
+    after checking that it exited 0 (skipped where Triton cannot compile ahead of time)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         pytest.skip(f"ahead-of-time compilation unavailable: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "matryoshka.kernels.report", "--quick"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert " builds, 0 failing" in done.stdout
+    return done.stdout
+
+
+def test_sm90_builds_have_no_fenced_atomics_and_no_spills():
+    assert " builds, 0 failing" in _compile_for_sm90("matryoshka.kernels.report", "--quick")
 
 
 def test_the_launch_tests_float64_builds_compile_for_sm90():
@@ -44,14 +50,6 @@ def test_the_launch_tests_float64_builds_compile_for_sm90():
     sm_90 (CI runs this with this machine's Triton and with the H200 image's)."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU the launch tests compile these builds themselves")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"ahead-of-time compilation unavailable: {e}")
     from tests import launches
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "tests.launches"], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{len(launches.float64_builds())} builds, 0 failing" in done.stdout
+    assert f"{len(launches.float64_builds())} builds, 0 failing" in _compile_for_sm90("tests.launches")
