@@ -46,20 +46,15 @@ def _run(activation: str, folder: Path | None = None, resume: bool = False) -> d
 
 def _rank_main(rank: int, folder: Path) -> None:
     """One of two ranks: every scenario, results to ``folder / f"rank{rank}.pt"``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    results = {a: _run(a, folder / f"ddp_{a}") for a in ACTIVATIONS}
+    results["resumed"] = _run("relu", folder / "from_one_rank", resume=True)
     try:
-        results = {a: _run(a, folder / f"ddp_{a}") for a in ACTIVATIONS}
-        results["resumed"] = _run("relu", folder / "from_one_rank", resume=True)
-        try:
-            train(tiny_sae("topk"), sample, _config("topk", batch_size=15))
-        except ValueError as exc:
-            results["odd_batch"] = str(exc)
-        # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
-        results["ddp_models_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
-        torch.save(results, folder / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        train(tiny_sae("topk"), sample, _config("topk", batch_size=15))
+    except ValueError as exc:
+        results["odd_batch"] = str(exc)
+    # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
+    results["ddp_models_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    torch.save(results, folder / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +74,22 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
     return single, ranks, folder
 
 
-def _run_two_ranks(main, *args) -> None:
-    """``main(rank, *args)`` on ranks 0 and 1, each in a process of its own; fails after
-    ``RANKS_TIMEOUT_S``, with both processes killed.
+def _in_group(rank: int, main, folder: Path, *args) -> None:
+    """One rank: one thread, a fresh gloo group, ``main(rank, folder, *args)``, then the group
+    destroyed.  ``main`` has returned by then, so whatever DDP model it made is gone first: a DDP model
+    that outlives its group owns it last, and freeing it runs gloo's destructor with the GIL held, which
+    joins a worker thread that may still need the GIL (a deadlock; CI hung on it once)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        main(rank, folder, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(main, folder: Path, *args) -> None:
+    """``main(rank, folder, *args)`` on ranks 0 and 1 of a gloo group (``_in_group``), each in a
+    process of its own; fails after ``RANKS_TIMEOUT_S``, with both processes killed.
 
     The processes come from a fork server: a fresh, single-threaded interpreter that imports torch and
     this module once for the session, so the ranks inherit nothing of the suite (this file takes ~6 s
@@ -91,7 +99,7 @@ def _run_two_ranks(main, *args) -> None:
     """
     forkserver = mp.get_context("forkserver")
     forkserver.set_forkserver_preload(["torch", "matryoshka.train", __name__])
-    ranks = mp.start_processes(main, args=args, nprocs=2, join=False, start_method="forkserver")
+    ranks = mp.start_processes(_in_group, args=(main, folder, *args), nprocs=2, join=False, start_method="forkserver")
     deadline = time.monotonic() + RANKS_TIMEOUT_S
     while not ranks.join(timeout=max(deadline - time.monotonic(), 0.0)):
         if time.monotonic() >= deadline:
@@ -171,7 +179,7 @@ class _Counter(torch.nn.Module):
         return (x * self.weight).sum()
 
 
-def _wrap_and_step(rank: int, folder: Path, old_torch: bool) -> None:
+def _wrap_main(rank: int, folder: Path, old_torch: bool) -> None:
     if old_torch:  # torch < 2.13's path: no forward_sync_buffers argument
         distributed._has_forward_sync_buffers = lambda: False
     module = _Counter(rank)
@@ -183,18 +191,6 @@ def _wrap_and_step(rank: int, folder: Path, old_torch: bool) -> None:
         module.count += 10  # rank-local from here on, as the BatchTopK counters after a restore
     model(torch.ones(2)).backward()
     torch.save(dict(wrapped=wrapped, count=module.count.clone()), folder / f"wrap{rank}.pt")
-
-
-def _wrap_main(rank: int, folder: Path, old_torch: bool) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
-    try:
-        # The DDP model is gone when this returns, before the group is destroyed.  A DDP model that
-        # outlives the group owns it last; freeing it then runs gloo's destructor with the GIL held,
-        # which joins a worker thread that may still need the GIL: a deadlock (CI hung on it once).
-        _wrap_and_step(rank, folder, old_torch)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("old_torch", [False, True], ids=["forward_sync_buffers", "broadcast_buffers"])
