@@ -47,7 +47,8 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedD
     so they are broadcast from rank 0 here first.
 
     Drop the returned model before ``dist.destroy_process_group()`` (:func:`matryoshka.train.train`
-    does: the model lives only while it trains).  A DDP model that outlives the group is its last
+    does: the model lives only while it trains, and is gone before an error it raises reaches the
+    caller).  A DDP model that outlives the group is its last
     owner, and freeing it then runs gloo's destructor with the GIL held: that joins a worker thread
     which may still need the GIL to free its last collective, and both wait forever.
     """

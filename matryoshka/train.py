@@ -62,6 +62,7 @@ checkpoint is never written from non-finite parameters.  Nothing is skipped sile
 from __future__ import annotations
 
 import math
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -550,6 +551,14 @@ def train(
     previous_parallel, sae.data_parallel = sae.data_parallel, ranks
     try:
         _steps(run, model, sample, config, callback, folder, ranks, share)
+    except BaseException as error:
+        if ranks is not None:
+            # The traceback's frames would keep the DDP model alive while the caller handles the
+            # error, e.g. in a `finally` that destroys the process group: a DDP model that outlives
+            # its group can deadlock (distributed.data_parallel).  Their locals go with it.
+            del model
+            traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         sae.data_parallel = previous_parallel
     return run.result

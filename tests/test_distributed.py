@@ -44,6 +44,24 @@ def _run(activation: str, folder: Path | None = None, resume: bool = False) -> d
     return {"state": final_state(sae), "history": history, "row_width": sae.row_width}
 
 
+class _NaNFromChunk:
+    """``sample``, with NaN in every chunk from the ``chunk``-th on (counting from 0): training stops
+    with a ``ValueError`` after some DDP steps."""
+
+    def __init__(self, chunk: int):
+        self.chunks_left = chunk
+
+    def __call__(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        self.chunks_left -= 1
+        data = sample(rows, generator)
+        return data if self.chunks_left >= 0 else data.fill_(float("nan"))
+
+
+def _ddp_models_alive() -> int:
+    # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
+    return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+
+
 def _rank_main(rank: int, folder: Path) -> None:
     """One of two ranks: every scenario, results to ``folder / f"rank{rank}.pt"``."""
     results = {a: _run(a, folder / f"ddp_{a}") for a in ACTIVATIONS}
@@ -52,8 +70,13 @@ def _rank_main(rank: int, folder: Path) -> None:
         train(tiny_sae("topk"), sample, _config("topk", batch_size=15))
     except ValueError as exc:
         results["odd_batch"] = str(exc)
-    # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
-    results["ddp_models_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    results["ddp_models_alive"] = _ddp_models_alive()
+    try:
+        train(tiny_sae("topk"), _NaNFromChunk(2), _config("topk"))
+    except ValueError as exc:
+        # Counted while the error is in flight: where the CLI's `finally` destroys the group.
+        results["ddp_models_alive_in_error"] = _ddp_models_alive()
+        results["nan_error"] = str(exc)
     torch.save(results, folder / f"rank{rank}.pt")
 
 
@@ -162,8 +185,11 @@ def test_batch_must_split_evenly(runs):
 
 
 def test_train_frees_its_ddp_model_before_the_group_is_destroyed(runs):
-    """A DDP model that outlives its process group deadlocks at teardown (distributed.data_parallel)."""
+    """A DDP model that outlives its process group deadlocks at teardown (distributed.data_parallel):
+    ``train`` frees it when it returns, and when it raises, before the caller handles the error."""
     assert [rank["ddp_models_alive"] for rank in runs[1]] == [0, 0]
+    assert all("steps 8..11" in rank["nan_error"] for rank in runs[1])  # after 8 DDP steps
+    assert [rank["ddp_models_alive_in_error"] for rank in runs[1]] == [0, 0]
 
 
 class _Counter(torch.nn.Module):
