@@ -80,6 +80,18 @@ __all__ = ["SparseLaunch", "default_launch", "sparse_scan_forward", "sparse_scan
 
 
 @triton.jit
+def _program_tile(num_rows, d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's ``ROWS`` rows (int64: row offsets can pass 2^31) and its chunk of ``BLOCK_D``
+    columns, with their masks: ``(rows, row_in, chunk, cols, in_d, tile_in)``."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in = rows < num_rows
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = cols < d
+    return rows, row_in, chunk, cols, in_d, row_in[:, None] & in_d[None, :]
+
+
+@triton.jit
 def _load_decoder_rows(w_ptr, latents, stride_w, cols, in_d, n, ACC: tl.constexpr):
     """Columns ``cols`` of ``W_dec[latents]``, one decoder row per program row, and the mask
     ``in_d & 0 <= latent < n`` (both ``(ROWS, BLOCK_D)``).
@@ -104,12 +116,7 @@ def _sparse_scan_forward_kernel(
     """norms[chunk, b, t] = ||r_t[chunk]||^2 for t = 0..k; residual[b, chunk] = r_k[chunk], for the
     program's ``ROWS`` rows ``b``.  The rows walk their slots side by side up to the longest count
     among them; a row past its own count is in its padding, where its residual stays ``r_{c_b}``."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in = rows < num_rows
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_d = cols < d
-    tile_in = row_in[:, None] & in_d[None, :]
+    rows, row_in, chunk, cols, in_d, tile_in = _program_tile(num_rows, d, ROWS, BLOCK_D)
     r = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=tile_in, other=0.0).to(ACC)
     if HAS_BIAS:
         r -= tl.load(bias_ptr + cols, mask=in_d, other=0.0).to(ACC)[None, :]
@@ -149,12 +156,7 @@ def _sparse_scan_backward_kernel(
     The rows walk back from the longest count among them; a row whose slot ``t`` is past its count
     waits (its residual is still ``r_k``, its padding already in the suffix sums).
     """
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in = rows < num_rows
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_d = cols < d
-    tile_in = row_in[:, None] & in_d[None, :]
+    rows, row_in, chunk, cols, in_d, tile_in = _program_tile(num_rows, d, ROWS, BLOCK_D)
     r = tl.load(residual_ptr + rows[:, None] * d + cols[None, :], mask=tile_in, other=0.0)
     grad_rows = grad_norms_ptr + rows * (k + 1)
     dvalues_rows = dvalues_ptr + (chunk.to(tl.int64) * num_rows + rows) * k
