@@ -392,8 +392,8 @@ def compile_report(make_builds: Callable[[], list], jobs: int, fenced_by_design:
     spilling = [r for r in results if r.spill_bytes]
     if note:
         print(note)
-    print(f"{len(spilling)} candidate build(s) spill, up to {max((r.spill_bytes for r in spilling), default=0)} B "
-          "(timed all the same)")
+    print(f"{len(spilling)} build(s) spill, up to {max((r.spill_bytes for r in spilling), default=0)} B "
+          "(listed, not failing)")
     print(f"{len(builds)} builds, {failed} failing")
     return 1 if failed else 0
 
