@@ -39,8 +39,8 @@ from functools import partial
 
 import torch
 
-from matryoshka.kernels.dense_scan import (DenseLaunch, _operand_dtype, default_launch, dense_scan_backward,
-                                           dense_scan_forward)
+from matryoshka.kernels.dense_scan import (DenseLaunch, default_launch, dense_scan_backward, dense_scan_forward,
+                                           op_launch)
 from matryoshka.precision import compute_dtype
 from matryoshka.torch_scan import dense_prefix_norms_torch
 
@@ -104,8 +104,7 @@ def _backward(launch: DenseLaunch | None, s: DenseInputs, saved) -> tuple[torch.
 
 
 def _op_launch(s: DenseInputs) -> DenseLaunch:
-    operand = _operand_dtype(s.acts, s.W_dec, compute_dtype(s.x, s.b_dec, s.W_dec, s.acts))
-    return default_launch(operand, s.x.shape[0], s.x.shape[1])
+    return op_launch(*s.x.shape, s.acts, s.W_dec, compute_dtype(s.x, s.b_dec, s.W_dec, s.acts))
 
 
 def _tolerance(launch: DenseLaunch, expected: tuple[torch.Tensor, ...]) -> float:

@@ -474,12 +474,17 @@ def _operand_dtype(acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype) ->
     return acc
 
 
+def op_launch(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype) -> DenseLaunch:
+    """The launch the op picks for these inputs: ``default_launch`` of their GEMM operand type."""
+    return default_launch(_operand_dtype(acts, W_dec, acc), num_rows, d)
+
+
 def _plan(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: torch.dtype,
           launch: DenseLaunch | None = None):
     """``(grid, meta)``: the launch grid (row blocks, d-chunks) and the compile-time arguments of
-    ``launch`` (``None``: ``default_launch``)."""
+    ``launch`` (``None``: ``op_launch``)."""
     operand = _operand_dtype(acts, W_dec, acc)
-    launch = launch or default_launch(operand, num_rows, d)
+    launch = launch or op_launch(num_rows, d, acts, W_dec, acc)
     grid = (triton.cdiv(num_rows, launch.rows), triton.cdiv(d, launch.cols))
     meta = dict(
         ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[operand],
