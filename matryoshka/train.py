@@ -479,6 +479,9 @@ def _start_from(run: _Run, checkpoint_dir: str | Path | None, resume: bool, conf
             raise ValueError("train(resume=True) needs checkpoint_dir: the folder to resume from")
         return None
     folder = check_writable(checkpoint_dir, "checkpoint_dir")
+    if not config.checkpoint_every:
+        warnings.warn(f"checkpoint_dir {str(folder)!r} is given but checkpoint_every is 0: no checkpoint will be "
+                      f"written there (set TrainConfig.checkpoint_every, CLI --checkpoint-every)", stacklevel=3)
     if ranks is None or ranks.rank == 0:
         remove_partial(folder)
     found = latest(folder)
@@ -509,7 +512,8 @@ def train(
     ``FloatingPointError`` at the next read-out, and no checkpoint is written from a poisoned model.
 
     ``checkpoint_dir``: save a checkpoint there every ``config.checkpoint_every`` steps (see
-    :mod:`matryoshka.checkpoint`); it must be empty of checkpoints unless ``resume``.  ``resume``:
+    :mod:`matryoshka.checkpoint`; with ``checkpoint_every = 0`` none, and a warning says so); it must
+    be empty of checkpoints unless ``resume``.  ``resume``:
     continue from its latest checkpoint (start at step 0, with a warning, when it has none).
 
     Data-parallel: under an initialised ``torch.distributed`` group of ``W > 1`` ranks (e.g.

@@ -64,6 +64,12 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, one_thread, activation):
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000005", "step_0000010", "step_0000015"]
 
 
+def test_a_checkpoint_folder_without_checkpoint_every_warns_and_stays_empty(tmp_path, one_thread):
+    with pytest.warns(UserWarning, match=r"checkpoint_dir '.*' is given but checkpoint_every is 0"):
+        train(tiny_sae("relu"), sample, tiny_config("relu", checkpoint_every=0), checkpoint_dir=tmp_path)
+    assert checkpoint.checkpoints(tmp_path) == []
+
+
 def test_resume_from_a_data_chunk_start_with_frequency_resorting_is_bit_exact(tmp_path, one_thread):
     """Checkpoints every 4 steps land on data-chunk starts (chunks of 4), where the checkpoint holds
     the generator as it is (the next chunk's start), not the finished chunk's; re-sorting by
@@ -187,7 +193,8 @@ def test_other_shapes_name_the_differing_fields(copy):
 
 
 def test_free_settings_may_change_on_resume(copy):
-    sae, result = _resume(copy, progress=True, checkpoint_every=0)  # changes nothing a run computes
+    with pytest.warns(UserWarning, match="checkpoint_every is 0: no checkpoint will be written"):
+        sae, result = _resume(copy, progress=True, checkpoint_every=0)  # changes nothing a run computes
     assert [row["step"] for row in result.history] == [3, 5]
     assert torch.equal(sae.W_dec, SparseAutoencoder.load(copy / "step_0000005").W_dec)
 
