@@ -62,6 +62,7 @@ checkpoint is never written from non-finite parameters.  Nothing is skipped sile
 from __future__ import annotations
 
 import math
+import numbers
 import traceback
 import warnings
 from collections.abc import Callable
@@ -101,6 +102,8 @@ PREFIX_MODES = ("vanilla", "groups", "sampled", "every", "balanced")
 EVERY_WEIGHTS = ("exact", "uniform")
 # How the sparsity penalty weighs each latent: "uniform" (all 1) or "prefix" (prefix_penalty_weights).
 SPARSITY_WEIGHTINGS = ("uniform", "prefix")
+# What latents are re-sorted by: the EMA of their mean squared activation, or of their firing rate.
+RESORT_BY = ("energy", "frequency")
 
 Callback = Callable[[int, SparseAutoencoder, dict], None]
 
@@ -249,8 +252,50 @@ class TrainConfig:
     resort_by: str = "energy"
     sparsity_weighting: str = "uniform"
 
+    def __post_init__(self) -> None:
+        """Refuse, naming the field, a setting that would fail mid-run with an unrelated error
+        (a zero ``log_every`` or ``batch_size``) or train quietly wrong (a negative ``steps``, a
+        ``clip_norm`` of 0, fractions outside [0, 1])."""
+        checks = (
+            ("steps", _integer(self.steps, 1), "an integer >= 1"),
+            ("batch_size", _integer(self.batch_size, 1), "an integer >= 1"),
+            ("log_every", _integer(self.log_every, 1), "an integer >= 1"),
+            ("data_chunk_steps", _integer(self.data_chunk_steps, 1), "an integer >= 1"),
+            ("num_sampled", _integer(self.num_sampled, 1), "an integer >= 1"),
+            ("checkpoint_every", _integer(self.checkpoint_every, 0), "an integer >= 0 (0: never)"),
+            ("resort_every", _integer(self.resort_every, 0), "an integer >= 0 (0: never)"),
+            ("dead_after", _integer(self.dead_after, 0), "an integer >= 0"),
+            ("aux_k", _integer(self.aux_k, 0), "an integer >= 0"),
+            ("lr", _real(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("betas", isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+             and all(_real(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("warmup_frac", _real(self.warmup_frac) and 0 <= self.warmup_frac <= 1, "a number in [0, 1]"),
+            ("cooldown_frac", _real(self.cooldown_frac) and 0 <= self.cooldown_frac <= 1, "a number in [0, 1]"),
+            ("clip_norm", self.clip_norm is None or (_real(self.clip_norm) and self.clip_norm > 0),
+             "None (no clipping) or a finite number > 0"),
+            # Adapted in log space: 0 has no logarithm.  A tiny value is an almost-free penalty.
+            ("sparsity_coeff", _real(self.sparsity_coeff) and self.sparsity_coeff > 0, "a finite number > 0"),
+            ("target_l0", self.target_l0 is None or (_real(self.target_l0) and self.target_l0 > 0),
+             "None (a fixed coefficient) or a finite number > 0"),
+            ("adapt_rate", _real(self.adapt_rate) and self.adapt_rate >= 0, "a finite number >= 0"),
+            ("resort_ema", _real(self.resort_ema) and 0 <= self.resort_ema < 1, "a number in [0, 1)"),
+            ("aux_coeff", _real(self.aux_coeff) and self.aux_coeff >= 0, "a finite number >= 0"),
+            ("resort_by", self.resort_by in RESORT_BY, f"one of {RESORT_BY}"),
+            ("sparsity_weighting", self.sparsity_weighting in SPARSITY_WEIGHTINGS, f"one of {SPARSITY_WEIGHTINGS}"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
-RESORT_BY = ("energy", "frequency")
+
+def _integer(value, least: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,
 # so that checkpoints written before them still resume.
 _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
@@ -531,10 +576,6 @@ def train(
     # Random draws stay on the host (CPU generators): a run draws the same data and prefixes on
     # any device, and the batches move over without blocking.
     data_gen = torch.Generator().manual_seed(config.seed)
-    if config.resort_by not in RESORT_BY:
-        raise ValueError(f"resort_by must be one of {RESORT_BY}, got {config.resort_by!r}")
-    if config.sparsity_weighting not in SPARSITY_WEIGHTINGS:
-        raise ValueError(f"sparsity_weighting must be one of {SPARSITY_WEIGHTINGS}, got {config.sparsity_weighting!r}")
     if config.sparsity_weighting != "uniform" and sae.config.activation not in ("relu", "jumprelu"):
         raise ValueError(f"sparsity_weighting={config.sparsity_weighting!r} weighs the sparsity penalty, but "
                          f"{sae.config.activation!r} SAEs have none (TopK/BatchTopK fix L0 by k): use 'uniform'")

@@ -246,3 +246,36 @@ def test_new_fields_join_the_checkpoint_identity_only_when_set(tmp_path):
                    checkpoint_dir=tmp_path, resume=True)
     assert result.history[-1]["step"] == 10
     assert set(_LATER_FIELDS) <= set(TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), r"TrainConfig\.steps must be an integer >= 1, got 0$"),
+    (dict(steps=2.5), r"TrainConfig\.steps must be an integer >= 1, got 2\.5$"),
+    (dict(batch_size=0), r"TrainConfig\.batch_size must be an integer >= 1"),
+    (dict(log_every=0), r"TrainConfig\.log_every must be an integer >= 1"),
+    (dict(data_chunk_steps=0), r"TrainConfig\.data_chunk_steps must be an integer >= 1"),
+    (dict(checkpoint_every=-5), r"TrainConfig\.checkpoint_every must be an integer >= 0 \(0: never\), got -5$"),
+    (dict(resort_every=True), r"TrainConfig\.resort_every must be an integer >= 0 \(0: never\), got True$"),
+    (dict(lr=math.nan), r"TrainConfig\.lr must be a finite number > 0, got nan$"),
+    (dict(betas=(0.9, 1.0)), r"TrainConfig\.betas must be two numbers in \[0, 1\), got \(0\.9, 1\.0\)$"),
+    (dict(warmup_frac=1.5), r"TrainConfig\.warmup_frac must be a number in \[0, 1\], got 1\.5$"),
+    (dict(clip_norm=0.0), r"TrainConfig\.clip_norm must be None \(no clipping\) or a finite number > 0, got 0\.0$"),
+    (dict(sparsity_coeff=0.0), r"TrainConfig\.sparsity_coeff must be a finite number > 0, got 0\.0$"),
+    (dict(target_l0=0), r"TrainConfig\.target_l0 must be None \(a fixed coefficient\) or a finite number > 0"),
+    (dict(resort_ema=1.0), r"TrainConfig\.resort_ema must be a number in \[0, 1\), got 1\.0$"),
+    (dict(aux_coeff=-1.0), r"TrainConfig\.aux_coeff must be a finite number >= 0, got -1\.0$"),
+    (dict(resort_by="norm"), r"TrainConfig\.resort_by must be one of \('energy', 'frequency'\), got 'norm'$"),
+])
+def test_train_config_refuses_bad_settings_naming_the_field(bad, message):
+    """Each of these crashed mid-run with an unrelated error (ZeroDivisionError, a reshape error,
+    math.log's domain error) or trained quietly wrong (no steps, a gradient clipped to 0)."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_train_config_takes_numpy_scalars_and_the_edges_of_each_range():
+    import numpy as np
+
+    config = TrainConfig(steps=np.int64(5), lr=np.float32(1e-3), warmup_frac=0.0, cooldown_frac=1.0,
+                         checkpoint_every=0, resort_every=0, clip_norm=None, betas=[0.0, 0.999], resort_ema=0.0)
+    assert config.steps == 5
