@@ -35,6 +35,7 @@ from .distributed import Ranks
 from .loss import MatryoshkaLossOutput, matryoshka_loss
 from .prefixes import Prefixes
 from .sparse_acts import PADDING_INDEX, SparseActs
+from .validation import is_count, is_finite_number
 
 __all__ = ["SAEConfig", "SAEOutput", "SparseAutoencoder", "ACTIVATIONS"]
 
@@ -60,10 +61,18 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.05
 
     def __post_init__(self) -> None:
+        for name in ("d", "n"):
+            if not is_count(getattr(self, name), 1):
+                raise ValueError(f"SAEConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not (self.k and 1 <= self.k <= self.n):
-            raise ValueError(f"activation {self.activation!r} needs 1 <= k <= n={self.n}, got k={self.k}")
+        if self.activation in ("topk", "batchtopk") and not (is_count(self.k, 1) and self.k <= self.n):
+            raise ValueError(f"activation {self.activation!r} needs an integer 1 <= k <= n={self.n}, got k={self.k!r}")
+        # Both enter as a divisor and a logarithm (the threshold is learned in log space).
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value > 0):
+                raise ValueError(f"SAEConfig.{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,6 @@ checkpoint is never written from non-finite parameters.  Nothing is skipped sile
 from __future__ import annotations
 
 import math
-import numbers
 import traceback
 import warnings
 from collections.abc import Callable
@@ -78,6 +77,7 @@ from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
+from .validation import is_count, is_finite_number
 
 __all__ = [
     "PREFIX_MODES",
@@ -257,43 +257,35 @@ class TrainConfig:
         (a zero ``log_every`` or ``batch_size``) or train quietly wrong (a negative ``steps``, a
         ``clip_norm`` of 0, fractions outside [0, 1])."""
         checks = (
-            ("steps", _integer(self.steps, 1), "an integer >= 1"),
-            ("batch_size", _integer(self.batch_size, 1), "an integer >= 1"),
-            ("log_every", _integer(self.log_every, 1), "an integer >= 1"),
-            ("data_chunk_steps", _integer(self.data_chunk_steps, 1), "an integer >= 1"),
-            ("num_sampled", _integer(self.num_sampled, 1), "an integer >= 1"),
-            ("checkpoint_every", _integer(self.checkpoint_every, 0), "an integer >= 0 (0: never)"),
-            ("resort_every", _integer(self.resort_every, 0), "an integer >= 0 (0: never)"),
-            ("dead_after", _integer(self.dead_after, 0), "an integer >= 0"),
-            ("aux_k", _integer(self.aux_k, 0), "an integer >= 0"),
-            ("lr", _real(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("steps", is_count(self.steps, 1), "an integer >= 1"),
+            ("batch_size", is_count(self.batch_size, 1), "an integer >= 1"),
+            ("log_every", is_count(self.log_every, 1), "an integer >= 1"),
+            ("data_chunk_steps", is_count(self.data_chunk_steps, 1), "an integer >= 1"),
+            ("num_sampled", is_count(self.num_sampled, 1), "an integer >= 1"),
+            ("checkpoint_every", is_count(self.checkpoint_every, 0), "an integer >= 0 (0: never)"),
+            ("resort_every", is_count(self.resort_every, 0), "an integer >= 0 (0: never)"),
+            ("dead_after", is_count(self.dead_after, 0), "an integer >= 0"),
+            ("aux_k", is_count(self.aux_k, 0), "an integer >= 0"),
+            ("lr", is_finite_number(self.lr) and self.lr > 0, "a finite number > 0"),
             ("betas", isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
-             and all(_real(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-            ("warmup_frac", _real(self.warmup_frac) and 0 <= self.warmup_frac <= 1, "a number in [0, 1]"),
-            ("cooldown_frac", _real(self.cooldown_frac) and 0 <= self.cooldown_frac <= 1, "a number in [0, 1]"),
-            ("clip_norm", self.clip_norm is None or (_real(self.clip_norm) and self.clip_norm > 0),
+             and all(is_finite_number(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("warmup_frac", is_finite_number(self.warmup_frac) and 0 <= self.warmup_frac <= 1, "a number in [0, 1]"),
+            ("cooldown_frac", is_finite_number(self.cooldown_frac) and 0 <= self.cooldown_frac <= 1, "a number in [0, 1]"),
+            ("clip_norm", self.clip_norm is None or (is_finite_number(self.clip_norm) and self.clip_norm > 0),
              "None (no clipping) or a finite number > 0"),
             # Adapted in log space: 0 has no logarithm.  A tiny value is an almost-free penalty.
-            ("sparsity_coeff", _real(self.sparsity_coeff) and self.sparsity_coeff > 0, "a finite number > 0"),
-            ("target_l0", self.target_l0 is None or (_real(self.target_l0) and self.target_l0 > 0),
+            ("sparsity_coeff", is_finite_number(self.sparsity_coeff) and self.sparsity_coeff > 0, "a finite number > 0"),
+            ("target_l0", self.target_l0 is None or (is_finite_number(self.target_l0) and self.target_l0 > 0),
              "None (a fixed coefficient) or a finite number > 0"),
-            ("adapt_rate", _real(self.adapt_rate) and self.adapt_rate >= 0, "a finite number >= 0"),
-            ("resort_ema", _real(self.resort_ema) and 0 <= self.resort_ema < 1, "a number in [0, 1)"),
-            ("aux_coeff", _real(self.aux_coeff) and self.aux_coeff >= 0, "a finite number >= 0"),
+            ("adapt_rate", is_finite_number(self.adapt_rate) and self.adapt_rate >= 0, "a finite number >= 0"),
+            ("resort_ema", is_finite_number(self.resort_ema) and 0 <= self.resort_ema < 1, "a number in [0, 1)"),
+            ("aux_coeff", is_finite_number(self.aux_coeff) and self.aux_coeff >= 0, "a finite number >= 0"),
             ("resort_by", self.resort_by in RESORT_BY, f"one of {RESORT_BY}"),
             ("sparsity_weighting", self.sparsity_weighting in SPARSITY_WEIGHTINGS, f"one of {SPARSITY_WEIGHTINGS}"),
         )
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
-
-
-def _integer(value, least: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
-
-
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,

@@ -1,19 +1,32 @@
-"""Argument checks for ``matryoshka_loss``: clear errors that name the argument, before any kernel runs."""
+"""Argument checks for ``matryoshka_loss``: clear errors that name the argument, before any kernel runs;
+and the predicates the configuration classes (``SAEConfig``, ``TrainConfig``) check their fields with."""
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .prefixes import Prefixes
 from .sparse_acts import SparseActs
 
-__all__ = ["BACKENDS", "ORDERS", "check_inputs", "check_sparse_indices", "check_weight_values"]
+__all__ = ["BACKENDS", "ORDERS", "check_inputs", "check_sparse_indices", "check_weight_values", "is_count",
+           "is_finite_number"]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 ORDERS = ("index", "rank")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_count(value, least: int) -> bool:
+    """``value`` is an integer (Python or NumPy, not a bool) ``>= least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def is_finite_number(value) -> bool:
+    """``value`` is a finite real number (Python or NumPy, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_weight_values(name: str, weights) -> list[float]:

@@ -118,11 +118,22 @@ def test_save_load_roundtrip(tmp_path, activation, k):
     torch.testing.assert_close(loaded(batch(2)).recon, sae(batch(2)).recon)
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="activation"):
-        SAEConfig(d=2, n=2, activation="gelu")
-    with pytest.raises(ValueError, match="k"):
-        SAEConfig(d=2, n=2, activation="topk")
+@pytest.mark.parametrize("bad, message", [
+    (dict(activation="gelu"), r"^activation must be one of \('topk', 'batchtopk', 'relu', 'jumprelu'\), got 'gelu'$"),
+    (dict(activation="topk"), r"^activation 'topk' needs an integer 1 <= k <= n=2, got k=None$"),
+    (dict(activation="batchtopk", k=3), r"^activation 'batchtopk' needs an integer 1 <= k <= n=2, got k=3$"),
+    (dict(activation="topk", k=1.5), r"^activation 'topk' needs an integer 1 <= k <= n=2, got k=1\.5$"),
+    (dict(d=0), r"^SAEConfig\.d must be an integer >= 1, got 0$"),
+    (dict(n=2.0), r"^SAEConfig\.n must be an integer >= 1, got 2\.0$"),
+    (dict(activation="jumprelu", jumprelu_init_threshold=0.0),
+     r"^SAEConfig\.jumprelu_init_threshold must be a finite number > 0, got 0\.0$"),
+    (dict(jumprelu_bandwidth=float("inf")), r"^SAEConfig\.jumprelu_bandwidth must be a finite number > 0, got inf$"),
+])
+def test_config_validation(bad, message):
+    """d = 0 used to build an empty SAE, a float n failed inside torch.randn, a zero JumpReLU
+    threshold started its log-space parameter at -inf, and k = 1.5 passed."""
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(**{"d": 2, "n": 2, **bad})
 
 
 def _with_random_biases(sae: SparseAutoencoder) -> SparseAutoencoder:

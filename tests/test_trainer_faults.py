@@ -100,7 +100,7 @@ def test_cli_bad_settings_and_resume(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit) as exit_:
         main(["train-toy", "--out", str(tmp_path), "--activation", "topk"])
     assert exit_.value.code == 1
-    assert "error: activation 'topk' needs 1 <= k <= n=20, got k=None" in capsys.readouterr().err
+    assert "error: activation 'topk' needs an integer 1 <= k <= n=20, got k=None" in capsys.readouterr().err
 
     args = ["train-toy", "--out", str(tmp_path), "--steps", "8", "--batch-size", "20", "--checkpoint-every", "4"]
     main(args)
