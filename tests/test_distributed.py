@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from matryoshka import distributed
 from matryoshka.train import train
-from tests.tiny_runs import final_state, sample, tiny_config, tiny_sae
+from tests.tiny_runs import final_state, poisoned_sample, sample, tiny_config, tiny_sae
 
 # Two ranks that have not finished by then are hung (a lost collective, a deadlock at teardown): they
 # are killed and the test fails, instead of holding CI until its limit.  A healthy run takes < 10 s.
@@ -44,19 +44,6 @@ def _run(activation: str, folder: Path | None = None, resume: bool = False) -> d
     return {"state": final_state(sae), "history": history, "row_width": sae.row_width}
 
 
-class _NaNFromChunk:
-    """``sample``, with NaN in every chunk from the ``chunk``-th on (counting from 0): training stops
-    with a ``ValueError`` after some DDP steps."""
-
-    def __init__(self, chunk: int):
-        self.chunks_left = chunk
-
-    def __call__(self, rows: int, generator: torch.Generator) -> torch.Tensor:
-        self.chunks_left -= 1
-        data = sample(rows, generator)
-        return data if self.chunks_left >= 0 else data.fill_(float("nan"))
-
-
 def _ddp_models_alive() -> int:
     # Without gc.collect(): a DDP model freed only by the garbage collector could outlive the group.
     return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
@@ -72,7 +59,7 @@ def _rank_main(rank: int, folder: Path) -> None:
         results["odd_batch"] = str(exc)
     results["ddp_models_alive"] = _ddp_models_alive()
     try:
-        train(tiny_sae("topk"), _NaNFromChunk(2), _config("topk"))
+        train(tiny_sae("topk"), poisoned_sample(7, float("nan")), _config("topk"))
     except ValueError as exc:
         # Counted while the error is in flight: where the CLI's `finally` destroys the group.
         results["ddp_models_alive_in_error"] = _ddp_models_alive()
@@ -188,7 +175,7 @@ def test_train_frees_its_ddp_model_before_the_group_is_destroyed(runs):
     """A DDP model that outlives its process group deadlocks at teardown (distributed.data_parallel):
     ``train`` frees it when it returns, and when it raises, before the caller handles the error."""
     assert [rank["ddp_models_alive"] for rank in runs[1]] == [0, 0]
-    assert all("steps 8..11" in rank["nan_error"] for rank in runs[1])  # after 8 DDP steps
+    assert all("steps 4..7" in rank["nan_error"] for rank in runs[1])  # after 4 DDP steps
     assert [rank["ddp_models_alive_in_error"] for rank in runs[1]] == [0, 0]
 
 

@@ -14,20 +14,7 @@ import torch
 from matryoshka import checkpoint
 from matryoshka.__main__ import main
 from matryoshka.train import train
-from tests.tiny_runs import D, sample, tiny_config, tiny_sae
-
-
-def _poisoned_at(row: int, value: float):
-    """``sample`` with one bad value in row ``row`` of the second data chunk."""
-    draws = []
-
-    def poisoned(rows, generator):
-        data = sample(rows, generator)
-        draws.append(rows)
-        if len(draws) == 2:
-            data[row, 0] = value
-        return data
-    return poisoned
+from tests.tiny_runs import D, poisoned_sample, sample, tiny_config, tiny_sae
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -35,7 +22,7 @@ def test_non_finite_data_stops_before_reaching_the_model(tmp_path, one_thread, v
     sae = tiny_sae("relu")
     with pytest.raises(ValueError, match=r"sample\(\) returned 1 NaN/inf values \(1 rows, first row 7\) "
                                          r"in the data of steps 4\.\.7; training stops before"):
-        train(sae, _poisoned_at(7, value), tiny_config("relu", checkpoint_every=2), checkpoint_dir=tmp_path)
+        train(sae, poisoned_sample(7, value), tiny_config("relu", checkpoint_every=2), checkpoint_dir=tmp_path)
     assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())
     # The run stopped after its 4th step, the last of the clean chunk.
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]

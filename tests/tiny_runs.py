@@ -18,6 +18,20 @@ def sample(rows: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(rows, N, generator=generator).pow(4) @ _BASIS
 
 
+def poisoned_sample(row: int, value: float):
+    """``sample`` with one bad value in row ``row`` of the second data chunk (the steps from
+    ``data_chunk_steps`` on): training stops there, after a clean first chunk."""
+    draws = []
+
+    def poisoned(rows, generator):
+        data = sample(rows, generator)
+        draws.append(rows)
+        if len(draws) == 2:
+            data[row, 0] = value
+        return data
+    return poisoned
+
+
 def tiny_sae(activation: str, seed: int = 0) -> SparseAutoencoder:
     k = K if activation in ("topk", "batchtopk") else None
     return SparseAutoencoder(SAEConfig(d=D, n=N, activation=activation, k=k), torch.Generator().manual_seed(seed))
