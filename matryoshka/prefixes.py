@@ -16,6 +16,14 @@ import torch
 __all__ = ["Prefixes"]
 
 
+def _check_count(where: str, name: str, value) -> None:
+    # int() would quietly truncate 2.5 to 2, and a bool is no count.
+    from .validation import is_count  # here, not at the top: validation imports Prefixes
+
+    if not is_count(value, 1):
+        raise ValueError(f"{where}: `{name}` must be an integer >= 1, got {value!r}")
+
+
 def _as_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(lengths, device=lengths.device if isinstance(lengths, torch.Tensor) else "cpu")
     if t.numel() == 0:
@@ -120,8 +128,7 @@ class Prefixes:
         include_empty: bool = False,
     ) -> Prefixes:
         """Every prefix length ``1..n`` (``0..n`` with ``include_empty=True``)."""
-        if int(n) < 1:
-            raise ValueError(f"Prefixes.every: `n` must be >= 1, got {n}")
+        _check_count("Prefixes.every", "n", n)
         start = 0 if include_empty else 1
         return cls(torch.arange(start, int(n) + 1, device="cpu"), weights)
 
@@ -133,10 +140,10 @@ class Prefixes:
         ``P(l) ∝ sqrt(l/n) - sqrt((l-1)/n)`` (short prefixes are likelier), adds ``n``, and gives
         every length weight ``1/num``.
         """
+        _check_count("Prefixes.sample", "n", n)
+        _check_count("Prefixes.sample", "num", num)
         n, num = int(n), int(num)
-        if n < 1:
-            raise ValueError(f"Prefixes.sample: `n` must be >= 1, got {n}")
-        if not 1 <= num <= n:
+        if num > n:
             raise ValueError(f"Prefixes.sample: `num` must be in [1, n={n}], got {num}")
         drawn = torch.empty(0, dtype=torch.int64, device="cpu")
         if num > 1:

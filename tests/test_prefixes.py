@@ -96,3 +96,23 @@ def test_sample_follows_its_generator_and_weights_exactly():
 def test_bool_lengths_are_refused():
     with pytest.raises(TypeError, match="integers"):
         Prefixes(torch.tensor([False, True]))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Prefixes.every(2.5), "Prefixes.every: `n` must be an integer >= 1, got 2.5"),
+    (lambda: Prefixes.every(0), "Prefixes.every: `n` must be an integer >= 1, got 0"),
+    (lambda: Prefixes.every(True), "Prefixes.every: `n` must be an integer >= 1, got True"),
+    (lambda: Prefixes.sample(10.0, 2), "Prefixes.sample: `n` must be an integer >= 1, got 10.0"),
+    (lambda: Prefixes.sample(10, 2.5), "Prefixes.sample: `num` must be an integer >= 1, got 2.5"),
+    (lambda: Prefixes.sample(10, 0), "Prefixes.sample: `num` must be an integer >= 1, got 0"),
+    (lambda: Prefixes.sample(10, 11), r"Prefixes.sample: `num` must be in \[1, n=10\], got 11"),
+])
+def test_builders_refuse_counts_that_are_not_integers(build, message):
+    # int() used to truncate: every(2.5) built lengths [1, 2] and sample(10, 2.5) drew 2.
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_builders_take_numpy_integers():
+    assert Prefixes.every(np.int64(3)).lengths.tolist() == [1, 2, 3]
+    assert Prefixes.sample(np.int32(4), np.int64(4)).lengths.tolist() == [1, 2, 3, 4]
