@@ -17,7 +17,7 @@ from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
-from .train import EVERY_WEIGHTS, PREFIX_MODES, train
+from .train import EVERY_WEIGHTS, PREFIX_MODES, TrainingInterrupted, train
 
 
 def loss_demo(args: argparse.Namespace) -> None:
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError, FloatingPointError, ImportError) as exc:  # bad settings, files, data, installs
         parser.exit(1, f"{parser.prog} {args.command}: error: {exc}\n")
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: the checkpoint is written; exit as the signal would
+        parser.exit(stop.exit_code, f"{parser.prog} {args.command}: {stop}\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ DDP averages gradients; all ranks draw the same prefixes.  What a batch-wide qua
 
 Rank 0 writes the checkpoints.  They hold global state only, so any world size can resume them.
 
+SIGINT and SIGTERM (Ctrl-C, ``kill``, a scheduler's pre-emption) stop a run at the end of the
+current step (data-parallel: at the next read-out, all ranks together), write a checkpoint there and
+raise :class:`TrainingInterrupted`; a second signal acts at once (:mod:`matryoshka.stop_signals`).
+
 Bad numbers: a data chunk holding NaN/inf raises ``ValueError`` before it reaches the model; a
 loss that turns NaN/inf (divergence) raises ``FloatingPointError`` at the next read-out; a
 checkpoint is never written from non-finite parameters.  Nothing is skipped silently.
@@ -77,6 +81,7 @@ from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
+from .stop_signals import DeferredSignals, TrainingInterrupted
 from .validation import is_count, is_finite_number
 
 __all__ = [
@@ -84,6 +89,7 @@ __all__ = [
     "EVERY_WEIGHTS",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "default_group_widths",
     "sampled_inclusion_probabilities",
     "every_prefix_weights",
@@ -456,8 +462,9 @@ class _Run:
         sae_config = {k: v for k, v in asdict(self.sae.config).items() if not k.startswith("prefix_")}
         return {"train_config": train_config, "sae_config": sae_config}
 
-    def save(self, folder: Path, config: TrainConfig, ranks: Ranks | None) -> None:
-        """Checkpoint this run (rank 0 writes; every rank must call, for the collectives)."""
+    def save(self, folder: Path, config: TrainConfig, ranks: Ranks | None) -> Path | None:
+        """Checkpoint this run and return its folder (rank 0 writes; every rank must call, for the
+        collectives; the others return ``None``)."""
         for name, param in self.sae.named_parameters():
             if not bool(torch.isfinite(param).all()):
                 raise FloatingPointError(f"training diverged: parameter {name} holds NaN/inf at step {self.step}; "
@@ -465,7 +472,7 @@ class _Run:
         window = self.window if ranks is None else ranks.mean(self.window)
         row_stats = _global_row_stats(self.sae, ranks)
         if ranks is not None and ranks.rank != 0:
-            return
+            return None
         at_chunk_start = self.step % config.data_chunk_steps == 0
         tensors = {
             "log_coeff": self.log_coeff, "window": window, "row_stats": row_stats,
@@ -479,7 +486,7 @@ class _Run:
                 tensors[f"adam.{name}.{key}"] = value
         state = {**self.identity(config), "row_width": self.sae.row_width, "history": self.result.history,
                  "world_size": 1 if ranks is None else ranks.size}
-        save_checkpoint(folder, self.step, self.sae.state_files(), tensors, state)
+        return save_checkpoint(folder, self.step, self.sae.state_files(), tensors, state)
 
     def restore(self, path: Path, config: TrainConfig, ranks: Ranks | None) -> None:
         """Continue from checkpoint ``path`` (written with any world size)."""
@@ -558,6 +565,10 @@ def train(
     ``batch_size / W`` of every batch, gradients are averaged (DDP), and the result equals one process
     with the whole batch to float rounding; rank 0 writes the checkpoints.  See the module doc.
 
+    SIGINT or SIGTERM during the run stops it at the end of the step (data-parallel: at the next
+    read-out), with a checkpoint of that step in ``checkpoint_dir`` if given, and raises
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) naming it; a second signal acts at once.
+
     The SAE's default prefixes are set to the mode's objective, so ``sae.reconstruction_loss`` and a
     saved checkpoint afterwards refer to the objective that was trained.
     """
@@ -587,7 +598,8 @@ def train(
     folder = _start_from(run, checkpoint_dir, resume, config, ranks)
     previous_parallel, sae.data_parallel = sae.data_parallel, ranks
     try:
-        _steps(run, model, sample, config, callback, folder, ranks, share)
+        with DeferredSignals() as signals:
+            _steps(run, model, sample, config, callback, folder, ranks, share, signals)
     except BaseException as error:
         if ranks is not None:
             # The traceback's frames would keep the DDP model alive while the caller handles the
@@ -603,8 +615,9 @@ def train(
 
 def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Generator], torch.Tensor],
            config: TrainConfig, callback: Callback | None, folder: Path | None, ranks: Ranks | None,
-           share: slice) -> None:
-    """The training loop of :func:`train`, from ``run.step`` to ``config.steps``."""
+           share: slice, signals: DeferredSignals) -> None:
+    """The training loop of :func:`train`, from ``run.step`` to ``config.steps``; raises
+    :class:`TrainingInterrupted` at a step boundary after SIGINT/SIGTERM."""
     sae, optimizer, stats, log_coeff, window = run.sae, run.optimizer, run.stats, run.log_coeff, run.window
     device = sae.W_dec.device
     penalised = sae.config.activation in ("relu", "jumprelu")
@@ -669,7 +682,8 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             _resort(sae, optimizer, stats, config.resort_by)
 
         run.step = done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
+        read_out = done % config.log_every == 0 or done == config.steps
+        if read_out:
             logs = _read_out(done, run.result, window, log_coeff, stats, sae, config, ranks)
             logs["lr"] = optimizer.param_groups[0]["lr"]
             window.zero_()
@@ -677,6 +691,26 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             bar.set_postfix(loss=f"{logs['loss']:.4f}", l0=f"{logs['l0']:.2f}", refresh=False)
             if callback is not None:
                 callback(done, sae, logs)
-        if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            run.save(folder, config, ranks)
+        saved = folder is not None and config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+        written = run.save(folder, config, ranks) if saved else None
+        if done < config.steps and signals.stop_now(ranks, read_out, device):
+            if folder is not None and not saved:
+                written = run.save(folder, config, ranks)
+            bar.close()
+            raise _interrupted(signals, run, config, folder, written)
     bar.close()
+
+
+def _interrupted(signals: DeferredSignals, run: _Run, config: TrainConfig, folder: Path | None,
+                 written: Path | None) -> TrainingInterrupted:
+    """The error that ends a run stopped by a signal after ``run.step`` steps (``written``: its checkpoint)."""
+    signum = signals.received
+    stopped = f"training stopped by {signum.name} after step {run.step} of {config.steps}"
+    if written is not None:
+        where = (f"checkpoint {written}; continue with train(..., checkpoint_dir={str(folder)!r}, resume=True) "
+                 f"(CLI: --resume)")
+    elif folder is not None:
+        where = f"rank 0 wrote its checkpoint to {folder}"
+    else:
+        where = f"no checkpoint_dir, so nothing was saved; the SAE holds the parameters after step {run.step}"
+    return TrainingInterrupted(f"{stopped}; {where}", signum, run.step, written, run.result)

@@ -6,7 +6,9 @@ another world size."""
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from matryoshka import distributed
-from matryoshka.train import train
+from matryoshka.train import TrainingInterrupted, train
 from tests.tiny_runs import final_state, poisoned_sample, sample, tiny_config, tiny_sae
 
 # Two ranks that have not finished by then are hung (a lost collective, a deadlock at teardown): they
@@ -58,6 +60,7 @@ def _rank_main(rank: int, folder: Path) -> None:
     except ValueError as exc:
         results["odd_batch"] = str(exc)
     results["ddp_models_alive"] = _ddp_models_alive()
+    results["stopped"] = _stopped_by_a_signal_to_rank_one(rank, folder / "ddp_stopped")
     try:
         train(tiny_sae("topk"), poisoned_sample(7, float("nan")), _config("topk"))
     except ValueError as exc:
@@ -65,6 +68,22 @@ def _rank_main(rank: int, folder: Path) -> None:
         results["ddp_models_alive_in_error"] = _ddp_models_alive()
         results["nan_error"] = str(exc)
     torch.save(results, folder / f"rank{rank}.pt")
+
+
+def _stopped_by_a_signal_to_rank_one(rank: int, folder: Path) -> dict:
+    """Rank 1 alone gets SIGTERM while drawing its data for step 4; what each rank's stop says."""
+    draws = []
+
+    def sampler(rows, generator):
+        draws.append(rows)
+        if rank == 1 and len(draws) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return sample(rows, generator)
+    try:
+        train(tiny_sae("relu"), sampler, _config("relu"), checkpoint_dir=folder)
+    except TrainingInterrupted as stop:
+        return {"signal": stop.signal.name, "step": stop.step, "checkpoint": stop.checkpoint}
+    return {"signal": None}
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +196,18 @@ def test_train_frees_its_ddp_model_before_the_group_is_destroyed(runs):
     assert [rank["ddp_models_alive"] for rank in runs[1]] == [0, 0]
     assert all("steps 4..7" in rank["nan_error"] for rank in runs[1])  # after 4 DDP steps
     assert [rank["ddp_models_alive_in_error"] for rank in runs[1]] == [0, 0]
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_next_read_out_with_a_checkpoint(runs, one_thread):
+    """The ranks agree at the read-out after step 6 (log_every 3); rank 0 writes the checkpoint
+    there (none was due before step 10), and a one-process resume ends where an unstopped run ends."""
+    single, ranks, folder = runs
+    assert [rank["stopped"] for rank in ranks] == [
+        {"signal": "SIGTERM", "step": 6, "checkpoint": folder / "ddp_stopped" / "step_0000006"},
+        {"signal": "SIGTERM", "step": 6, "checkpoint": None},
+    ]
+    assert [p.name for p in (folder / "ddp_stopped").iterdir()] == ["step_0000006"]
+    _assert_close_runs(_run("relu", folder / "ddp_stopped", resume=True), single["relu"])
 
 
 class _Counter(torch.nn.Module):
