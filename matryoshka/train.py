@@ -523,10 +523,11 @@ def _start_from(run: _Run, checkpoint_dir: str | Path | None, resume: bool, conf
             raise ValueError("train(resume=True) needs checkpoint_dir: the folder to resume from")
         return None
     folder = check_writable(checkpoint_dir, "checkpoint_dir")
-    if not config.checkpoint_every:
+    leader = ranks is None or ranks.rank == 0  # writes the checkpoints, and says what it will not do once
+    if not config.checkpoint_every and leader:
         warnings.warn(f"checkpoint_dir {str(folder)!r} is given but checkpoint_every is 0: no checkpoint will be "
                       f"written there (set TrainConfig.checkpoint_every, CLI --checkpoint-every)", stacklevel=3)
-    if ranks is None or ranks.rank == 0:
+    if leader:
         remove_partial(folder)
     found = latest(folder)
     if found is not None and resume:
@@ -534,7 +535,7 @@ def _start_from(run: _Run, checkpoint_dir: str | Path | None, resume: bool, conf
     elif found is not None:
         raise CheckpointError(f"checkpoint_dir {str(folder)!r} already holds checkpoints (latest: {found.name}); "
                               f"pass resume=True (CLI: --resume) to continue that run, or use an empty folder")
-    elif resume:
+    elif resume and leader:
         warnings.warn(f"resume: no checkpoint in {str(folder)!r} yet; starting at step 0", stacklevel=3)
     return folder
 

@@ -61,6 +61,11 @@ def _rank_main(rank: int, folder: Path) -> None:
         results["odd_batch"] = str(exc)
     results["ddp_models_alive"] = _ddp_models_alive()
     results["stopped"] = _stopped_by_a_signal_to_rank_one(rank, folder / "ddp_stopped")
+    with warnings.catch_warnings(record=True) as caught:  # rank 0 says it, once for the run
+        warnings.simplefilter("always")
+        train(tiny_sae("relu"), sample, tiny_config("relu", steps=4, checkpoint_every=0), checkpoint_dir=folder / "none",
+              resume=True)
+    results["warnings"] = sorted(str(w.message).split(":")[0] for w in caught if w.category is UserWarning)
     try:
         train(tiny_sae("topk"), poisoned_sample(7, float("nan")), _config("topk"))
     except ValueError as exc:
@@ -184,6 +189,11 @@ def test_rank_zero_writes_checkpoints_any_world_size_resumes(runs, one_thread):
     _assert_close_runs(ranks[0]["resumed"], single["relu"])
     shutil.copytree(folder / "ddp_relu" / "step_0000010", folder / "from_two_ranks" / "step_0000010")
     _assert_close_runs(_run("relu", folder / "from_two_ranks", resume=True), single["relu"])
+
+
+def test_only_rank_zero_warns_of_a_folder_it_will_not_write(runs):
+    assert [rank["warnings"] for rank in runs[1]] == [["checkpoint_dir '{}' is given but checkpoint_every is 0".format(
+        runs[2] / "none"), "resume"], []]
 
 
 def test_batch_must_split_evenly(runs):
