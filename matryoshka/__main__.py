@@ -20,6 +20,12 @@ from .toy import ToyModel, nabeshima_spec
 from .train import EVERY_WEIGHTS, PREFIX_MODES, TrainingInterrupted, train
 
 
+# A checkpoint holds the parameters and Adam's two moments (three times the SAE): a long run that
+# kept them all would fill the disk.
+KEEP_CHECKPOINTS = 3
+KEEP_HELP = "how many of the newest checkpoints to keep (0: all; default: %(default)s)"
+
+
 def loss_demo(args: argparse.Namespace) -> None:
     """Print every prefix's loss for a random TopK batch, by the fused scan and by the plain loop."""
     g = torch.Generator().manual_seed(args.seed)
@@ -79,7 +85,8 @@ def train_toy_cmd(args: argparse.Namespace) -> None:
         out = check_writable(args.out, "--out")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         toy = ToyModel(nabeshima_spec())
-        overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, progress=leader,
+        overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+                         keep_checkpoints=args.keep_checkpoints, progress=leader,
                          detach=args.detach, balance_beta=args.balance_beta, balance_normalise=args.balance_normalise,
                          prefix_mode=args.mode)  # a trainer prefix mode, not a study mode
         config = RunSpec(toy.spec, "vanilla", args.seed, args.steps, train_overrides=overrides).train_config(toy)
@@ -106,6 +113,7 @@ def train_cmd(args: argparse.Namespace) -> None:
     summary = train_on_activations(
         args.path, args.out, args.steps, kind=args.kind, n=args.n, k=args.k, mode=args.mode, batch=args.batch,
         lr=args.lr, seed=args.seed, device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, held_out=args.held_out, every_weights=args.every_weights)
     last, settings = summary["last"], summary["settings"]
     ev = last.get("heldout_explained_variance")
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     toy_train.add_argument("--batch-size", type=int, default=200, help="global batch, split over the ranks")
     toy_train.add_argument("--seed", type=int, default=0)
     toy_train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    toy_train.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS, help=KEEP_HELP)
     toy_train.add_argument("--resume", action="store_true",
                            help="continue from the latest checkpoint in OUT/checkpoints")
     toy_train.add_argument("--detach", action="store_true",
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                           "(default: %(default)s)")
     fit.add_argument("--log-every", type=int, default=100, help="steps between read-outs (default: %(default)s)")
     fit.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    fit.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS, help=KEEP_HELP)
     fit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda[:i] (default: %(default)s)")

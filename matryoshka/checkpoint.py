@@ -17,7 +17,9 @@ Atomicity: every file is written into a hidden temporary folder next to the fina
 fsync'ed, then the folder is renamed into place (``os.replace``, atomic on POSIX) and the parent
 folder fsync'ed.  A kill at any moment leaves either the complete checkpoint or none, plus perhaps a
 hidden ``.step_*.tmp-*`` folder that :func:`latest` never looks at (and :func:`remove_partial`
-clears).  Checkpoint folders are never modified after the rename.
+clears).  Checkpoint folders are never modified after the rename.  :func:`prune` deletes old ones
+the same way round: renamed out of sight first (atomic), then deleted, so a kill mid-delete never
+leaves a half-deleted folder that looks like a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-__all__ = ["CheckpointError", "check_writable", "latest", "load_checkpoint", "remove_partial",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "check_writable", "checkpoints", "latest", "load_checkpoint", "prune",
+           "remove_partial", "save_checkpoint"]
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -77,6 +79,14 @@ def remove_partial(folder: str | Path) -> None:
     """Delete temporary folders that a killed write left behind in ``folder``."""
     for path in Path(folder).glob(".step_*.tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` (>= 1) complete checkpoints in ``folder`` (module doc)."""
+    for old in checkpoints(folder)[:-keep]:
+        hidden = old.with_name(f".{old.name}.tmp-pruned")
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def save_checkpoint(folder: str | Path, step: int, sae_files: dict[str, bytes],

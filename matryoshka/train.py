@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, prune, remove_partial, save_checkpoint
 from .distributed import Ranks, data_parallel
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .prefixes import Prefixes
@@ -216,7 +216,9 @@ class TrainConfig:
     each step.  ``resort_every``: every that many steps reorder latents by an EMA (``resort_ema``)
     of their mean squared decoder-scaled activation, largest first (0: never).  ``dead_after``,
     ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``log_every``: steps between metric
-    read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never).
+    read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never);
+    ``keep_checkpoints``: how many of the newest checkpoints stay in the folder, older ones are
+    deleted after each save (0: all; a checkpoint holds the parameters and Adam's two moments).
     ``every_weights``: the ``every`` objective's weights, ``"exact"`` or ``"uniform"`` (``EVERY_WEIGHTS``).
     ``detach``: detached levels (each latent learns only from the prefix that adds it).
     ``balance_beta``, ``balance_normalise``: the inner levels' scale β of ``every`` / ``balanced``
@@ -248,6 +250,7 @@ class TrainConfig:
     aux_coeff: float = 1.0 / 32
     log_every: int = 100
     checkpoint_every: int = 0
+    keep_checkpoints: int = 0
     seed: int = 0
     progress: bool = True
     data_chunk_steps: int = 100
@@ -269,6 +272,7 @@ class TrainConfig:
             ("data_chunk_steps", is_count(self.data_chunk_steps, 1), "an integer >= 1"),
             ("num_sampled", is_count(self.num_sampled, 1), "an integer >= 1"),
             ("checkpoint_every", is_count(self.checkpoint_every, 0), "an integer >= 0 (0: never)"),
+            ("keep_checkpoints", is_count(self.keep_checkpoints, 0), "an integer >= 0 (0: all)"),
             ("resort_every", is_count(self.resort_every, 0), "an integer >= 0 (0: never)"),
             ("dead_after", is_count(self.dead_after, 0), "an integer >= 0"),
             ("aux_k", is_count(self.aux_k, 0), "an integer >= 0"),
@@ -433,7 +437,7 @@ def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: t
 
 # ----------------------------------------------------------------------------------- checkpoints
 # TrainConfig fields that do not change what a run computes, so a resume may change them.
-_FREE_FIELDS = ("progress", "checkpoint_every")
+_FREE_FIELDS = ("progress", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -486,7 +490,10 @@ class _Run:
                 tensors[f"adam.{name}.{key}"] = value
         state = {**self.identity(config), "row_width": self.sae.row_width, "history": self.result.history,
                  "world_size": 1 if ranks is None else ranks.size}
-        return save_checkpoint(folder, self.step, self.sae.state_files(), tensors, state)
+        written = save_checkpoint(folder, self.step, self.sae.state_files(), tensors, state)
+        if config.keep_checkpoints:
+            prune(folder, config.keep_checkpoints)
+        return written
 
     def restore(self, path: Path, config: TrainConfig, ranks: Ranks | None) -> None:
         """Continue from checkpoint ``path`` (written with any world size)."""

@@ -64,6 +64,31 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, one_thread, activation):
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000005", "step_0000010", "step_0000015"]
 
 
+def test_keep_checkpoints_deletes_all_but_the_newest_and_the_run_still_resumes_bit_exact(tmp_path, one_thread):
+    overrides = dict(checkpoint_every=3, keep_checkpoints=2)
+    want_state, want_history = _uninterrupted("relu", **overrides)
+    with pytest.raises(_Crash):  # checkpoints at 3, 6, 9; dies at 12 (before its save)
+        train(tiny_sae("relu"), sample, tiny_config("relu", **overrides), callback=_crash_at(12), checkpoint_dir=tmp_path)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000006", "step_0000009"]
+    sae = tiny_sae("relu", seed=99)
+    result = train(sae, sample, tiny_config("relu", **overrides), checkpoint_dir=tmp_path, resume=True)
+    _assert_same_run(sae, result.history, want_state, want_history)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000012", "step_0000015"]
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, one_thread, monkeypatch):
+    """Pruning renames a checkpoint out of sight before deleting it: with the delete never done (a
+    kill right after the rename), only hidden folders remain, and the next start clears them."""
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    train(tiny_sae("relu"), sample, tiny_config("relu", keep_checkpoints=1), checkpoint_dir=tmp_path)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000015"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_0000005.tmp-pruned", ".step_0000010.tmp-pruned",
+                                                          "step_0000015"]
+    monkeypatch.undo()
+    checkpoint.remove_partial(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000015"]
+
+
 def test_a_checkpoint_folder_without_checkpoint_every_warns_and_stays_empty(tmp_path, one_thread):
     with pytest.warns(UserWarning, match=r"checkpoint_dir '.*' is given but checkpoint_every is 0"):
         train(tiny_sae("relu"), sample, tiny_config("relu", checkpoint_every=0), checkpoint_dir=tmp_path)
@@ -194,7 +219,7 @@ def test_other_shapes_name_the_differing_fields(copy):
 
 def test_free_settings_may_change_on_resume(copy):
     with pytest.warns(UserWarning, match="checkpoint_every is 0: no checkpoint will be written"):
-        sae, result = _resume(copy, progress=True, checkpoint_every=0)  # changes nothing a run computes
+        sae, result = _resume(copy, progress=True, checkpoint_every=0, keep_checkpoints=1)  # change nothing computed
     assert [row["step"] for row in result.history] == [3, 5]
     assert torch.equal(sae.W_dec, SparseAutoencoder.load(copy / "step_0000005").W_dec)
 

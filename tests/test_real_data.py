@@ -40,6 +40,8 @@ def test_train_command_end_to_end_and_exact_resume(tmp_path, capsys):
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert json.loads((tmp_path / "b" / "history.json").read_text()) == history
+    _train(tmp_path / "acts.npy", tmp_path / "c", "--keep-checkpoints", "1")
+    assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step_0000030"]
 
 
 def test_train_command_reports_a_bad_file(tmp_path, capsys):

@@ -255,6 +255,7 @@ def test_new_fields_join_the_checkpoint_identity_only_when_set(tmp_path):
     (dict(log_every=0), r"TrainConfig\.log_every must be an integer >= 1"),
     (dict(data_chunk_steps=0), r"TrainConfig\.data_chunk_steps must be an integer >= 1"),
     (dict(checkpoint_every=-5), r"TrainConfig\.checkpoint_every must be an integer >= 0 \(0: never\), got -5$"),
+    (dict(keep_checkpoints=1.5), r"TrainConfig\.keep_checkpoints must be an integer >= 0 \(0: all\), got 1\.5$"),
     (dict(resort_every=True), r"TrainConfig\.resort_every must be an integer >= 0 \(0: never\), got True$"),
     (dict(lr=math.nan), r"TrainConfig\.lr must be a finite number > 0, got nan$"),
     (dict(betas=(0.9, 1.0)), r"TrainConfig\.betas must be two numbers in \[0, 1\), got \(0\.9, 1\.0\)$"),

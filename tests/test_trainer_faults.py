@@ -83,6 +83,15 @@ def test_cli_unwritable_output_folder(tmp_path, capsys, command):
         in capsys.readouterr().err
 
 
+def test_cli_keeps_the_three_newest_checkpoints_unless_told(tmp_path, one_thread):
+    args = ["train-toy", "--steps", "10", "--batch-size", "20", "--checkpoint-every", "2"]
+    main(args + ["--out", str(tmp_path / "default")])
+    main(args + ["--out", str(tmp_path / "all"), "--keep-checkpoints", "0"])
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "default" / "checkpoints")] == [
+        "step_0000006", "step_0000008", "step_0000010"]
+    assert len(checkpoint.checkpoints(tmp_path / "all" / "checkpoints")) == 5
+
+
 def test_cli_bad_settings_and_resume(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit) as exit_:
         main(["train-toy", "--out", str(tmp_path), "--activation", "topk"])
