@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_compare_quick(tmp_path, capsys):
     main(["compare", "--quick", "--steps", "100", "--jobs", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
+    assert "reused" not in printed and len(list((tmp_path / "run_cache").glob("*.json"))) == 4
     assert "100 steps per run (the original recipe: 40 000)" in printed
     for mode in ("vanilla", "groups", "sampled", "every"):
         assert f"\n{mode} " in printed
@@ -27,6 +28,11 @@ def test_compare_quick(tmp_path, capsys):
     assert 0 < results["summary"]["every"]["mcc"]["mean"] <= 1
     for name in ("compare_heatmap.png", "learning_curves.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    # Started again (as after a kill), the study reuses its finished runs and reports the same.
+    main(["compare", "--quick", "--steps", "100", "--jobs", "1", "--out", str(tmp_path)])
+    assert f"compare: 4 of 4 runs reused from {tmp_path / 'run_cache'}" in capsys.readouterr().out
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["runs"] == results["runs"] and again["summary"] == results["summary"]
 
 
 def test_child_magnitude_quick_with_sweep(tmp_path, capsys):
@@ -43,13 +49,14 @@ def test_child_magnitude_quick_with_sweep(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
-def test_parallel_runs_match_serial_runs():
+def test_parallel_runs_match_serial_runs(tmp_path):
     specs = [RunSpec(child_magnitude_spec(distractors=2), mode, 0, 40, num_sampled=2, eval_samples=500)
              for mode in ("sampled", "every")]
-    serial, parallel = run_many(specs, jobs=1), run_many(specs, jobs=2)
+    serial, parallel = run_many(specs, jobs=1), run_many(specs, jobs=2, cache=tmp_path)
     for a, b in zip(serial, parallel):
         assert a["spec"]["mode"] == b["spec"]["mode"]
         assert a["metrics"]["cos"] == b["metrics"]["cos"]
+    assert run_many(specs, jobs=1, cache=tmp_path) == parallel  # the processes' results, reused
 
 
 def test_summaries_and_tables():

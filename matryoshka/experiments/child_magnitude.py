@@ -22,8 +22,8 @@ import numpy as np
 
 from ..toy import ToyModel, child_magnitude_spec
 from . import plots
-from .common import (RunSpec, fmt, format_table, history_band, run_many, study_mode, summarize, write_json,
-                     write_outputs)
+from .common import (RUN_CACHE, RunSpec, fmt, format_table, history_band, run_many, study_mode, summarize,
+                     write_json, write_outputs)
 
 __all__ = ["MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "DEFAULT_RATIOS", "QUICK_STEPS", "learning_summary",
            "child_magnitude", "PHASE_RATIOS", "PHASE_PROBS", "PHASE_MODES", "phase"]
@@ -86,7 +86,8 @@ def _table(rows_by_mode: dict[str, list[dict]]) -> str:
                                "absorption", "cos(child lat, parent)", "mix +", "mix -"])
 
 
-def _runs(spec: dict, modes: tuple[str, ...], seeds: int, steps: int, jobs: int, desc: str) -> dict[str, list[dict]]:
+def _runs(spec: dict, modes: tuple[str, ...], seeds: int, steps: int, jobs: int, desc: str,
+          out: Path) -> dict[str, list[dict]]:
     toy = ToyModel(spec)
     # The original recipe samples 10 of 20 prefixes: keep that half for this smaller dictionary, so
     # that `sampled` stays random (with num = n it would draw every prefix every step).
@@ -94,7 +95,7 @@ def _runs(spec: dict, modes: tuple[str, ...], seeds: int, steps: int, jobs: int,
     # Features are learned within a few hundred steps here: read cosines every 10 steps to time it.
     specs = [RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10)
              for mode in modes for seed in range(seeds)]
-    results = run_many(specs, jobs, desc=desc)
+    results = run_many(specs, jobs, desc=desc, cache=out / RUN_CACHE)
     return {m: [r for r in results if r["spec"]["mode"] == m] for m in modes}
 
 
@@ -114,7 +115,7 @@ def child_magnitude(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_
     print(f"recipe: {toy.num_features} ReLU latents, adaptive L1, sampled = {max(2, toy.num_features // 2)} "
           f"random prefixes per step, {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es); "
           f"mean ± 95% CI (Student t over {seeds} seeds)")
-    by_mode = _runs(spec, modes, seeds, steps, jobs, "child-magnitude")
+    by_mode = _runs(spec, modes, seeds, steps, jobs, "child-magnitude", out)
     rows = {m: [learning_summary(r) for r in runs] for m, runs in by_mode.items()}
     print("\nLearning order (step at which a latent first reaches |cos| >= 0.9, and that latent's position),"
           " absorption and mixing")
@@ -151,7 +152,7 @@ def _sweep(out: Path, params: dict, ratios: tuple[float, ...], modes: tuple[str,
     per_ratio = {}
     for ratio in ratios:
         spec = child_magnitude_spec(**{**params, "child_magnitude": ratio * parent_magnitude})
-        by_mode = _runs(spec, modes, seeds, steps, jobs, f"sweep ratio {ratio:g}")
+        by_mode = _runs(spec, modes, seeds, steps, jobs, f"sweep ratio {ratio:g}", out)
         per_ratio[ratio] = {m: [learning_summary(r) for r in runs] for m, runs in by_mode.items()}
     print(f"\nSweep over child/parent magnitude ratio (parent magnitude {parent_magnitude}):")
     rows = []
@@ -202,7 +203,7 @@ def phase(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, job
         for seed in range(seeds):
             specs.append(RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10))
             keys.append((ratio, prob, mode))
-    results = run_many(specs, jobs, desc="phase")
+    results = run_many(specs, jobs, desc="phase", cache=out / RUN_CACHE)
     rows: dict[tuple, list[dict]] = {}
     for key, result in zip(keys, results):
         rows.setdefault(key, []).append(_phase_row(result, key[0]))

@@ -44,16 +44,18 @@ from ..prefixes import Prefixes
 from ..sae import SAEConfig, SparseAutoencoder
 from ..toy import ToyModel
 from ..train import TrainConfig, every_prefix_weights, train
+from .run_cache import RunCache
 
 __all__ = [
     "study_mode", "check_study_mode", "BASE_MODES",
     "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
-    "format_table", "write_json",
+    "format_table", "write_json", "RUN_CACHE",
     "write_outputs",
 ]
 
 
 BASE_MODES = ("vanilla", "groups", "sampled", "every")
+RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output folder (run_many's cache)
 _MODE = re.compile(r"^(every|every-uniform|balanced)-b([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(-norm)?$")
 
 
@@ -186,28 +188,39 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[Any], dict] = run_one) -> list[dict]:
+def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[Any], dict] = run_one,
+             cache: Path | None = None) -> list[dict]:
     """Run ``worker`` (default :func:`run_one`, a module-level function) on every spec, ``jobs``
     processes at a time; results in the order of ``specs``.
 
     Runs are independent and single-threaded, so processes are how 2 cores give 2x; each result
     depends only on its spec, whatever ``jobs`` is.  ``spawn`` (not fork) because forking a process
     that has started torch's thread pools can deadlock.
+
+    ``cache``: a folder where each finished run is stored as it ends and from which runs of the same
+    spec under the same code are reused (:mod:`.run_cache`): a study stopped half-way and started
+    again does only the runs it had not finished.
     """
-    bar = tqdm(total=len(specs), desc=desc, unit="run", leave=False)
+    store = RunCache(cache, worker) if cache is not None else None
+    results = [store.get(spec) if store else None for spec in specs]
+    todo = [i for i, result in enumerate(results) if result is None]
+    if store and len(todo) < len(specs):
+        print(f"{desc}: {len(specs) - len(todo)} of {len(specs)} runs reused from {cache}")
+
+    def finished(i: int, result: dict) -> None:
+        results[i] = store.put(specs[i], result) if store else result
+        bar.update()
+
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="run", leave=False)
     if jobs <= 1:
-        results = []
-        for spec in specs:
-            results.append(worker(spec))
-            bar.update()
-    else:
-        results = [None] * len(specs)
+        for i in todo:
+            finished(i, worker(specs[i]))
+    elif todo:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(worker, spec): i for i, spec in enumerate(specs)}
+            futures = {pool.submit(worker, specs[i]): i for i in todo}
             for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
+                finished(futures[future], future.result())
     bar.close()
     return results
 

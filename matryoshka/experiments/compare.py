@@ -13,7 +13,7 @@ import numpy as np
 from ..toy import ToyModel, nabeshima_spec
 from ..train import default_group_widths
 from . import plots
-from .common import RunSpec, fmt, format_table, history_band, run_many, summarize, write_json
+from .common import RUN_CACHE, RunSpec, fmt, format_table, history_band, run_many, summarize, write_json
 
 __all__ = ["MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "run_scalars", "compare"]
 
@@ -85,7 +85,7 @@ def compare(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, j
     print(f"{steps} steps per run (the original recipe: 40 000), seeds 0..{seeds - 1}, {jobs} process(es); "
           f"tables: mean ± 95% CI (Student t over {seeds} seeds)")
     specs = [RunSpec(toy.spec, mode, seed, steps) for mode in modes for seed in range(seeds)]
-    results = run_many(specs, jobs, desc="compare")
+    results = run_many(specs, jobs, desc="compare", cache=out / RUN_CACHE)
     by_mode = {m: [r for r in results if r["spec"]["mode"] == m] for m in modes}
     scalars = {m: [run_scalars(r, toy) for r in runs] for m, runs in by_mode.items()}
     summary = {m: {k: summarize([s[k] for s in rows]) for k in rows[0]} for m, rows in scalars.items()}

@@ -34,7 +34,7 @@ import numpy as np
 from ..toy import ToyModel, nabeshima_spec
 from ..train import PrefixSchedule
 from . import plots
-from .common import RunSpec, fmt, format_table, run_many, study_mode, summarize, write_outputs
+from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, study_mode, summarize, write_outputs
 
 __all__ = ["MODES", "BETAS", "NORM_BETAS", "REFERENCE_MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS",
            "unequal_spec", "TOYS", "hedging_prediction", "run_scalars", "hedging"]
@@ -249,7 +249,7 @@ def hedging(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, j
         toy = ToyModel(TOYS[toy_name]())
         modes = list(modes_given) if modes_given else _modes(toy_name, quick, betas, norm_betas, unequal_betas)
         specs = [RunSpec(toy.spec, mode, seed, steps) for mode in modes for seed in range(seeds)]
-        results = run_many(specs, jobs, desc=f"hedging {toy_name}")
+        results = run_many(specs, jobs, desc=f"hedging {toy_name}", cache=out / RUN_CACHE)
         payload["toys"][toy_name] = {"toy": toy.spec, "modes": modes,
                                      "runs": [{k: r[k] for k in ("spec", "metrics", "learning_order")
                                                if k in r} | {"seconds": r.get("seconds")} for r in results]}

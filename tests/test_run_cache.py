@@ -1,0 +1,89 @@
+"""A study's finished runs are kept as they end and reused when it is started again (after a crash,
+Ctrl-C or a kill), only for the same worker, spec and code; results read the same either way."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from matryoshka.experiments import run_cache
+from matryoshka.experiments.common import run_many
+
+CALLS: list[int] = []
+FAIL_AT: list[int] = []
+
+
+def _square(spec: dict) -> dict:
+    """A cheap worker that records its calls and fails at the specs listed in ``FAIL_AT``."""
+    if spec["x"] in FAIL_AT:
+        raise RuntimeError(f"run {spec['x']} crashed")
+    CALLS.append(spec["x"])
+    return {"spec": spec, "square": spec["x"] ** 2, "pair": (1, 2), "nan": float("nan"), "half": np.float32(0.5)}
+
+
+SPECS = [{"x": x} for x in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    CALLS.clear()
+    FAIL_AT.clear()
+    yield
+    FAIL_AT.clear()
+
+
+def test_a_crashed_study_keeps_its_finished_runs_and_reruns_only_the_rest(tmp_path, capsys):
+    FAIL_AT.append(2)
+    with pytest.raises(RuntimeError, match="run 2 crashed"):
+        run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    assert CALLS == [0, 1] and len(list(tmp_path.glob("*.json"))) == 2
+    FAIL_AT.clear()
+
+    results = run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    assert CALLS == [0, 1, 2, 3]  # 0 and 1 reused
+    assert f"runs: 2 of 4 runs reused from {tmp_path}" in capsys.readouterr().out
+    assert [r["square"] for r in results] == [0, 1, 4, 9]
+    # Fresh (3) and reused (0) results read the same: as JSON gives them back.
+    for result in (results[0], results[3]):
+        assert result["pair"] == [1, 2] and type(result["half"]) is float and np.isnan(result["nan"])
+
+    assert json.dumps(run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)) == json.dumps(results)
+    assert CALLS == [0, 1, 2, 3]  # nothing run again
+    assert not list(tmp_path.glob(".run-*")), "no temporary file is left behind"
+
+
+def test_other_code_or_another_worker_reruns_everything(tmp_path, monkeypatch):
+    run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    monkeypatch.setattr(run_cache, "code_identity", lambda: "an edited source file")
+    run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    assert CALLS == [0, 1, 2, 3] * 2
+    monkeypatch.undo()
+    run_many(SPECS, jobs=1, worker=_cube, cache=tmp_path)
+    assert CALLS == [0, 1, 2, 3] * 3
+
+
+def _cube(spec: dict) -> dict:
+    CALLS.append(spec["x"])
+    return {"cube": spec["x"] ** 3}
+
+
+def test_an_unreadable_cached_run_is_run_again_with_a_warning(tmp_path):
+    run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    damaged = sorted(tmp_path.glob("*.json"))[0]
+    damaged.write_text('{"square": ')
+    with pytest.warns(UserWarning, match=f"run cache: {damaged} cannot be read"):
+        results = run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
+    assert len(CALLS) == 5 and [r["square"] for r in results] == [0, 1, 4, 9]
+
+
+def test_the_code_identity_follows_the_sources(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(run_cache, "PACKAGE", tmp_path)
+    run_cache.code_identity.cache_clear()
+    first = run_cache.code_identity()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    run_cache.code_identity.cache_clear()
+    assert run_cache.code_identity() != first
+    run_cache.code_identity.cache_clear()
