@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -311,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError, FloatingPointError, ImportError) as exc:  # bad settings, files, data, installs
         parser.exit(1, f"{parser.prog} {args.command}: error: {exc}\n")
-    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: the checkpoint is written; exit as the signal would
-        parser.exit(stop.exit_code, f"{parser.prog} {args.command}: {stop}\n")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM in training: say what was kept, exit as the signal would
+        code = stop.exit_code if isinstance(stop, TrainingInterrupted) else 128 + signal.SIGINT
+        parser.exit(code, f"{parser.prog} {args.command}: {stop or 'interrupted'}\n")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ are only recorded; the trainer finishes the step, writes a checkpoint of it (wit
 * Data-parallel runs stop together: a rank may receive the signal a step after another, so the
   ranks agree at the next metric read-out (every ``log_every`` steps), where they already wait for
   each other; one all-reduce there.
-* Python lets only the main thread set signal handlers: a run in another thread, or one started
-  under handlers that were not set from Python, keeps the signals' usual behaviour.
+* Python lets only the main thread set signal handlers: a run in another thread keeps the signals'
+  usual behaviour, and so does a signal that is ignored (``nohup``, a background job of a script)
+  or has a handler that was not set from Python.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.signal, self.step, self.checkpoint, self.result = signum, step, checkpoint, result
 
+    def __reduce__(self):
+        # Picklable with its fields, so that it crosses from a study's worker process to the parent.
+        return type(self), (str(self), self.signal, self.step, self.checkpoint, self.result)
+
     @property
     def exit_code(self) -> int:
         """The shell's exit status for a process the signal ended: ``128 + signal number``."""
@@ -60,12 +65,13 @@ class DeferredSignals:
     def __enter__(self) -> DeferredSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
-        previous = {s: signal.getsignal(s) for s in SIGNALS}
-        if any(handler is None for handler in previous.values()):
-            return self  # installed outside Python: it could not be put back
         for s in SIGNALS:
-            signal.signal(s, self._defer)
-        self._previous = previous
+            handler = signal.getsignal(s)
+            # Left alone: an ignored signal (nohup, a background job of a script) stays ignored, and
+            # a handler installed outside Python could not be put back.
+            if handler not in (signal.SIG_IGN, None):
+                self._previous[s] = handler
+                signal.signal(s, self._defer)
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -16,9 +16,12 @@ FAIL_AT: list[int] = []
 
 
 def _square(spec: dict) -> dict:
-    """A cheap worker that records its calls and fails at the specs listed in ``FAIL_AT``."""
+    """A cheap worker that records its calls and fails at the specs listed in ``FAIL_AT`` (a negative
+    entry: Ctrl-C at spec ``-entry``)."""
     if spec["x"] in FAIL_AT:
         raise RuntimeError(f"run {spec['x']} crashed")
+    if -spec["x"] in FAIL_AT:
+        raise KeyboardInterrupt
     CALLS.append(spec["x"])
     return {"spec": spec, "square": spec["x"] ** 2, "pair": (1, 2), "nan": float("nan"), "half": np.float32(0.5)}
 
@@ -52,6 +55,16 @@ def test_a_crashed_study_keeps_its_finished_runs_and_reruns_only_the_rest(tmp_pa
     assert json.dumps(run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)) == json.dumps(results)
     assert CALLS == [0, 1, 2, 3]  # nothing run again
     assert not list(tmp_path.glob(".run-*")), "no temporary file is left behind"
+
+
+def test_ctrl_c_says_how_many_runs_are_kept(tmp_path, capsys):
+    FAIL_AT.append(-3)
+    with pytest.raises(KeyboardInterrupt, match=rf"^study: stopped with 3 of 4 runs finished, kept in {tmp_path}; "
+                                                rf"the same command continues from there$"):
+        run_many(SPECS, jobs=1, worker=_square, cache=tmp_path, desc="study")
+    FAIL_AT.clear()
+    run_many(SPECS, jobs=1, worker=_square, cache=tmp_path, desc="study")
+    assert CALLS == [0, 1, 2, 3]
 
 
 def test_other_code_or_another_worker_reruns_everything(tmp_path, monkeypatch):

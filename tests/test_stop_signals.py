@@ -5,6 +5,7 @@ were there before come back.  (Data-parallel ranks stopping together: tests/test
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -78,6 +79,10 @@ def test_a_signal_stops_at_the_step_end_with_a_checkpoint_and_resumes_bit_exact(
     assert [row["step"] for row in error.result.history] == [3, 6]
     assert str(error) == (f"training stopped by {signum.name} after step 6 of 16; checkpoint {tmp_path / 'step_0000006'}; "
                           f"continue with train(..., checkpoint_dir={str(tmp_path)!r}, resume=True) (CLI: --resume)")
+    # It crosses from a study's worker process to the parent.
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.signal, copy.step, copy.checkpoint) == (str(error), signum, 6, error.checkpoint)
+    assert copy.result.history == error.result.history
 
     sae = tiny_sae(activation, seed=99)
     result = train(sae, sample, tiny_config(activation), checkpoint_dir=tmp_path, resume=True)
@@ -155,3 +160,28 @@ def test_the_cli_exits_with_the_signals_status_after_writing_a_checkpoint(tmp_pa
     step, written = int(stopped.group(1)), Path(stopped.group(2))
     assert step >= 50 and written == tmp_path / "checkpoints" / f"step_{step:07d}"
     assert checkpoint.latest(tmp_path / "checkpoints") == written
+
+
+def test_an_ignored_signal_stays_ignored(one_thread):
+    """A run under ``nohup`` ignores SIGINT (and a background job of a script too): it must not start
+    stopping on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(tiny_sae("relu"), sample, tiny_config("relu"), callback=_signal_at(6, signal.SIGINT))
+    except TrainingInterrupted as stop:  # caught here: a KeyboardInterrupt would abort the test session
+        pytest.fail(f"an ignored SIGINT stopped the run: {stop}")
+    assert result.history[-1]["step"] == 16
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_the_cli_reports_a_stopped_study_with_ctrl_cs_status(tmp_path, monkeypatch, capsys):
+    from matryoshka import __main__ as cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("compare: stopped with 3 of 20 runs finished, kept in X; the same command continues")
+    monkeypatch.setattr(cli.compare, "compare", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compare", "--quick", "--out", str(tmp_path)])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == ("python -m matryoshka compare: compare: stopped with 3 of 20 runs finished, "
+                                       "kept in X; the same command continues\n")

@@ -212,17 +212,49 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
         bar.update()
 
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="run", leave=False)
-    if jobs <= 1:
-        for i in todo:
-            finished(i, worker(specs[i]))
-    elif todo:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(worker, specs[i]): i for i in todo}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-    bar.close()
+    try:
+        if jobs <= 1:
+            for i in todo:
+                finished(i, worker(specs[i]))
+        elif todo:
+            _run_in_processes(worker, specs, todo, jobs, finished)
+    except BaseException as error:
+        if store is None:
+            raise
+        done = sum(result is not None for result in results)
+        kept = (f"{desc}: stopped with {done} of {len(specs)} runs finished, kept in {cache}; the same command "
+                f"continues from there")
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C: this says more than a worker's TrainingInterrupted
+            raise KeyboardInterrupt(kept) from error
+        tqdm.write(kept)
+        raise
+    finally:
+        bar.close()
     return results
+
+
+def _run_in_processes(worker: Callable[[Any], dict], specs: Sequence, todo: list[int], jobs: int,
+                      finished: Callable[[int, dict], None]) -> None:
+    """``finished(i, worker(specs[i]))`` for every ``i`` in ``todo``, ``jobs`` spawned processes at a time.
+
+    On a failed run or Ctrl-C no queued run starts (leaving the pool would otherwise wait for them
+    all); the runs under way end (a signal stops them at their next step) and those that succeed
+    are still handed to ``finished``.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(worker, specs[i]): i for i in todo}
+        handed = set()
+        try:
+            for future in as_completed(futures):
+                handed.add(future)
+                finished(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, i in futures.items():
+                if future not in handed and not future.cancelled() and future.exception() is None:
+                    finished(i, future.result())
+            raise
 
 
 def history_band(runs: Sequence[dict], value: Callable[[dict], float | None]) -> tuple[list[int], np.ndarray]:
