@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -172,7 +174,10 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     """Cache up to ``tokens`` activations (fewer if the corpus runs out) of layer ``layer`` into ``out``.
 
     Returns the metadata also written to ``out/meta.json``.  ``out`` must hold no activation files
-    yet (a half-overwritten cache would mix two runs).
+    yet (a half-overwritten cache would mix two runs).  The shards are written into the hidden
+    folder ``out/.caching`` and moved into ``out`` when all are complete, ``meta.json`` last: a
+    cache stopped half-way (Ctrl-C, a kill) leaves no activation file in ``out``, where a reader
+    would take a shard's unwritten rows for zero activations.  The next call starts afresh.
     """
     if seq_len < 3:
         raise ValueError(f"--seq-len must be >= 3 ([CLS], text, [SEP]), got {seq_len}")
@@ -185,6 +190,9 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     existing = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".safetensors"))
     if existing:
         raise FileExistsError(f"--out {str(out)!r} already holds activation files ({existing[0]}, ...): use an empty folder")
+    staging = out / ".caching"
+    shutil.rmtree(staging, ignore_errors=True)  # what a stopped cache left
+    staging.mkdir()
     start = time.perf_counter()
     paragraphs = corpus_paragraphs(corpus)
     tokenizer, model = load_model(layer)
@@ -208,7 +216,7 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
                 if shard is not None:
                     shard.flush()
                 name = f"acts_{len(shards):05d}.npy"
-                shard = np.lib.format.open_memmap(out / name, mode="w+", dtype=dtype,
+                shard = np.lib.format.open_memmap(staging / name, mode="w+", dtype=dtype,
                                                   shape=(min(shard_tokens, tokens - written), d))
                 shards.append(name)
                 shard_rows = 0
@@ -221,7 +229,7 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
         raise ValueError(f"corpus {str(corpus)!r} gave fewer than {width} tokens: nothing to cache")
     shard.flush()
     if shard_rows < shard.shape[0]:  # the corpus ran out: rewrite the last shard at its true length
-        last = out / shards[-1]
+        last = staging / shards[-1]
         data = np.array(shard[:shard_rows])
         del shard
         np.save(last, data)
@@ -234,5 +242,10 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
         "token_ids_sha256": digest.hexdigest(), "dtype": dtype, "files": shards,
         "seconds": time.perf_counter() - start,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    shard = None  # close the memory map before its file moves
+    for name in shards:
+        os.replace(staging / name, out / name)
+    (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(staging / "meta.json", out / "meta.json")
+    staging.rmdir()
     return meta
