@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
+from .durable_files import fsync_folder, write_synced
+
 __all__ = ["CheckpointError", "check_writable", "checkpoints", "latest", "load_checkpoint", "prune",
            "remove_partial", "save_checkpoint"]
 
@@ -109,13 +111,10 @@ def save_checkpoint(folder: str | Path, step: int, sae_files: dict[str, bytes],
     files[MANIFEST] = json.dumps({"format": FORMAT, "files": manifest}, indent=1).encode()
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=folder))
     for name, data in files.items():
-        with open(temporary / name, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    _fsync_folder(temporary)
+        write_synced(temporary / name, data)
+    fsync_folder(temporary)
     _publish(temporary, final)
-    _fsync_folder(folder)
+    fsync_folder(folder)
     return final
 
 
@@ -124,13 +123,6 @@ def _publish(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a folder's entries (new files, a rename) durable, not only the files' contents."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def load_checkpoint(path: str | Path, expected: dict,

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .distributed import Ranks
+from .durable_files import replace_file
 from .loss import MatryoshkaLossOutput, matryoshka_loss
 from .prefixes import Prefixes
 from .sparse_acts import PADDING_INDEX, SparseActs
@@ -350,11 +351,12 @@ class SparseAutoencoder(nn.Module):
         return {"config.json": json.dumps(config, indent=2).encode(), "sae.safetensors": save(tensors)}
 
     def save(self, directory: str | Path) -> None:
-        """``sae.safetensors`` (weights and buffers) and ``config.json`` in ``directory``."""
+        """``sae.safetensors`` (weights and buffers) and ``config.json`` in ``directory``, each
+        replaced atomically: a kill mid-save leaves a whole file, the old one or the new."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in self.state_files().items():
-            (directory / name).write_bytes(data)
+            replace_file(directory / name, data)
 
     @classmethod
     def load(cls, directory: str | Path) -> SparseAutoencoder:

@@ -54,7 +54,7 @@ def test_a_crashed_study_keeps_its_finished_runs_and_reruns_only_the_rest(tmp_pa
 
     assert json.dumps(run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)) == json.dumps(results)
     assert CALLS == [0, 1, 2, 3]  # nothing run again
-    assert not list(tmp_path.glob(".run-*")), "no temporary file is left behind"
+    assert not list(tmp_path.glob(".*.tmp-*")), "no temporary file is left behind"
 
 
 def test_ctrl_c_says_how_many_runs_are_kept(tmp_path, capsys):

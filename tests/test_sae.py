@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from matryoshka import Prefixes, SparseActs, matryoshka_loss
+from matryoshka import Prefixes, SparseActs, durable_files, matryoshka_loss
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
 D, N, B = 6, 10, 32
@@ -207,6 +207,24 @@ def test_save_into_new_nested_folder_and_overwrite(tmp_path):
     sae.save(target)  # saving again over the same folder is fine
     assert "_row_stats" not in sae.state_dict(), "run-time counters are not part of the saved model"
     torch.testing.assert_close(SparseAutoencoder.load(target).W_dec, sae.W_dec)
+
+
+def test_a_save_stopped_midway_leaves_the_saved_sae_whole(tmp_path, monkeypatch):
+    """Saving again over a saved SAE (a resumed run that was already done does) and killed before a
+    file is in place: the old files stay whole, not a half-written ``sae.safetensors``."""
+    old, new = make("relu"), make("relu")
+    with torch.no_grad():
+        new.W_dec.add_(1.0)
+    old.save(tmp_path)
+
+    def killed(source, target):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(durable_files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path)
+    monkeypatch.undo()
+    assert torch.equal(SparseAutoencoder.load(tmp_path).W_dec, old.W_dec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
 
 
 def test_batchtopk_inference_with_nothing_above_the_threshold():

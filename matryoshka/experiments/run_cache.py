@@ -10,8 +10,8 @@ delete the folder to rerun everything.
 
 A result goes through JSON whether it is fresh or reused (tuples come back as lists, NumPy scalars
 as Python numbers), so a study sees the same values either way.  Files are written to a temporary
-name and renamed into place: a kill mid-write leaves a whole file or none.  An unreadable file is
-ignored (its run is done again) with a warning.
+name and renamed into place (:func:`matryoshka.durable_files.replace_file`): a kill mid-write
+leaves a whole file or none.  An unreadable file is ignored (its run is done again) with a warning.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..durable_files import replace_file
 
 __all__ = ["RunCache", "code_identity"]
 
@@ -78,12 +78,5 @@ class RunCache:
         """Store ``result`` for ``spec`` and return it as JSON reads it back."""
         text = json.dumps(result, default=_plain)
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".run-", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-            os.replace(temporary, self._file(spec))
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        replace_file(self._file(spec), text.encode())
         return json.loads(text)
