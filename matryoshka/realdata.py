@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .durable_files import replace_file
+
 __all__ = ["DEFAULT_CORPUS", "MODEL_PACKAGE", "load_model", "prose_paragraphs", "corpus_paragraphs", "cache_activations"]
 
 DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -245,7 +247,6 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     shard = None  # close the memory map before its file moves
     for name in shards:
         os.replace(staging / name, out / name)
-    (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(staging / "meta.json", out / "meta.json")
+    replace_file(out / "meta.json", json.dumps(meta, indent=1).encode())
     staging.rmdir()
     return meta

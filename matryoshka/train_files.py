@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .activation_store import ActivationStore
 from .checkpoint import check_writable
+from .durable_files import replace_file
 from .prefixes import Prefixes
 from .sae import SAEConfig, SparseAutoencoder
 from .train import TrainConfig, train
@@ -88,7 +89,7 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
                             generator=torch.Generator().manual_seed(10_000 + seed)).to(device)
     with torch.no_grad():  # start the decoder bias at the data mean (a resume overwrites it)
         sae.b_dec.copy_(store.sample(store.scale_rows, torch.Generator().manual_seed(seed)).mean(0))
-    norm_file.write_text(json.dumps(store.describe(), indent=1))
+    replace_file(norm_file, json.dumps(store.describe(), indent=1).encode())  # read back by --resume
     heldout = store.held_out(8192) if store.held_out_rows else None
     lengths = eval_lengths(n)
     shown = sorted({lengths[len(lengths) // 3], lengths[2 * len(lengths) // 3], n})  # a few, for the progress line
@@ -107,11 +108,11 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
     settings = {"path": str(path), "kind": kind, "d": d, "n": n, "k": k, "mode": mode, "every_weights": weights,
                 "steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": device, "held_out_rows": store.held_out_rows,
                 "eval_lengths": lengths, "normalisation": store.describe()}
-    (out / "run.json").write_text(json.dumps(settings, indent=1))
+    replace_file(out / "run.json", json.dumps(settings, indent=1).encode())
     start = time.perf_counter()
     result = train(sae, store.sample, config, callback=read_out, checkpoint_dir=out / "checkpoints", resume=resume)
     seconds = time.perf_counter() - start
     sae.save(out / "sae")
-    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    replace_file(out / "history.json", json.dumps(result.history, indent=1).encode())
     last = result.history[-1]
     return {"settings": settings, "last": last, "seconds": seconds}

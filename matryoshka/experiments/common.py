@@ -39,6 +39,7 @@ import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
+from ..durable_files import replace_file
 from ..metrics import LearningOrder, cosine_matrix, evaluate, match_latents
 from ..prefixes import Prefixes
 from ..sae import SAEConfig, SparseAutoencoder
@@ -335,4 +336,4 @@ def write_outputs(out: Path, json_name: str, payload: dict, md_name: str, md: li
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_strict(payload), indent=1))
+    replace_file(path, json.dumps(_strict(payload), indent=1).encode())
