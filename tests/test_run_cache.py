@@ -82,6 +82,14 @@ def _cube(spec: dict) -> dict:
     return {"cube": spec["x"] ** 3}
 
 
+def test_a_spec_is_found_whatever_its_key_order_and_may_hold_numpy_numbers(tmp_path):
+    """The cache folder may not exist yet (a study makes its output folder after its runs)."""
+    cache = tmp_path / "study" / "run_cache"
+    run_many([{"x": 1, "y": np.int64(2)}], jobs=1, worker=_square, cache=cache)
+    run_many([{"y": np.int64(2), "x": 1}], jobs=1, worker=_square, cache=cache)
+    assert CALLS == [1]
+
+
 def test_an_unreadable_cached_run_is_run_again_with_a_warning(tmp_path):
     run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
     damaged = sorted(tmp_path.glob("*.json"))[0]

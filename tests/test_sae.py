@@ -1,5 +1,7 @@
 """The thin SAE: activations, losses, decoder constraint, latent permutation, save/load."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -217,12 +219,18 @@ def test_a_save_stopped_midway_leaves_the_saved_sae_whole(tmp_path, monkeypatch)
         new.W_dec.add_(1.0)
     old.save(tmp_path)
 
+    renames = []
+
     def killed(source, target):
+        renames.append((Path(source), Path(target)))
         raise KeyboardInterrupt
     monkeypatch.setattr(durable_files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         new.save(tmp_path)
     monkeypatch.undo()
+    # Written beside its target (a rename is atomic within one file system), under a hidden name.
+    [(source, target)] = renames
+    assert source.parent == tmp_path and source.name.startswith(f".{target.name}.tmp-")
     assert torch.equal(SparseAutoencoder.load(tmp_path).W_dec, old.W_dec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
 
