@@ -4,6 +4,8 @@ Ctrl-C or a kill), only for the same worker, spec and code; results read the sam
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +110,21 @@ def test_the_code_identity_follows_the_sources(tmp_path, monkeypatch):
     run_cache.code_identity.cache_clear()
     assert run_cache.code_identity() != first
     run_cache.code_identity.cache_clear()
+
+
+def _started(spec: dict) -> dict:
+    """A worker for spawned processes: marks its start in ``spec["dir"]``; spec 1 fails at once,
+    spec 0 ends a second later."""
+    Path(spec["dir"], f"started_{spec['x']}").touch()
+    if spec["x"] == 1:
+        raise RuntimeError("run 1 crashed")
+    time.sleep(1.0 if spec["x"] == 0 else 0.0)
+    return {"x": spec["x"]}
+
+
+def test_after_a_failed_run_in_parallel_no_other_run_starts_and_the_running_one_is_kept(tmp_path):
+    specs = [{"x": x, "dir": str(tmp_path)} for x in range(6)]
+    with pytest.raises(RuntimeError, match="run 1 crashed"):
+        run_many(specs, jobs=2, worker=_started, cache=tmp_path / "cache")
+    assert sorted(p.name for p in tmp_path.glob("started_*")) == ["started_0", "started_1"]
+    assert [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")] == [{"x": 0}]

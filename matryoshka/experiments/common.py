@@ -22,6 +22,7 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -29,7 +30,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,25 +237,27 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
 
 def _run_in_processes(worker: Callable[[Any], dict], specs: Sequence, todo: list[int], jobs: int,
                       finished: Callable[[int, dict], None]) -> None:
-    """``finished(i, worker(specs[i]))`` for every ``i`` in ``todo``, ``jobs`` spawned processes at a time.
+    """``finished(i, worker(specs[i]))`` for every ``i`` in ``todo``, in ``jobs`` spawned processes.
 
-    On a failed run or Ctrl-C no queued run starts (leaving the pool would otherwise wait for them
-    all); the runs under way end (a signal stops them at their next step) and those that succeed
-    are still handed to ``finished``.
+    The pool holds only the ``jobs`` runs under way (it would start any run handed to it, even
+    after a failure or Ctrl-C), so on a failed run or Ctrl-C no further run starts; the runs under
+    way end (a signal stops them at their next step) and those that succeed are still handed to
+    ``finished``.
     """
     context = multiprocessing.get_context("spawn")
+    waiting = iter(todo)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(worker, specs[i]): i for i in todo}
-        handed = set()
+        running = {pool.submit(worker, specs[i]): i for i in itertools.islice(waiting, jobs)}
         try:
-            for future in as_completed(futures):
-                handed.add(future)
-                finished(futures[future], future.result())
+            while running:
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    finished(running.pop(future), future.result())
+                    for i in itertools.islice(waiting, 1):
+                        running[pool.submit(worker, specs[i])] = i
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            for future, i in futures.items():
-                if future not in handed and not future.cancelled() and future.exception() is None:
-                    finished(i, future.result())
+            for future in wait(running).done:
+                if future.exception() is None:
+                    finished(running[future], future.result())
             raise
 
 
