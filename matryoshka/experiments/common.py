@@ -209,11 +209,12 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
     if store and len(todo) < len(specs):
         print(f"{desc}: {len(specs) - len(todo)} of {len(specs)} runs reused from {cache}")
 
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="run", leave=False)
+
     def finished(i: int, result: dict) -> None:
         results[i] = store.put(specs[i], result) if store else result
         bar.update()
 
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="run", leave=False)
     try:
         if jobs <= 1:
             for i in todo:
