@@ -123,8 +123,6 @@ def _publish(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
-
-
 def load_checkpoint(path: str | Path, expected: dict,
                     device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Read and verify checkpoint ``path``: ``(sae_state, trainer_tensors, trainer_state)``.

@@ -699,11 +699,10 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             bar.set_postfix(loss=f"{logs['loss']:.4f}", l0=f"{logs['l0']:.2f}", refresh=False)
             if callback is not None:
                 callback(done, sae, logs)
-        saved = folder is not None and config.checkpoint_every > 0 and done % config.checkpoint_every == 0
-        written = run.save(folder, config, ranks) if saved else None
-        if done < config.steps and signals.stop_now(ranks, read_out, device):
-            if folder is not None and not saved:
-                written = run.save(folder, config, ranks)
+        stop = done < config.steps and signals.stop_now(ranks, read_out, device)
+        due = config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+        written = run.save(folder, config, ranks) if folder is not None and (due or stop) else None
+        if stop:
             bar.close()
             raise _interrupted(signals, run, config, folder, written)
     bar.close()

@@ -59,8 +59,9 @@ def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, lengths: list[int], bat
 def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: str = "topk", n: int | None = None,
                          k: int = 32, mode: str = "every", batch: int = 512, lr: float = 2e-3, seed: int = 0,
                          device: str = "cpu", resume: bool = False, checkpoint_every: int = 500,
-                         keep_checkpoints: int = 0, log_every: int = 100, held_out: int = 8192, every_weights: str = "exact",
-                         num_sampled: int = 10, dead_after: int = 200, progress: bool = True) -> dict:
+                         keep_checkpoints: int = 0, log_every: int = 100, held_out: int = 8192,
+                         every_weights: str = "exact", num_sampled: int = 10, dead_after: int = 200,
+                         progress: bool = True) -> dict:
     """Train one SAE on the activations at ``path``; write the run into ``out`` and return a summary.
 
     ``out`` receives ``checkpoints/``, ``sae/`` (the final SAE), ``normalization.json`` (the input
@@ -82,7 +83,8 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
     weights = every_weights
     config = TrainConfig(steps=steps, batch_size=batch, lr=lr, betas=(0.9, 0.999), prefix_mode=mode,
                          num_sampled=num_sampled, resort_every=0, dead_after=dead_after, log_every=log_every,
-                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed, progress=progress, every_weights=weights,
+                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed,
+                         progress=progress, every_weights=weights,
                          # ReLU/JumpReLU: k is the target L0 of the adaptive coefficient, from a weak start.
                          sparsity_coeff=1e-3, target_l0=None if kind in ("topk", "batchtopk") else float(k))
     sae = SparseAutoencoder(SAEConfig(d=d, n=n, activation=kind, k=k if kind in ("topk", "batchtopk") else None),
