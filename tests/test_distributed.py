@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from matryoshka import distributed
 from matryoshka.train import TrainingInterrupted, train
-from tests.tiny_runs import final_state, poisoned_sample, sample, tiny_config, tiny_sae
+from tests.tiny_runs import final_state, on_second_chunk, poisoned_sample, sample, tiny_config, tiny_sae
 
 # Two ranks that have not finished by then are hung (a lost collective, a deadlock at teardown): they
 # are killed and the test fails, instead of holding CI until its limit.  A healthy run takes < 10 s.
@@ -77,13 +77,10 @@ def _rank_main(rank: int, folder: Path) -> None:
 
 def _stopped_by_a_signal_to_rank_one(rank: int, folder: Path) -> dict:
     """Rank 1 alone gets SIGTERM while drawing its data for step 4; what each rank's stop says."""
-    draws = []
-
-    def sampler(rows, generator):
-        draws.append(rows)
-        if rank == 1 and len(draws) == 2:
+    def signal_rank_one(data):
+        if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return sample(rows, generator)
+    sampler = on_second_chunk(signal_rank_one)
     try:
         train(tiny_sae("relu"), sampler, _config("relu"), checkpoint_dir=folder)
     except TrainingInterrupted as stop:

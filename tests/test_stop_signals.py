@@ -20,7 +20,7 @@ from matryoshka import checkpoint
 from matryoshka.stop_signals import DeferredSignals
 from matryoshka.train import TrainingInterrupted, train
 from tests.test_checkpoint import _assert_same_run, _uninterrupted
-from tests.tiny_runs import sample, tiny_config, tiny_sae
+from tests.tiny_runs import on_second_chunk, sample, tiny_config, tiny_sae
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,14 +54,7 @@ def _signal_at(step: int, signum: signal.Signals, times: int = 1):
 
 def _signal_mid_chunk(signum: signal.Signals):
     """``sample`` that sends ``signum`` while drawing the second data chunk, inside step 4 of 0..15."""
-    draws = []
-
-    def sampler(rows, generator):
-        draws.append(rows)
-        if len(draws) == 2:
-            os.kill(os.getpid(), signum)
-        return sample(rows, generator)
-    return sampler
+    return on_second_chunk(lambda data: os.kill(os.getpid(), signum))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)

@@ -4,6 +4,8 @@ enough for a few seconds on one thread, busy enough that every piece of trainer 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from matryoshka.sae import SAEConfig, SparseAutoencoder
@@ -18,18 +20,25 @@ def sample(rows: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(rows, N, generator=generator).pow(4) @ _BASIS
 
 
-def poisoned_sample(row: int, value: float):
-    """``sample`` with one bad value in row ``row`` of the second data chunk (the steps from
-    ``data_chunk_steps`` on): training stops there, after a clean first chunk."""
+def on_second_chunk(act: Callable[[torch.Tensor], None]):
+    """``sample`` that calls ``act(data)`` on the second data chunk it draws (the steps from
+    ``data_chunk_steps`` on), after a clean first chunk."""
     draws = []
 
-    def poisoned(rows, generator):
+    def sampler(rows, generator):
         data = sample(rows, generator)
         draws.append(rows)
         if len(draws) == 2:
-            data[row, 0] = value
+            act(data)
         return data
-    return poisoned
+    return sampler
+
+
+def poisoned_sample(row: int, value: float):
+    """``sample`` with one bad value in row ``row`` of the second data chunk: training stops there."""
+    def poison(data):
+        data[row, 0] = value
+    return on_second_chunk(poison)
 
 
 def tiny_sae(activation: str, seed: int = 0) -> SparseAutoencoder:
