@@ -13,7 +13,7 @@ import torch.distributed as dist
 from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
-from .experiments import child_magnitude, compare, hedging, real_compare
+from .experiments import child_magnitude, compare, hedging, orthogonality, real_compare
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
@@ -89,6 +89,7 @@ def train_toy_cmd(args: argparse.Namespace) -> None:
         overrides = dict(batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                          keep_checkpoints=args.keep_checkpoints, progress=leader,
                          detach=args.detach, balance_beta=args.balance_beta, balance_normalise=args.balance_normalise,
+                         orthogonality_coeff=args.orthogonality_coeff, orthogonality_chunk=args.orthogonality_chunk,
                          prefix_mode=args.mode)  # a trainer prefix mode, not a study mode
         config = RunSpec(toy.spec, "vanilla", args.seed, args.steps, train_overrides=overrides).train_config(toy)
         sae_config = SAEConfig(d=toy.d, n=toy.num_features, activation=args.activation, k=args.k)
@@ -114,8 +115,9 @@ def train_cmd(args: argparse.Namespace) -> None:
     summary = train_on_activations(
         args.path, args.out, args.steps, kind=args.kind, n=args.n, k=args.k, mode=args.mode, batch=args.batch,
         lr=args.lr, seed=args.seed, device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every, held_out=args.held_out, every_weights=args.every_weights)
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, held_out=args.held_out,
+        every_weights=args.every_weights, orthogonality_coeff=args.orthogonality_coeff,
+        orthogonality_chunk=args.orthogonality_chunk)
     last, settings = summary["last"], summary["settings"]
     ev = last.get("heldout_explained_variance")
     print(f"{settings['kind']} SAE d={settings['d']} n={settings['n']} k={settings['k']}, prefixes {settings['mode']}"
@@ -159,7 +161,26 @@ def hedging_cmd(args: argparse.Namespace) -> None:
                     docs=None if args.quick or not args.docs else Path(args.docs))
 
 
-def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool = False) -> None:
+def orthogonality_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    steps, seeds = _steps_and_seeds(args, orthogonality)
+    bases, gammas = (["every"], [0.0, 1.0]) if args.quick else (args.bases, args.gammas)
+    orthogonality.orthogonality(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, bases=tuple(bases),
+                                gammas=tuple(gammas), ratios=tuple(args.ratios),
+                                child_bases=tuple(["every"] if args.quick else args.child_bases),
+                                docs=None if args.quick or not args.docs else Path(args.docs))
+
+
+def _orthogonality_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--orthogonality-coeff", type=float, default=0.0,
+                        help="weight of the decoder orthogonality penalty: each latent's largest squared cosine "
+                             "with another's decoder row, averaged (after OrtSAE; default %(default)s: off)")
+    parser.add_argument("--orthogonality-chunk", type=int, default=8192,
+                        help="latents compared with each other per step, in random chunks redrawn every step "
+                             "(default %(default)s; n or more: every pair)")
+
+
+def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool = False, modes: bool = True) -> None:
     parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {study.DEFAULT_STEPS}, --quick "
@@ -169,11 +190,14 @@ def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="parallel training processes (default: %(default)s)")
+    if not modes:  # a study with its own grid options
+        return
     if any_mode:  # the toy studies: every study mode (matryoshka.experiments.common.study_mode)
         parser.add_argument("--modes", nargs="+", default=list(study.MODES), type=check_study_mode,
                             help="study modes: vanilla, groups, sampled, every, every-uniform, detached, "
                                  "detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
-                                 "balanced-b<beta>, each -b form optionally with -norm (default: %(default)s)")
+                                 "balanced-b<beta>, each -b form optionally with -norm; suffixes -pp, -freq, "
+                                 "-orth<gamma> (default: %(default)s)")
     else:
         parser.add_argument("--modes", nargs="+", default=list(study.MODES),
                             choices=["vanilla", "groups", "sampled", "every"])
@@ -231,6 +255,21 @@ def main(argv: list[str] | None = None) -> None:
     hedge.add_argument("--replot", action="store_true", help="redo tables and figures from OUT/results.json")
     hedge.set_defaults(func=hedging_cmd)
 
+    ortho = sub.add_parser("orthogonality", help="does a decoder orthogonality penalty remove mixing and the "
+                                                 "large-child absorption?", description=orthogonality.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _study_args(ortho, "runs/orthogonality", orthogonality, modes=False)
+    ortho.add_argument("--bases", nargs="+", default=list(orthogonality.BASES), type=check_study_mode,
+                       help="base study modes on the nabeshima and unequal toys (default: %(default)s)")
+    ortho.add_argument("--child-bases", nargs="+", default=list(orthogonality.CHILD_BASES), type=check_study_mode,
+                       help="base study modes on the child-magnitude toy (default: %(default)s)")
+    ortho.add_argument("--gammas", type=float, nargs="+", default=list(orthogonality.GAMMAS),
+                       help="penalty weights; 0 is the base mode (default: %(default)s)")
+    ortho.add_argument("--ratios", type=float, nargs="+", default=list(orthogonality.RATIOS),
+                       help="child/parent magnitude ratios of the child-magnitude toy (default: %(default)s)")
+    ortho.add_argument("--docs", default=None, help="also copy the figure and results table here")
+    ortho.set_defaults(func=orthogonality_cmd)
+
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
                                help="train one SAE on the nabeshima toy (resumable; torchrun for data-parallel)")
     toy_train.add_argument("--out", default="runs/train_toy", help="output folder (default: %(default)s)")
@@ -251,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "balanced (needs it) = group weights beta^(G-g)")
     toy_train.add_argument("--balance-normalise", action="store_true",
                            help="divide the beta-scaled weights by their sum")
+    _orthogonality_args(toy_train)
     toy_train.set_defaults(func=train_toy_cmd)
 
     # Prefix modes come from the trainer (PREFIX_MODES), so modes it gains (balanced, detached) appear here.
@@ -280,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda[:i] (default: %(default)s)")
+    _orthogonality_args(fit)
     fit.set_defaults(func=train_cmd)
 
     cache = sub.add_parser("activations", help="cache a real transformer's residual-stream activations over English text",

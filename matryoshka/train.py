@@ -24,6 +24,10 @@ step's prefix weight that reaches it, ``c_i = Σ_{g: m_g > i} w_g / Σ_g w_g``
 (:func:`prefix_penalty_weights`), so that each prefix carries ``w_g (L_g + λ · penalty of its own
 latents) / Σ w``; the default ``"uniform"`` penalises every latent fully.
 
+``orthogonality_coeff = γ > 0`` adds ``γ · P(W_dec)``, the mean over latents of the largest squared
+cosine with another latent's decoder row (after OrtSAE; :mod:`matryoshka.orthogonality`), within
+random chunks of ``orthogonality_chunk`` latents (one exact chunk when ``n`` is smaller).
+
 Every random draw (data, prefixes, initialisation) comes from seeded generators: a run is
 deterministic on the CPU.  Metrics are read back every ``log_every`` steps only, so the step loop
 does no per-step host work beyond Python itself.  For toy-sized models on the CPU, call
@@ -78,6 +82,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, prune, remove_partial, save_checkpoint
 from .distributed import Ranks, data_parallel
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
+from .orthogonality import orthogonality_penalty
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
@@ -228,6 +233,9 @@ class TrainConfig:
     ``sparsity_weighting``: ``"uniform"`` (every latent's penalty counts 1) or ``"prefix"`` (latent
     ``i``'s penalty scaled by the share of the step's prefix weight on prefixes holding it,
     :func:`prefix_penalty_weights`; ReLU/JumpReLU only: TopK kinds have no penalty).
+    ``orthogonality_coeff``: the weight γ of the decoder orthogonality penalty (0: off; see
+    :mod:`matryoshka.orthogonality`); ``orthogonality_chunk``: the most latents compared with each
+    other per step (chunks are redrawn every step; ``n`` or more: every pair, exactly).
     """
 
     steps: int = 40_000
@@ -260,6 +268,8 @@ class TrainConfig:
     balance_normalise: bool = False
     resort_by: str = "energy"
     sparsity_weighting: str = "uniform"
+    orthogonality_coeff: float = 0.0
+    orthogonality_chunk: int = 8192
 
     def __post_init__(self) -> None:
         """Refuse, naming the field, a setting that would fail mid-run with an unrelated error
@@ -292,6 +302,9 @@ class TrainConfig:
             ("aux_coeff", is_finite_number(self.aux_coeff) and self.aux_coeff >= 0, "a finite number >= 0"),
             ("resort_by", self.resort_by in RESORT_BY, f"one of {RESORT_BY}"),
             ("sparsity_weighting", self.sparsity_weighting in SPARSITY_WEIGHTINGS, f"one of {SPARSITY_WEIGHTINGS}"),
+            ("orthogonality_coeff", is_finite_number(self.orthogonality_coeff) and self.orthogonality_coeff >= 0,
+             "a finite number >= 0 (0: off)"),
+            ("orthogonality_chunk", is_count(self.orthogonality_chunk, 2), "an integer >= 2"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -301,7 +314,7 @@ class TrainConfig:
 # Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,
 # so that checkpoints written before them still resume.
 _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
-                 "sparsity_weighting": "uniform"}
+                 "sparsity_weighting": "uniform", "orthogonality_coeff": 0.0, "orthogonality_chunk": 8192}
 
 
 @dataclass
@@ -400,6 +413,16 @@ def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentS
     stats.permute(perm)
 
 
+def _orthogonality(sae: SparseAutoencoder, config: TrainConfig, step: int) -> torch.Tensor:
+    """The decoder orthogonality penalty at ``step``.  Its random chunks come from a generator seeded
+    by the run's seed and the step, so a resumed run and every data-parallel rank draw the same
+    chunks with no generator state to keep."""
+    generator = None
+    if config.orthogonality_chunk < sae.config.n:
+        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) % 2**63)
+    return orthogonality_penalty(sae.W_dec, config.orthogonality_chunk, generator)
+
+
 @torch.no_grad()
 def _global_row_stats(sae: SparseAutoencoder, ranks: Ranks | None) -> torch.Tensor:
     """BatchTopK's ``(widest row, dropped entries)`` over all ranks (a new tensor), zeros otherwise."""
@@ -420,15 +443,19 @@ def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: t
     if ranks is not None:
         window = ranks.mean(window)
     dead = (stats.since_fired >= config.dead_after).sum()
+    orthogonality = _orthogonality(sae, config, done) if config.orthogonality_coeff else dead.new_zeros(())
     values = torch.cat([window.double() / (done - start), log_coeff.exp().double().view(1),
-                        dead.double().view(1), _global_row_stats(sae, ranks).double()]).tolist()
-    loss, recon, l0, aux, coeff, dead_count, widest, dropped = values
+                        dead.double().view(1), _global_row_stats(sae, ranks).double(),
+                        orthogonality.double().view(1)]).tolist()
+    loss, recon, l0, aux, coeff, dead_count, widest, dropped, orthogonality = values
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"training diverged: the mean loss of steps {start}..{done - 1} is {loss}, so the parameters are "
             f"NaN/inf; no checkpoint after step {start} was written. Lower the learning rate or check the data")
     logs = {"step": done, "loss": loss, "recon": recon, "l0": l0, "aux": aux, "sparsity_coeff": coeff,
             "dead": int(dead_count)}
+    if config.orthogonality_coeff:  # the decoder's penalty at the read-out (unweighted)
+        logs["orthogonality"] = orthogonality
     if sae.config.activation == "batchtopk":
         logs["batchtopk_dropped"] = int(dropped)
         sae.update_row_width(int(widest))
@@ -659,6 +686,8 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             if by_prefix and prefixes is not weighted_prefixes:  # once for a fixed set, each step for sampled
                 weighted_prefixes, latent_weights = prefixes, prefix_penalty_weights(prefixes, sae.config.n, device)
             loss = loss + log_coeff.exp() * sae.sparsity_penalty(out, latent_weights)
+        if config.orthogonality_coeff:
+            loss = loss + config.orthogonality_coeff * _orthogonality(sae, config, step)
         aux = no_aux
         if sparse_kind:
             aux = sae.auxk_loss(x, out, stats.since_fired >= config.dead_after, config.aux_k)

@@ -25,10 +25,16 @@ def test_study_modes_parse():
     assert study_mode("every-uniform-pp") == ("every", {"every_weights": "uniform", "sparsity_weighting": "prefix"})
     assert study_mode("every-b0.3-pp-freq") == ("every", {"balance_beta": 0.3, "balance_normalise": False,
                                                          "sparsity_weighting": "prefix", "resort_by": "frequency"})
-    assert hedging.beta_of("every-pp") == hedging.beta_of("every") == 9.0
+    assert study_mode("every-orth3") == ("every", {"orthogonality_coeff": 3.0})
+    assert study_mode("vanilla-freq-orth0.1") == ("vanilla", {"resort_by": "frequency", "orthogonality_coeff": 0.1})
+    assert study_mode("every-b0.5-orth1e-2") == ("every", {"balance_beta": 0.5, "balance_normalise": False,
+                                                          "orthogonality_coeff": 0.01})
+    assert hedging.beta_of("every-pp") == hedging.beta_of("every") == hedging.beta_of("every-orth3") == 9.0
+    assert hedging.beta_of("every-b0.5-orth3") == 0.5 and hedging.beta_of("every-freq") == 9.0
+    assert hedging.beta_of("detached") is None and hedging.beta_of("sampled-orth1") is None
     assert hedging.beta_of("every-uniform-pp") == 19.0 and hedging.beta_of("every-b0.3-pp") == 0.3
     assert "every-pp" in hedging.MODES and "every-uniform-pp" in hedging.MODES
-    for bad in ("every-b", "everything", "balanced", "every-b-1"):
+    for bad in ("every-b", "everything", "balanced", "every-b-1", "every-orth", "every-orth-1", "orth1"):
         with pytest.raises(ValueError):
             study_mode(bad)
 

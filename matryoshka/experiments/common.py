@@ -18,6 +18,8 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   (``TrainConfig(sparsity_weighting="prefix")``, a per-prefix normalised penalty).
 * any of these with a ``-freq`` suffix: latents re-sorted by firing frequency instead of mean
   squared activation.
+* any of these with a suffix ``-orth<γ>`` (e.g. ``every-orth1``, ``vanilla-freq-orth0.1``): the
+  decoder orthogonality penalty with weight γ (``TrainConfig(orthogonality_coeff=γ)``).
 """
 
 from __future__ import annotations
@@ -58,11 +60,17 @@ __all__ = [
 
 BASE_MODES = ("vanilla", "groups", "sampled", "every")
 RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output folder (run_many's cache)
-_MODE = re.compile(r"^(every|every-uniform|balanced)-b([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(-norm)?$")
+_NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
+_MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
+_ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
 
 
 def study_mode(name: str) -> tuple[str, dict]:
     """``(prefix_mode, TrainConfig overrides)`` of a study mode name (see the module doc)."""
+    orthogonal = _ORTHOGONALITY.match(name)
+    if orthogonal is not None:  # the decoder orthogonality penalty, weight γ
+        prefix_mode, overrides = study_mode(orthogonal.group(1))
+        return prefix_mode, {**overrides, "orthogonality_coeff": float(orthogonal.group(2))}
     if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
         prefix_mode, overrides = study_mode(name[: -len("-freq")])
         return prefix_mode, {**overrides, "resort_by": "frequency"}
@@ -84,7 +92,8 @@ def study_mode(name: str) -> tuple[str, dict]:
         raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
-                         f"suffixes -pp (prefix-weighted penalty) and -freq (frequency re-sorting)")
+                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting) and -orth<gamma> "
+                         f"(decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":

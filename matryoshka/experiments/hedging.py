@@ -68,17 +68,16 @@ TOYS = {"nabeshima": nabeshima_spec, "unequal": unequal_spec}
 
 def beta_of(mode: str, num_sampled: int = 10) -> float | None:
     """The β a mode puts on its inner prefixes in the normalised-equivalent sense (``every`` = 9);
-    a ``-pp`` mode (prefix-weighted penalty) has the β of its reconstruction objective."""
-    if mode.endswith("-pp"):
-        return beta_of(mode[: -len("-pp")], num_sampled)
+    a mode with a penalty or re-sorting suffix (``-pp``, ``-freq``, ``-orth<γ>``) has the β of its
+    reconstruction objective; detached levels and other prefix modes have none."""
     prefix_mode, settings = study_mode(mode)
-    if prefix_mode == "every" and "balance_beta" in settings:
+    if prefix_mode != "every" or settings.get("detach"):
+        return None
+    if "balance_beta" in settings:
         return settings["balance_beta"]
-    if mode == "every":
-        return float(num_sampled - 1)
-    if mode == "every-uniform":
+    if settings.get("every_weights") == "uniform":
         return 19.0  # n - 1 for n = 20: uniform weights are the -norm form at β = n - 1
-    return None
+    return float(num_sampled - 1)
 
 
 def objective_weights(mode: str, n: int, num_sampled: int = 10) -> np.ndarray | None:

@@ -86,20 +86,32 @@ def band_panels(panels: Sequence[tuple[str, dict[str, Band]]], path: Path, xlabe
     _save(fig, path)
 
 
-def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np.ndarray]]], path: Path) -> None:
-    """Metrics against the child/parent magnitude ratio: ``(ylabel, {mode: (seeds, ratios)})``."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (ylabel, per_mode) in zip(axes[0], panels):
+def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np.ndarray]]], path: Path,
+               xlabel: str = "child magnitude / parent magnitude", columns: int | None = None,
+               title: str | None = None) -> None:
+    """Metrics against a swept setting ``ratios`` (log axis; symmetric-log when it holds 0):
+    ``(ylabel, {mode: (seeds, len(ratios))})`` per panel, ``columns`` panels per row (default: all)."""
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for ax, (ylabel, per_mode) in zip(axes.flat, panels):
         for mode, values in per_mode.items():
             values = np.asarray(values, dtype=float)
             ax.errorbar(ratios, np.nanmean(values, 0), yerr=ci95(values, 0), marker="o", capsize=3,
                         label=mode, color=MODE_COLORS.get(mode))
-        ax.set_xscale("log")
+        if min(ratios) > 0:
+            ax.set_xscale("log")
+        else:  # 0 (e.g. no penalty) on a log-like axis
+            ax.set_xscale("symlog", linthresh=min(r for r in ratios if r > 0))
         ax.set_xticks(list(ratios), [f"{r:g}" for r in ratios])
-        ax.set_xlabel("child magnitude / parent magnitude")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     _save(fig, path)
 
 

@@ -1,0 +1,137 @@
+"""The decoder orthogonality penalty (``TrainConfig.orthogonality_coeff``, :mod:`matryoshka.orthogonality`):
+its value and gradient against a plain loop over pairs, its random chunks, and the trainer's use of it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from matryoshka import checkpoint
+from matryoshka.orthogonality import chunk_partition, orthogonality_penalty
+from matryoshka.sae import SAEConfig, SparseAutoencoder
+from matryoshka.train import TrainConfig, train
+from tests.tiny_runs import N, final_state, sample, tiny_config, tiny_sae
+
+
+def _loop_penalty(W: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The definition, pair by pair: (1/n) Σ_i max over j ≠ i in i's chunk of cos(W_i, W_j)²."""
+    n = W.shape[0]
+    terms = []
+    for members in chunks:
+        members = members.tolist()
+        for i in members:
+            others = [torch.nn.functional.cosine_similarity(W[i], W[j], dim=0, eps=0.0) ** 2
+                      for j in members if j != i]
+            if others:
+                terms.append(torch.stack(others).max())
+    return torch.stack(terms).sum() / n if terms else W.sum() * 0
+
+
+@pytest.mark.parametrize("n, d, chunk_size", [(7, 5, 7), (7, 5, 100), (13, 3, 4), (9, 6, 2), (10, 17, 3)])
+def test_value_and_gradient_match_the_pairwise_definition(n, d, chunk_size):
+    W = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(n * d))
+    W = (W * torch.rand(n, 1, dtype=torch.float64) * 3).requires_grad_()  # rows of any norm
+    penalty = orthogonality_penalty(W, chunk_size, torch.Generator().manual_seed(5))
+    chunks = chunk_partition(n, chunk_size, torch.Generator().manual_seed(5))
+    loop = _loop_penalty(W, chunks)
+    assert penalty.dtype == torch.float64 and penalty.shape == ()
+    torch.testing.assert_close(penalty, loop, rtol=1e-12, atol=1e-15)
+    grad, = torch.autograd.grad(penalty, W)
+    grad_loop, = torch.autograd.grad(loop, W)
+    assert grad_loop.abs().sum() > 0
+    torch.testing.assert_close(grad, grad_loop, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("n, chunk_size", [(10, 3), (12, 4), (12, 5), (5, 4), (1000, 64)])
+def test_chunks_cover_every_latent_once_in_near_equal_parts(n, chunk_size):
+    chunks = chunk_partition(n, chunk_size, torch.Generator().manual_seed(0))
+    assert len(chunks) == math.ceil(n / chunk_size)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(n))
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) <= chunk_size and max(sizes) - min(sizes) <= 1
+    again = chunk_partition(n, chunk_size, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(chunks, again))  # a seeded generator: the same chunks
+    other = chunk_partition(n, chunk_size, torch.Generator().manual_seed(1))
+    assert not all(torch.equal(a, b) for a, b in zip(chunks, other))
+
+
+def test_one_chunk_needs_no_generator_and_is_exact():
+    assert [c.tolist() for c in chunk_partition(4, 4, None)] == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="generator is needed"):
+        chunk_partition(5, 4, None)
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be an integer >= 2"):
+            chunk_partition(5, bad, None)
+    with pytest.raises(ValueError, match=r"W_dec must be \(n, d\)"):
+        orthogonality_penalty(torch.ones(3), 4)
+
+
+def test_known_values():
+    eye = torch.eye(4, 6)
+    assert float(orthogonality_penalty(eye, 8)) == 0.0  # orthogonal rows
+    twins = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 1.0]])  # rows 0 and 1 antiparallel, row 2 apart
+    torch.testing.assert_close(orthogonality_penalty(twins, 8), torch.tensor(2 / 3))
+    at_45 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(orthogonality_penalty(at_45, 8), torch.tensor(0.5))
+    zero_row = torch.tensor([[0.0, 0.0], [1.0, 0.0]], requires_grad=True)  # no direction, no NaN
+    penalty = orthogonality_penalty(zero_row, 8)
+    penalty.backward()
+    assert float(penalty.detach()) == 0.0 and torch.isfinite(zero_row.grad).all()
+    assert float(orthogonality_penalty(torch.ones(1, 3), 8)) == 0.0  # one latent has no partner
+
+
+def test_training_with_the_penalty_makes_the_decoder_more_orthogonal(one_thread):
+    def run(coeff):
+        sae = SparseAutoencoder(SAEConfig(d=8, n=8), generator=torch.Generator().manual_seed(0))
+        config = TrainConfig(steps=40, prefix_mode="every", num_sampled=4, orthogonality_coeff=coeff, log_every=10,
+                             progress=False)
+        history = train(sae, lambda rows, g: torch.randn(rows, 8, generator=g), config).history
+        return sae, history
+
+    plain, plain_history = run(0.0)
+    ortho, ortho_history = run(10.0)
+    assert "orthogonality" not in plain_history[-1]
+    logged = [row["orthogonality"] for row in ortho_history]
+    # the logged value is the decoder's penalty at the read-out
+    assert logged[-1] == pytest.approx(float(orthogonality_penalty(ortho.W_dec.detach(), 8192)), rel=1e-6)
+    assert logged[-1] < 0.2 * float(orthogonality_penalty(plain.W_dec.detach(), 8192))
+    assert ortho_history[-1]["loss"] > ortho_history[-1]["recon"]  # the loss holds γ·P
+
+
+def test_resume_with_random_chunks_is_bit_exact(tmp_path, one_thread):
+    """Chunks come from a generator seeded by the seed and the step: a resumed run draws the same."""
+    overrides = dict(orthogonality_coeff=0.5, orthogonality_chunk=5)  # 12 latents: 3 chunks of 4
+    want = tiny_sae("relu")
+    want_history = train(want, sample, tiny_config("relu", **overrides)).history
+    other = tiny_sae("relu")
+    train(other, sample, tiny_config("relu", **{**overrides, "seed": 1}))
+    assert not torch.equal(final_state(other)["W_dec"], final_state(want)["W_dec"])
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_12(done, sae, logs):
+        if done == 12:
+            raise Crash
+    with pytest.raises(Crash):
+        train(tiny_sae("relu"), sample, tiny_config("relu", **overrides), callback=crash_at_12, checkpoint_dir=tmp_path)
+    assert checkpoint.checkpoints(tmp_path)[-1].name == "step_0000010"
+    sae = tiny_sae("relu", seed=99)
+    history = train(sae, sample, tiny_config("relu", **overrides), checkpoint_dir=tmp_path, resume=True).history
+    for name, value in final_state(want).items():
+        assert torch.equal(final_state(sae)[name], value), name
+    assert history == want_history
+    assert N > 5  # the chunks are random here, not one exact chunk
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(orthogonality_coeff=-0.1), r"orthogonality_coeff must be a finite number >= 0 \(0: off\), got -0\.1$"),
+    (dict(orthogonality_coeff=float("inf")), r"orthogonality_coeff must be a finite number >= 0"),
+    (dict(orthogonality_chunk=1), r"orthogonality_chunk must be an integer >= 2, got 1$"),
+    (dict(orthogonality_chunk=64.0), r"orthogonality_chunk must be an integer >= 2, got 64\.0$"),
+])
+def test_config_refuses_bad_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
