@@ -163,6 +163,9 @@ def hedging_cmd(args: argparse.Namespace) -> None:
 
 def orthogonality_cmd(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")
+    if args.replot:
+        orthogonality.replot(Path(args.out), docs=Path(args.docs) if args.docs else None)
+        return
     steps, seeds = _steps_and_seeds(args, orthogonality)
     bases, gammas = (["every"], [0.0, 1.0]) if args.quick else (args.bases, args.gammas)
     orthogonality.orthogonality(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, bases=tuple(bases),
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ortho.add_argument("--ratios", type=float, nargs="+", default=list(orthogonality.RATIOS),
                        help="child/parent magnitude ratios of the child-magnitude toy (default: %(default)s)")
     ortho.add_argument("--docs", default=None, help="also copy the figure and results table here")
+    ortho.add_argument("--replot", action="store_true",
+                       help="redo the tables and figure from OUT/orthogonality_results.json, without training")
     ortho.set_defaults(func=orthogonality_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,

@@ -1,7 +1,7 @@
 """Data-parallel training on two gloo ranks on the CPU: 2 ranks x batch B/2 reach the parameters of
 1 rank x batch B (float tolerance), the ranks stay bit-identical, BatchTopK's threshold and the
-adaptive L1 coefficient are synchronised, rank 0 writes checkpoints, and a checkpoint resumes under
-another world size."""
+adaptive L1 coefficient are synchronised, the decoder orthogonality penalty's random chunks agree,
+rank 0 writes checkpoints, and a checkpoint resumes under another world size."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32: the two half-batch means sum 
 def _config(activation: str, **overrides):
     if activation == "relu":  # near the L0 it reaches: the clipped update must not saturate
         overrides["target_l0"] = 6.0
+        # and the decoder orthogonality penalty in random chunks (12 latents, chunks of <= 5): every
+        # rank must draw the same chunks, as one process does
+        overrides |= {"orthogonality_coeff": 0.5, "orthogonality_chunk": 5}
     return tiny_config(activation, steps=STEPS, checkpoint_every=10, **overrides)
 
 

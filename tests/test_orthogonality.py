@@ -3,6 +3,7 @@ its value and gradient against a plain loop over pairs, its random chunks, and t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -135,3 +136,29 @@ def test_resume_with_random_chunks_is_bit_exact(tmp_path, one_thread):
 def test_config_refuses_bad_settings(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
+
+
+def test_orthogonality_study_tiny_run(tmp_path, capsys):
+    from matryoshka.experiments import orthogonality as study
+
+    assert study.mode_name("every", 0.0) == "every" and study.mode_name("every-b0.5", 3.0) == "every-b0.5-orth3"
+    payload = study.orthogonality(tmp_path, steps=20, seeds=2, jobs=1, bases=("vanilla",), gammas=(1.0, 0.0),
+                                  ratios=(5.0,), child_bases=("every",))
+    printed = capsys.readouterr().out
+    assert "nabeshima toy" in printed and "unequal toy" in printed and "ratio 5" in printed
+    assert payload["gammas"] == [0.0, 1.0]  # sorted: the base mode first
+    assert set(payload["rows"]) == {"nabeshima|vanilla|0", "nabeshima|vanilla|1", "unequal|vanilla|0",
+                                    "unequal|vanilla|1", "child r=5|every|0", "child r=5|every|1"}
+    assert all(len(rows) == 2 for rows in payload["rows"].values())
+    assert {"absorption", "max_offtarget", "clean"} <= set(payload["rows"]["unequal|vanilla|1"][0])
+    assert {"absorption", "child_cos_parent", "child_first"} <= set(payload["rows"]["child r=5|every|1"][0])
+    cached = sorted((tmp_path / "run_cache").glob("*.json"))
+    assert len(cached) == 12
+    modes = {json.loads(p.read_text())["spec"]["mode"] for p in cached}
+    assert modes == {"vanilla", "vanilla-orth1", "every", "every-orth1"}
+    settings = {json.loads(p.read_text())["train_config"]["orthogonality_coeff"] for p in cached}
+    assert settings == {0.0, 1.0}
+    assert (tmp_path / "orthogonality.png").stat().st_size > 20_000
+    assert "## nabeshima toy" in (tmp_path / "orthogonality_results.md").read_text()
+    replotted = study.replot(tmp_path)  # from the JSON alone: the same tables
+    assert replotted["tables"] == payload["tables"] and replotted["rows"] == json.loads(json.dumps(payload["rows"]))

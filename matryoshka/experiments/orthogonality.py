@@ -21,6 +21,7 @@ Tables: mean ± 95% CI (Student t over seeds); one figure of each metric against
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, 
 from .hedging import TOYS, VANISH, run_scalars
 
 __all__ = ["BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "mode_name",
-           "orthogonality"]
+           "orthogonality", "report", "replot"]
 
 BASES = ("vanilla", "every", "every-b0.5")
 GAMMAS = (0.0, 0.3, 1.0, 3.0, 10.0)
@@ -95,64 +96,86 @@ def orthogonality(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SE
             keys.append((name, base, gamma))
     results = run_many(specs, jobs, desc="orthogonality", cache=out / RUN_CACHE)
 
-    rows: dict[tuple, list[dict]] = {}
-    for key, result in zip(keys, results):
-        name = key[0]
-        rows.setdefault(key, []).append(
+    rows: dict[str, list[dict]] = {}
+    for (name, base, gamma), result in zip(keys, results):
+        rows.setdefault(_key(name, base, gamma), []).append(
             _child_scalars(result) if name.startswith("child") else _family_scalars(result, toys[name]))
+    cpu_s = sum(r.get("seconds", 0.0) for r in results)
+    payload = {"study": "orthogonality", "steps": steps, "seeds": seeds, "jobs": jobs, "bases": list(bases),
+               "child_bases": list(child_bases), "gammas": list(gammas), "ratios": list(ratios),
+               "toys": list(toys), "rows": rows, "runtime_s": time.perf_counter() - start, "cpu_s": cpu_s,
+               "runs": len(results)}
+    return report(out, payload, docs)
+
+
+def _key(name: str, base: str, gamma: float) -> str:
+    return f"{name}|{base}|{gamma:g}"
+
+
+def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
+    """Tables, figure, ``orthogonality_results.json`` and ``.md`` from the per-seed numbers in
+    ``payload`` (also used by ``--replot``, which reads ``OUT/orthogonality_results.json``)."""
+    steps, seeds, gammas, rows = payload["steps"], payload["seeds"], payload["gammas"], payload["rows"]
     md = [f"# Decoder orthogonality penalty: {steps} steps per run, {seeds} seeds, mean ± 95% CI (Student t)\n",
           "Mode `<base>-orth<γ>`: the base mode plus γ · mean over latents of the largest squared cosine with "
           "another latent's decoder row. `clean`: seeds on which every off-target |cos| within a family and "
           f"every pair's absorption rate are < {VANISH}.\n"]
     tables = {}
-    for name in toys:
-        toy_cells = [(b, g) for (t, b, g) in cells if t == name]
+
+    def bases_of(name: str) -> list[str]:
+        return payload["child_bases"] if name.startswith("child") else payload["bases"]
+
+    def cell(name: str, base: str, gamma: float, key: str, decimals: int = 3) -> str:
+        return fmt(summarize([r[key] for r in rows[_key(name, base, gamma)]]), decimals)
+
+    def seeds_where(name: str, base: str, gamma: float, key: str) -> str:
+        return f"{int(sum(r[key] for r in rows[_key(name, base, gamma)]))}/{seeds}"
+
+    for name in payload["toys"]:
+        toy_cells = [(b, g) for b in bases_of(name) for g in gammas]
         if name.startswith("child"):
             ratio = float(name.split("=")[1])
             table = format_table(
-                [[b, f"{g:g}", fmt(summarize([r["absorption"] for r in rows[(name, b, g)]])),
-                  fmt(summarize([r["child_cos_parent"] for r in rows[(name, b, g)]])), f"{1 / np.sqrt(1 + ratio ** 2):.3f}",
-                  f"{int(sum(r['child_first'] for r in rows[(name, b, g)]))}/{seeds}",
-                  fmt(summarize([r["mcc"] for r in rows[(name, b, g)]])),
-                  fmt(summarize([r["dead"] for r in rows[(name, b, g)]]), 1)] for b, g in toy_cells],
+                [[b, f"{g:g}", cell(name, b, g, "absorption"), cell(name, b, g, "child_cos_parent"),
+                  f"{1 / np.sqrt(1 + ratio ** 2):.3f}", seeds_where(name, b, g, "child_first"), cell(name, b, g, "mcc"),
+                  cell(name, b, g, "dead", 1)] for b, g in toy_cells],
                 ["base", "gamma", "absorption", "cos(child lat, parent)", "1/sqrt(1+r^2)", "child first", "MCC", "dead"])
             title = f"child-magnitude toy, child/parent magnitude ratio {ratio:g}, P(child | parent) 0.5"
         else:
-            n = toys[name].num_features
+            spec = TOYS[name]()
             table = format_table(
-                [[b, f"{g:g}", *[fmt(summarize([r[k] for r in rows[(name, b, g)]]), d) for k, _, d in FAMILY_KEYS],
-                  f"{int(sum(r['clean'] for r in rows[(name, b, g)]))}/{seeds}"] for b, g in toy_cells],
-                ["base", "gamma", *[label.format(n=n) for _, label, _ in FAMILY_KEYS], "clean (seeds)"])
-            qs = [c["p"] for c in toys[name].spec["features"][0]["children"]]
-            title = f"{name} toy (children P(c | parent) = {qs})"
+                [[b, f"{g:g}", *[cell(name, b, g, k, d) for k, _, d in FAMILY_KEYS], seeds_where(name, b, g, "clean")]
+                 for b, g in toy_cells],
+                ["base", "gamma", *[label.format(n=ToyModel(spec).num_features) for _, label, _ in FAMILY_KEYS],
+                 "clean (seeds)"])
+            title = f"{name} toy (children P(c | parent) = {[c['p'] for c in spec['features'][0]['children']]})"
         tables[name] = table
         print(f"\n{title}\n{table}")
         md += [f"## {title}\n", "```", table, "```\n"]
 
     def per_base(name: str, key: str) -> dict[str, np.ndarray]:  # {base: (seeds, gammas)} for the figure
-        toy_bases = child_bases if name.startswith("child") else bases
-        return {b: np.array([[r[key] for r in rows[(name, b, g)]] for g in gammas], dtype=float).T for b in toy_bases}
+        return {b: np.array([[r[key] for r in rows[_key(name, b, g)]] for g in gammas], dtype=float).T
+                for b in bases_of(name)}
 
-    panels = [("nabeshima: MCC", per_base("nabeshima", "mcc")),
-              ("nabeshima: parent->child cos", per_base("nabeshima", "parent_child")),
-              ("nabeshima: max off-target |cos|", per_base("nabeshima", "max_offtarget")),
-              ("unequal: absorption", per_base("unequal", "absorption")),
-              ("unequal: parent->child cos", per_base("unequal", "parent_child")),
-              ("unequal: max off-target |cos|", per_base("unequal", "max_offtarget"))]
-    for ratio in ratios:
-        panels += [(f"child r={ratio:g}: absorption", per_base(f"child r={ratio:g}", "absorption")),
-                   (f"child r={ratio:g}: cos(child latent, parent)", per_base(f"child r={ratio:g}", "child_cos_parent"))]
+    panels = [(f"{name}: {label}", per_base(name, key)) for name, key, label in (
+        ("nabeshima", "mcc", "MCC"), ("nabeshima", "parent_child", "parent->child cos"),
+        ("nabeshima", "max_offtarget", "max off-target |cos|"), ("unequal", "absorption", "absorption"),
+        ("unequal", "parent_child", "parent->child cos"), ("unequal", "max_offtarget", "max off-target |cos|"))
+        if name in payload["toys"]]
+    for name in (t for t in payload["toys"] if t.startswith("child")):
+        panels += [(f"{name}: absorption", per_base(name, "absorption")),
+                   (f"{name}: cos(child latent, parent)", per_base(name, "child_cos_parent"))]
     figure = out / "orthogonality.png"
     plots.sweep_plot(list(gammas), panels, figure, xlabel="orthogonality penalty weight gamma", columns=3,
                      title=f"decoder orthogonality penalty: mean ± 95% CI over {seeds} seeds, {steps} steps")
-    elapsed = time.perf_counter() - start
-    cpu_s = sum(r.get("seconds", 0.0) for r in results)
-    md.append(f"Total wall time {elapsed:.0f} s with {jobs} process(es); CPU time of the {len(results)} runs "
-              f"{cpu_s:.0f} s.\n")
-    payload = {"study": "orthogonality", "steps": steps, "seeds": seeds, "jobs": jobs, "bases": list(bases),
-               "child_bases": list(child_bases), "gammas": list(gammas), "ratios": list(ratios),
-               "rows": {f"{t}|{b}|{g:g}": v for (t, b, g), v in rows.items()}, "tables": tables,
-               "runtime_s": elapsed, "cpu_s": cpu_s}
+    md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
+              f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
+    payload["tables"] = tables
     write_outputs(out, "orthogonality_results.json", payload, "orthogonality_results.md", md, [figure], docs)
-    print(f"total time {elapsed:.0f} s")
+    print(f"total time {payload['runtime_s']:.0f} s")
     return payload
+
+
+def replot(out: Path, docs: Path | None = None) -> dict:
+    """Redo the tables and the figure from ``OUT/orthogonality_results.json`` without training."""
+    return report(out, json.loads((out / "orthogonality_results.json").read_text()), docs)

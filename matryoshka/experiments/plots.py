@@ -11,13 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["MODE_COLORS", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot", "ci95",
+__all__ = ["MODE_COLORS", "mode_colors", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot", "ci95",
            "hedging_figure", "pareto_plot", "phase_heatmaps"]
 
 MODE_COLORS = {"vanilla": "tab:gray", "groups": "tab:green", "sampled": "tab:orange", "every": "tab:blue"}
 
 Band = tuple[Sequence[float], np.ndarray]
 """``(x, values)`` with ``values`` of shape ``(seeds, len(x))``: drawn as mean ± 95% CI over seeds."""
+
+
+def mode_colors(modes: Sequence[str]) -> dict[str, str]:
+    """A distinct colour per mode: the base modes' own (``MODE_COLORS``), others from the tab10 colours
+    no base mode uses."""
+    spare = iter(c for c in (f"tab:{name}" for name in ("purple", "red", "brown", "pink", "olive", "cyan"))
+                 if c not in MODE_COLORS.values())
+    return {mode: MODE_COLORS.get(mode) or next(spare, None) for mode in modes}
 
 
 def ci95(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -94,11 +102,13 @@ def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np
     columns = columns or len(panels)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    modes = list(dict.fromkeys(mode for _, per_mode in panels for mode in per_mode))
+    colors = mode_colors(modes)
     for ax, (ylabel, per_mode) in zip(axes.flat, panels):
         for mode, values in per_mode.items():
             values = np.asarray(values, dtype=float)
             ax.errorbar(ratios, np.nanmean(values, 0), yerr=ci95(values, 0), marker="o", capsize=3,
-                        label=mode, color=MODE_COLORS.get(mode))
+                        label=mode, color=colors[mode])
         if min(ratios) > 0:
             ax.set_xscale("log")
         else:  # 0 (e.g. no penalty) on a log-like axis

@@ -484,7 +484,7 @@ def _plan(num_rows: int, d: int, acts: torch.Tensor, W_dec: torch.Tensor, acc: t
     """``(grid, meta)``: the launch grid (row blocks, d-chunks) and the compile-time arguments of
     ``launch`` (``None``: ``op_launch``)."""
     operand = _operand_dtype(acts, W_dec, acc)
-    launch = launch or op_launch(num_rows, d, acts, W_dec, acc)
+    launch = launch or default_launch(operand, num_rows, d)  # = op_launch, without a second dtype rule
     grid = (triton.cdiv(num_rows, launch.rows), triton.cdiv(d, launch.cols))
     meta = dict(
         ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[operand],
