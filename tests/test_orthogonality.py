@@ -162,3 +162,11 @@ def test_orthogonality_study_tiny_run(tmp_path, capsys):
     assert "## nabeshima toy" in (tmp_path / "orthogonality_results.md").read_text()
     replotted = study.replot(tmp_path)  # from the JSON alone: the same tables
     assert replotted["tables"] == payload["tables"] and replotted["rows"] == json.loads(json.dumps(payload["rows"]))
+
+
+def test_each_mode_gets_its_own_colour():
+    from matryoshka.experiments.plots import MODE_COLORS, mode_colors
+
+    colors = mode_colors(["vanilla", "every", "every-b0.5", "every-orth1", "sampled"])
+    assert colors["every"] == MODE_COLORS["every"] and colors["vanilla"] == MODE_COLORS["vanilla"]
+    assert len(set(colors.values())) == 5
