@@ -14,7 +14,8 @@ many steps every pair meets.  A latent alone in its chunk contributes 0.
 
 The gradient is the max's (sub)gradient: only each latent's closest partner pulls on it.  The
 cosine matrix is built without autograd and only the ``n`` chosen pairs are recomputed with it, so
-backward stores ``O(n · d)``, never a ``chunk_size²`` matrix per chunk.
+backward stores ``O(n · d)``, never a ``chunk_size²`` matrix per chunk.  The chunks are drawn on the
+host (the same chunks on any device) and reach a GPU through pinned memory: no host sync.
 
 Why it targets absorption: an absorbing latent decodes "parent + child" and so keeps a cosine with
 the parent's latent (0.71 on Nabeshima's toy, ``1/√(1 + r²)`` for a child ``r`` times the parent's
@@ -30,6 +31,7 @@ import math
 
 import torch
 
+from .host_copies import to_device
 from .validation import is_count
 
 __all__ = ["orthogonality_penalty", "chunk_partition"]
@@ -56,12 +58,12 @@ def orthogonality_penalty(W_dec: torch.Tensor, chunk_size: int, generator: torch
     n = W_dec.shape[0]
     # Zero rows (a fresh or dead latent may have one) have no direction: they count as orthogonal.
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).tiny)
+    chunks = chunk_partition(n, chunk_size, generator)
     total = W_dec.new_zeros(())
-    for members in chunk_partition(n, chunk_size, generator):
+    for members in chunks:
         if len(members) < 2:
             continue
-        members = members.to(W_dec.device, non_blocking=True)
-        rows = unit[members]
+        rows = unit if len(chunks) == 1 else unit[to_device(members, W_dec.device)]  # one chunk: all, in order
         with torch.no_grad():
             squared = (rows @ rows.T).square_()
             squared.diagonal().fill_(-1.0)  # a latent is not its own partner

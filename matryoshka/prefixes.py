@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .host_copies import to_device
+
 __all__ = ["Prefixes"]
 
 
@@ -174,11 +176,8 @@ class Prefixes:
         prefix set every step (``sample``) costs no host sync."""
         device = torch.device(device)
         if device not in self._device_cache:
-            host = (self.lengths, self.weights, self._cumulative)
-            if device.type == "cuda":
-                self._device_cache[device] = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
-            else:
-                self._device_cache[device] = tuple(t.to(device) for t in host)
+            self._device_cache[device] = tuple(to_device(t, device) for t in (self.lengths, self.weights,
+                                                                              self._cumulative))
         return self._device_cache[device]
 
     def check_against(self, n: int) -> None:

@@ -81,6 +81,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, prune, remove_partial, save_checkpoint
 from .distributed import Ranks, data_parallel
+from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .orthogonality import orthogonality_penalty
 from .prefixes import Prefixes
@@ -378,13 +379,6 @@ def _mean_l0(acts: SparseActs | torch.Tensor) -> torch.Tensor:
     return fired.sum(1).float().mean()
 
 
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a host batch to ``device``; to a GPU through pinned memory without blocking the host."""
-    if device.type == "cuda" and batch.device.type == "cpu":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
-
-
 def _checked_chunk(data: torch.Tensor, rows: int, d: int, first_step: int, last_step: int) -> torch.Tensor:
     """``data`` from the sampler, refused unless it is ``(rows, d)`` floating point and finite: a NaN
     or inf would poison every parameter at the next Adam step."""
@@ -675,7 +669,7 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             run.chunk_state = run.data_gen.get_state()
             rows = chunk_steps * config.batch_size
             data = _checked_chunk(sample(rows, run.data_gen), rows, sae.config.d, first, first + chunk_steps - 1)
-            chunk = _to_device(data.view(chunk_steps, config.batch_size, -1)[:, share], device)
+            chunk = to_device(data.view(chunk_steps, config.batch_size, -1)[:, share], device)
         x = chunk[step % chunk_steps]
 
         out = model(x)

@@ -171,17 +171,20 @@ def test_training_logs_batchtopk_drops():
 
 
 @pytest.mark.gpu
-def test_cuda_training_follows_the_cpu_run():
+@pytest.mark.parametrize("settings", [{}, {"orthogonality_coeff": 0.5, "orthogonality_chunk": 8}],
+                         ids=["plain", "orthogonality_chunks"])
+def test_cuda_training_follows_the_cpu_run(settings):
     """100 steps on CUDA and on the CPU from the same initialisation and the same (host-drawn) data:
     the logged losses agree to 5% relative (float32 rounding and TF32-free kernels differ only in
     summation order; 5% leaves room for the divergence that compounds over 100 Adam steps).  Between
-    read-outs the step must not synchronise with the host (CUDA sync debug mode counts it)."""
+    read-outs the step must not synchronise with the host (CUDA sync debug mode counts it), also
+    with the decoder orthogonality penalty in host-drawn random chunks (20 latents, chunks of <= 8)."""
     toy, sample = _toy_sampler()
     histories = {}
     for device in ("cpu", "cuda"):
         sae = SparseAutoencoder(SAEConfig(d=toy.d, n=20, activation="topk", k=2), torch.Generator().manual_seed(0))
         sae.to(device)
-        config = TrainConfig(steps=100, log_every=10, progress=False, prefix_mode="sampled")
+        config = TrainConfig(steps=100, log_every=10, progress=False, prefix_mode="sampled", **settings)
         sync_warnings = contextlib.nullcontext()
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
