@@ -148,10 +148,16 @@ def real_compare_cmd(args: argparse.Namespace) -> None:
                               docs=None if args.quick else Path(args.docs), every_weights=args.every_weights)
 
 
+def _replotted(args: argparse.Namespace, study) -> bool:
+    """``--replot``: redo ``study``'s tables and figures from its results file in ``--out``, no training."""
+    if args.replot:
+        study.replot(Path(args.out), docs=Path(args.docs) if args.docs else None)
+    return args.replot
+
+
 def hedging_cmd(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")
-    if args.replot:
-        hedging.replot(Path(args.out), docs=Path(args.docs) if args.docs else None)
+    if _replotted(args, hedging):
         return
     steps, seeds = _steps_and_seeds(args, hedging)
     hedging.hedging(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, toys=tuple(args.toys),
@@ -163,8 +169,7 @@ def hedging_cmd(args: argparse.Namespace) -> None:
 
 def orthogonality_cmd(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")
-    if args.replot:
-        orthogonality.replot(Path(args.out), docs=Path(args.docs) if args.docs else None)
+    if _replotted(args, orthogonality):
         return
     steps, seeds = _steps_and_seeds(args, orthogonality)
     bases, gammas = (["every"], [0.0, 1.0]) if args.quick else (args.bases, args.gammas)

@@ -170,3 +170,19 @@ def test_each_mode_gets_its_own_colour():
     colors = mode_colors(["vanilla", "every", "every-b0.5", "every-orth1", "sampled"])
     assert colors["every"] == MODE_COLORS["every"] and colors["vanilla"] == MODE_COLORS["vanilla"]
     assert len(set(colors.values())) == 5
+
+
+def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
+    from matryoshka.__main__ import main
+    from matryoshka.experiments import orthogonality as study
+
+    main(["orthogonality", "--out", str(tmp_path), "--steps", "10", "--seeds", "1", "--jobs", "1",
+          "--bases", "every", "--child-bases", "every", "--gammas", "0", "2"])
+    first = capsys.readouterr().out
+    (tmp_path / "orthogonality.png").unlink()
+    monkeypatch.setattr(study, "run_many", lambda *args, **kwargs: pytest.fail("--replot must not train"))
+    main(["orthogonality", "--replot", "--out", str(tmp_path)])
+    again = capsys.readouterr().out
+    assert (tmp_path / "orthogonality.png").exists()  # redrawn from the results file
+    table = lambda text: text[text.index("nabeshima toy"):text.index("total time")]  # noqa: E731
+    assert table(again) == table(first) and "every      2" in first
