@@ -2,7 +2,8 @@
 
 After OrtSAE (Korznikov et al., 2025, "OrtSAE: Orthogonal Sparse Autoencoders Uncover Atomic
 Features"), which penalises high pairwise cosine similarity between decoder rows to fight feature
-absorption and composition.  With ``u_i = W_i / ‖W_i‖`` the unit decoder rows:
+absorption and composition; this form is written from the paper's description, not its code.
+With ``u_i = W_i / ‖W_i‖`` the unit decoder rows:
 
     P(W) = (1/n) Σ_i max_{j ≠ i, j ∈ C(i)} (u_i · u_j)²
 
