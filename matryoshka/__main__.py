@@ -13,6 +13,7 @@ import torch.distributed as dist
 from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
+from .orthogonality import DEFAULT_CHUNK
 from .experiments import child_magnitude, compare, hedging, orthogonality, real_compare
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
@@ -183,7 +184,7 @@ def _orthogonality_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orthogonality-coeff", type=float, default=0.0,
                         help="weight of the decoder orthogonality penalty: each latent's largest squared cosine "
                              "with another's decoder row, averaged (after OrtSAE; default %(default)s: off)")
-    parser.add_argument("--orthogonality-chunk", type=int, default=8192,
+    parser.add_argument("--orthogonality-chunk", type=int, default=DEFAULT_CHUNK,
                         help="latents compared with each other per step, in random chunks redrawn every step "
                              "(default %(default)s; n or more: every pair)")
 

@@ -35,7 +35,9 @@ import torch
 from .host_copies import to_device
 from .validation import is_count
 
-__all__ = ["orthogonality_penalty", "chunk_partition"]
+__all__ = ["orthogonality_penalty", "chunk_partition", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 8192  # latents compared with each other per step by default (TrainConfig, the CLI)
 
 
 def chunk_partition(n: int, chunk_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:

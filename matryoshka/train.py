@@ -83,7 +83,7 @@ from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint
 from .distributed import Ranks, data_parallel
 from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
-from .orthogonality import orthogonality_penalty
+from .orthogonality import DEFAULT_CHUNK, orthogonality_penalty
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
@@ -270,7 +270,7 @@ class TrainConfig:
     resort_by: str = "energy"
     sparsity_weighting: str = "uniform"
     orthogonality_coeff: float = 0.0
-    orthogonality_chunk: int = 8192
+    orthogonality_chunk: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
         """Refuse, naming the field, a setting that would fail mid-run with an unrelated error
@@ -315,7 +315,8 @@ class TrainConfig:
 # Fields added after checkpoints existed: left out of a checkpoint's identity while at their default,
 # so that checkpoints written before them still resume.
 _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
-                 "sparsity_weighting": "uniform", "orthogonality_coeff": 0.0, "orthogonality_chunk": 8192}
+                 "sparsity_weighting": "uniform", "orthogonality_coeff": 0.0,
+                 "orthogonality_chunk": DEFAULT_CHUNK}
 
 
 @dataclass

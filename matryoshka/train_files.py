@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .activation_store import ActivationStore
 from .checkpoint import check_writable
 from .durable_files import replace_file
+from .orthogonality import DEFAULT_CHUNK
 from .prefixes import Prefixes
 from .sae import SAEConfig, SparseAutoencoder
 from .train import TrainConfig, train
@@ -61,7 +62,7 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
                          device: str = "cpu", resume: bool = False, checkpoint_every: int = 500,
                          keep_checkpoints: int = 0, log_every: int = 100, held_out: int = 8192,
                          every_weights: str = "exact", num_sampled: int = 10, dead_after: int = 200,
-                         orthogonality_coeff: float = 0.0, orthogonality_chunk: int = 8192,
+                         orthogonality_coeff: float = 0.0, orthogonality_chunk: int = DEFAULT_CHUNK,
                          progress: bool = True) -> dict:
     """Train one SAE on the activations at ``path``; write the run into ``out`` and return a summary.
 

@@ -25,7 +25,7 @@ from . import plots
 from .common import (RUN_CACHE, RunSpec, fmt, format_table, history_band, run_many, study_mode, summarize,
                      write_json, write_outputs)
 
-__all__ = ["MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "DEFAULT_RATIOS", "QUICK_STEPS", "learning_summary",
+__all__ = ["MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "DEFAULT_RATIOS", "QUICK_STEPS", "learning_summary", "child_run_spec",
            "child_magnitude", "PHASE_RATIOS", "PHASE_PROBS", "PHASE_MODES", "phase"]
 
 MODES = ("vanilla", "sampled", "every")
@@ -86,15 +86,18 @@ def _table(rows_by_mode: dict[str, list[dict]]) -> str:
                                "absorption", "cos(child lat, parent)", "mix +", "mix -"])
 
 
-def _runs(spec: dict, modes: tuple[str, ...], seeds: int, steps: int, jobs: int, desc: str,
-          out: Path) -> dict[str, list[dict]]:
-    toy = ToyModel(spec)
+def child_run_spec(spec: dict, mode: str, seed: int, steps: int) -> RunSpec:
+    """One run on a child-magnitude toy ``spec`` as this study trains it."""
     # The original recipe samples 10 of 20 prefixes: keep that half for this smaller dictionary, so
     # that `sampled` stays random (with num = n it would draw every prefix every step).
-    num_sampled = max(2, toy.num_features // 2)
+    num_sampled = max(2, ToyModel(spec).num_features // 2)
     # Features are learned within a few hundred steps here: read cosines every 10 steps to time it.
-    specs = [RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10)
-             for mode in modes for seed in range(seeds)]
+    return RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10)
+
+
+def _runs(spec: dict, modes: tuple[str, ...], seeds: int, steps: int, jobs: int, desc: str,
+          out: Path) -> dict[str, list[dict]]:
+    specs = [child_run_spec(spec, mode, seed, steps) for mode in modes for seed in range(seeds)]
     results = run_many(specs, jobs, desc=desc, cache=out / RUN_CACHE)
     return {m: [r for r in results if r["spec"]["mode"] == m] for m in modes}
 
@@ -199,9 +202,8 @@ def phase(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, job
     specs, keys = [], []
     for ratio, prob, mode in cells:
         spec = child_magnitude_spec(**{**params, "child_magnitude": ratio * parent_magnitude, "child_p": prob})
-        num_sampled = max(2, ToyModel(spec).num_features // 2)
         for seed in range(seeds):
-            specs.append(RunSpec(spec, mode, seed, steps, num_sampled=num_sampled, log_every=10))
+            specs.append(child_run_spec(spec, mode, seed, steps))
             keys.append((ratio, prob, mode))
     results = run_many(specs, jobs, desc="phase", cache=out / RUN_CACHE)
     rows: dict[tuple, list[dict]] = {}

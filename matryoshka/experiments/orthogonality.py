@@ -29,7 +29,7 @@ import numpy as np
 
 from ..toy import ToyModel, child_magnitude_spec
 from . import plots
-from .child_magnitude import learning_summary
+from .child_magnitude import child_run_spec, learning_summary
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
 from .hedging import TOYS, VANISH, run_scalars
 
@@ -88,11 +88,10 @@ def orthogonality(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SE
             cells += [(name, base, gamma) for gamma in gammas]
     specs, keys = [], []
     for name, base, gamma in cells:
-        toy = toys[name]
-        # The child toy as its own study runs it: half its prefixes sampled, cosines read every 10 steps.
-        extra = dict(num_sampled=max(2, toy.num_features // 2), log_every=10) if name.startswith("child") else {}
+        # The child toy as its own study trains it; the family toys on the common recipe.
+        make = child_run_spec if name.startswith("child") else RunSpec
         for seed in range(seeds):
-            specs.append(RunSpec(toy.spec, mode_name(base, gamma), seed, steps, **extra))
+            specs.append(make(toys[name].spec, mode_name(base, gamma), seed, steps))
             keys.append((name, base, gamma))
     results = run_many(specs, jobs, desc="orthogonality", cache=out / RUN_CACHE)
 
