@@ -177,7 +177,7 @@ def orthogonality_cmd(args: argparse.Namespace) -> None:
     orthogonality.orthogonality(Path(args.out), steps=steps, seeds=seeds, jobs=args.jobs, bases=tuple(bases),
                                 gammas=tuple(gammas), ratios=tuple(args.ratios),
                                 child_bases=tuple(["every"] if args.quick else args.child_bases),
-                                docs=None if args.quick or not args.docs else Path(args.docs))
+                                family_toys=tuple(args.toys), docs=None if args.quick or not args.docs else Path(args.docs))
 
 
 def _orthogonality_args(parser: argparse.ArgumentParser) -> None:
@@ -270,8 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     _study_args(ortho, "runs/orthogonality", orthogonality, modes=False)
     ortho.add_argument("--bases", nargs="+", default=list(orthogonality.BASES), type=check_study_mode,
                        help="base study modes on the nabeshima and unequal toys (default: %(default)s)")
-    ortho.add_argument("--child-bases", nargs="+", default=list(orthogonality.CHILD_BASES), type=check_study_mode,
-                       help="base study modes on the child-magnitude toy (default: %(default)s)")
+    ortho.add_argument("--toys", nargs="*", default=list(orthogonality.FAMILY_TOYS),
+                       choices=list(orthogonality.FAMILY_TOYS),
+                       help="the toys with parent/child families that --bases run on (default: %(default)s)")
+    ortho.add_argument("--child-bases", nargs="*", default=list(orthogonality.CHILD_BASES), type=check_study_mode,
+                       help="base study modes on the child-magnitude toy; none: no child-magnitude runs "
+                            "(default: %(default)s)")
     ortho.add_argument("--gammas", type=float, nargs="+", default=list(orthogonality.GAMMAS),
                        help="penalty weights; 0 is the base mode (default: %(default)s)")
     ortho.add_argument("--ratios", type=float, nargs="+", default=list(orthogonality.RATIOS),

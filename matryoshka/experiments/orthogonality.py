@@ -36,6 +36,7 @@ from .hedging import TOYS, VANISH, run_scalars
 __all__ = ["BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "mode_name",
            "orthogonality", "report", "replot"]
 
+FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.TOYS)
 BASES = ("vanilla", "every", "every-b0.5")
 GAMMAS = (0.0, 0.3, 1.0, 3.0, 10.0)
 RATIOS = (5.0,)
@@ -71,17 +72,24 @@ def _child_scalars(result: dict) -> dict:
 def orthogonality(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
                   bases: tuple[str, ...] = BASES, gammas: tuple[float, ...] = GAMMAS,
                   ratios: tuple[float, ...] = RATIOS, child_bases: tuple[str, ...] = CHILD_BASES,
-                  docs: Path | None = None) -> dict:
+                  family_toys: tuple[str, ...] = FAMILY_TOYS, docs: Path | None = None) -> dict:
     """Run the grid (module doc); print the tables; write ``orthogonality_results.json``/``.md`` and
-    ``orthogonality.png`` into ``out`` (and ``docs``)."""
+    ``orthogonality.png`` into ``out`` (and ``docs``).  ``family_toys``: which of :data:`FAMILY_TOYS`
+    the ``bases`` run on; no ``child_bases`` (or no ``ratios``): no child-magnitude runs."""
+    unknown = sorted(set(family_toys) - set(FAMILY_TOYS))
+    if unknown:
+        raise ValueError(f"family_toys must be among {FAMILY_TOYS}, got {unknown}")
+    if not (family_toys and bases) and not (child_bases and ratios):
+        raise ValueError("nothing to train: give family_toys with bases, or child_bases with ratios")
     start = time.perf_counter()
     gammas = tuple(sorted(set(gammas)))
     print(f"decoder orthogonality penalty gamma * mean_i max_j cos(W_i, W_j)^2, gamma in {list(gammas)}; "
-          f"bases {list(bases)} on the nabeshima and unequal toys, {list(child_bases)} on the child-magnitude toy "
-          f"at ratios {list(ratios)}; {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es); "
+          f"bases {list(bases)} on the {' and '.join(family_toys) or 'no'} family toy(s), {list(child_bases)} on the "
+          f"child-magnitude toy at ratios {list(ratios)}; {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es); "
           f"mean ± 95% CI (Student t over {seeds} seeds)")
-    toys = {name: ToyModel(TOYS[name]()) for name in ("nabeshima", "unequal")}
-    toys |= {f"child r={r:g}": ToyModel(child_magnitude_spec(child_magnitude=2.0 * r)) for r in ratios}
+    toys = {name: ToyModel(TOYS[name]()) for name in (family_toys if bases else ())}
+    if child_bases:
+        toys |= {f"child r={r:g}": ToyModel(child_magnitude_spec(child_magnitude=2.0 * r)) for r in ratios}
     cells = []  # (toy name, base, gamma)
     for name in toys:
         for base in (child_bases if name.startswith("child") else bases):
