@@ -186,3 +186,69 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "orthogonality.png").exists()  # redrawn from the results file
     table = lambda text: text[text.index("nabeshima toy"):text.index("total time")]  # noqa: E731
     assert table(again) == table(first) and "every      2" in first
+    monkeypatch.undo()
+    main(["orthogonality", "--out", str(tmp_path / "one"), "--steps", "10", "--seeds", "1", "--jobs", "1",
+          "--toys", "nabeshima", "--child-bases", "--bases", "vanilla", "--gammas", "1"])
+    rows = json.loads((tmp_path / "one" / "orthogonality_results.json").read_text())["rows"]
+    assert list(rows) == ["nabeshima|vanilla|1"]
+
+
+def _seed_row(max_offtarget: float, max_absorption: float, dead: float) -> dict:
+    return {"max_offtarget": max_offtarget, "max_absorption": max_absorption, "dead": dead}
+
+
+@pytest.mark.parametrize("row, expected", [
+    (_seed_row(0.049, 0.0, 0.0), "clean"),
+    (_seed_row(0.049, 0.05, 0.0), "absorbed"),      # the bar is strict: 0.05 is not below it
+    (_seed_row(0.6, 1.0, 2.0), "absorbed"),         # absorption comes before a dead latent
+    (_seed_row(0.3, 0.0, 1.0), "dead latent"),
+    (_seed_row(0.05, 0.0, 0.0), "mixed"),
+    (_seed_row(0.3, float("nan"), 0.0), "mixed"),   # no finite absorption rate: nothing absorbed
+])
+def test_outcome_of_a_seed(row, expected):
+    from matryoshka.experiments.orthogonality import outcome
+
+    assert outcome(row) == expected
+
+
+def test_clean_share_interval_is_the_exact_binomial_one():
+    from matryoshka.experiments.orthogonality import share_interval
+
+    # Clopper-Pearson closed forms at the ends: 0/n -> [0, 1 - 0.025^(1/n)], n/n -> [0.025^(1/n), 1].
+    low, high = share_interval(0, 5)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 5), abs=1e-9)
+    low, high = share_interval(10, 10)
+    assert low == pytest.approx(0.025 ** (1 / 10), abs=1e-9) and high == 1.0
+    low, high = share_interval(3, 10)
+    assert low < 0.3 < high and high - low > 0.5  # ten seeds pin a share down only roughly
+
+
+def test_study_on_one_family_toy_reports_each_seeds_outcome(tmp_path, capsys):
+    from matryoshka.experiments import orthogonality as study
+
+    payload = study.orthogonality(tmp_path, steps=20, seeds=2, jobs=1, bases=("every-b0.1",), gammas=(0.0, 3.0),
+                                  child_bases=(), family_toys=("nabeshima",))
+    printed = capsys.readouterr().out
+    assert set(payload["rows"]) == {"nabeshima|every-b0.1|0", "nabeshima|every-b0.1|3"}
+    assert "unequal toy" not in printed and "child-magnitude" not in printed.split("\n", 1)[1]
+    outcomes = payload["tables"]["nabeshima outcomes"]
+    assert "nabeshima toy, outcome of each seed" in printed and outcomes in printed
+    for gamma in (0.0, 3.0):  # each seed in exactly one outcome, and the row says so
+        seeds = payload["rows"][f"nabeshima|every-b0.1|{gamma:g}"]
+        counts = [sum(study.outcome(r) == o for r in seeds) for o in study.OUTCOMES]
+        line = next(line for line in outcomes.splitlines() if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
+        assert [int(v) for v in line.split()[2:6]] == counts and sum(counts) == 2
+    assert (tmp_path / "orthogonality_outcomes.png").stat().st_size > 10_000
+    assert "outcome of each seed" in (tmp_path / "orthogonality_results.md").read_text()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(family_toys=("nabeshima", "tiny")), "family_toys must be among"),
+    (dict(family_toys=(), child_bases=()), "nothing to train"),
+    (dict(family_toys=(), ratios=()), "nothing to train"),
+])
+def test_study_refuses_an_empty_or_unknown_grid(tmp_path, kwargs, message):
+    from matryoshka.experiments import orthogonality as study
+
+    with pytest.raises(ValueError, match=message):
+        study.orthogonality(tmp_path, steps=5, seeds=1, **kwargs)

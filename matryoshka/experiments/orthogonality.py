@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 
 from ..toy import ToyModel, child_magnitude_spec
 from . import plots
@@ -33,8 +34,8 @@ from .child_magnitude import child_run_spec, learning_summary
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
 from .hedging import TOYS, VANISH, run_scalars
 
-__all__ = ["BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "mode_name",
-           "orthogonality", "report", "replot"]
+__all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
+           "outcome", "share_interval", "mode_name", "orthogonality", "report", "replot"]
 
 FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.TOYS)
 BASES = ("vanilla", "every", "every-b0.5")
@@ -51,6 +52,28 @@ FAMILY_KEYS = [("mcc", "MCC", 3), ("learned", "learned/{n}", 1), ("absorption", 
                ("child_sibling", "child->sibling", 3), ("max_offtarget", "max off-target", 3), ("dead", "dead", 1)]
 
 
+# What became of one seed on a family toy, in this order of precedence (see :func:`outcome`).
+OUTCOMES = ("clean", "absorbed", "dead latent", "mixed")
+
+
+def outcome(row: dict) -> str:
+    """One family-toy seed's outcome: ``clean`` (every off-target |cos| within a family and every
+    pair's absorption below ``VANISH``); otherwise ``absorbed`` (some pair's absorption at least
+    ``VANISH``), ``dead latent`` (none absorbed, but a latent never fires) or ``mixed`` (neither, yet
+    some off-target |cos| at least ``VANISH``)."""
+    if row["max_offtarget"] < VANISH and row["max_absorption"] < VANISH:
+        return "clean"
+    if row["max_absorption"] >= VANISH:
+        return "absorbed"
+    return "dead latent" if row["dead"] > 0 else "mixed"
+
+
+def share_interval(count: int, total: int) -> tuple[float, float]:
+    """95% Clopper-Pearson interval of a share ``count / total`` (exact binomial: seeds are few)."""
+    interval = scipy.stats.binomtest(count, total).proportion_ci(confidence_level=0.95, method="exact")
+    return float(interval.low), float(interval.high)
+
+
 def mode_name(base: str, gamma: float) -> str:
     """The study mode of ``base`` with the penalty at weight ``gamma`` (the base itself at 0)."""
     return base if gamma == 0 else f"{base}-orth{gamma:g}"
@@ -58,7 +81,7 @@ def mode_name(base: str, gamma: float) -> str:
 
 def _family_scalars(result: dict, toy: ToyModel) -> dict:
     row = run_scalars(result, toy)
-    row["clean"] = float(row["max_offtarget"] < VANISH and row["max_absorption"] < VANISH)
+    row["clean"] = float(outcome(row) == "clean")
     return row
 
 
@@ -159,6 +182,10 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         tables[name] = table
         print(f"\n{title}\n{table}")
         md += [f"## {title}\n", "```", table, "```\n"]
+        if not name.startswith("child"):
+            tables[f"{name} outcomes"] = outcomes = _outcome_table([(b, g, rows[_key(name, b, g)]) for b, g in toy_cells])
+            print(f"\n{name} toy, outcome of each seed\n{outcomes}")
+            md += [f"### {name} toy, outcome of each seed\n", _OUTCOME_NOTE, "```", outcomes, "```\n"]
 
     def per_base(name: str, key: str) -> dict[str, np.ndarray]:  # {base: (seeds, gammas)} for the figure
         return {b: np.array([[r[key] for r in rows[_key(name, b, g)]] for g in gammas], dtype=float).T
@@ -175,12 +202,44 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     figure = out / "orthogonality.png"
     plots.sweep_plot(list(gammas), panels, figure, xlabel="orthogonality penalty weight gamma", columns=3,
                      title=f"decoder orthogonality penalty: mean ± 95% CI over {seeds} seeds, {steps} steps")
+    figures = [figure]
+    family = [name for name in payload["toys"] if not name.startswith("child")]
+    if family:
+        figures.append(out / "orthogonality_outcomes.png")
+        plots.outcome_bars(
+            [(f"{name} toy", [f"{b}, gamma {g:g}" for b in payload["bases"] for g in gammas],
+              {o: [sum(outcome(r) == o for r in rows[_key(name, b, g)]) for b in payload["bases"] for g in gammas]
+               for o in OUTCOMES}) for name in family],
+            figures[-1], title=f"outcome of each seed ({seeds} seeds, {steps} steps); clean: every off-target "
+                               f"|cos| and absorption < {VANISH}")
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
               f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
     payload["tables"] = tables
-    write_outputs(out, "orthogonality_results.json", payload, "orthogonality_results.md", md, [figure], docs)
+    write_outputs(out, "orthogonality_results.json", payload, "orthogonality_results.md", md, figures, docs)
     print(f"total time {payload['runtime_s']:.0f} s")
     return payload
+
+
+_OUTCOME_NOTE = (f"`clean`: every off-target |cos| within a family and every pair's absorption < {VANISH}; otherwise "
+                 f"`absorbed` (some pair's absorption >= {VANISH}), `dead latent` (none absorbed, a latent never "
+                 f"fires) or `mixed` (neither). Share: 95% Clopper-Pearson interval. The last three columns are "
+                 f"the clean seeds' means: the hedge that remains within the {VANISH} bar, and its prediction.\n")
+
+
+def _outcome_table(cells: list[tuple[str, float, list[dict]]]) -> str:
+    """Per ``(base, gamma, per-seed rows)``: how many seeds ended in each of :data:`OUTCOMES`, the
+    clean share with its interval, and the clean seeds' parent->child cosine (and its prediction)
+    and largest off-target |cos|."""
+    table = []
+    for base, gamma, seeds in cells:
+        counts = [sum(outcome(r) == o for r in seeds) for o in OUTCOMES]
+        low, high = share_interval(counts[0], len(seeds))
+        clean = [r for r in seeds if outcome(r) == "clean"]
+        mean = lambda key: f"{np.mean([r[key] for r in clean]):.3f}" if clean and key in clean[0] else "–"  # noqa: E731
+        table.append([base, f"{gamma:g}", *map(str, counts), f"{counts[0] / len(seeds):.2f} [{low:.2f}, {high:.2f}]",
+                      mean("parent_child"), mean("pred_parent_child"), mean("max_offtarget")])
+    return format_table(table, ["base", "gamma", *OUTCOMES, "clean share", "parent->child", "predicted",
+                                "max off-target"])
 
 
 def replot(out: Path, docs: Path | None = None) -> dict:

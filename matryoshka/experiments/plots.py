@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["MODE_COLORS", "mode_colors", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot", "ci95",
-           "hedging_figure", "pareto_plot", "phase_heatmaps"]
+           "hedging_figure", "pareto_plot", "phase_heatmaps", "outcome_bars"]
 
 MODE_COLORS = {"vanilla": "tab:gray", "groups": "tab:green", "sampled": "tab:orange", "every": "tab:blue"}
 
@@ -223,4 +223,26 @@ def phase_heatmaps(panels: Sequence[tuple[str, np.ndarray]], ratios: Sequence[fl
     axes[0][0].set_ylabel("P(child | parent)", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def outcome_bars(panels: Sequence[tuple[str, Sequence[str], dict[str, Sequence[int]]]], path: Path,
+                 title: str | None = None) -> None:
+    """Stacked bars, one panel per ``(title, bar labels, {outcome: count per bar})``: how many seeds
+    ended in each outcome (the first outcome green, the others in warm colours, bottom to top)."""
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, layout="constrained",
+                             figsize=(max(6.0, 0.4 * max(len(labels) for _, labels, _ in panels)), 4.6 * len(panels)))
+    colors = ["tab:green", "tab:red", "tab:gray", "tab:orange", "tab:purple"]
+    for ax, (panel_title, labels, counts) in zip(axes[:, 0], panels):
+        bottom = np.zeros(len(labels))
+        for color, (name, values) in zip(colors, counts.items()):
+            ax.bar(range(len(labels)), values, bottom=bottom, color=color, label=name)
+            bottom += np.asarray(values, dtype=float)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_ylabel("seeds")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, ncol=len(panels[0][2]), loc="outside lower center")
+    if title:
+        fig.suptitle(title, fontsize=10)
     _save(fig, path)
