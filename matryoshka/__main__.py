@@ -19,7 +19,8 @@ from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
-from .train import EVERY_WEIGHTS, PREFIX_MODES, TrainingInterrupted, train
+from .stop_signals import Interrupted
+from .train import EVERY_WEIGHTS, PREFIX_MODES, train
 
 
 # A checkpoint holds the parameters and Adam's two moments (three times the SAE): a long run that
@@ -368,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError, FloatingPointError, ImportError) as exc:  # bad settings, files, data, installs
         parser.exit(1, f"{parser.prog} {args.command}: error: {exc}\n")
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM in training: say what was kept, exit as the signal would
-        code = stop.exit_code if isinstance(stop, TrainingInterrupted) else 128 + signal.SIGINT
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: say what was kept, exit as the signal would
+        code = stop.exit_code if isinstance(stop, Interrupted) else 128 + signal.SIGINT
         parser.exit(code, f"{parser.prog} {args.command}: {stop or 'interrupted'}\n")
 
 

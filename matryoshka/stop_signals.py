@@ -27,32 +27,43 @@ import torch
 
 from .distributed import Ranks
 
-__all__ = ["TrainingInterrupted", "DeferredSignals"]
+__all__ = ["Interrupted", "TrainingInterrupted", "DeferredSignals", "TerminateAsInterrupt"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """:func:`~matryoshka.train.train` stopped at a step boundary on SIGINT or SIGTERM.
+class Interrupted(KeyboardInterrupt):
+    """A stop on ``signal`` (SIGINT or SIGTERM).  A ``KeyboardInterrupt``, so that an
+    ``except Exception`` does not swallow it."""
 
-    ``signal``: the signal; ``step``: the steps done (the SAE holds their parameters);
-    ``checkpoint``: the checkpoint written for that step (``None`` without a ``checkpoint_dir``, and
-    on ranks other than 0, which do not write); ``result``: the run's history so far.  A
-    ``KeyboardInterrupt``, so that an ``except Exception`` does not swallow it.
-    """
-
-    def __init__(self, message: str, signum: signal.Signals, step: int, checkpoint: Path | None, result) -> None:
+    def __init__(self, message: str, signum: signal.Signals) -> None:
         super().__init__(message)
-        self.signal, self.step, self.checkpoint, self.result = signum, step, checkpoint, result
+        self.signal = signum
 
     def __reduce__(self):
         # Picklable with its fields, so that it crosses from a study's worker process to the parent.
-        return type(self), (str(self), self.signal, self.step, self.checkpoint, self.result)
+        return type(self), (str(self), self.signal)
 
     @property
     def exit_code(self) -> int:
         """The shell's exit status for a process the signal ended: ``128 + signal number``."""
         return 128 + int(self.signal)
+
+
+class TrainingInterrupted(Interrupted):
+    """:func:`~matryoshka.train.train` stopped at a step boundary on SIGINT or SIGTERM.
+
+    ``signal``: the signal; ``step``: the steps done (the SAE holds their parameters);
+    ``checkpoint``: the checkpoint written for that step (``None`` without a ``checkpoint_dir``, and
+    on ranks other than 0, which do not write); ``result``: the run's history so far.
+    """
+
+    def __init__(self, message: str, signum: signal.Signals, step: int, checkpoint: Path | None, result) -> None:
+        super().__init__(message, signum)
+        self.step, self.checkpoint, self.result = step, checkpoint, result
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signal, self.step, self.checkpoint, self.result)
 
 
 class DeferredSignals:
@@ -101,3 +112,34 @@ class DeferredSignals:
         if signum and self.received is None:
             self.received = signal.Signals(signum)
         return bool(signum)
+
+
+class TerminateAsInterrupt:
+    """While entered (main thread only), SIGTERM raises :class:`Interrupted` in the main thread, as
+    Ctrl-C raises ``KeyboardInterrupt``: for a process that trains nothing itself, such as a study's
+    parent waiting on its worker processes, so that ``kill`` lets it keep what has finished instead
+    of dying at once.  A second SIGTERM is acted on as before (the previous handler comes back
+    with the first), and an ignored SIGTERM stays ignored."""
+
+    def __init__(self) -> None:
+        self._previous: object = None
+
+    def __enter__(self) -> TerminateAsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGTERM)
+            if handler not in (signal.SIG_IGN, None):
+                self._previous = handler
+                signal.signal(signal.SIGTERM, self._interrupt)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _interrupt(self, signum: int, frame) -> None:
+        self._restore()
+        raise Interrupted("stopped by SIGTERM", signal.Signals(signum))
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

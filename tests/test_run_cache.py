@@ -128,3 +128,64 @@ def test_after_a_failed_run_in_parallel_no_other_run_starts_and_the_running_one_
         run_many(specs, jobs=2, worker=_started, cache=tmp_path / "cache")
     assert sorted(p.name for p in tmp_path.glob("started_*")) == ["started_0", "started_1"]
     assert [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")] == [{"x": 0}]
+
+
+def _sleepy(spec: dict) -> dict:
+    """A worker that says it has started (a file in ``spec["started"]``) and then takes a second."""
+    Path(spec["started"], str(spec["x"])).touch()
+    time.sleep(1.0)
+    return {"spec": spec, "x": spec["x"]}
+
+
+class _Killed(Exception):
+    """What SIGTERM raises here should run_many not handle it: the test fails instead of dying."""
+
+
+def test_sigterm_to_the_parent_keeps_the_runs_under_way_and_starts_no_more(tmp_path):
+    import os
+    import signal
+    import threading
+
+    from matryoshka.stop_signals import Interrupted
+
+    started = tmp_path / "started"
+    started.mkdir()
+    specs = [{"x": x, "started": str(started)} for x in range(6)]
+
+    def kill_when_both_workers_run() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def killed(signum, frame):
+        raise _Killed
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        threading.Thread(target=kill_when_both_workers_run, daemon=True).start()
+        with pytest.raises(Interrupted, match=rf"^study: stopped with 2 of 6 runs finished, kept in "
+                                              rf"{tmp_path / 'cache'}; the same command continues") as stop:
+            run_many(specs, jobs=2, worker=_sleepy, cache=tmp_path / "cache", desc="study")
+        assert signal.getsignal(signal.SIGTERM) is killed  # the handler that was there is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.signal == signal.SIGTERM and stop.value.exit_code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in started.iterdir()) == ["0", "1"]  # no run started after the signal
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # the two under way finished and were kept
+
+
+def test_the_cli_exits_with_the_signal_that_stopped_a_study(tmp_path, monkeypatch):
+    import signal
+
+    from matryoshka.__main__ import main
+    from matryoshka.experiments import orthogonality
+    from matryoshka.stop_signals import Interrupted
+
+    def stopped(*args, **kwargs):
+        raise Interrupted("orthogonality: stopped with 3 of 10 runs finished", signal.SIGTERM)
+
+    monkeypatch.setattr(orthogonality, "run_many", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        main(["orthogonality", "--quick", "--out", str(tmp_path)])
+    assert exit_.value.code == 128 + signal.SIGTERM

@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -43,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..durable_files import replace_file
+from ..stop_signals import Interrupted, TerminateAsInterrupt
 from ..metrics import LearningOrder, cosine_matrix, evaluate, match_latents
 from ..prefixes import Prefixes
 from ..sae import SAEConfig, SparseAutoencoder
@@ -210,7 +212,8 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
 
     ``cache``: a folder where each finished run is stored as it ends and from which runs of the same
     spec under the same code are reused (:mod:`.run_cache`): a study stopped half-way and started
-    again does only the runs it had not finished.
+    again does only the runs it had not finished.  Ctrl-C or SIGTERM raise :class:`Interrupted` (a
+    ``KeyboardInterrupt``) with the signal, saying how many runs are kept.
     """
     store = RunCache(cache, worker) if cache is not None else None
     results = [store.get(spec) if store else None for spec in specs]
@@ -225,19 +228,21 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
         bar.update()
 
     try:
-        if jobs <= 1:
-            for i in todo:
-                finished(i, worker(specs[i]))
-        elif todo:
-            _run_in_processes(worker, specs, todo, jobs, finished)
+        # kill (SIGTERM) stops the study as Ctrl-C does: the runs under way end and are kept.
+        with TerminateAsInterrupt():
+            if jobs <= 1:
+                for i in todo:
+                    finished(i, worker(specs[i]))
+            elif todo:
+                _run_in_processes(worker, specs, todo, jobs, finished)
     except BaseException as error:
         if store is None:
             raise
         done = sum(result is not None for result in results)
         kept = (f"{desc}: stopped with {done} of {len(specs)} runs finished, kept in {cache}; the same command "
                 f"continues from there")
-        if isinstance(error, KeyboardInterrupt):  # Ctrl-C: this says more than a worker's TrainingInterrupted
-            raise KeyboardInterrupt(kept) from error
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C or kill: this says more than a worker's TrainingInterrupted
+            raise Interrupted(kept, getattr(error, "signal", signal.SIGINT)) from error
         tqdm.write(kept)
         raise
     finally:
@@ -250,9 +255,10 @@ def _run_in_processes(worker: Callable[[Any], dict], specs: Sequence, todo: list
     """``finished(i, worker(specs[i]))`` for every ``i`` in ``todo``, in ``jobs`` spawned processes.
 
     The pool holds only the ``jobs`` runs under way (it would start any run handed to it, even
-    after a failure or Ctrl-C), so on a failed run or Ctrl-C no further run starts; the runs under
-    way end (a signal stops them at their next step) and those that succeed are still handed to
-    ``finished``.
+    after a failure or Ctrl-C), so on a failed run, Ctrl-C or SIGTERM no further run starts; the runs
+    under way end and those that succeed are still handed to ``finished``.  Ctrl-C reaches the
+    workers too and stops their runs at the next step; a SIGTERM sent to the parent alone lets them
+    finish (a second one ends the parent at once).
     """
     context = multiprocessing.get_context("spawn")
     waiting = iter(todo)
