@@ -149,3 +149,24 @@ def test_probes_and_confidence_intervals():
         assert i < j and 0.5 <= p <= 1
     stat = ci95([1.0, 2.0, 3.0])
     assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
+
+
+def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
+    from matryoshka.experiments import real_compare as study
+
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    np.save(acts / "shard_000.npy", np.random.default_rng(0).standard_normal((4096, 12)).astype(np.float32))
+    first = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
+                               quick=True)
+    assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 2
+    assert "reused" not in capsys.readouterr().out
+    again = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
+                               quick=True)
+    assert "real-compare: 2 of 2 runs reused" in capsys.readouterr().out
+    assert json.dumps(again["summary"]) == json.dumps(first["summary"])  # (NaN CIs: one seed)
+    # Other data at the same path is other runs.
+    np.save(acts / "shard_000.npy", np.random.default_rng(1).standard_normal((4096, 12)).astype(np.float32))
+    study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla",), quick=True)
+    assert "reused" not in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 3

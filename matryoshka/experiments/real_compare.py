@@ -11,7 +11,8 @@ no latent re-sorting, so the order is what each prefix mode's loss makes of it (
 the control).  Modes: vanilla (one prefix n), groups (widths 512, 1024, 2048, 4096, equal weights),
 sampled (10 prefixes a step), every (all 4096 prefixes; exact weights when the trainer computes
 them fast, else uniform 1/n, which is stated in the output).  Each run is single-threaded, ``jobs``
-at a time; its seconds per step are measured in the same study, under the same load.
+at a time; its seconds per step are measured in the same study, under the same load (a run reused
+from the study's run cache, ``OUT/run_cache``, keeps the seconds of the study that ran it).
 
 Measured per run, on the held-out tokens:
 
@@ -49,7 +50,7 @@ from ..sae import SAEConfig, SparseAutoencoder
 from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
-from .common import format_table, run_many, write_json
+from .common import RUN_CACHE, format_table, run_many, write_json
 from .plots import MODE_COLORS, _save, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
@@ -229,14 +230,15 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     store = ActivationStore(acts, held_out_rows=sizes["held_out"])
     n = sizes["n"]
     weights = every_weights
-    specs = [{"acts": str(acts), "scale": store.scale, "mode": mode, "seed": seed, "steps": steps,
+    # The data's row count and scale (from its own sample) stand for its identity in the run cache.
+    specs = [{"acts": str(acts), "rows": store.rows, "scale": store.scale, "mode": mode, "seed": seed, "steps": steps,
               "every_weights": weights, **sizes} for mode in modes for seed in range(seeds)]
     print(f"data: {store.rows} tokens x d={store.d} from {acts} ({meta.get('model', 'unknown model')}, "
           f"layer {meta.get('layer', '?')}); {store.train_rows} train / {store.held_out_rows} held out; "
           f"scale {store.scale:.5g} (mean squared norm d)")
     print(f"TopK n={n} k={sizes['k']}, batch {sizes['batch']}, {steps} steps = {steps * sizes['batch']} tokens per run, "
           f"modes {', '.join(modes)} (every: {weights} weights), seeds 0..{seeds - 1}, {jobs} process(es)")
-    results = run_many(specs, jobs, desc="real-compare", worker=run_one)
+    results = run_many(specs, jobs, desc="real-compare", worker=run_one, cache=out / RUN_CACHE)
     by_mode = {m: [r for r in results if r["mode"] == m] for m in modes}
     lengths = results[0]["lengths"]
     summary = {m: {
