@@ -240,6 +240,16 @@ def test_study_on_one_family_toy_reports_each_seeds_outcome(tmp_path, capsys):
         assert [int(v) for v in line.split()[2:6]] == counts and sum(counts) == 2
     assert (tmp_path / "orthogonality_outcomes.png").stat().st_size > 10_000
     assert "outcome of each seed" in (tmp_path / "orthogonality_results.md").read_text()
+    # Keeping the lowest-loss seed: the final loss is each run's last read-out, and the table says
+    # which seed that keeps.
+    for gamma in (0.0, 3.0):
+        seeds = payload["rows"][f"nabeshima|every-b0.1|{gamma:g}"]
+        assert all(math.isfinite(r["final_loss"]) for r in seeds)
+        kept = min(seeds, key=lambda r: r["final_loss"])
+        line = next(line for line in payload["tables"]["nabeshima selection"].splitlines()
+                    if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
+        assert line.split()[-2] == f"{float(study.outcome(kept) == 'clean'):.2f}"  # best of all (2) seeds
+    assert (tmp_path / "orthogonality_selection.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -252,3 +262,20 @@ def test_study_refuses_an_empty_or_unknown_grid(tmp_path, kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         study.orthogonality(tmp_path, steps=5, seeds=1, **kwargs)
+
+
+def test_best_of_k_matches_every_draw_of_k_seeds():
+    import itertools
+    import random
+
+    from matryoshka.experiments.orthogonality import best_of_k_clean
+
+    rng = random.Random(0)
+    losses = [rng.random() for _ in range(7)]
+    clean = [rng.random() < 0.4 for _ in range(7)]
+    for k in range(1, 8):
+        draws = list(itertools.combinations(range(7), k))
+        by_hand = sum(clean[min(d, key=lambda i: losses[i])] for d in draws) / len(draws)
+        assert best_of_k_clean(losses, clean, k) == pytest.approx(by_hand, abs=1e-12)
+    assert best_of_k_clean(losses, clean, 1) == pytest.approx(sum(clean) / 7)  # one seed: the clean share
+    assert best_of_k_clean(losses, clean, 7) == clean[losses.index(min(losses))]  # all seeds: the lowest one

@@ -22,7 +22,9 @@ Tables: mean ± 95% CI (Student t over seeds); one figure of each metric against
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, 
 from .hedging import TOYS, VANISH, run_scalars
 
 __all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
-           "outcome", "share_interval", "mode_name", "orthogonality", "report", "replot"]
+           "outcome", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
 
 FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.TOYS)
 BASES = ("vanilla", "every", "every-b0.5")
@@ -82,7 +84,19 @@ def mode_name(base: str, gamma: float) -> str:
 def _family_scalars(result: dict, toy: ToyModel) -> dict:
     row = run_scalars(result, toy)
     row["clean"] = float(outcome(row) == "clean")
+    # What a user sees without the true features: the mean training loss of the last read-out
+    # interval (reconstruction, sparsity and orthogonality terms, as the run optimised them).
+    row["final_loss"] = result["history"][-1]["loss"]
     return row
+
+
+def best_of_k_clean(losses: Sequence[float], clean: Sequence[bool], k: int) -> float:
+    """The chance that, of ``k`` seeds drawn at random without replacement from these, the one with
+    the lowest final loss is clean: exactly, over all ``C(N, k)`` draws.  The seed of loss rank ``j``
+    (0: lowest) is the draw's lowest when the other ``k - 1`` come from the ``N - 1 - j`` above it."""
+    total = math.comb(len(losses), k)
+    ranked = sorted(range(len(losses)), key=lambda i: losses[i])
+    return sum(math.comb(len(losses) - 1 - j, k - 1) for j, i in enumerate(ranked) if clean[i]) / total
 
 
 def _child_scalars(result: dict) -> dict:
@@ -186,6 +200,12 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
             tables[f"{name} outcomes"] = outcomes = _outcome_table([(b, g, rows[_key(name, b, g)]) for b, g in toy_cells])
             print(f"\n{name} toy, outcome of each seed\n{outcomes}")
             md += [f"### {name} toy, outcome of each seed\n", _OUTCOME_NOTE, "```", outcomes, "```\n"]
+            cells = [(b, g, rows[_key(name, b, g)]) for b, g in toy_cells]
+            if all("final_loss" in r for _, _, seeds_ in cells for r in seeds_):  # (results of older code lack it)
+                tables[f"{name} selection"] = selection = _selection_table(cells)
+                print(f"\n{name} toy, keeping the seed with the lowest final training loss\n{selection}")
+                md += [f"### {name} toy, keeping the seed with the lowest final training loss\n", _SELECTION_NOTE,
+                       "```", selection, "```\n"]
 
     def per_base(name: str, key: str) -> dict[str, np.ndarray]:  # {base: (seeds, gammas)} for the figure
         return {b: np.array([[r[key] for r in rows[_key(name, b, g)]] for g in gammas], dtype=float).T
@@ -215,6 +235,17 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
               f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
     payload["tables"] = tables
+    selectable = [name for name in family if f"{name} selection" in tables]
+    if selectable:
+        figures.append(out / "orthogonality_selection.png")
+        ks = list(range(1, seeds + 1))
+        plots.band_panels(
+            [(f"{name}, gamma {g:g}: P(kept seed is clean)",
+              {b: (ks, np.array([[best_of_k_clean(*_losses_and_clean(rows[_key(name, b, g)]), k) for k in ks]]))
+               for b in payload["bases"]}) for name in selectable for g in gammas if g > 0],
+            figures[-1], xlabel="seeds trained (k)",
+            title=f"train k seeds, keep the one with the lowest final training loss: the chance it is clean "
+                  f"(exact over all draws of k of {seeds} seeds)")
     write_outputs(out, "orthogonality_results.json", payload, "orthogonality_results.md", md, figures, docs)
     print(f"total time {payload['runtime_s']:.0f} s")
     return payload
@@ -240,6 +271,34 @@ def _outcome_table(cells: list[tuple[str, float, list[dict]]]) -> str:
                       mean("parent_child"), mean("pred_parent_child"), mean("max_offtarget")])
     return format_table(table, ["base", "gamma", *OUTCOMES, "clean share", "parent->child", "predicted",
                                 "max off-target"])
+
+
+_SELECTION_NOTE = ("Train k seeds and keep the one with the lowest final training loss (the mean loss of the last "
+                   "read-out interval: no true feature needed). `best of k`: the chance that the kept seed is clean, "
+                   "exactly over all draws of k of the seeds (`best of 1` is the clean share). `AUC`: the chance "
+                   "that a clean seed's final loss is below an unclean one's (ties count half; – without both "
+                   "kinds).\n")
+
+
+def _losses_and_clean(seeds: list[dict]) -> tuple[list[float], list[bool]]:
+    return [r["final_loss"] for r in seeds], [outcome(r) == "clean" for r in seeds]
+
+
+def _selection_table(cells: list[tuple[str, float, list[dict]]]) -> str:
+    """Per ``(base, gamma, per-seed rows)``: the chance that the lowest-loss seed of k is clean
+    (:func:`best_of_k_clean`), and how well the final loss separates clean seeds from the rest."""
+    total = len(cells[0][2])
+    ks = sorted({k for k in (1, 3, 5, total) if k <= total})
+    table = []
+    for base, gamma, seeds in cells:
+        losses, clean = _losses_and_clean(seeds)
+        good = [loss for loss, c in zip(losses, clean) if c]
+        bad = [loss for loss, c in zip(losses, clean) if not c]
+        auc = (np.mean([(g < b) + 0.5 * (g == b) for g in good for b in bad]) if good and bad else None)
+        table.append([base, f"{gamma:g}", f"{sum(clean)}/{len(clean)}",
+                      *[f"{best_of_k_clean(losses, clean, k):.2f}" for k in ks],
+                      "–" if auc is None else f"{auc:.2f}"])
+    return format_table(table, ["base", "gamma", "clean", *[f"best of {k}" for k in ks], "AUC"])
 
 
 def replot(out: Path, docs: Path | None = None) -> dict:
