@@ -197,10 +197,10 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         print(f"\n{title}\n{table}")
         md += [f"## {title}\n", "```", table, "```\n"]
         if not name.startswith("child"):
-            tables[f"{name} outcomes"] = outcomes = _outcome_table([(b, g, rows[_key(name, b, g)]) for b, g in toy_cells])
+            cells = [(b, g, rows[_key(name, b, g)]) for b, g in toy_cells]
+            tables[f"{name} outcomes"] = outcomes = _outcome_table(cells)
             print(f"\n{name} toy, outcome of each seed\n{outcomes}")
             md += [f"### {name} toy, outcome of each seed\n", _OUTCOME_NOTE, "```", outcomes, "```\n"]
-            cells = [(b, g, rows[_key(name, b, g)]) for b, g in toy_cells]
             if all("final_loss" in r for _, _, seeds_ in cells for r in seeds_):  # (results of older code lack it)
                 tables[f"{name} selection"] = selection = _selection_table(cells)
                 print(f"\n{name} toy, keeping the seed with the lowest final training loss\n{selection}")
@@ -235,17 +235,17 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
               f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
     payload["tables"] = tables
-    selectable = [name for name in family if f"{name} selection" in tables]
-    if selectable:
+    ks = list(range(1, seeds + 1))
+    selection_panels = [  # one panel per penalty weight (none without it), a curve per base mode
+        (f"{name}, gamma {g:g}: P(kept seed is clean)",
+         {b: (ks, np.array([[best_of_k_clean(*_losses_and_clean(rows[_key(name, b, g)]), k) for k in ks]]))
+          for b in payload["bases"]})
+        for name in family if f"{name} selection" in tables for g in gammas if g > 0]
+    if selection_panels:
         figures.append(out / "orthogonality_selection.png")
-        ks = list(range(1, seeds + 1))
-        plots.band_panels(
-            [(f"{name}, gamma {g:g}: P(kept seed is clean)",
-              {b: (ks, np.array([[best_of_k_clean(*_losses_and_clean(rows[_key(name, b, g)]), k) for k in ks]]))
-               for b in payload["bases"]}) for name in selectable for g in gammas if g > 0],
-            figures[-1], xlabel="seeds trained (k)",
-            title=f"train k seeds, keep the one with the lowest final training loss: the chance it is clean "
-                  f"(exact over all draws of k of {seeds} seeds)")
+        plots.band_panels(selection_panels, figures[-1], xlabel="seeds trained (k)",
+                          title=f"train k seeds, keep the one with the lowest final training loss: the chance "
+                                f"it is clean (exact over all draws of k of {seeds} seeds)")
     write_outputs(out, "orthogonality_results.json", payload, "orthogonality_results.md", md, figures, docs)
     print(f"total time {payload['runtime_s']:.0f} s")
     return payload
