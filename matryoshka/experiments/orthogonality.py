@@ -16,7 +16,11 @@ runs at every γ of ``--gammas`` (γ = 0: the base mode itself) on
   ``r`` × 2) at each ratio of ``--ratios`` (default 5: magnitude 10, the research question's
   setting), with the child-magnitude study's learning summary.
 
-Tables: mean ± 95% CI (Student t over seeds); one figure of each metric against γ.
+Tables: mean ± 95% CI (Student t over seeds); one figure of each metric against γ.  On the family
+toys also the outcome of each seed (:func:`outcome`: clean, absorbed, dead latent or mixed; the clean
+share with its exact binomial interval) and what keeping the seed with the lowest final training
+loss gives (:func:`best_of_k_clean`), each with a figure.  ``--toys`` picks the family toys; an
+empty ``--child-bases`` skips the child-magnitude toy.
 """
 
 from __future__ import annotations
