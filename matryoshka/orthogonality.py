@@ -35,7 +35,7 @@ import torch
 from .host_copies import to_device
 from .validation import is_count
 
-__all__ = ["orthogonality_penalty", "chunk_partition", "DEFAULT_CHUNK"]
+__all__ = ["orthogonality_penalty", "penalty_at_step", "chunk_partition", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 8192  # latents compared with each other per step by default (TrainConfig, the CLI)
 
@@ -73,3 +73,13 @@ def orthogonality_penalty(W_dec: torch.Tensor, chunk_size: int, generator: torch
             partner = squared.argmax(1)
         total = total + (rows * rows[partner]).sum(1).square().sum()
     return total / max(n, 1)
+
+
+def penalty_at_step(W_dec: torch.Tensor, chunk_size: int, seed: int, step: int) -> torch.Tensor:
+    """:func:`orthogonality_penalty` with the random chunks of training step ``step`` of a run seeded
+    by ``seed``: a generator seeded by the two, so that a resumed run and every data-parallel rank
+    draw the same chunks with no generator state to keep (none is needed with one chunk)."""
+    generator = None
+    if chunk_size < W_dec.shape[0]:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+    return orthogonality_penalty(W_dec, chunk_size, generator)

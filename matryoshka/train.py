@@ -83,7 +83,7 @@ from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint
 from .distributed import Ranks, data_parallel
 from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
-from .orthogonality import DEFAULT_CHUNK, orthogonality_penalty
+from .orthogonality import DEFAULT_CHUNK, penalty_at_step
 from .prefixes import Prefixes
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
@@ -409,13 +409,8 @@ def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentS
 
 
 def _orthogonality(sae: SparseAutoencoder, config: TrainConfig, step: int) -> torch.Tensor:
-    """The decoder orthogonality penalty at ``step``.  Its random chunks come from a generator seeded
-    by the run's seed and the step, so a resumed run and every data-parallel rank draw the same
-    chunks with no generator state to keep."""
-    generator = None
-    if config.orthogonality_chunk < sae.config.n:
-        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) % 2**63)
-    return orthogonality_penalty(sae.W_dec, config.orthogonality_chunk, generator)
+    """The decoder orthogonality penalty at ``step``, its chunks drawn from the run's seed and the step."""
+    return penalty_at_step(sae.W_dec, config.orthogonality_chunk, config.seed, step)
 
 
 @torch.no_grad()

@@ -259,3 +259,55 @@ def test_missing_sae_lens_gives_install_hint(monkeypatch):
 
 def test_core_package_imports_without_sae_lens():
     assert_core_imports_without("sae_lens")
+
+
+def _step_at(sae, x, step):
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                   n_training_steps=step, is_logging_step=False))
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk", [D_SAE, 24])
+def test_orthogonality_penalty_adds_gamma_times_the_penalty(one_thread, chunk):
+    """With ``matryoshka_orthogonality_coeff`` γ the loss and every gradient are the plain step's
+    plus γ times :func:`penalty_at_step` (the chunks of step ``n_training_steps``), which is logged."""
+    from matryoshka.orthogonality import penalty_at_step
+
+    gamma, step = 0.7, 5
+    fields = {"matryoshka_orthogonality_coeff": gamma, "matryoshka_orthogonality_chunk": chunk}
+    _, plain = _pair("cpu", dtype="float64")
+    _, penalised = _pair("cpu", fields, dtype="float64")
+    x = torch.randn(BATCH, D_IN, dtype=torch.float64)
+    (without, without_grads), (with_, with_grads) = _step_at(plain, x, step), _step_at(penalised, x, step)
+    penalised.zero_grad()
+    penalty = penalty_at_step(penalised.W_dec, chunk, 0, step)
+    (gamma * penalty).backward()
+    assert _rel(with_.loss, without.loss + gamma * penalty) <= 1e-12
+    assert torch.equal(with_.losses["orthogonality_loss"], penalty.detach()) and penalty > 0
+    assert list(with_.losses)[:-1] == list(without.losses)  # the stock names first, then the penalty
+    for name in without_grads:
+        extra = penalised.get_parameter(name).grad
+        expected = without_grads[name] + (extra if extra is not None else 0)
+        assert _rel(with_grads[name], expected) <= 1e-12, name
+    if chunk < D_SAE:  # random chunks: another step draws others, the same step the same
+        assert penalty_at_step(penalised.W_dec, chunk, 0, step + 1) != penalty
+        assert _step_at(penalised, x, step)[0].losses["orthogonality_loss"] == penalty
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"matryoshka_orthogonality_coeff": -0.1}, "matryoshka_orthogonality_coeff must be a finite number >= 0"),
+    ({"matryoshka_orthogonality_coeff": float("inf")}, "matryoshka_orthogonality_coeff must be"),
+    ({"matryoshka_orthogonality_chunk": 1}, "matryoshka_orthogonality_chunk must be an integer >= 2"),
+    ({"matryoshka_orthogonality_chunk": 8.0}, "matryoshka_orthogonality_chunk must be an integer >= 2"),
+])
+def test_config_rejects_bad_orthogonality_fields(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        FusedMatryoshkaBatchTopKTrainingSAEConfig(**_config_kwargs(**overrides))
+
+
+def test_orthogonality_fields_survive_the_config_round_trip():
+    cfg = FusedMatryoshkaBatchTopKTrainingSAEConfig(**_config_kwargs(matryoshka_orthogonality_coeff=0.3,
+                                                                     matryoshka_orthogonality_chunk=32))
+    rebuilt = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg.to_dict()).to_dict())
+    assert (rebuilt.cfg.matryoshka_orthogonality_coeff, rebuilt.cfg.matryoshka_orthogonality_chunk) == (0.3, 32)

@@ -21,7 +21,9 @@ Conventions (SAELens's): each level's loss is the squared error summed over ``d_
 over the batch, and the training loss is the sum over levels (weighted by
 ``matryoshka_level_weights``) plus the auxiliary loss.  ``mse_loss`` is the full width's loss and
 ``inner_mse_loss_{w}`` the loss of the first ``w`` latents, for each ``w`` in
-``matryoshka_widths[:-1]``; logged losses are unweighted and detached.
+``matryoshka_widths[:-1]``; logged losses are unweighted and detached.  With
+``matryoshka_orthogonality_coeff`` γ > 0 the loss also carries γ times the decoder orthogonality
+penalty, logged unweighted as ``orthogonality_loss``.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from ..loss import matryoshka_loss
+from ..orthogonality import DEFAULT_CHUNK, penalty_at_step
 from ..prefixes import Prefixes
 from ..sparse_acts import PADDING_INDEX, SparseActs
-from ..validation import BACKENDS, check_weight_values
+from ..validation import BACKENDS, check_weight_values, is_count, is_finite_number
 
 __all__ = ["FusedMatryoshkaBatchTopKTrainingSAEConfig", "FusedMatryoshkaBatchTopKTrainingSAE"]
 
@@ -71,11 +74,20 @@ class FusedMatryoshkaBatchTopKTrainingSAEConfig(MatryoshkaBatchTopKTrainingSAECo
             SAELens's behaviour) weighs every level 1.
         matryoshka_backend: the op's backend: ``"auto"`` (default: the Triton kernel on CUDA, the
             PyTorch scan elsewhere), ``"torch"``, ``"triton"`` or ``"reference"``.
+        matryoshka_orthogonality_coeff: the weight γ of the decoder orthogonality penalty
+            (:mod:`matryoshka.orthogonality`: each latent's largest squared cosine with another
+            decoder row, averaged), added to the loss and logged as ``orthogonality_loss``; 0
+            (default) leaves it out.
+        matryoshka_orthogonality_chunk: the most latents whose rows are compared with each other
+            per step (default 8192): with more, the latents are split into random chunks drawn
+            from the step number (``n_training_steps``), the same for a resumed run.
     """
 
     matryoshka_prefixes: str = "groups"
     matryoshka_level_weights: list[float] | None = None
     matryoshka_backend: str = "auto"
+    matryoshka_orthogonality_coeff: float = 0.0
+    matryoshka_orthogonality_chunk: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +97,11 @@ class FusedMatryoshkaBatchTopKTrainingSAEConfig(MatryoshkaBatchTopKTrainingSAECo
             raise ValueError(f"matryoshka_backend must be one of {BACKENDS}, got {self.matryoshka_backend!r}")
         if self.matryoshka_level_weights is not None:
             self._check_level_weights()
+        coeff, chunk = self.matryoshka_orthogonality_coeff, self.matryoshka_orthogonality_chunk
+        if not (is_finite_number(coeff) and coeff >= 0):
+            raise ValueError(f"matryoshka_orthogonality_coeff must be a finite number >= 0, got {coeff!r}")
+        if not is_count(chunk, 2):
+            raise ValueError(f"matryoshka_orthogonality_chunk must be an integer >= 2, got {chunk!r}")
 
     def _check_level_weights(self) -> None:
         weights = self.matryoshka_level_weights
@@ -152,13 +169,19 @@ class FusedMatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAE):
         losses = {"mse_loss": out.per_prefix[-1], "auxiliary_reconstruction_loss": aux_loss.detach()}
         for width, position in zip(self.cfg.matryoshka_widths[:-1], self._logged_positions):
             losses[f"inner_mse_loss_{width}"] = out.per_prefix[position]
+        loss = out.loss + aux_loss
+        if self.cfg.matryoshka_orthogonality_coeff:
+            penalty = penalty_at_step(self.W_dec, self.cfg.matryoshka_orthogonality_chunk, 0,
+                                      step_input.n_training_steps)
+            loss = loss + self.cfg.matryoshka_orthogonality_coeff * penalty
+            losses["orthogonality_loss"] = penalty.detach()
         self.update_topk_threshold(feature_acts)
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,
-            loss=out.loss + aux_loss,
+            loss=loss,
             losses=losses,
             metrics={"topk_threshold": self.topk_threshold},
         )
