@@ -33,9 +33,9 @@ import math
 import torch
 
 from .host_copies import to_device
-from .validation import is_count
+from .validation import is_count, is_finite_number
 
-__all__ = ["orthogonality_penalty", "penalty_at_step", "chunk_partition", "DEFAULT_CHUNK"]
+__all__ = ["orthogonality_penalty", "penalty_at_step", "chunk_partition", "check_settings", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 8192  # latents compared with each other per step by default (TrainConfig, the CLI)
 
@@ -83,3 +83,12 @@ def penalty_at_step(W_dec: torch.Tensor, chunk_size: int, seed: int, step: int) 
     if chunk_size < W_dec.shape[0]:
         generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
     return orthogonality_penalty(W_dec, chunk_size, generator)
+
+
+def check_settings(coeff, chunk_size, coeff_name: str, chunk_name: str) -> None:
+    """A user's penalty weight (finite, >= 0) and chunk size (an integer >= 2), each error naming
+    the argument (``coeff_name``, ``chunk_name``) as the caller spells it."""
+    if not (is_finite_number(coeff) and coeff >= 0):
+        raise ValueError(f"{coeff_name} must be a finite number >= 0, got {coeff!r}")
+    if not is_count(chunk_size, 2):
+        raise ValueError(f"{chunk_name} must be an integer >= 2, got {chunk_size!r}")

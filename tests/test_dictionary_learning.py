@@ -250,3 +250,44 @@ def test_missing_dictionary_learning_gives_install_hint(monkeypatch):
 
 def test_core_package_imports_without_dictionary_learning():
     assert_core_imports_without("dictionary_learning")
+
+
+@pytest.mark.parametrize("chunk", [F, 24])
+def test_orthogonality_penalty_adds_gamma_times_the_penalty(one_thread, chunk):
+    """With ``matryoshka_orthogonality_coeff`` γ the loss and every gradient are the plain trainer's
+    plus γ times :func:`penalty_at_step` (the trainer's seed, the step's chunks), which is logged."""
+    from matryoshka.orthogonality import penalty_at_step
+
+    gamma, seed = 0.7, 11
+    fields = {"matryoshka_orthogonality_coeff": gamma, "matryoshka_orthogonality_chunk": chunk}
+    x = torch.randn(BATCH, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, plain = _pair(torch.float64, seed=seed)
+    _, penalised = _pair(torch.float64, fields, seed=seed)
+    state = penalised.ae.state_dict()
+    (without, without_grads), (with_, with_grads) = _grads(plain, x), _grads(penalised, x)
+    penalised.ae.zero_grad()
+    penalty = penalty_at_step(penalised.ae.W_dec, chunk, seed, STEP)
+    (gamma * penalty).backward()
+    assert _rel(with_.detach(), without.detach() + gamma * penalty.detach()) <= 1e-12 and penalty > 0
+    for name in without_grads:
+        extra = penalised.ae.get_parameter(name).grad
+        expected = without_grads[name] + (extra if extra is not None else 0)
+        assert _rel(with_grads[name], expected) <= 1e-12, name
+    penalised.ae.load_state_dict(state)
+    log = penalised.loss(x, step=STEP, logging=True)
+    assert list(log.losses) == [*LOGGED, "orthogonality_loss"]
+    assert _rel(log.losses["orthogonality_loss"], penalty.detach()) <= 1e-12
+    config = penalised.config
+    assert (config["matryoshka_orthogonality_coeff"], config["matryoshka_orthogonality_chunk"]) == (gamma, chunk)
+    if chunk < F:  # random chunks: the seed and the step choose them
+        assert penalty_at_step(penalised.ae.W_dec, chunk, seed, STEP + 1) != penalty
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"matryoshka_orthogonality_coeff": -1.0}, "matryoshka_orthogonality_coeff must be a finite number >= 0"),
+    ({"matryoshka_orthogonality_coeff": float("nan")}, "matryoshka_orthogonality_coeff must be"),
+    ({"matryoshka_orthogonality_chunk": 1}, "matryoshka_orthogonality_chunk must be an integer >= 2"),
+])
+def test_rejects_bad_orthogonality_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(FusedMatryoshkaBatchTopKTrainer, torch.float32, **kwargs)

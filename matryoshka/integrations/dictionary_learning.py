@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import torch
 
 from ..loss import matryoshka_loss
+from ..orthogonality import DEFAULT_CHUNK, check_settings, penalty_at_step
 from ..prefixes import Prefixes
 from ..sparse_acts import SparseActs
 from ..validation import BACKENDS, check_weight_values
@@ -136,6 +137,12 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
             the stock ``group_weights``, and passing this is an error.
         matryoshka_backend: the op's backend: ``"auto"`` (default: the Triton kernel on CUDA, the
             PyTorch scan elsewhere), ``"torch"``, ``"triton"`` or ``"reference"``.
+        matryoshka_orthogonality_coeff: the weight γ of the decoder orthogonality penalty
+            (:mod:`matryoshka.orthogonality`), added to the loss and logged as
+            ``orthogonality_loss``; 0 (default) leaves it out.
+        matryoshka_orthogonality_chunk: the most latents whose decoder rows are compared with each
+            other per step (default 8192); with more, random chunks drawn from the trainer's
+            ``seed`` and the step, the same for a resumed run.
 
     With the defaults, :meth:`loss` and :meth:`update` give what the stock trainer gives (loss,
     logged losses under the same names, threshold update, dead-latent counters and auxiliary loss,
@@ -150,8 +157,12 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
         matryoshka_prefixes: str = "groups",
         matryoshka_level_weights: Sequence[float] | torch.Tensor | None = None,
         matryoshka_backend: str = "auto",
+        matryoshka_orthogonality_coeff: float = 0.0,
+        matryoshka_orthogonality_chunk: int = DEFAULT_CHUNK,
         **kwargs,
     ):
+        check_settings(matryoshka_orthogonality_coeff, matryoshka_orthogonality_chunk,
+                       "matryoshka_orthogonality_coeff", "matryoshka_orthogonality_chunk")
         if matryoshka_prefixes not in PREFIX_MODES:
             raise ValueError(f"matryoshka_prefixes must be one of {PREFIX_MODES}, got {matryoshka_prefixes!r}")
         if matryoshka_backend not in BACKENDS:
@@ -164,6 +175,8 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
         super().__init__(*args, **kwargs)
         self.matryoshka_prefixes = matryoshka_prefixes
         self.matryoshka_backend = matryoshka_backend
+        self.matryoshka_orthogonality_coeff = float(matryoshka_orthogonality_coeff)
+        self.matryoshka_orthogonality_chunk = matryoshka_orthogonality_chunk
         self._group_weights = _check_weights("group_weights", self.group_weights, len(self.group_sizes))
         if matryoshka_prefixes == "every":
             size = self.ae.dict_size
@@ -208,6 +221,10 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
         self.num_tokens_since_fired[fired] = 0
         auxk_loss = self.get_auxiliary_loss((x - x_hat).detach(), post_relu)
         loss = out.loss + self.auxk_alpha * auxk_loss
+        penalty = None
+        if self.matryoshka_orthogonality_coeff:
+            penalty = penalty_at_step(self.ae.W_dec, self.matryoshka_orthogonality_chunk, self.seed or 0, step)
+            loss = loss + self.matryoshka_orthogonality_coeff * penalty
         if not logging:
             return loss
         weighted = out.per_prefix * weights.to(out.per_prefix.device, out.per_prefix.dtype)
@@ -219,6 +236,8 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
             "min_l2_loss": min_l2,
             "max_l2_loss": max_l2,
         }
+        if penalty is not None:
+            losses["orthogonality_loss"] = penalty.item()
         return LossLog(x, x_hat, f, losses)
 
     def get_auxiliary_loss(self, residual_BD: torch.Tensor, post_relu_acts_BF: torch.Tensor) -> torch.Tensor:
@@ -249,4 +268,6 @@ class FusedMatryoshkaBatchTopKTrainer(MatryoshkaBatchTopKTrainer):
             "matryoshka_prefixes": self.matryoshka_prefixes,
             "matryoshka_level_weights": self.matryoshka_level_weights,
             "matryoshka_backend": self.matryoshka_backend,
+            "matryoshka_orthogonality_coeff": self.matryoshka_orthogonality_coeff,
+            "matryoshka_orthogonality_chunk": self.matryoshka_orthogonality_chunk,
         }

@@ -45,10 +45,10 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from ..loss import matryoshka_loss
-from ..orthogonality import DEFAULT_CHUNK, penalty_at_step
+from ..orthogonality import DEFAULT_CHUNK, check_settings, penalty_at_step
 from ..prefixes import Prefixes
 from ..sparse_acts import PADDING_INDEX, SparseActs
-from ..validation import BACKENDS, check_weight_values, is_count, is_finite_number
+from ..validation import BACKENDS, check_weight_values
 
 __all__ = ["FusedMatryoshkaBatchTopKTrainingSAEConfig", "FusedMatryoshkaBatchTopKTrainingSAE"]
 
@@ -97,11 +97,8 @@ class FusedMatryoshkaBatchTopKTrainingSAEConfig(MatryoshkaBatchTopKTrainingSAECo
             raise ValueError(f"matryoshka_backend must be one of {BACKENDS}, got {self.matryoshka_backend!r}")
         if self.matryoshka_level_weights is not None:
             self._check_level_weights()
-        coeff, chunk = self.matryoshka_orthogonality_coeff, self.matryoshka_orthogonality_chunk
-        if not (is_finite_number(coeff) and coeff >= 0):
-            raise ValueError(f"matryoshka_orthogonality_coeff must be a finite number >= 0, got {coeff!r}")
-        if not is_count(chunk, 2):
-            raise ValueError(f"matryoshka_orthogonality_chunk must be an integer >= 2, got {chunk!r}")
+        check_settings(self.matryoshka_orthogonality_coeff, self.matryoshka_orthogonality_chunk,
+                       "matryoshka_orthogonality_coeff", "matryoshka_orthogonality_chunk")
 
     def _check_level_weights(self) -> None:
         weights = self.matryoshka_level_weights
