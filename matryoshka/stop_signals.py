@@ -15,6 +15,10 @@ are only recorded; the trainer finishes the step, writes a checkpoint of it (wit
 * Python lets only the main thread set signal handlers: a run in another thread keeps the signals'
   usual behaviour, and so does a signal that is ignored (``nohup``, a background job of a script)
   or has a handler that was not set from Python.
+
+A study's parent process trains nothing itself: there :class:`TerminateAsInterrupt` turns SIGTERM
+into an :class:`Interrupted` exception, as Ctrl-C is a ``KeyboardInterrupt``, so that it keeps the
+runs that finish (:func:`matryoshka.experiments.common.run_many`).
 """
 
 from __future__ import annotations
