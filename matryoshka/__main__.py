@@ -119,7 +119,7 @@ def train_cmd(args: argparse.Namespace) -> None:
         lr=args.lr, seed=args.seed, device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, held_out=args.held_out,
         every_weights=args.every_weights, orthogonality_coeff=args.orthogonality_coeff,
-        orthogonality_chunk=args.orthogonality_chunk)
+        orthogonality_chunk=args.orthogonality_chunk, balance_beta=args.balance_beta)
     last, settings = summary["last"], summary["settings"]
     ev = last.get("heldout_explained_variance")
     print(f"{settings['kind']} SAE d={settings['d']} n={settings['n']} k={settings['k']}, prefixes {settings['mode']}"
@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--every-weights", default="exact", choices=EVERY_WEIGHTS,
                      help="weights of the every objective: exact inclusion probabilities / num_sampled (the "
                           "expected sampled loss), or uniform 1/n (default: %(default)s)")
+    fit.add_argument("--balance-beta", type=float, default=None,
+                     help="with --mode every: scale the inner prefixes by beta, L_n + beta * sum_{l<n} w_l L_l "
+                          "(default: every's own weights)")
     fit.add_argument("--batch", type=int, default=512, help="tokens per step (default: %(default)s)")
     fit.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=0)

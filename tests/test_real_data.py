@@ -170,3 +170,19 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
     study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla",), quick=True)
     assert "reused" not in capsys.readouterr().out
     assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 3
+
+
+def test_train_command_takes_the_beta_objective(tmp_path, capsys):
+    from matryoshka import checkpoint
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", (rng.normal(size=(3000, 8)) * 5 + 2).astype(np.float32))
+    _train(tmp_path / "acts.npy", tmp_path / "a", "--balance-beta", "0.2", "--orthogonality-coeff", "3")
+    settings = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (settings["balance_beta"], settings["orthogonality_coeff"]) == (0.2, 3.0)
+    assert json.loads((tmp_path / "a" / "history.json").read_text())[-1]["orthogonality"] > 0
+    trainer = json.loads((checkpoint.latest(tmp_path / "a" / "checkpoints") / "trainer.json").read_text())
+    assert "\"balance_beta\": 0.2" in json.dumps(trainer)  # the trainer ran the beta objective
+    with pytest.raises(SystemExit) as stop:  # the trainer's own check, named
+        _train(tmp_path / "acts.npy", tmp_path / "b", "--balance-beta", "0.2", "--mode", "sampled")
+    assert stop.value.code == 1 and "balance_beta applies to prefix modes" in capsys.readouterr().err
