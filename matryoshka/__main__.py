@@ -14,7 +14,7 @@ from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
 from .orthogonality import DEFAULT_CHUNK
-from .experiments import child_magnitude, compare, hedging, orthogonality, real_compare
+from .experiments import absorption_margins, child_magnitude, compare, hedging, orthogonality, real_compare
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
@@ -61,6 +61,12 @@ def compare_cmd(args: argparse.Namespace) -> None:
 
 
 def child_magnitude_cmd(args: argparse.Namespace) -> None:
+    if args.margins:  # closed form, no training
+        print(f"absorbed pair against the true pair (true minus absorbed; positive: absorption is better), "
+              f"parent p {args.parent_p} magnitude {args.parent_magnitude}, {2 + args.distractors} latents:")
+        print(absorption_margins.margins_table(tuple(args.phase_ratios), tuple(args.phase_probs), args.parent_p,
+                                               args.parent_magnitude, 2 + args.distractors))
+        return
     check_writable(args.out, "--out")
     steps, seeds = _steps_and_seeds(args, child_magnitude)
     toy_params = {
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--phase-probs", type=float, nargs="+", default=list(child_magnitude.PHASE_PROBS))
     child.add_argument("--phase-modes", nargs="+", default=list(child_magnitude.PHASE_MODES), type=check_study_mode)
     child.add_argument("--docs", default=None, help="also copy the phase figures and results table here")
+    child.add_argument("--margins", action="store_true",
+                       help="no training: the absorbed pair's closed-form margins against the true pair over "
+                            "--phase-ratios x --phase-probs (why no prefix weighting prevents the absorption)")
     child.set_defaults(func=child_magnitude_cmd)
 
     hedge = sub.add_parser("hedging", help="why mixing remains with every prefix: inner prefixes scaled by beta, "

@@ -1,0 +1,69 @@
+"""The closed-form margins of the absorbed pair against the true pair (child-magnitude toy) against
+the losses the reference op computes on the toy's three kinds of sample, weighted by their
+probabilities (exact expectations, no sampling)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from matryoshka import Prefixes, matryoshka_loss
+from matryoshka.experiments.absorption_margins import critical_ratio, margins, margins_table
+from matryoshka.orthogonality import orthogonality_penalty
+
+N = 8  # latents: the pair and six distractor directions, as the toy
+
+
+def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool) -> dict:
+    """Expected one-latent-prefix loss, L1 norm and orthogonality penalty of one dictionary, from
+    the definition: the reference op on each kind of sample (none, parent alone, parent and child),
+    latents sorted by energy as the trainer sorts them."""
+    p, c = torch.eye(N, dtype=torch.float64)[:2]
+    distractors = torch.eye(N, dtype=torch.float64)[2:]
+    if absorbed:
+        directions = [(p + r * c) / math.sqrt(1 + r * r), p]
+        amplitudes = {"alone": [0.0, a], "both": [a * math.sqrt(1 + r * r), 0.0]}
+    else:
+        directions = [p, c]
+        amplitudes = {"alone": [a, 0.0], "both": [a, r * a]}
+    samples = {"alone": (P * (1 - q), a * p), "both": (P * q, a * p + r * a * c)}
+    energy = [sum(prob * amplitudes[k][i] ** 2 for k, (prob, _) in samples.items()) for i in range(2)]
+    order = sorted(range(2), key=lambda i: -energy[i])  # most energetic first
+    W = torch.stack([directions[i] for i in order] + list(distractors))
+    one_prefix, l1 = 0.0, 0.0
+    for kind, (prob, x) in samples.items():
+        acts = torch.zeros(1, N, dtype=torch.float64)
+        acts[0, :2] = torch.tensor([amplitudes[kind][i] for i in order], dtype=torch.float64)
+        out = matryoshka_loss(x[None], acts, W, None, Prefixes([1, 2]), backend="reference")
+        assert out.per_prefix[1] < 1e-24  # both latents: exact
+        one_prefix += prob * float(out.per_prefix[0])
+        l1 += prob * float(acts.sum())
+    return {"one": one_prefix, "l1": l1, "orthogonality": float(orthogonality_penalty(W, N))}
+
+
+@pytest.mark.parametrize("r", [0.5, 1.0, 1.7, 2.0, 5.0, 10.0])
+@pytest.mark.parametrize("q", [0.25, 0.5, 0.75, 1.0])
+def test_margins_match_the_definition(r, q):
+    P, a = 0.3, 2.0
+    true, absorbed = (_expected_terms(r, q, P, a, absorbed=flag) for flag in (False, True))
+    m = margins(r, q, P, a, N)
+    assert m["one_latent_prefix"] == pytest.approx(true["one"] - absorbed["one"], abs=1e-12)
+    assert m["l1"] == pytest.approx(true["l1"] - absorbed["l1"], abs=1e-12)
+    assert m["orthogonality"] == pytest.approx(true["orthogonality"] - absorbed["orthogonality"], abs=1e-12)
+    assert m["l1"] > 0 and m["orthogonality"] < 0  # sparsity always prefers absorption, the penalty never
+    assert m["absorbed_wins"] == (r >= critical_ratio(q) - 1e-12) == (m["one_latent_prefix"] >= 0)
+
+
+def test_critical_ratio_and_bad_inputs():
+    assert critical_ratio(0.5) == 1.0 and critical_ratio(1.0) == 0.0
+    assert critical_ratio(0.25) == pytest.approx(math.sqrt(3))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="q .* must be in"):
+            critical_ratio(bad)
+    with pytest.raises(ValueError, match="need r > 0"):
+        margins(0.0, 0.5)
+    table = margins_table(ratios=(1.0, 5.0), probs=(0.5,))
+    assert table.splitlines()[2].split()[-1] == "yes" and table.splitlines()[3].split()[-1] == "yes"
+    assert margins_table(ratios=(0.5,), probs=(0.5,)).splitlines()[2].split()[-1] == "no"
