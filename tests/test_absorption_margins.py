@@ -16,12 +16,12 @@ from matryoshka.orthogonality import orthogonality_penalty
 N = 8  # latents: the pair and six distractor directions, as the toy
 
 
-def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool) -> dict:
+def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool, n: int = N) -> dict:
     """Expected one-latent-prefix loss, L1 norm and orthogonality penalty of one dictionary, from
     the definition: the reference op on each kind of sample (none, parent alone, parent and child),
     latents sorted by energy as the trainer sorts them."""
-    p, c = torch.eye(N, dtype=torch.float64)[:2]
-    distractors = torch.eye(N, dtype=torch.float64)[2:]
+    p, c = torch.eye(n, dtype=torch.float64)[:2]
+    distractors = torch.eye(n, dtype=torch.float64)[2:]
     if absorbed:
         directions = [(p + r * c) / math.sqrt(1 + r * r), p]
         amplitudes = {"alone": [0.0, a], "both": [a * math.sqrt(1 + r * r), 0.0]}
@@ -34,13 +34,13 @@ def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool) -> d
     W = torch.stack([directions[i] for i in order] + list(distractors))
     one_prefix, l1 = 0.0, 0.0
     for kind, (prob, x) in samples.items():
-        acts = torch.zeros(1, N, dtype=torch.float64)
+        acts = torch.zeros(1, n, dtype=torch.float64)
         acts[0, :2] = torch.tensor([amplitudes[kind][i] for i in order], dtype=torch.float64)
         out = matryoshka_loss(x[None], acts, W, None, Prefixes([1, 2]), backend="reference")
         assert out.per_prefix[1] < 1e-24  # both latents: exact
         one_prefix += prob * float(out.per_prefix[0])
         l1 += prob * float(acts.sum())
-    return {"one": one_prefix, "l1": l1, "orthogonality": float(orthogonality_penalty(W, N))}
+    return {"one": one_prefix, "l1": l1, "orthogonality": float(orthogonality_penalty(W, n))}
 
 
 @pytest.mark.parametrize("r", [0.5, 1.0, 1.7, 2.0, 5.0, 10.0])
@@ -67,3 +67,36 @@ def test_critical_ratio_and_bad_inputs():
     table = margins_table(ratios=(1.0, 5.0), probs=(0.5,))
     assert table.splitlines()[2].split()[-1] == "yes" and table.splitlines()[3].split()[-1] == "yes"
     assert margins_table(ratios=(0.5,), probs=(0.5,)).splitlines()[2].split()[-1] == "no"
+
+
+@pytest.mark.parametrize(("P", "a", "n"), [(0.2, 1.5, 8), (0.6, 3.0, 20)])
+def test_margins_scale_with_the_toy(P, a, n):
+    """Other parent probabilities, magnitudes and latent counts than the study's, against the definition."""
+    true, absorbed = (_expected_terms(4.0, 0.4, P, a, absorbed=flag, n=n) for flag in (False, True))
+    m = margins(4.0, 0.4, P, a, n)
+    assert m["one_latent_prefix"] == pytest.approx(true["one"] - absorbed["one"], abs=1e-12)
+    assert m["l1"] == pytest.approx(true["l1"] - absorbed["l1"], abs=1e-12)
+    assert m["orthogonality"] == pytest.approx(true["orthogonality"] - absorbed["orthogonality"], abs=1e-12)
+    row = margins_table(ratios=(4.0,), probs=(0.4,), parent_p=P, parent_magnitude=a, n=n).splitlines()[2].split()
+    assert row[3:6] == [f"{m['one_latent_prefix']:+.3f}", f"{m['l1']:+.3f}", f"{m['orthogonality']:+.4f}"]
+
+
+def test_defaults_are_the_child_magnitude_toy():
+    """P 0.3, magnitude 2, 8 latents: the README's row at q = 0.5, r = 5, from its closed forms."""
+    m = margins(5.0, 0.5)
+    assert m == margins(5.0, 0.5, 0.3, 2.0, 8)
+    assert m["one_latent_prefix"] == pytest.approx(0.3 * 4 * (1 - 0.5))
+    assert m["l1"] == pytest.approx(0.3 * 0.5 * 2 * (6 - math.sqrt(26)))
+    assert m["orthogonality"] == pytest.approx(-2 / (8 * 26)) and (m["r"], m["q"]) == (5.0, 0.5)
+    row = next(line.split() for line in margins_table().splitlines() if line.split()[:2] == ["0.5", "5"])
+    assert row[2:6] == ["1.000", "+0.600", "+0.270", "-0.0096"]
+    assert margins_table().splitlines()[0].split()[:3] == ["P(c|p)", "ratio", "r"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(q=0.0), dict(parent_p=0.0), dict(parent_magnitude=0.0), dict(n=1),
+                                    dict(parent_p=1.5)])
+def test_margins_refuse_a_toy_that_is_not_one(kwargs):
+    args = dict(r=2.0, q=0.5, parent_p=0.3, parent_magnitude=2.0, n=8) | kwargs
+    with pytest.raises(ValueError, match="need r > 0"):
+        margins(**args)
+    assert margins(2.0, 0.5, parent_magnitude=0.5)["l1"] > 0  # a magnitude below 1 is a toy too

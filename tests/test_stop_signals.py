@@ -178,3 +178,23 @@ def test_the_cli_reports_a_stopped_study_with_ctrl_cs_status(tmp_path, monkeypat
     assert exit_.value.code == 130
     assert capsys.readouterr().err == ("python -m matryoshka compare: compare: stopped with 3 of 20 runs finished, "
                                        "kept in X; the same command continues\n")
+
+
+def test_terminate_as_interrupt_raises_names_the_signal_and_restores(monkeypatch):
+    from matryoshka.stop_signals import Interrupted, TerminateAsInterrupt
+
+    before = signal.signal(signal.SIGTERM, _raise_signalled)
+    try:
+        with pytest.raises(Interrupted, match="^stopped by SIGTERM$") as stop:
+            with TerminateAsInterrupt():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs before this ends
+        assert stop.value.signal == signal.SIGTERM and stop.value.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is _raise_signalled  # the previous handler is back
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # an ignored SIGTERM stays ignored
+        with TerminateAsInterrupt():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
