@@ -90,13 +90,18 @@ def test_defaults_are_the_child_magnitude_toy():
     assert m["orthogonality"] == pytest.approx(-2 / (8 * 26)) and (m["r"], m["q"]) == (5.0, 0.5)
     row = next(line.split() for line in margins_table().splitlines() if line.split()[:2] == ["0.5", "5"])
     assert row[2:6] == ["1.000", "+0.600", "+0.270", "-0.0096"]
-    assert margins_table().splitlines()[0].split()[:3] == ["P(c|p)", "ratio", "r"]
+    assert [h.strip() for h in margins_table().splitlines()[0].split("  ") if h.strip()] == [
+        "P(c|p)", "ratio r", "r*", "one-latent prefix", "L1", "orthogonality / gamma",
+        "absorbed >= true at every prefix"]
 
 
-@pytest.mark.parametrize("kwargs", [dict(q=0.0), dict(parent_p=0.0), dict(parent_magnitude=0.0), dict(n=1),
-                                    dict(parent_p=1.5)])
+@pytest.mark.parametrize("kwargs", [dict(q=0.0), dict(q=1.5), dict(parent_p=0.0), dict(parent_magnitude=0.0),
+                                    dict(n=1), dict(parent_p=1.5)])
 def test_margins_refuse_a_toy_that_is_not_one(kwargs):
     args = dict(r=2.0, q=0.5, parent_p=0.3, parent_magnitude=2.0, n=8) | kwargs
     with pytest.raises(ValueError, match="need r > 0"):
         margins(**args)
-    assert margins(2.0, 0.5, parent_magnitude=0.5)["l1"] > 0  # a magnitude below 1 is a toy too
+    # The edges of a toy are toys: a magnitude below 1, a parent on every sample, two latents.
+    assert margins(2.0, 0.5, parent_magnitude=0.5)["l1"] > 0
+    assert margins(2.0, 0.5, parent_p=1.0)["one_latent_prefix"] == pytest.approx(4 * 0.5)
+    assert margins(2.0, 0.5, n=2)["orthogonality"] == pytest.approx(-1 / 5)
