@@ -279,3 +279,15 @@ def test_best_of_k_matches_every_draw_of_k_seeds():
         assert best_of_k_clean(losses, clean, k) == pytest.approx(by_hand, abs=1e-12)
     assert best_of_k_clean(losses, clean, 1) == pytest.approx(sum(clean) / 7)  # one seed: the clean share
     assert best_of_k_clean(losses, clean, 7) == clean[losses.index(min(losses))]  # all seeds: the lowest one
+
+
+def test_selection_table_auc_is_the_share_of_clean_below_unclean_pairs():
+    from matryoshka.experiments.orthogonality import _selection_table, outcome_counts
+
+    clean, mixed = dict(max_offtarget=0.01, max_absorption=0.0, dead=0.0), dict(max_offtarget=0.3, max_absorption=0.0, dead=0.0)
+    seeds = [dict(clean, final_loss=1.0), dict(mixed, final_loss=2.0), dict(clean, final_loss=3.0),
+             dict(mixed, final_loss=4.0), dict(mixed, final_loss=3.0)]
+    assert outcome_counts(seeds) == [2, 0, 0, 3]
+    # Clean below unclean: 1<2, 1<4, 1<3, 3<4, and 3 = 3 counts half: 4.5 of 6 pairs.
+    row = _selection_table([("every", 1.0, seeds)]).splitlines()[2].split()
+    assert row[-1] == "0.75" and row[2] == "2/5"

@@ -41,7 +41,7 @@ from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, 
 from .hedging import TOYS, VANISH, run_scalars
 
 __all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
-           "outcome", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
+           "outcome", "outcome_counts", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
 
 FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.TOYS)
 BASES = ("vanilla", "every", "every-b0.5")
@@ -72,6 +72,12 @@ def outcome(row: dict) -> str:
     if row["max_absorption"] >= VANISH:
         return "absorbed"
     return "dead latent" if row["dead"] > 0 else "mixed"
+
+
+def outcome_counts(seeds: list[dict]) -> list[int]:
+    """How many of ``seeds`` (per-seed rows) ended in each of :data:`OUTCOMES`, in that order."""
+    ended = [outcome(r) for r in seeds]
+    return [ended.count(o) for o in OUTCOMES]
 
 
 def share_interval(count: int, total: int) -> tuple[float, float]:
@@ -232,8 +238,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         figures.append(out / "orthogonality_outcomes.png")
         plots.outcome_bars(
             [(f"{name} toy", [f"{b}, gamma {g:g}" for b in payload["bases"] for g in gammas],
-              {o: [sum(outcome(r) == o for r in rows[_key(name, b, g)]) for b in payload["bases"] for g in gammas]
-               for o in OUTCOMES}) for name in family],
+              dict(zip(OUTCOMES, zip(*[outcome_counts(rows[_key(name, b, g)])
+                                       for b in payload["bases"] for g in gammas])))) for name in family],
             figures[-1], title=f"outcome of each seed ({seeds} seeds, {steps} steps); clean: every off-target "
                                f"|cos| and absorption < {VANISH}")
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
@@ -267,7 +273,7 @@ def _outcome_table(cells: list[tuple[str, float, list[dict]]]) -> str:
     and largest off-target |cos|."""
     table = []
     for base, gamma, seeds in cells:
-        counts = [sum(outcome(r) == o for r in seeds) for o in OUTCOMES]
+        counts = outcome_counts(seeds)
         low, high = share_interval(counts[0], len(seeds))
         clean = [r for r in seeds if outcome(r) == "clean"]
         mean = lambda key: f"{np.mean([r[key] for r in clean]):.3f}" if clean and key in clean[0] else "–"  # noqa: E731
@@ -298,7 +304,9 @@ def _selection_table(cells: list[tuple[str, float, list[dict]]]) -> str:
         losses, clean = _losses_and_clean(seeds)
         good = [loss for loss, c in zip(losses, clean) if c]
         bad = [loss for loss, c in zip(losses, clean) if not c]
-        auc = (np.mean([(g < b) + 0.5 * (g == b) for g in good for b in bad]) if good and bad else None)
+        # Mann-Whitney U of the unclean losses over the clean ones, as a share of all pairs:
+        # P(a clean seed's loss < an unclean one's), ties counting half.
+        auc = (scipy.stats.mannwhitneyu(bad, good).statistic / (len(good) * len(bad)) if good and bad else None)
         table.append([base, f"{gamma:g}", f"{sum(clean)}/{len(clean)}",
                       *[f"{best_of_k_clean(losses, clean, k):.2f}" for k in ks],
                       "–" if auc is None else f"{auc:.2f}"])
