@@ -75,8 +75,8 @@ def _pair(device, fused_fields=None, **overrides):
     return stock, fused
 
 
-def _step(sae, x, dead=None):
-    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+def _step(sae, x, dead=None, step=0):
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False)
     out = sae.training_forward_pass(step)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
@@ -261,13 +261,6 @@ def test_core_package_imports_without_sae_lens():
     assert_core_imports_without("sae_lens")
 
 
-def _step_at(sae, x, step):
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                   n_training_steps=step, is_logging_step=False))
-    out.loss.backward()
-    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
-
-
 @pytest.mark.parametrize("chunk", [D_SAE, 24])
 def test_orthogonality_penalty_adds_gamma_times_the_penalty(one_thread, chunk):
     """With ``matryoshka_orthogonality_coeff`` γ the loss and every gradient are the plain step's
@@ -279,7 +272,7 @@ def test_orthogonality_penalty_adds_gamma_times_the_penalty(one_thread, chunk):
     _, plain = _pair("cpu", dtype="float64")
     _, penalised = _pair("cpu", fields, dtype="float64")
     x = torch.randn(BATCH, D_IN, dtype=torch.float64)
-    (without, without_grads), (with_, with_grads) = _step_at(plain, x, step), _step_at(penalised, x, step)
+    (without, without_grads), (with_, with_grads) = _step(plain, x, step=step), _step(penalised, x, step=step)
     penalised.zero_grad()
     penalty = penalty_at_step(penalised.W_dec, chunk, 0, step)
     (gamma * penalty).backward()
@@ -292,7 +285,7 @@ def test_orthogonality_penalty_adds_gamma_times_the_penalty(one_thread, chunk):
         assert _rel(with_grads[name], expected) <= 1e-12, name
     if chunk < D_SAE:  # random chunks: another step draws others, the same step the same
         assert penalty_at_step(penalised.W_dec, chunk, 0, step + 1) != penalty
-        assert _step_at(penalised, x, step)[0].losses["orthogonality_loss"] == penalty
+        assert _step(penalised, x, step=step)[0].losses["orthogonality_loss"] == penalty
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
