@@ -66,6 +66,9 @@ def child_magnitude_cmd(args: argparse.Namespace) -> None:
               f"parent p {args.parent_p} magnitude {args.parent_magnitude}, {2 + args.distractors} latents:")
         print(absorption_margins.margins_table(tuple(args.phase_ratios), tuple(args.phase_probs), args.parent_p,
                                                args.parent_magnitude, 2 + args.distractors))
+        print(f"\nrotated pair (u and the direction v orthogonal to it in the pair's plane) against the true pair "
+              f"(true minus rotated; positive: the rotation is better; the orthogonality penalty is 0 for both):")
+        print(absorption_margins.rotated_table(parent_p=args.parent_p, parent_magnitude=args.parent_magnitude))
         return
     check_writable(args.out, "--out")
     steps, seeds = _steps_and_seeds(args, child_magnitude)
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--docs", default=None, help="also copy the phase figures and results table here")
     child.add_argument("--margins", action="store_true",
                        help="no training: the absorbed pair's closed-form margins against the true pair over "
-                            "--phase-ratios x --phase-probs (why no prefix weighting prevents the absorption)")
+                            "--phase-ratios x --phase-probs (why no prefix weighting prevents the absorption), "
+                            "then the rotated pair's (why a child on half its parent's samples turns the pair)")
     child.set_defaults(func=child_magnitude_cmd)
 
     hedge = sub.add_parser("hedging", help="why mixing remains with every prefix: inner prefixes scaled by beta, "

@@ -1,6 +1,6 @@
-"""The closed-form margins of the absorbed pair against the true pair (child-magnitude toy) against
-the losses the reference op computes on the toy's three kinds of sample, weighted by their
-probabilities (exact expectations, no sampling)."""
+"""The closed-form margins of the absorbed and the rotated pair against the true pair (child-magnitude
+toy) against the losses the reference op computes on the toy's three kinds of sample, weighted by
+their probabilities (exact expectations, no sampling)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,30 @@ import pytest
 import torch
 
 from matryoshka import Prefixes, matryoshka_loss
-from matryoshka.experiments.absorption_margins import critical_ratio, margins, margins_table
+from matryoshka.experiments.absorption_margins import critical_ratio, margins, margins_table, rotated_margins, rotated_table
 from matryoshka.orthogonality import orthogonality_penalty
 
 N = 8  # latents: the pair and six distractor directions, as the toy
 
 
-def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool, n: int = N) -> dict:
-    """Expected one-latent-prefix loss, L1 norm and orthogonality penalty of one dictionary, from
-    the definition: the reference op on each kind of sample (none, parent alone, parent and child),
-    latents sorted by energy as the trainer sorts them."""
+def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool = False, n: int = N,
+                    rotated: bool = False) -> dict:
+    """Expected one-latent-prefix loss, L1 norm, active latents and orthogonality penalty of one
+    dictionary (true, ``absorbed`` or ``rotated``), from the definition: the reference op on each
+    kind of sample (none, parent alone, parent and child), latents sorted by energy as the trainer
+    sorts them."""
     p, c = torch.eye(n, dtype=torch.float64)[:2]
     distractors = torch.eye(n, dtype=torch.float64)[2:]
+    s = math.sqrt(1 + r * r)
     if absorbed:
-        directions = [(p + r * c) / math.sqrt(1 + r * r), p]
-        amplitudes = {"alone": [0.0, a], "both": [a * math.sqrt(1 + r * r), 0.0]}
+        directions = [(p + r * c) / s, p]
+        amplitudes = {"alone": [0.0, a], "both": [a * s, 0.0]}
+    elif rotated:  # solve for the codes rather than write them down: only the directions are assumed
+        directions = [(p + r * c) / s, (r * p - c) / s]
+        basis = torch.stack(directions, 1)
+        amplitudes = {kind: torch.linalg.lstsq(basis, x[:, None]).solution[:, 0].tolist()
+                      for kind, x in (("alone", a * p), ("both", a * p + r * a * c))}
+        assert min(amplitudes["alone"] + amplitudes["both"]) > -1e-12  # a ReLU SAE can encode it
     else:
         directions = [p, c]
         amplitudes = {"alone": [a, 0.0], "both": [a, r * a]}
@@ -32,7 +41,7 @@ def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool, n: i
     energy = [sum(prob * amplitudes[k][i] ** 2 for k, (prob, _) in samples.items()) for i in range(2)]
     order = sorted(range(2), key=lambda i: -energy[i])  # most energetic first
     W = torch.stack([directions[i] for i in order] + list(distractors))
-    one_prefix, l1 = 0.0, 0.0
+    one_prefix, l1, l0 = 0.0, 0.0, 0.0
     for kind, (prob, x) in samples.items():
         acts = torch.zeros(1, n, dtype=torch.float64)
         acts[0, :2] = torch.tensor([amplitudes[kind][i] for i in order], dtype=torch.float64)
@@ -40,7 +49,8 @@ def _expected_terms(r: float, q: float, P: float, a: float, absorbed: bool, n: i
         assert out.per_prefix[1] < 1e-24  # both latents: exact
         one_prefix += prob * float(out.per_prefix[0])
         l1 += prob * float(acts.sum())
-    return {"one": one_prefix, "l1": l1, "orthogonality": float(orthogonality_penalty(W, n))}
+        l0 += prob * float((acts > 1e-12).sum())
+    return {"one": one_prefix, "l1": l1, "l0": l0, "orthogonality": float(orthogonality_penalty(W, n))}
 
 
 @pytest.mark.parametrize("r", [0.5, 1.0, 1.7, 2.0, 5.0, 10.0])
@@ -105,3 +115,44 @@ def test_margins_refuse_a_toy_that_is_not_one(kwargs):
     assert margins(2.0, 0.5, parent_magnitude=0.5)["l1"] > 0
     assert margins(2.0, 0.5, parent_p=1.0)["one_latent_prefix"] == pytest.approx(4 * 0.5)
     assert margins(2.0, 0.5, n=2)["orthogonality"] == pytest.approx(-1 / 5)
+
+
+@pytest.mark.parametrize("r", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("q", [0.02, 0.2, 1 / 3, 0.5, 0.75, 1.0])
+def test_rotated_margins_match_the_definition(r, q):
+    P, a = 0.3, 2.0
+    true, rotated = (_expected_terms(r, q, P, a, rotated=flag) for flag in (False, True))
+    m = rotated_margins(r, q, P, a)
+    assert m["one_latent_prefix"] == pytest.approx(true["one"] - rotated["one"], abs=1e-12)
+    assert m["l1"] == pytest.approx(true["l1"] - rotated["l1"], abs=1e-12)
+    assert m["l0"] == pytest.approx(true["l0"] - rotated["l0"], abs=1e-12)
+    assert rotated["orthogonality"] == pytest.approx(true["orthogonality"], abs=1e-12)  # blind to the turn
+    assert m["rotated_wins"] == (m["one_latent_prefix"] >= 0 and m["l1"] >= 0 and m["l0"] >= 0)
+
+
+def test_the_rotation_wins_from_half_the_parents_samples():
+    """At r = 1: the one-latent prefix from q = 1/3, the L1 norm from q = √2 − 1, the L0 count from
+    q = 1/2 (a tie there), so all three from q = 1/2; Nabeshima's children (0.2) and the unequal toy's
+    smaller ones (0.02, 0.15) keep the true pair."""
+    assert rotated_margins(1.0, 1 / 3)["one_latent_prefix"] == pytest.approx(0.0, abs=1e-12)
+    assert rotated_margins(1.0, 0.34)["one_latent_prefix"] > 0 > rotated_margins(1.0, 0.32)["one_latent_prefix"]
+    assert rotated_margins(1.0, math.sqrt(2) - 1)["l1"] == pytest.approx(0.0, abs=1e-12)
+    assert rotated_margins(1.0, 0.5)["l0"] == 0.0 and rotated_margins(1.0, 0.5)["rotated_wins"]
+    assert not any(rotated_margins(1.0, q)["rotated_wins"] for q in (0.02, 0.15, 0.2, 0.45))
+    assert all(rotated_margins(r, q)["rotated_wins"] for r in (0.5, 1.0, 2.0, 5.0) for q in (0.5, 0.75))
+    row = next(line.split() for line in rotated_table().splitlines() if line.split()[:2] == ["0.5", "1"])
+    assert row[2:] == ["+0.300", "+0.051", "+0.000", "yes"]
+    assert next(line.split() for line in rotated_table().splitlines()
+                if line.split()[:2] == ["0.333", "1"])[2] == "+0.000"  # the tie, not "-0.000"
+    with pytest.raises(ValueError, match="need r > 0"):
+        rotated_margins(1.0, 0.0)
+
+
+def test_the_margins_command_prints_both_tables(capsys):
+    """``python -m matryoshka child-magnitude --margins``: the README's two tables, no training."""
+    from matryoshka.__main__ import main
+
+    main(["child-magnitude", "--margins", "--phase-ratios", "1", "5", "--phase-probs", "0.5"])
+    printed = capsys.readouterr().out
+    assert margins_table(ratios=(1.0, 5.0), probs=(0.5,)) in printed
+    assert rotated_table() in printed and printed.index("absorbed pair") < printed.index("rotated pair")
