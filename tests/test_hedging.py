@@ -4,6 +4,7 @@ tiny end-to-end runs."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from matryoshka.experiments import child_magnitude, hedging
@@ -64,6 +65,27 @@ def test_hedging_prediction():
     c = hedging.hedging_prediction(hedging.objective_weights("every-b1", 20), 1, [3, 6, 9], q)
     assert all(x < y for x, y in zip(a["parent_child"], c["parent_child"]))
     assert all(s < 0 for s in c["child_sibling"])
+
+
+def test_family_cosines_tell_a_rotated_pair_from_an_absorbed_one():
+    """On Nabeshima's toy (orthonormal-enough features taken as the basis): family A's third child
+    turned with its parent into (A ± A3)/√2, family B's first child absorbed into (B + B1)/√2, the
+    rest true.  Only the turned pair counts as rotated."""
+    from matryoshka.toy import ToyModel
+
+    toy = ToyModel(hedging.TOYS["nabeshima"]())
+    cos = np.eye(toy.num_features)
+    (a, (_, _, a3)), (b, (b1, _, _)) = toy.families()[:2]
+    cos[[a, a3]] = 0.0
+    cos[a, [a, a3]] = cos[a3, a] = 1 / math.sqrt(2)
+    cos[a3, a3] = -1 / math.sqrt(2)
+    cos[b1] = 0.0
+    cos[b1, [b, b1]] = 1 / math.sqrt(2)
+    metrics = {"cos": cos.tolist(), "matching": {"latent": list(range(toy.num_features))}}
+    rotated = hedging.family_cosines(metrics, toy)["rotated"]
+    assert rotated == [0.0, 0.0, 1.0] + [0.0] * 6
+    cos[a3, a] = 0.49  # below the bar: only one latent shares the pair
+    assert hedging.family_cosines({**metrics, "cos": cos.tolist()}, toy)["rotated"] == [0.0] * 9
 
 
 def test_hedging_tiny_run(tmp_path, capsys):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from matryoshka import checkpoint
+from matryoshka.experiments.common import fmt
+from matryoshka.experiments.hedging import per_child_slot
 from matryoshka.orthogonality import chunk_partition, orthogonality_penalty
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 from matryoshka.train import TrainConfig, train
@@ -250,6 +252,16 @@ def test_study_on_one_family_toy_reports_each_seeds_outcome(tmp_path, capsys):
                     if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
         assert line.split()[-2] == f"{float(study.outcome(kept) == 'clean'):.2f}"  # best of all (2) seeds
     assert (tmp_path / "orthogonality_selection.png").stat().st_size > 10_000
+    # Per child slot: absorption and rotated share, as hedging.per_child_slot summarises the seeds.
+    per_child = payload["tables"]["nabeshima per child"]
+    assert per_child in printed and "per child: absorbed and rotated pairs" in printed
+    header = [h.strip() for h in per_child.splitlines()[0].split("  ") if h.strip()]
+    assert header[2:] == [f"{what} q=0.2" for what in ("absorption", "rotated") for _ in "123"]
+    for gamma in (0.0, 3.0):
+        seeds = payload["rows"][f"nabeshima|every-b0.1|{gamma:g}"]
+        line = next(line for line in per_child.splitlines() if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
+        expected = [fmt(v) for key in ("absorption_by_child", "rotated_by_child") for v in per_child_slot(seeds, key)]
+        assert " ".join(line.split()[2:]) == " ".join(expected)
 
 
 @pytest.mark.parametrize("kwargs, message", [

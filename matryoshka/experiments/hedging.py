@@ -37,7 +37,7 @@ from . import plots
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, study_mode, summarize, write_outputs
 
 __all__ = ["MODES", "BETAS", "NORM_BETAS", "REFERENCE_MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS",
-           "unequal_spec", "TOYS", "hedging_prediction", "run_scalars", "hedging"]
+           "unequal_spec", "TOYS", "hedging_prediction", "run_scalars", "per_child_slot", "hedging"]
 
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 NORM_BETAS = (0.1, 0.3, 1.0)  # the normalised form, at a few β (on the nabeshima toy)
@@ -52,6 +52,11 @@ QUICK_STEPS = 200
 MODES = tuple(f"every-b{b:g}" for b in BETAS) + tuple(f"every-b{b:g}-norm" for b in NORM_BETAS) + REFERENCE_MODES
 QUICK_MODES = ("every-b0", "every-b0.3", "every-b0.3-norm", "every", "every-pp", "detached")
 VANISH = 0.05  # "vanishes": every off-target |cos| and the absorption rate below this, on every seed
+# A pair is "rotated" when two latents each have |cos| >= this with both the parent and the child: the
+# pair's plane is spanned by turned directions (e.g. (p ± c)/√2) instead of p and c
+# (:func:`matryoshka.experiments.absorption_margins.rotated_margins`).  An absorbed pair has one such
+# latent, a hedging parent none.
+ROTATED = 0.5
 
 
 def unequal_spec(child_p: tuple[float, ...] = (0.02, 0.15, 0.5), seed: int = 0) -> dict:
@@ -130,10 +135,11 @@ def hedging_prediction(weights: np.ndarray, parent_pos: int, child_pos: list[int
 
 
 def family_cosines(metrics: dict, toy: ToyModel) -> dict:
-    """Signed cosines of each family's matched latents with the other members' directions."""
+    """Signed cosines of each family's matched latents with the other members' directions, the
+    largest off-target |cos|, and whether each (parent, child) pair is rotated (:data:`ROTATED`)."""
     cos = np.asarray(metrics["cos"])
     latent = metrics["matching"]["latent"]
-    pc, cp, cs, off = [], [], [], []
+    pc, cp, cs, off, rotated = [], [], [], [], []
     for parent, children in toy.families():
         lp = latent[parent]
         for c in children:
@@ -141,11 +147,13 @@ def family_cosines(metrics: dict, toy: ToyModel) -> dict:
             pc.append(cos[lp, c])
             cp.append(cos[lc, parent])
             cs += [cos[lc, s] for s in children if s != c]
+            shared = (np.abs(cos[:, parent]) >= ROTATED) & (np.abs(cos[:, c]) >= ROTATED)
+            rotated.append(float(shared.sum() >= 2))
         members = [parent, *children]
         off.append(max(abs(cos[latent[f], g]) for f in members for g in members if g != f))
     as_float = lambda values: [float(v) for v in values]  # noqa: E731
     return {"parent_child": as_float(pc), "child_parent": as_float(cp), "child_sibling": as_float(cs),
-            "max_offtarget": float(max(off))}
+            "max_offtarget": float(max(off)), "rotated": rotated}
 
 
 def run_scalars(result: dict, toy: ToyModel) -> dict:
@@ -161,6 +169,7 @@ def run_scalars(result: dict, toy: ToyModel) -> dict:
         "parent_child_abs": float(np.mean(np.abs(fam["parent_child"]))), "child_parent": float(np.mean(fam["child_parent"])),
         "child_sibling": float(np.mean(fam["child_sibling"])), "max_offtarget": fam["max_offtarget"],
         "dead": float(metrics["dead"]), "l0": metrics["l0"], "explained_variance": metrics["explained_variance"],
+        "rotated": float(sum(fam["rotated"])), "rotated_by_child": fam["rotated"],
         "parent_child_by_child": fam["parent_child"], "absorption_by_child": [p["rate"] for p in pairs],
         "children_per_family": len(toy.families()[0][1]),
     }
@@ -197,13 +206,16 @@ def _summary(scalars: list[dict]) -> dict:
     out["vanish"] = f"{both}/{len(scalars)}"
     out["vanish_count"] = both
     out["seeds"] = len(scalars)
-    slots = scalars[0]["children_per_family"]
-
-    def per_slot(key: str) -> list[dict]:  # child slot i of every family: mean over families, then seeds
-        return [summarize([np.nanmean(s[key][i::slots]) for s in scalars]) for i in range(slots)]
-
-    out["per_child"] = {"parent_child": per_slot("parent_child_by_child"), "absorption": per_slot("absorption_by_child")}
+    out["per_child"] = {"parent_child": per_child_slot(scalars, "parent_child_by_child"),
+                        "absorption": per_child_slot(scalars, "absorption_by_child")}
     return out
+
+
+def per_child_slot(scalars: list[dict], key: str) -> list[dict]:
+    """A per-pair list ``key`` of :func:`run_scalars` by child slot: slot i of every family, mean
+    over the families, then summarised over the runs (seeds)."""
+    slots = scalars[0]["children_per_family"]
+    return [summarize([np.nanmean(s[key][i::slots]) for s in scalars]) for i in range(slots)]
 
 
 def _modes(toy_name: str, quick: bool, betas, norm_betas, unequal_betas=UNEQUAL_BETAS) -> list[str]:

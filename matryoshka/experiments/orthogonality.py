@@ -38,7 +38,7 @@ from ..toy import ToyModel, child_magnitude_spec
 from . import plots
 from .child_magnitude import child_run_spec, learning_summary
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
-from .hedging import TOYS, VANISH, run_scalars
+from .hedging import ROTATED, TOYS, VANISH, per_child_slot, run_scalars
 
 __all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
            "outcome", "outcome_counts", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
@@ -211,6 +211,12 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
             tables[f"{name} outcomes"] = outcomes = _outcome_table(cells)
             print(f"\n{name} toy, outcome of each seed\n{outcomes}")
             md += [f"### {name} toy, outcome of each seed\n", _OUTCOME_NOTE, "```", outcomes, "```\n"]
+            if all("rotated_by_child" in r for _, _, seeds_ in cells for r in seeds_):  # (older code lacks it)
+                qs = [c["p"] for c in spec["features"][0]["children"]]
+                tables[f"{name} per child"] = per_child = _per_child_table(cells, qs)
+                print(f"\n{name} toy, per child: absorbed and rotated pairs\n{per_child}")
+                md += [f"### {name} toy, per child: absorbed and rotated pairs\n", _PER_CHILD_NOTE, "```", per_child,
+                       "```\n"]
             if all("final_loss" in r for _, _, seeds_ in cells for r in seeds_):  # (results of older code lack it)
                 tables[f"{name} selection"] = selection = _selection_table(cells)
                 print(f"\n{name} toy, keeping the seed with the lowest final training loss\n{selection}")
@@ -281,6 +287,18 @@ def _outcome_table(cells: list[tuple[str, float, list[dict]]]) -> str:
                       mean("parent_child"), mean("pred_parent_child"), mean("max_offtarget")])
     return format_table(table, ["base", "gamma", *OUTCOMES, "clean share", "parent->child", "predicted",
                                 "max off-target"])
+
+
+_PER_CHILD_NOTE = ("Child slot i of each family (P(c | parent) = q), mean over the families, then mean ± 95% CI over "
+                   f"seeds. `rotated`: the share of pairs whose parent and child both have |cos| >= {ROTATED} with "
+                   "two latents (the pair's plane turned, e.g. (p ± c)/√2, rather than one latent absorbing).\n")
+
+
+def _per_child_table(cells: list[tuple[str, float, list[dict]]], qs: list[float]) -> str:
+    """Per ``(base, gamma, per-seed rows)``: each child slot's absorption rate and rotated share."""
+    table = [[base, f"{gamma:g}", *[fmt(s) for key in ("absorption_by_child", "rotated_by_child")
+                                    for s in per_child_slot(seeds, key)]] for base, gamma, seeds in cells]
+    return format_table(table, ["base", "gamma", *[f"{what} q={q:g}" for what in ("absorption", "rotated") for q in qs]])
 
 
 _SELECTION_NOTE = ("Train k seeds and keep the one with the lowest final training loss (the mean loss of the last "
