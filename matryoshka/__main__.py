@@ -190,6 +190,15 @@ def orthogonality_cmd(args: argparse.Namespace) -> None:
                                 family_toys=tuple(args.toys), docs=None if args.quick or not args.docs else Path(args.docs))
 
 
+def _family_toy(name: str) -> str:
+    """argparse type of ``orthogonality --toys``: a family toy's name, refused with the reason."""
+    try:
+        hedging.family_toy_spec(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def _orthogonality_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orthogonality-coeff", type=float, default=0.0,
                         help="weight of the decoder orthogonality penalty: each latent's largest squared cosine "
@@ -284,9 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     _study_args(ortho, "runs/orthogonality", orthogonality, modes=False)
     ortho.add_argument("--bases", nargs="+", default=list(orthogonality.BASES), type=check_study_mode,
                        help="base study modes on the nabeshima and unequal toys (default: %(default)s)")
-    ortho.add_argument("--toys", nargs="*", default=list(orthogonality.FAMILY_TOYS),
-                       choices=list(orthogonality.FAMILY_TOYS),
-                       help="the toys with parent/child families that --bases run on (default: %(default)s)")
+    ortho.add_argument("--toys", nargs="*", default=list(orthogonality.FAMILY_TOYS), type=_family_toy,
+                       help="the toys with parent/child families that --bases run on: nabeshima, unequal, or "
+                            "unequal-q<x> (the unequal toy's most frequent child at P(c | parent) = x instead of "
+                            "0.5; e.g. unequal-q0.3) (default: %(default)s)")
     ortho.add_argument("--child-bases", nargs="*", default=list(orthogonality.CHILD_BASES), type=check_study_mode,
                        help="base study modes on the child-magnitude toy; none: no child-magnitude runs "
                             "(default: %(default)s)")

@@ -265,7 +265,8 @@ def test_study_on_one_family_toy_reports_each_seeds_outcome(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(family_toys=("nabeshima", "tiny")), "family_toys must be among"),
+    (dict(family_toys=("nabeshima", "tiny")), "family_toys: a family toy is one of .* got 'tiny'"),
+    (dict(family_toys=("unequal-q0.9",)), "family_toys: .*unequal-q<x> with 0 < x <= 0.83"),
     (dict(family_toys=(), child_bases=()), "nothing to train"),
     (dict(family_toys=(), ratios=()), "nothing to train"),
 ])
@@ -303,3 +304,25 @@ def test_selection_table_auc_is_the_share_of_clean_below_unclean_pairs():
     # Clean below unclean: 1<2, 1<4, 1<3, 3<4, and 3 = 3 counts half: 4.5 of 6 pairs.
     row = _selection_table([("every", 1.0, seeds)]).splitlines()[2].split()
     assert row[-1] == "0.75" and row[2] == "2/5"
+
+
+def test_unequal_toy_with_another_most_frequent_child():
+    from matryoshka.experiments.hedging import family_toy_spec, unequal_spec
+    from matryoshka.toy import ToyModel
+
+    assert family_toy_spec("unequal") == unequal_spec() and family_toy_spec("unequal-q0.5") == unequal_spec()
+    spec = family_toy_spec("unequal-q0.3")
+    assert [[c["p"] for c in f["children"]] for f in spec["features"][:3]] == [[0.02, 0.15, 0.3]] * 3
+    assert "children" not in spec["features"][3]
+    ToyModel(family_toy_spec("unequal-q0.83"))  # the largest that leaves the exclusive draw a valid one
+    for bad in ("unequal-q0.84", "unequal-q0", "unequal-q-0.1", "unequal-qx", "unequal-q", "unequal-qnan", "tiny"):
+        with pytest.raises(ValueError, match="a family toy is one of"):
+            family_toy_spec(bad)
+
+
+def test_cli_refuses_an_unknown_family_toy(tmp_path, capsys):
+    from matryoshka.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["orthogonality", "--out", str(tmp_path / "o"), "--toys", "unequal-q2"])
+    assert "--toys" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from . import plots
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, study_mode, summarize, write_outputs
 
 __all__ = ["MODES", "BETAS", "NORM_BETAS", "REFERENCE_MODES", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS",
-           "unequal_spec", "TOYS", "hedging_prediction", "run_scalars", "per_child_slot", "hedging"]
+           "unequal_spec", "TOYS", "family_toy_spec", "hedging_prediction", "run_scalars", "per_child_slot", "hedging"]
 
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 NORM_BETAS = (0.1, 0.3, 1.0)  # the normalised form, at a few β (on the nabeshima toy)
@@ -69,6 +69,24 @@ def unequal_spec(child_p: tuple[float, ...] = (0.02, 0.15, 0.5), seed: int = 0) 
 
 
 TOYS = {"nabeshima": nabeshima_spec, "unequal": unequal_spec}
+UNEQUAL_PREFIX = "unequal-q"  # unequal-q<x>: the unequal toy with its most frequent child at x
+
+
+def family_toy_spec(name: str) -> dict:
+    """A family toy by name: one of :data:`TOYS`, or ``unequal-q<x>``, the unequal toy with its most
+    frequent child at ``P(c | parent) = x`` (0.5 in ``unequal``; the others stay 0.02 and 0.15, so
+    ``0 < x <= 0.83``): where the rotated pair starts to win
+    (:func:`matryoshka.experiments.absorption_margins.rotated_margins`)."""
+    if name in TOYS:
+        return TOYS[name]()
+    if name.startswith(UNEQUAL_PREFIX):
+        try:
+            q = float(name[len(UNEQUAL_PREFIX):])
+        except ValueError:
+            q = math.nan
+        if 0 < q <= 0.83:
+            return unequal_spec((0.02, 0.15, q))
+    raise ValueError(f"a family toy is one of {sorted(TOYS)} or {UNEQUAL_PREFIX}<x> with 0 < x <= 0.83, got {name!r}")
 
 
 def beta_of(mode: str, num_sampled: int = 10) -> float | None:

@@ -38,12 +38,12 @@ from ..toy import ToyModel, child_magnitude_spec
 from . import plots
 from .child_magnitude import child_run_spec, learning_summary
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
-from .hedging import ROTATED, TOYS, VANISH, per_child_slot, run_scalars
+from .hedging import ROTATED, VANISH, family_toy_spec, per_child_slot, run_scalars
 
 __all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
            "outcome", "outcome_counts", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
 
-FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.TOYS)
+FAMILY_TOYS = ("nabeshima", "unequal")  # the toys with parent/child families (hedging.family_toy_spec)
 BASES = ("vanilla", "every", "every-b0.5")
 GAMMAS = (0.0, 0.3, 1.0, 3.0, 10.0)
 RATIOS = (5.0,)
@@ -122,10 +122,12 @@ def orthogonality(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SE
                   family_toys: tuple[str, ...] = FAMILY_TOYS, docs: Path | None = None) -> dict:
     """Run the grid (module doc); print the tables; write ``orthogonality_results.json``/``.md`` and
     ``orthogonality.png`` into ``out`` (and ``docs``).  ``family_toys``: which of :data:`FAMILY_TOYS`
-    the ``bases`` run on; no ``child_bases`` (or no ``ratios``): no child-magnitude runs."""
-    unknown = sorted(set(family_toys) - set(FAMILY_TOYS))
-    if unknown:
-        raise ValueError(f"family_toys must be among {FAMILY_TOYS}, got {unknown}")
+    (or ``unequal-q<x>``: :func:`~matryoshka.experiments.hedging.family_toy_spec`) the ``bases`` run on; no ``child_bases`` (or no ``ratios``): no child-magnitude runs."""
+    for name in family_toys:  # a clear error now, not after the other toys' runs
+        try:
+            family_toy_spec(name)
+        except ValueError as error:
+            raise ValueError(f"family_toys: {error}") from None
     if not (family_toys and bases) and not (child_bases and ratios):
         raise ValueError("nothing to train: give family_toys with bases, or child_bases with ratios")
     start = time.perf_counter()
@@ -134,7 +136,7 @@ def orthogonality(out: Path, steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SE
           f"bases {list(bases)} on the {' and '.join(family_toys) or 'no'} family toy(s), {list(child_bases)} on the "
           f"child-magnitude toy at ratios {list(ratios)}; {steps} steps, seeds 0..{seeds - 1}, {jobs} process(es); "
           f"mean ± 95% CI (Student t over {seeds} seeds)")
-    toys = {name: ToyModel(TOYS[name]()) for name in (family_toys if bases else ())}
+    toys = {name: ToyModel(family_toy_spec(name)) for name in (family_toys if bases else ())}
     if child_bases:
         toys |= {f"child r={r:g}": ToyModel(child_magnitude_spec(child_magnitude=2.0 * r)) for r in ratios}
     cells = []  # (toy name, base, gamma)
@@ -196,7 +198,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
                 ["base", "gamma", "absorption", "cos(child lat, parent)", "1/sqrt(1+r^2)", "child first", "MCC", "dead"])
             title = f"child-magnitude toy, child/parent magnitude ratio {ratio:g}, P(child | parent) 0.5"
         else:
-            spec = TOYS[name]()
+            spec = family_toy_spec(name)
             table = format_table(
                 [[b, f"{g:g}", *[cell(name, b, g, k, d) for k, _, d in FAMILY_KEYS], seeds_where(name, b, g, "clean")]
                  for b, g in toy_cells],
