@@ -326,3 +326,25 @@ def test_cli_refuses_an_unknown_family_toy(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["orthogonality", "--out", str(tmp_path / "o"), "--toys", "unequal-q2"])
     assert "--toys" in capsys.readouterr().err
+
+
+def test_unequal_toys_at_several_q_get_the_most_frequent_childs_table(tmp_path, capsys):
+    from matryoshka.experiments import orthogonality as study
+
+    payload = study.orthogonality(tmp_path, steps=20, seeds=2, jobs=1, bases=("every-b0.2",), gammas=(3.0,),
+                                  child_bases=(), family_toys=("unequal-q0.6", "unequal-q0.3"))
+    table = payload["tables"]["most frequent child"]
+    assert table in capsys.readouterr().out
+    lines = table.splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [["0.3", "every-b0.2", "3"], ["0.6", "every-b0.2", "3"]]
+    for line, toy in zip(lines, ("unequal-q0.3", "unequal-q0.6")):
+        seeds = payload["rows"][f"{toy}|every-b0.2|3"]
+        slot = [per_child_slot(seeds, key)[-1] for key in ("rotated_by_child", "absorption_by_child")]
+        clean = sum(study.outcome(r) == "clean" for r in seeds)
+        assert " ".join(line.split()[3:]) == f"{fmt(slot[0])} {fmt(slot[1])} {clean}/2"
+    assert (tmp_path / "orthogonality_rotation.png").stat().st_size > 10_000
+    assert "most frequent child" in (tmp_path / "orthogonality_results.md").read_text()
+    # One unequal toy: nothing to set against q.
+    one = study.orthogonality(tmp_path / "one", steps=20, seeds=2, jobs=1, bases=("every-b0.2",), gammas=(3.0,),
+                              child_bases=(), family_toys=("unequal-q0.3", "nabeshima"))
+    assert "most frequent child" not in one["tables"] and not (tmp_path / "one" / "orthogonality_rotation.png").exists()

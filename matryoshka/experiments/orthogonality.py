@@ -38,7 +38,7 @@ from ..toy import ToyModel, child_magnitude_spec
 from . import plots
 from .child_magnitude import child_run_spec, learning_summary
 from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
-from .hedging import ROTATED, VANISH, family_toy_spec, per_child_slot, run_scalars
+from .hedging import ROTATED, UNEQUAL_PREFIX, VANISH, family_toy_spec, per_child_slot, run_scalars
 
 __all__ = ["FAMILY_TOYS", "BASES", "GAMMAS", "RATIOS", "DEFAULT_STEPS", "DEFAULT_SEEDS", "QUICK_STEPS", "OUTCOMES",
            "outcome", "outcome_counts", "share_interval", "best_of_k_clean", "mode_name", "orthogonality", "report", "replot"]
@@ -229,14 +229,15 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         return {b: np.array([[r[key] for r in rows[_key(name, b, g)]] for g in gammas], dtype=float).T
                 for b in bases_of(name)}
 
-    panels = [(f"{name}: {label}", per_base(name, key)) for name, key, label in (
-        ("nabeshima", "mcc", "MCC"), ("nabeshima", "parent_child", "parent->child cos"),
-        ("nabeshima", "max_offtarget", "max off-target |cos|"), ("unequal", "absorption", "absorption"),
-        ("unequal", "parent_child", "parent->child cos"), ("unequal", "max_offtarget", "max off-target |cos|"))
-        if name in payload["toys"]]
-    for name in (t for t in payload["toys"] if t.startswith("child")):
-        panels += [(f"{name}: absorption", per_base(name, "absorption")),
-                   (f"{name}: cos(child latent, parent)", per_base(name, "child_cos_parent"))]
+    panels = []
+    for name in payload["toys"]:  # nabeshima's toy shows its MCC, the others their absorption
+        if name.startswith("child"):
+            panels += [(f"{name}: absorption", per_base(name, "absorption")),
+                       (f"{name}: cos(child latent, parent)", per_base(name, "child_cos_parent"))]
+        else:
+            first = ("mcc", "MCC") if name == "nabeshima" else ("absorption", "absorption")
+            panels += [(f"{name}: {label}", per_base(name, key)) for key, label in (
+                first, ("parent_child", "parent->child cos"), ("max_offtarget", "max off-target |cos|"))]
     figure = out / "orthogonality.png"
     plots.sweep_plot(list(gammas), panels, figure, xlabel="orthogonality penalty weight gamma", columns=3,
                      title=f"decoder orthogonality penalty: mean ± 95% CI over {seeds} seeds, {steps} steps")
@@ -250,6 +251,17 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
                                        for b in payload["bases"] for g in gammas])))) for name in family],
             figures[-1], title=f"outcome of each seed ({seeds} seeds, {steps} steps); clean: every off-target "
                                f"|cos| and absorption < {VANISH}")
+    most_frequent = _most_frequent_child(payload)
+    if most_frequent:
+        table, figure = most_frequent
+        tables["most frequent child"] = table
+        print(f"\n{_MOST_FREQUENT_TITLE}\n{table}")
+        md += [f"## {_MOST_FREQUENT_TITLE}\n", _MOST_FREQUENT_NOTE, "```", table, "```\n"]
+        figures.append(out / "orthogonality_rotation.png")
+        plots.sweep_plot(figure[0], figure[1], figures[-1], xlabel="P(most frequent child | parent)", columns=3,
+                         title=f"the most frequent child of each family: mean ± 95% CI over {seeds} seeds, {steps} "
+                               f"steps; closed form: the rotated pair wins the one-latent prefix from 1/3, L1 from "
+                               f"0.414, L0 from 0.5")
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
               f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
     payload["tables"] = tables
@@ -301,6 +313,45 @@ def _per_child_table(cells: list[tuple[str, float, list[dict]]], qs: list[float]
     table = [[base, f"{gamma:g}", *[fmt(s) for key in ("absorption_by_child", "rotated_by_child")
                                     for s in per_child_slot(seeds, key)]] for base, gamma, seeds in cells]
     return format_table(table, ["base", "gamma", *[f"{what} q={q:g}" for what in ("absorption", "rotated") for q in qs]])
+
+
+_MOST_FREQUENT_TITLE = "the unequal toys' most frequent child: rotated, absorbed, clean"
+_MOST_FREQUENT_NOTE = ("The unequal toy (children 0.02, 0.15 and q given the parent) at each q of the run: the most "
+                       "frequent child's pairs, mean over the 3 families, then mean ± 95% CI over seeds. `rotated`: "
+                       f"parent and child each share |cos| >= {ROTATED} with two latents. The closed form "
+                       "(`python -m matryoshka child-magnitude --margins`) has the rotated pair at least as good as "
+                       "the true one on the one-latent prefix from q = 1/3, on the L1 norm from q = √2 − 1 and on "
+                       "the L0 count from q = 1/2, and the orthogonality penalty blind to it.\n")
+
+
+def _most_frequent_child(payload: dict) -> tuple[str, tuple[list[float], list]] | None:
+    """With two or more unequal toys in the run (``unequal``, ``unequal-q<x>``): a table and the
+    figure's ``(xs, panels)`` of the most frequent child's rotated share and absorption, and the
+    clean seeds, against its probability given the parent; None otherwise."""
+    rows, gammas = payload["rows"], payload["gammas"]
+    by_q = {family_toy_spec(t)["features"][0]["children"][-1]["p"]: t for t in payload["toys"]
+            if t == "unequal" or t.startswith(UNEQUAL_PREFIX)}
+    cells = [(b, g) for b in payload["bases"] for g in gammas]
+    if len(by_q) < 2 or not all("rotated_by_child" in r for t in by_q.values() for b, g in cells
+                                for r in rows[_key(t, b, g)]):
+        return None
+    qs = sorted(by_q)
+
+    def last_slot(seeds: list[dict], key: str) -> list[float]:  # per seed: mean over families of the last child
+        return [float(np.nanmean(r[key][r["children_per_family"] - 1::r["children_per_family"]])) for r in seeds]
+
+    table = format_table(
+        [[f"{q:g}", b, f"{g:g}", fmt(summarize(last_slot(rows[_key(by_q[q], b, g)], "rotated_by_child"))),
+          fmt(summarize(last_slot(rows[_key(by_q[q], b, g)], "absorption_by_child"))),
+          f"{sum(outcome(r) == 'clean' for r in rows[_key(by_q[q], b, g)])}/{len(rows[_key(by_q[q], b, g)])}"]
+         for q in qs for b, g in cells],
+        ["q", "base", "gamma", "rotated", "absorption", "clean seeds"])
+    panels = [(label, {mode_name(b, g): np.array([fn(rows[_key(by_q[q], b, g)]) for q in qs], dtype=float).T
+                       for b, g in cells})
+              for label, fn in (("rotated share", lambda seeds: last_slot(seeds, "rotated_by_child")),
+                                ("absorption", lambda seeds: last_slot(seeds, "absorption_by_child")),
+                                ("clean seed", lambda seeds: [float(outcome(r) == "clean") for r in seeds]))]
+    return table, (qs, panels)
 
 
 _SELECTION_NOTE = ("Train k seeds and keep the one with the lowest final training loss (the mean loss of the last "
