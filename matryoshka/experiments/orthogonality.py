@@ -258,10 +258,11 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         print(f"\n{_MOST_FREQUENT_TITLE}\n{table}")
         md += [f"## {_MOST_FREQUENT_TITLE}\n", _MOST_FREQUENT_NOTE, "```", table, "```\n"]
         figures.append(out / "orthogonality_rotation.png")
-        plots.sweep_plot(figure[0], figure[1], figures[-1], xlabel="P(most frequent child | parent)", columns=3,
-                         title=f"the most frequent child of each family: mean ± 95% CI over {seeds} seeds, {steps} "
-                               f"steps; closed form: the rotated pair wins the one-latent prefix from 1/3, L1 from "
-                               f"0.414, L0 from 0.5")
+        plots.sweep_plot(figure[0], figure[1], figures[-1], xlabel="P(most frequent child | parent)", linear=True,
+                         marks=[(1 / 3, "rotated wins the one-latent prefix"), (math.sqrt(2) - 1, "... and L1"),
+                                (0.5, "... and ties L0")],
+                         title=f"the most frequent child's pair in each family: mean ± 95% CI over {seeds} seeds, "
+                               f"{steps} steps")
     md.append(f"Total wall time {payload['runtime_s']:.0f} s with {payload['jobs']} process(es); CPU time of the "
               f"{payload['runs']} runs {payload['cpu_s']:.0f} s.\n")
     payload["tables"] = tables
@@ -325,9 +326,9 @@ _MOST_FREQUENT_NOTE = ("The unequal toy (children 0.02, 0.15 and q given the par
 
 
 def _most_frequent_child(payload: dict) -> tuple[str, tuple[list[float], list]] | None:
-    """With two or more unequal toys in the run (``unequal``, ``unequal-q<x>``): a table and the
-    figure's ``(xs, panels)`` of the most frequent child's rotated share and absorption, and the
-    clean seeds, against its probability given the parent; None otherwise."""
+    """With two or more unequal toys in the run (``unequal``, ``unequal-q<x>``): a table of the most
+    frequent child's rotated share and absorption and the clean seeds, and the figure's
+    ``(xs, panels)`` of the first two, against its probability given the parent; None otherwise."""
     rows, gammas = payload["rows"], payload["gammas"]
     by_q = {family_toy_spec(t)["features"][0]["children"][-1]["p"]: t for t in payload["toys"]
             if t == "unequal" or t.startswith(UNEQUAL_PREFIX)}
@@ -346,11 +347,10 @@ def _most_frequent_child(payload: dict) -> tuple[str, tuple[list[float], list]] 
           f"{sum(outcome(r) == 'clean' for r in rows[_key(by_q[q], b, g)])}/{len(rows[_key(by_q[q], b, g)])}"]
          for q in qs for b, g in cells],
         ["q", "base", "gamma", "rotated", "absorption", "clean seeds"])
-    panels = [(label, {mode_name(b, g): np.array([fn(rows[_key(by_q[q], b, g)]) for q in qs], dtype=float).T
+    # (The clean share is the table's: a Student-t band on a 0/1 outcome would leave [0, 1].)
+    panels = [(label, {mode_name(b, g): np.array([last_slot(rows[_key(by_q[q], b, g)], key) for q in qs]).T
                        for b, g in cells})
-              for label, fn in (("rotated share", lambda seeds: last_slot(seeds, "rotated_by_child")),
-                                ("absorption", lambda seeds: last_slot(seeds, "absorption_by_child")),
-                                ("clean seed", lambda seeds: [float(outcome(r) == "clean") for r in seeds]))]
+              for label, key in (("rotated share", "rotated_by_child"), ("absorption", "absorption_by_child"))]
     return table, (qs, panels)
 
 

@@ -96,9 +96,12 @@ def band_panels(panels: Sequence[tuple[str, dict[str, Band]]], path: Path, xlabe
 
 def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np.ndarray]]], path: Path,
                xlabel: str = "child magnitude / parent magnitude", columns: int | None = None,
-               title: str | None = None) -> None:
-    """Metrics against a swept setting ``ratios`` (log axis; symmetric-log when it holds 0):
-    ``(ylabel, {mode: (seeds, len(ratios))})`` per panel, ``columns`` panels per row (default: all)."""
+               title: str | None = None, linear: bool = False,
+               marks: Sequence[tuple[float, str]] = ()) -> None:
+    """Metrics against a swept setting ``ratios`` (log axis, symmetric-log when it holds 0; ``linear``:
+    a linear one): ``(ylabel, {mode: (seeds, len(ratios))})`` per panel, ``columns`` panels per row
+    (default: all).  ``marks``: ``(x, label)`` dotted vertical lines on every panel (e.g. where a
+    closed form says something changes)."""
     columns = columns or len(panels)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
@@ -109,7 +112,11 @@ def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np
             values = np.asarray(values, dtype=float)
             ax.errorbar(ratios, np.nanmean(values, 0), yerr=ci95(values, 0), marker="o", capsize=3,
                         label=mode, color=colors[mode])
-        if min(ratios) > 0:
+        for (x, label), style in zip(marks, (":", "--", "-.", (0, (1, 3)))):
+            ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
+        if linear:
+            pass
+        elif min(ratios) > 0:
             ax.set_xscale("log")
         else:  # 0 (e.g. no penalty) on a log-like axis
             ax.set_xscale("symlog", linthresh=min(r for r in ratios if r > 0))
