@@ -156,3 +156,21 @@ def test_the_margins_command_prints_both_tables(capsys):
     printed = capsys.readouterr().out
     assert margins_table(ratios=(1.0, 5.0), probs=(0.5,)) in printed
     assert rotated_table() in printed and printed.index("absorbed pair") < printed.index("rotated pair")
+
+
+@pytest.mark.parametrize(("P", "a"), [(0.2, 1.5), (0.6, 3.0)])
+def test_rotated_margins_scale_with_the_toy(P, a):
+    """Other parent probabilities and magnitudes than the study's, against the definition; the
+    defaults are the child-magnitude toy's; the table's header and a losing row."""
+    true, rotated = (_expected_terms(1.5, 0.6, P, a, rotated=flag) for flag in (False, True))
+    m = rotated_margins(1.5, 0.6, P, a)
+    assert (m["r"], m["q"]) == (1.5, 0.6)
+    for key, term in (("one_latent_prefix", "one"), ("l1", "l1"), ("l0", "l0")):
+        assert m[key] == pytest.approx(true[term] - rotated[term], abs=1e-12)
+    row = rotated_table(ratios=(1.5,), probs=(0.6,), parent_p=P, parent_magnitude=a).splitlines()[2].split()
+    assert row[2:5] == [f"{m[k]:+.3f}" for k in ("one_latent_prefix", "l1", "l0")]
+    assert rotated_margins(1.0, 0.5) == rotated_margins(1.0, 0.5, 0.3, 2.0)
+    table = rotated_table(ratios=(1.0,), probs=(0.2,))
+    assert [h.strip() for h in table.splitlines()[0].split("  ") if h.strip()] == [
+        "P(c|p)", "ratio r", "one-latent prefix", "L1", "L0", "rotated >= true on all three"]
+    assert table.splitlines()[2].split()[-1] == "no"
