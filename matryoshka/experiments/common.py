@@ -20,6 +20,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   squared activation.
 * any of these with a suffix ``-orth<γ>`` (e.g. ``every-orth1``, ``vanilla-freq-orth0.1``): the
   decoder orthogonality penalty with weight γ (``TrainConfig(orthogonality_coeff=γ)``).
+* any of these with a ``-jumprelu`` suffix (e.g. ``every-b0.2-jumprelu``, ``every-jumprelu-orth3``):
+  a JumpReLU SAE instead of a ReLU one, its L0 penalty adapted to the toy's true L0 as the L1 is
+  (:func:`study_activation`): an L0 instead of an L1 sparsity term, the rest of the recipe unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from ..train import TrainConfig, every_prefix_weights, train
 from .run_cache import RunCache
 
 __all__ = [
-    "study_mode", "check_study_mode", "BASE_MODES",
+    "study_mode", "study_activation", "check_study_mode", "BASE_MODES",
     "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
     "format_table", "write_json", "RUN_CACHE",
     "write_outputs",
@@ -65,6 +68,7 @@ RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
 _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 _ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
+_JUMPRELU = "-jumprelu"
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -76,6 +80,8 @@ def study_mode(name: str) -> tuple[str, dict]:
     if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
         prefix_mode, overrides = study_mode(name[: -len("-freq")])
         return prefix_mode, {**overrides, "resort_by": "frequency"}
+    if name.endswith(_JUMPRELU):  # the SAE's activation (study_activation); no trainer setting
+        return study_mode(name[: -len(_JUMPRELU)])
     if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
         prefix_mode, overrides = study_mode(name[: -len("-pp")])
         return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}
@@ -94,13 +100,25 @@ def study_mode(name: str) -> tuple[str, dict]:
         raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
-                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting) and -orth<gamma> "
-                         f"(decoder orthogonality penalty), e.g. every-orth1")
+                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu (a JumpReLU SAE) "
+                         f"and -orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":
         overrides["every_weights"] = "uniform"
     return ("balanced" if kind == "balanced" else "every"), overrides
+
+
+def study_activation(name: str) -> str:
+    """The SAE activation of a study mode: ``"jumprelu"`` with a ``-jumprelu`` suffix (anywhere in
+    the chain of suffixes), else ``"relu"``; :func:`study_mode` checks the rest of the name."""
+    orthogonal = _ORTHOGONALITY.match(name)
+    if orthogonal is not None:
+        return study_activation(orthogonal.group(1))
+    for suffix in ("-freq", "-pp"):
+        if name.endswith(suffix):
+            return study_activation(name[: -len(suffix)])
+    return "jumprelu" if name.endswith(_JUMPRELU) else "relu"
 
 
 def check_study_mode(name: str) -> str:
@@ -119,7 +137,8 @@ class RunSpec:
     """One training run: a toy model, a prefix mode and a seed, on the toy recipe.
 
     The recipe (Nabeshima's, with the step count as a knob): as many latents as features, ReLU with
-    an L1 coefficient adapted to the toy's true L0, Adam lr 3e-2 with betas (0.5, 0.9375), clipping
+    an L1 coefficient adapted to the toy's true L0 (a ``-jumprelu`` mode: JumpReLU with its L0
+    coefficient adapted alike), Adam lr 3e-2 with betas (0.5, 0.9375), clipping
     at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled`` prefixes per step.
     ``mode`` is a study mode (:func:`study_mode`); ``train_overrides`` replaces any other
     :class:`TrainConfig` field.
@@ -133,6 +152,9 @@ class RunSpec:
     log_every: int = 100
     eval_samples: int = 20_000
     train_overrides: dict = field(default_factory=dict)
+
+    def sae_config(self, toy: ToyModel) -> SAEConfig:
+        return SAEConfig(d=toy.d, n=toy.num_features, activation=study_activation(self.mode))
 
     def train_config(self, toy: ToyModel) -> TrainConfig:
         prefix_mode, mode_settings = study_mode(self.mode)
@@ -177,8 +199,7 @@ def run_one(spec: RunSpec) -> dict:
     try:
         toy = ToyModel(spec.toy_spec)
         n = toy.num_features
-        sae = SparseAutoencoder(SAEConfig(d=toy.d, n=n, activation="relu"),
-                                generator=torch.Generator().manual_seed(10_000 + spec.seed))
+        sae = SparseAutoencoder(spec.sae_config(toy), generator=torch.Generator().manual_seed(10_000 + spec.seed))
         config = spec.train_config(toy)
         tracker = _Tracker(toy)
         train(sae, lambda rows, g: toy.sample(rows, g)[0], config, callback=tracker)
@@ -189,6 +210,7 @@ def run_one(spec: RunSpec) -> dict:
         torch.set_num_threads(threads)
     return {
         "spec": asdict(spec),
+        "sae_config": asdict(sae.config),
         "train_config": asdict(config),
         "metrics": metrics,
         "learning_order": tracker.order.as_dict(),
