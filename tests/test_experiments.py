@@ -59,6 +59,18 @@ def test_parallel_runs_match_serial_runs(tmp_path):
     assert run_many(specs, jobs=1, cache=tmp_path) == parallel  # the processes' results, reused
 
 
+def test_a_jumprelu_mode_trains_a_jumprelu_sae_on_the_same_recipe():
+    """``-jumprelu`` swaps the activation (and with it the sparsity term: L0 for L1), nothing else:
+    the trainer settings equal the ReLU mode's, and the adaptive coefficient moves the L0 penalty."""
+    toy = child_magnitude_spec(distractors=2)
+    relu, jump = run_many([RunSpec(toy, mode, 0, 60, num_sampled=2, eval_samples=500, log_every=20)
+                           for mode in ("every-orth1", "every-jumprelu-orth1")], jobs=1)
+    assert relu["sae_config"]["activation"] == "relu" and jump["sae_config"]["activation"] == "jumprelu"
+    assert jump["train_config"] == relu["train_config"]
+    assert jump["history"][-1]["sparsity_coeff"] != jump["history"][0]["sparsity_coeff"]
+    assert jump["metrics"]["cos"] != relu["metrics"]["cos"]
+
+
 def test_summaries_and_tables():
     stat = summarize([1.0, 3.0, float("nan"), None])
     assert {k: stat[k] for k in ("mean", "std", "n")} == {"mean": 2.0, "std": 1.0, "n": 2}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from matryoshka.experiments import child_magnitude, hedging
-from matryoshka.experiments.common import fmt, study_mode, summarize
+from matryoshka.experiments.common import fmt, study_activation, study_mode, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,12 +30,19 @@ def test_study_modes_parse():
     assert study_mode("vanilla-freq-orth0.1") == ("vanilla", {"resort_by": "frequency", "orthogonality_coeff": 0.1})
     assert study_mode("every-b0.5-orth1e-2") == ("every", {"balance_beta": 0.5, "balance_normalise": False,
                                                           "orthogonality_coeff": 0.01})
+    # -jumprelu picks the SAE's activation, wherever it sits in the chain; the trainer settings are the rest's
+    for name, base in (("every-b0.2-jumprelu", "every-b0.2"), ("every-b0.2-jumprelu-orth3", "every-b0.2-orth3"),
+                       ("every-jumprelu-freq-pp", "every-freq-pp"), ("vanilla-pp-jumprelu", "vanilla-pp")):
+        assert study_mode(name) == study_mode(base) and study_activation(name) == "jumprelu"
+        assert study_activation(base) == "relu"
+    assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2
     assert hedging.beta_of("every-pp") == hedging.beta_of("every") == hedging.beta_of("every-orth3") == 9.0
     assert hedging.beta_of("every-b0.5-orth3") == 0.5 and hedging.beta_of("every-freq") == 9.0
     assert hedging.beta_of("detached") is None and hedging.beta_of("sampled-orth1") is None
     assert hedging.beta_of("every-uniform-pp") == 19.0 and hedging.beta_of("every-b0.3-pp") == 0.3
     assert "every-pp" in hedging.MODES and "every-uniform-pp" in hedging.MODES
-    for bad in ("every-b", "everything", "balanced", "every-b-1", "every-orth", "every-orth-1", "orth1"):
+    for bad in ("every-b", "everything", "balanced", "every-b-1", "every-orth", "every-orth-1", "orth1",
+                "jumprelu", "every-jumprelu2", "every-topk"):
         with pytest.raises(ValueError):
             study_mode(bad)
 
