@@ -7,8 +7,8 @@
 Activations:
 
 * ``"topk"``: the ``k`` largest ReLU'd pre-activations per row, returned as ``SparseActs``.
-* ``"batchtopk"``: the ``k * B`` largest over the whole batch (rows keep different numbers, padded
-  with ``-1``).  In eval mode it is a JumpReLU with one threshold: an EMA of the smallest activation
+* ``"batchtopk"``: the ``round(k * B)`` largest over the whole batch (rows keep different numbers,
+  padded with ``-1``); ``k`` is an average, so it need not be an integer.  In eval mode it is a JumpReLU with one threshold: an EMA of the smallest activation
   kept during training (Bussmann et al., 2024).
 * ``"relu"``: dense ReLU; the sparsity penalty is the L1 norm of the activations.
 * ``"jumprelu"``: dense ``pre * H(pre - theta)`` with a learned per-latent threshold; the penalty is
@@ -24,6 +24,7 @@ decoder-norm-scaled one, so a latent cannot dodge the penalty by growing its dec
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,14 +49,15 @@ class SAEConfig:
     """Shape and activation of a :class:`SparseAutoencoder` (saved as JSON next to the weights).
 
     ``prefix_lengths`` / ``prefix_weights``: the SAE's default :class:`Prefixes` (``None``: the
-    single prefix ``n``, a vanilla SAE).  ``k``: active latents per row for TopK/BatchTopK.
+    single prefix ``n``, a vanilla SAE).  ``k``: active latents per row for TopK (an integer) and
+    on average over the batch for BatchTopK (any number ``0 < k <= n``, e.g. a toy's expected L0).
     ``jumprelu_bandwidth`` / ``jumprelu_init_threshold``: the JumpReLU kernel width and start.
     """
 
     d: int
     n: int
     activation: str = "relu"
-    k: int | None = None
+    k: int | float | None = None
     prefix_lengths: list[int] | None = None
     prefix_weights: list[float] | None = None
     jumprelu_bandwidth: float = 0.05
@@ -67,8 +69,11 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not (is_count(self.k, 1) and self.k <= self.n):
-            raise ValueError(f"activation {self.activation!r} needs an integer 1 <= k <= n={self.n}, got k={self.k!r}")
+        if self.activation == "topk" and not (is_count(self.k, 1) and self.k <= self.n):
+            raise ValueError(f"activation 'topk' needs an integer 1 <= k <= n={self.n}, got k={self.k!r}")
+        if self.activation == "batchtopk" and not (is_finite_number(self.k) and 0 < self.k <= self.n):
+            raise ValueError(f"activation 'batchtopk' needs a number 0 < k <= n={self.n} (latents per row on "
+                             f"average), got k={self.k!r}")
         # Both enter as a divisor and a logarithm (the threshold is learned in log space).
         for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             value = getattr(self, name)
@@ -172,18 +177,17 @@ class SparseAutoencoder(nn.Module):
             return z
         if kind == "jumprelu":
             return _JumpReLU.apply(z, self.log_threshold.exp(), self.config.jumprelu_bandwidth)
-        k = int(self.config.k)
         if kind == "topk":
-            return SparseActs.from_dense(z, k)
+            return SparseActs.from_dense(z, int(self.config.k))
         if not self.training:  # batchtopk at inference: one global threshold
             return SparseActs.from_mask(z, z > self.threshold.clamp(min=0))  # one host sync: widest row
         ranks = self.data_parallel
         if ranks is None:
             flat = z.flatten()
-            kept_values, kept = flat.topk(min(k * z.shape[0], flat.numel()))
+            kept_values, kept = flat.topk(min(self.batch_budget(z.shape[0]), flat.numel()))
             keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, kept, True).view_as(z)
         else:
-            kept_values, keep = self._global_batch_topk(z, k, ranks)
+            kept_values, keep = self._global_batch_topk(z, self.batch_budget(z.shape[0] * ranks.size), ranks)
         keep = keep & (z > 0)
         with torch.no_grad():
             smallest = torch.where(kept_values > 0, kept_values, float("inf")).min()
@@ -199,19 +203,23 @@ class SparseAutoencoder(nn.Module):
             self._row_stats.copy_(torch.stack([widest, dropped]))
         return _sparse_rows(z, keep, self.row_width)
 
+    def batch_budget(self, rows: int) -> int:
+        """How many activations BatchTopK keeps in a batch of ``rows`` rows: ``round(k * rows)``,
+        at least 1 (``k`` may be fractional)."""
+        return max(1, round(self.config.k * rows))
+
     @staticmethod
     @torch.no_grad()
-    def _global_batch_topk(z: torch.Tensor, k: int, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-        """BatchTopK over the union of all ranks' batches: the ``k * B`` largest values of the
-        global batch (``B`` = all ranks' rows) and this rank's mask of the entries among them.
+    def _global_batch_topk(z: torch.Tensor, budget: int, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK over the union of all ranks' batches: the ``budget`` (``k * B``) largest values
+        of the global batch (``B`` = all ranks' rows) and this rank's mask of the entries among them.
 
-        The global top ``k * B`` restricted to one rank lies within that rank's own top ``k * B``,
-        so gathering each rank's local top ``k * B`` values (``W * k * B`` numbers) finds the exact
+        The global top ``budget`` restricted to one rank lies within that rank's own top ``budget``,
+        so gathering each rank's local top ``budget`` values (``W * budget`` numbers) finds the exact
         global cut-off; every rank then keeps its entries at or above it.  Same selection as one
         process with the whole batch, except for exact ties at the cut-off (all are kept).
         """
         flat = z.flatten()
-        budget = k * z.shape[0] * ranks.size
         local = flat.topk(min(budget, flat.numel())).values
         everyone = ranks.gather(local)
         kept_values = everyone.topk(min(budget, everyone.numel())).values
@@ -220,12 +228,12 @@ class SparseAutoencoder(nn.Module):
     def update_row_width(self, widest: int) -> None:
         """Size BatchTopK training rows for ``widest`` kept latents (host int) and restart the counts.
 
-        A row has ``ceil(1.5 * widest)`` slots (at least ``k``, at most ``n``).  Should a later row
+        A row has ``ceil(1.5 * widest)`` slots (at least ``ceil(k)``, at most ``n``).  Should a later row
         keep more, its smallest entries beyond the width are dropped from that step and counted in
         ``row_stats()[1]``; the trainer reads both counters once per logging interval (its only host
         sync) and calls this with the widest row seen, so the width catches up at the next read-out.
         """
-        k, n = int(self.config.k), self.config.n
+        k, n = math.ceil(self.config.k), self.config.n
         width = min(n, max(k, -(-3 * int(widest) // 2)))
         self.row_width = max(width, self.row_width or 0)
         self._row_stats.zero_()

@@ -1,5 +1,6 @@
 """The thin SAE: activations, losses, decoder constraint, latent permutation, save/load."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def test_batchtopk_keeps_k_per_row_on_average_and_sets_threshold():
     sae.eval()
     eval_dense = sae.dense_acts(batch())
     assert bool((eval_dense[eval_dense > 0] > sae.threshold).all())
+
+
+@pytest.mark.parametrize("k, kept", [(1.15, 37), (0.01, 1), (2, 64)])
+def test_batchtopk_keeps_round_k_times_b_for_a_fractional_k(k, kept):
+    """k is an average over the batch: k = 1.15 on 32 rows keeps round(36.8) = 37 activations, a
+    tiny k still keeps one; rows are at least ceil(k) wide."""
+    sae = make("batchtopk", k=k)
+    x = batch() + 3.0 * torch.randn(N, D, generator=torch.Generator().manual_seed(7))[:1]  # enough positives
+    out = sae(x)
+    assert int((out.acts.to_dense(N) > 0).sum()) == kept
+    assert sae.row_width >= math.ceil(k)
 
 
 def test_relu_penalty_and_dense_acts():
@@ -123,7 +135,11 @@ def test_save_load_roundtrip(tmp_path, activation, k):
 @pytest.mark.parametrize("bad, message", [
     (dict(activation="gelu"), r"^activation must be one of \('topk', 'batchtopk', 'relu', 'jumprelu'\), got 'gelu'$"),
     (dict(activation="topk"), r"^activation 'topk' needs an integer 1 <= k <= n=2, got k=None$"),
-    (dict(activation="batchtopk", k=3), r"^activation 'batchtopk' needs an integer 1 <= k <= n=2, got k=3$"),
+    (dict(activation="batchtopk", k=3), r"^activation 'batchtopk' needs a number 0 < k <= n=2 \(latents per row on "
+                                        r"average\), got k=3$"),
+    (dict(activation="batchtopk", k=0.0), r"^activation 'batchtopk' needs a number 0 < k <= n=2 .*got k=0\.0$"),
+    (dict(activation="batchtopk", k=float("nan")), r"^activation 'batchtopk' needs a number 0 < k <= n=2 .*got k=nan$"),
+    (dict(activation="batchtopk", k=True), r"^activation 'batchtopk' needs a number 0 < k <= n=2 .*got k=True$"),
     (dict(activation="topk", k=1.5), r"^activation 'topk' needs an integer 1 <= k <= n=2, got k=1\.5$"),
     (dict(d=0), r"^SAEConfig\.d must be an integer >= 1, got 0$"),
     (dict(n=2.0), r"^SAEConfig\.n must be an integer >= 1, got 2\.0$"),
