@@ -8,7 +8,7 @@ import torch
 
 from matryoshka.__main__ import main
 from matryoshka.experiments.common import RunSpec, format_table, run_many, summarize
-from matryoshka.toy import child_magnitude_spec
+from matryoshka.toy import ToyModel, child_magnitude_spec
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,6 +69,15 @@ def test_a_jumprelu_mode_trains_a_jumprelu_sae_on_the_same_recipe():
     assert jump["train_config"] == relu["train_config"]
     assert jump["history"][-1]["sparsity_coeff"] != jump["history"][0]["sparsity_coeff"]
     assert jump["metrics"]["cos"] != relu["metrics"]["cos"]
+
+
+def test_a_batchtopk_mode_keeps_the_toys_l0():
+    """``-batchtopk``: a BatchTopK SAE whose (fractional) k is the toy's expected L0."""
+    spec = child_magnitude_spec(distractors=2)
+    [run] = run_many([RunSpec(spec, "every-batchtopk", 0, 60, num_sampled=2, eval_samples=500, log_every=20)], jobs=1)
+    assert run["sae_config"]["activation"] == "batchtopk"
+    assert run["sae_config"]["k"] == pytest.approx(ToyModel(spec).expected_l0())
+    assert run["history"][-1]["l0"] == pytest.approx(ToyModel(spec).expected_l0(), abs=0.05)
 
 
 def test_summaries_and_tables():

@@ -35,6 +35,8 @@ def test_study_modes_parse():
                        ("every-jumprelu-freq-pp", "every-freq-pp"), ("vanilla-pp-jumprelu", "vanilla-pp")):
         assert study_mode(name) == study_mode(base) and study_activation(name) == "jumprelu"
         assert study_activation(base) == "relu"
+    assert study_mode("every-b0.2-batchtopk-orth3") == study_mode("every-b0.2-orth3")
+    assert study_activation("every-b0.2-batchtopk-orth3") == study_activation("vanilla-freq-batchtopk") == "batchtopk"
     assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2
     assert hedging.beta_of("every-pp") == hedging.beta_of("every") == hedging.beta_of("every-orth3") == 9.0
     assert hedging.beta_of("every-b0.5-orth3") == 0.5 and hedging.beta_of("every-freq") == 9.0

@@ -23,6 +23,8 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 * any of these with a ``-jumprelu`` suffix (e.g. ``every-b0.2-jumprelu``, ``every-jumprelu-orth3``):
   a JumpReLU SAE instead of a ReLU one, its L0 penalty adapted to the toy's true L0 as the L1 is
   (:func:`study_activation`): an L0 instead of an L1 sparsity term, the rest of the recipe unchanged.
+  With ``-batchtopk``: a BatchTopK SAE keeping the toy's true L0 per row on average (``k``, a
+  fractional one), so no sparsity term at all.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
 _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 _ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
-_JUMPRELU = "-jumprelu"
+# Study-mode suffixes that pick the SAE's activation (ReLU without one); no trainer setting.
+_ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -80,8 +83,9 @@ def study_mode(name: str) -> tuple[str, dict]:
     if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
         prefix_mode, overrides = study_mode(name[: -len("-freq")])
         return prefix_mode, {**overrides, "resort_by": "frequency"}
-    if name.endswith(_JUMPRELU):  # the SAE's activation (study_activation); no trainer setting
-        return study_mode(name[: -len(_JUMPRELU)])
+    for suffix in _ACTIVATION_SUFFIXES:  # the SAE's activation (study_activation)
+        if name.endswith(suffix):
+            return study_mode(name[: -len(suffix)])
     if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
         prefix_mode, overrides = study_mode(name[: -len("-pp")])
         return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}
@@ -100,8 +104,8 @@ def study_mode(name: str) -> tuple[str, dict]:
         raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
-                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu (a JumpReLU SAE) "
-                         f"and -orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
+                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or -batchtopk "
+                         f"(a JumpReLU or BatchTopK SAE) and -orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":
@@ -110,15 +114,16 @@ def study_mode(name: str) -> tuple[str, dict]:
 
 
 def study_activation(name: str) -> str:
-    """The SAE activation of a study mode: ``"jumprelu"`` with a ``-jumprelu`` suffix (anywhere in
-    the chain of suffixes), else ``"relu"``; :func:`study_mode` checks the rest of the name."""
+    """The SAE activation of a study mode: ``"jumprelu"`` / ``"batchtopk"`` with a ``-jumprelu`` /
+    ``-batchtopk`` suffix (anywhere in the chain of suffixes), else ``"relu"``; :func:`study_mode`
+    checks the rest of the name."""
     orthogonal = _ORTHOGONALITY.match(name)
     if orthogonal is not None:
         return study_activation(orthogonal.group(1))
     for suffix in ("-freq", "-pp"):
         if name.endswith(suffix):
             return study_activation(name[: -len(suffix)])
-    return "jumprelu" if name.endswith(_JUMPRELU) else "relu"
+    return next((kind for suffix, kind in _ACTIVATION_SUFFIXES.items() if name.endswith(suffix)), "relu")
 
 
 def check_study_mode(name: str) -> str:
@@ -138,7 +143,7 @@ class RunSpec:
 
     The recipe (Nabeshima's, with the step count as a knob): as many latents as features, ReLU with
     an L1 coefficient adapted to the toy's true L0 (a ``-jumprelu`` mode: JumpReLU with its L0
-    coefficient adapted alike), Adam lr 3e-2 with betas (0.5, 0.9375), clipping
+    coefficient adapted alike; ``-batchtopk``: BatchTopK keeping that L0), Adam lr 3e-2 with betas (0.5, 0.9375), clipping
     at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled`` prefixes per step.
     ``mode`` is a study mode (:func:`study_mode`); ``train_overrides`` replaces any other
     :class:`TrainConfig` field.
@@ -154,7 +159,9 @@ class RunSpec:
     train_overrides: dict = field(default_factory=dict)
 
     def sae_config(self, toy: ToyModel) -> SAEConfig:
-        return SAEConfig(d=toy.d, n=toy.num_features, activation=study_activation(self.mode))
+        activation = study_activation(self.mode)
+        return SAEConfig(d=toy.d, n=toy.num_features, activation=activation,
+                         k=toy.expected_l0() if activation == "batchtopk" else None)
 
     def train_config(self, toy: ToyModel) -> TrainConfig:
         prefix_mode, mode_settings = study_mode(self.mode)
