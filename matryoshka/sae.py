@@ -8,8 +8,9 @@ Activations:
 
 * ``"topk"``: the ``k`` largest ReLU'd pre-activations per row, returned as ``SparseActs``.
 * ``"batchtopk"``: the ``round(k * B)`` largest over the whole batch (rows keep different numbers,
-  padded with ``-1``); ``k`` is an average, so it need not be an integer.  In eval mode it is a JumpReLU with one threshold: an EMA of the smallest activation
-  kept during training (Bussmann et al., 2024).
+  padded with ``-1``); ``k`` is an average, so it need not be an integer.  In eval mode it is a
+  JumpReLU with one threshold: an EMA of the smallest activation kept during training (Bussmann et
+  al., 2024).
 * ``"relu"``: dense ReLU; the sparsity penalty is the L1 norm of the activations.
 * ``"jumprelu"``: dense ``pre * H(pre - theta)`` with a learned per-latent threshold; the penalty is
   the L0 norm, both trained with straight-through rectangle-kernel pseudo-derivatives
@@ -228,8 +229,8 @@ class SparseAutoencoder(nn.Module):
     def update_row_width(self, widest: int) -> None:
         """Size BatchTopK training rows for ``widest`` kept latents (host int) and restart the counts.
 
-        A row has ``ceil(1.5 * widest)`` slots (at least ``ceil(k)``, at most ``n``).  Should a later row
-        keep more, its smallest entries beyond the width are dropped from that step and counted in
+        A row has ``ceil(1.5 * widest)`` slots (at least ``ceil(k)``, at most ``n``).  Should a later
+        row keep more, its smallest entries beyond the width are dropped from that step and counted in
         ``row_stats()[1]``; the trainer reads both counters once per logging interval (its only host
         sync) and calls this with the widest row seen, so the width catches up at the next read-out.
         """

@@ -76,19 +76,38 @@ _ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
 
 def study_mode(name: str) -> tuple[str, dict]:
     """``(prefix_mode, TrainConfig overrides)`` of a study mode name (see the module doc)."""
+    prefix_mode, overrides, _ = _parse_study_mode(name)
+    return prefix_mode, overrides
+
+
+def study_activation(name: str) -> str:
+    """The SAE activation of a study mode: ``"jumprelu"`` / ``"batchtopk"`` with a ``-jumprelu`` /
+    ``-batchtopk`` suffix (anywhere in the chain of suffixes), else ``"relu"``."""
+    return _parse_study_mode(name)[2]
+
+
+def _parse_study_mode(name: str) -> tuple[str, dict, str]:
+    """``(prefix_mode, TrainConfig overrides, SAE activation)``: the suffixes peeled off one by one,
+    then the base mode (:func:`_base_mode`)."""
     orthogonal = _ORTHOGONALITY.match(name)
     if orthogonal is not None:  # the decoder orthogonality penalty, weight γ
-        prefix_mode, overrides = study_mode(orthogonal.group(1))
-        return prefix_mode, {**overrides, "orthogonality_coeff": float(orthogonal.group(2))}
+        prefix_mode, overrides, activation = _parse_study_mode(orthogonal.group(1))
+        return prefix_mode, {**overrides, "orthogonality_coeff": float(orthogonal.group(2))}, activation
     if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
-        prefix_mode, overrides = study_mode(name[: -len("-freq")])
-        return prefix_mode, {**overrides, "resort_by": "frequency"}
-    for suffix in _ACTIVATION_SUFFIXES:  # the SAE's activation (study_activation)
+        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-freq")])
+        return prefix_mode, {**overrides, "resort_by": "frequency"}, activation
+    for suffix, kind in _ACTIVATION_SUFFIXES.items():  # the SAE's activation, no trainer setting
         if name.endswith(suffix):
-            return study_mode(name[: -len(suffix)])
+            prefix_mode, overrides, _ = _parse_study_mode(name[: -len(suffix)])
+            return prefix_mode, overrides, kind
     if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
-        prefix_mode, overrides = study_mode(name[: -len("-pp")])
-        return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}
+        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-pp")])
+        return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}, activation
+    return (*_base_mode(name), "relu")
+
+
+def _base_mode(name: str) -> tuple[str, dict]:
+    """``(prefix_mode, TrainConfig overrides)`` of a study mode without suffixes."""
     if name in BASE_MODES:
         return name, {}
     if name == "every-uniform":
@@ -104,26 +123,14 @@ def study_mode(name: str) -> tuple[str, dict]:
         raise ValueError(f"unknown study mode {name!r}: use one of {', '.join(BASE_MODES)}, every-uniform, "
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
-                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or -batchtopk "
-                         f"(a JumpReLU or BatchTopK SAE) and -orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
+                         f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
+                         f"-batchtopk (a JumpReLU or BatchTopK SAE) and -orth<gamma> (decoder orthogonality "
+                         f"penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":
         overrides["every_weights"] = "uniform"
     return ("balanced" if kind == "balanced" else "every"), overrides
-
-
-def study_activation(name: str) -> str:
-    """The SAE activation of a study mode: ``"jumprelu"`` / ``"batchtopk"`` with a ``-jumprelu`` /
-    ``-batchtopk`` suffix (anywhere in the chain of suffixes), else ``"relu"``; :func:`study_mode`
-    checks the rest of the name."""
-    orthogonal = _ORTHOGONALITY.match(name)
-    if orthogonal is not None:
-        return study_activation(orthogonal.group(1))
-    for suffix in ("-freq", "-pp"):
-        if name.endswith(suffix):
-            return study_activation(name[: -len(suffix)])
-    return next((kind for suffix, kind in _ACTIVATION_SUFFIXES.items() if name.endswith(suffix)), "relu")
 
 
 def check_study_mode(name: str) -> str:
@@ -143,8 +150,9 @@ class RunSpec:
 
     The recipe (Nabeshima's, with the step count as a knob): as many latents as features, ReLU with
     an L1 coefficient adapted to the toy's true L0 (a ``-jumprelu`` mode: JumpReLU with its L0
-    coefficient adapted alike; ``-batchtopk``: BatchTopK keeping that L0), Adam lr 3e-2 with betas (0.5, 0.9375), clipping
-    at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled`` prefixes per step.
+    coefficient adapted alike; ``-batchtopk``: BatchTopK keeping that L0), Adam lr 3e-2 with betas
+    (0.5, 0.9375), clipping at 1.0, batch 200, latents re-sorted every 100 steps, ``num_sampled``
+    prefixes per step.
     ``mode`` is a study mode (:func:`study_mode`); ``train_overrides`` replaces any other
     :class:`TrainConfig` field.
     """
