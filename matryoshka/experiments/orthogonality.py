@@ -345,12 +345,14 @@ def _most_frequent_child(payload: dict) -> tuple[str, tuple[list[float], list]] 
     def last_slot(seeds: list[dict], key: str) -> list[float]:  # per seed: mean over families of the last child
         return [float(np.nanmean(r[key][r["children_per_family"] - 1::r["children_per_family"]])) for r in seeds]
 
-    table = format_table(
-        [[f"{q:g}", b, f"{g:g}", fmt(summarize(last_slot(rows[_key(by_q[q], b, g)], "rotated_by_child"))),
-          fmt(summarize(last_slot(rows[_key(by_q[q], b, g)], "absorption_by_child"))),
-          f"{sum(outcome(r) == 'clean' for r in rows[_key(by_q[q], b, g)])}/{len(rows[_key(by_q[q], b, g)])}"]
-         for q in qs for b, g in cells],
-        ["q", "base", "gamma", "rotated", "absorption", "clean seeds"])
+    table = []
+    for q in qs:
+        for b, g in cells:
+            seeds = rows[_key(by_q[q], b, g)]
+            table.append([f"{q:g}", b, f"{g:g}", fmt(summarize(last_slot(seeds, "rotated_by_child"))),
+                          fmt(summarize(last_slot(seeds, "absorption_by_child"))),
+                          f"{outcome_counts(seeds)[0]}/{len(seeds)}"])
+    table = format_table(table, ["q", "base", "gamma", "rotated", "absorption", "clean seeds"])
     # (The clean share is the table's: a Student-t band on a 0/1 outcome would leave [0, 1].)
     panels = [(label, {mode_name(b, g): np.array([last_slot(rows[_key(by_q[q], b, g)], key) for q in qs]).T
                        for b, g in cells})

@@ -114,11 +114,9 @@ def sweep_plot(ratios: Sequence[float], panels: Sequence[tuple[str, dict[str, np
                         label=mode, color=colors[mode])
         for (x, label), style in zip(marks, (":", "--", "-.", (0, (1, 3)))):
             ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
-        if linear:
-            pass
-        elif min(ratios) > 0:
+        if not linear and min(ratios) > 0:
             ax.set_xscale("log")
-        else:  # 0 (e.g. no penalty) on a log-like axis
+        elif not linear:  # 0 (e.g. no penalty) on a log-like axis
             ax.set_xscale("symlog", linthresh=min(r for r in ratios if r > 0))
         ax.set_xticks(list(ratios), [f"{r:g}" for r in ratios])
         ax.set_xlabel(xlabel)
