@@ -24,6 +24,10 @@ step's prefix weight that reaches it, ``c_i = Σ_{g: m_g > i} w_g / Σ_g w_g``
 (:func:`prefix_penalty_weights`), so that each prefix carries ``w_g (L_g + λ · penalty of its own
 latents) / Σ w``; the default ``"uniform"`` penalises every latent fully.
 
+``resample_every > 0`` restarts latents silent for ``dead_after`` steps on the batch's
+worst-reconstructed inputs every that many steps (:mod:`matryoshka.resampling`): the dead-latent
+loss cannot revive a latent whose pre-activation is negative on every input.
+
 ``orthogonality_coeff = γ > 0`` adds ``γ · P(W_dec)``, the mean over latents of the largest squared
 cosine with another latent's decoder row (after OrtSAE; :mod:`matryoshka.orthogonality`), within
 random chunks of ``orthogonality_chunk`` latents (one exact chunk when ``n`` is smaller).
@@ -54,7 +58,8 @@ DDP averages gradients; all ranks draw the same prefixes.  What a batch-wide qua
 * BatchTopK: selects the ``k * B`` largest activations of the *global* batch (each rank's local top
   ``k * B`` values are all-gathered and the global cut-off taken from them), so its threshold EMA
   and row width come out the same on every rank and as in one process;
-* the dead-latent loss: its normalising error is the global batch mean.
+* the dead-latent loss: its normalising error is the global batch mean;
+* resampling: the residuals are all-gathered, so every rank restarts the same latents identically.
 
 Rank 0 writes the checkpoints.  They hold global state only, so any world size can resume them.
 
@@ -85,6 +90,7 @@ from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
 from .orthogonality import DEFAULT_CHUNK, penalty_at_step
 from .prefixes import Prefixes
+from .resampling import resample_dead_latents_
 from .sae import SparseAutoencoder
 from .sparse_acts import SparseActs
 from .stop_signals import DeferredSignals, TrainingInterrupted
@@ -221,7 +227,10 @@ class TrainConfig:
     ``target_l0`` is set: it is then multiplied by ``exp(adapt_rate * (L0 - target) / target)``
     each step.  ``resort_every``: every that many steps reorder latents by an EMA (``resort_ema``)
     of their mean squared decoder-scaled activation, largest first (0: never).  ``dead_after``,
-    ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``log_every``: steps between metric
+    ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``resample_every``: every that many steps
+    restart the latents silent for ``dead_after`` steps or more on the batch's worst-reconstructed
+    inputs (:mod:`matryoshka.resampling`; any activation; 0: never), until the learning-rate
+    cool-down starts (a latent restarted later would not have the steps to settle).  ``log_every``: steps between metric
     read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never);
     ``keep_checkpoints``: how many of the newest checkpoints stay in the folder, older ones are
     deleted after each save (0: all; a checkpoint holds the parameters and Adam's two moments).
@@ -257,6 +266,7 @@ class TrainConfig:
     dead_after: int = 1000
     aux_k: int = 16
     aux_coeff: float = 1.0 / 32
+    resample_every: int = 0
     log_every: int = 100
     checkpoint_every: int = 0
     keep_checkpoints: int = 0
@@ -287,6 +297,7 @@ class TrainConfig:
             ("resort_every", is_count(self.resort_every, 0), "an integer >= 0 (0: never)"),
             ("dead_after", is_count(self.dead_after, 0), "an integer >= 0"),
             ("aux_k", is_count(self.aux_k, 0), "an integer >= 0"),
+            ("resample_every", is_count(self.resample_every, 0), "an integer >= 0 (0: never)"),
             ("lr", is_finite_number(self.lr) and self.lr > 0, "a finite number > 0"),
             ("betas", isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
              and all(is_finite_number(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
@@ -316,7 +327,7 @@ class TrainConfig:
 # so that checkpoints written before them still resume.
 _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
                  "sparsity_weighting": "uniform", "orthogonality_coeff": 0.0,
-                 "orthogonality_chunk": DEFAULT_CHUNK}
+                 "orthogonality_chunk": DEFAULT_CHUNK, "resample_every": 0}
 
 
 @dataclass
@@ -343,6 +354,7 @@ class _LatentStats:
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
         self.energy = torch.zeros(n, device=device)
         self.frequency = torch.zeros(n, device=device)
+        self.resampled = torch.zeros(n, dtype=torch.long, device=device)  # restarts of each latent
         self.decay = decay
 
     @torch.no_grad()
@@ -372,6 +384,15 @@ class _LatentStats:
         self.since_fired = self.since_fired[perm]
         self.energy = self.energy[perm]
         self.frequency = self.frequency[perm]
+        self.resampled = self.resampled[perm]
+
+    def restart(self, restarted: torch.Tensor) -> None:
+        """Count the ``restarted`` latents (bool mask) and start their statistics afresh: they get
+        ``dead_after`` steps to fire before they count as dead again."""
+        self.since_fired = torch.where(restarted, 0, self.since_fired)
+        self.energy = torch.where(restarted, 0.0, self.energy)
+        self.frequency = torch.where(restarted, 0.0, self.frequency)
+        self.resampled = self.resampled + restarted.long()
 
 
 def _mean_l0(acts: SparseActs | torch.Tensor) -> torch.Tensor:
@@ -436,8 +457,8 @@ def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: t
     orthogonality = _orthogonality(sae, config, done) if config.orthogonality_coeff else dead.new_zeros(())
     values = torch.cat([window.double() / (done - start), log_coeff.exp().double().view(1),
                         dead.double().view(1), _global_row_stats(sae, ranks).double(),
-                        orthogonality.double().view(1)]).tolist()
-    loss, recon, l0, aux, coeff, dead_count, widest, dropped, orthogonality = values
+                        orthogonality.double().view(1), stats.resampled.sum().double().view(1)]).tolist()
+    loss, recon, l0, aux, coeff, dead_count, widest, dropped, orthogonality, resampled = values
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"training diverged: the mean loss of steps {start}..{done - 1} is {loss}, so the parameters are "
@@ -446,6 +467,8 @@ def _read_out(done: int, result: TrainResult, window: torch.Tensor, log_coeff: t
             "dead": int(dead_count)}
     if config.orthogonality_coeff:  # the decoder's penalty at the read-out (unweighted)
         logs["orthogonality"] = orthogonality
+    if config.resample_every:  # restarts so far, all latents together
+        logs["resampled"] = int(resampled)
     if sae.config.activation == "batchtopk":
         logs["batchtopk_dropped"] = int(dropped)
         sae.update_row_width(int(widest))
@@ -498,7 +521,7 @@ class _Run:
         tensors = {
             "log_coeff": self.log_coeff, "window": window, "row_stats": row_stats,
             "since_fired": self.stats.since_fired, "energy": self.stats.energy,
-            "frequency": self.stats.frequency,
+            "frequency": self.stats.frequency, "resampled": self.stats.resampled,
             "data_generator": self.data_gen.get_state() if at_chunk_start else self.chunk_state,
             "prefix_generator": self.schedule.generator.get_state(),
         }
@@ -531,6 +554,8 @@ class _Run:
         self.stats.energy = tensors["energy"].to(device)
         if "frequency" in tensors:  # checkpoints written before frequency re-sorting lack it
             self.stats.frequency = tensors["frequency"].to(device)
+        if "resampled" in tensors:  # checkpoints written before resampling lack it
+            self.stats.resampled = tensors["resampled"].to(device)
         self.log_coeff.copy_(tensors["log_coeff"])
         self.window.copy_(tensors["window"])  # the mean over ranks: averaging again keeps it
         self.data_gen.set_state(tensors["data_generator"])  # the chunk's start: the loop redraws it
@@ -649,6 +674,7 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
     sparse_kind = sae.config.activation in ("topk", "batchtopk")
     no_aux = torch.zeros((), device=device)
     by_prefix = config.sparsity_weighting == "prefix"
+    resample_until = config.steps - max(1, round(config.cooldown_frac * config.steps))  # the cool-down's start
     weighted_prefixes, latent_weights = None, None
     chunk_steps = config.data_chunk_steps
     chunk = None
@@ -705,6 +731,12 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
                 log_coeff += config.adapt_rate * error
             stats.update(out.acts, sae.W_dec, ranks)
             window += torch.stack([loss.detach(), recon.detach(), l0, aux.detach()])
+            if config.resample_every and (step + 1) % config.resample_every == 0 and step + 1 <= resample_until:
+                # The step's own residuals (before its update); every rank sees the whole batch's,
+                # so all restart the same latents the same way.
+                errors = x - out.recon
+                stats.restart(resample_dead_latents_(sae, optimizer, stats.since_fired >= config.dead_after,
+                                                     errors if ranks is None else ranks.gather(errors)))
         if config.resort_every and (step + 1) % config.resort_every == 0:
             _resort(sae, optimizer, stats, config.resort_by)
 

@@ -108,6 +108,22 @@ def test_resume_from_a_data_chunk_start_with_frequency_resorting_is_bit_exact(tm
     _assert_same_run(sae, result.history, want_state, want_history)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_resume_with_dead_latent_resampling_is_bit_exact(tmp_path, one_thread, activation):
+    """Restarts every 2 steps of latents silent for a step: the restart counts, the reset
+    statistics and the zeroed Adam moments must all come back from the checkpoint."""
+    overrides = dict(resample_every=2, dead_after=1)
+    want_state, want_history = _uninterrupted(activation, **overrides)
+    restarts = {row["step"]: row["resampled"] for row in want_history}
+    assert 0 < restarts[9] < restarts[12]  # restarts before the checkpoint at 10 and after it
+    with pytest.raises(_Crash):  # checkpoints at 5 and 10; dies at 12
+        train(tiny_sae(activation), sample, tiny_config(activation, **overrides), callback=_crash_at(12),
+              checkpoint_dir=tmp_path)
+    sae = tiny_sae(activation, seed=99)
+    result = train(sae, sample, tiny_config(activation, **overrides), checkpoint_dir=tmp_path, resume=True)
+    _assert_same_run(sae, result.history, want_state, want_history)
+
+
 def _killed_child(folder: str) -> None:
     """Run in a subprocess: train with checkpoints and hang inside the second checkpoint's write,
     after its files are written and before the rename publishes them, until SIGKILL comes."""

@@ -1,7 +1,8 @@
 """Data-parallel training on two gloo ranks on the CPU: 2 ranks x batch B/2 reach the parameters of
 1 rank x batch B (float tolerance), the ranks stay bit-identical, BatchTopK's threshold and the
 adaptive L1 coefficient are synchronised, the decoder orthogonality penalty's random chunks agree,
-rank 0 writes checkpoints, and a checkpoint resumes under another world size."""
+dead latents are restarted alike, rank 0 writes checkpoints, and a checkpoint resumes under another
+world size."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def _config(activation: str, **overrides):
         # and the decoder orthogonality penalty in random chunks (12 latents, chunks of <= 5): every
         # rank must draw the same chunks, as one process does
         overrides |= {"orthogonality_coeff": 0.5, "orthogonality_chunk": 5}
+    if activation == "topk":  # dead latents restarted on the residuals of the whole (all-gathered) batch
+        overrides |= {"resample_every": 5, "dead_after": 1}
     return tiny_config(activation, steps=STEPS, checkpoint_every=10, **overrides)
 
 
@@ -152,6 +155,7 @@ def _assert_close_runs(got: dict, want: dict) -> None:
                                    torch.tensor([row[key] for row in want["history"]], dtype=torch.float64),
                                    **TOLERANCE, msg=lambda m, k=key: f"history {k}: {m}")
     assert [row["dead"] for row in got["history"]] == [row["dead"] for row in want["history"]]
+    assert [row.get("resampled") for row in got["history"]] == [row.get("resampled") for row in want["history"]]
     assert got["row_width"] == want["row_width"]
 
 
@@ -170,6 +174,14 @@ def test_ranks_stay_bit_identical(runs, activation):
         if name != "row_stats":
             assert torch.equal(value, b["state"][name]), name
     assert a["history"] == b["history"] and a["row_width"] == b["row_width"]
+
+
+def test_two_ranks_restart_dead_latents_as_one_rank_does(runs):
+    """The restarts themselves are compared by the two tests above (counts in the history, the
+    restarted parameters in the state); this one makes sure there are some to compare."""
+    single, ranks, _ = runs
+    assert single["topk"]["history"][-1]["resampled"] >= 2
+    assert ranks[0]["topk"]["history"][-1]["resampled"] == single["topk"]["history"][-1]["resampled"]
 
 
 def test_batchtopk_threshold_and_adaptive_l1_are_synchronised(runs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from matryoshka.experiments import child_magnitude, hedging
-from matryoshka.experiments.common import fmt, study_activation, study_mode, summarize
+from matryoshka.experiments.common import RESAMPLE_EVERY, fmt, study_activation, study_mode, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +37,11 @@ def test_study_modes_parse():
         assert study_activation(base) == "relu"
     assert study_mode("every-b0.2-batchtopk-orth3") == study_mode("every-b0.2-orth3")
     assert study_activation("every-b0.2-batchtopk-orth3") == study_activation("vanilla-freq-batchtopk") == "batchtopk"
+    assert study_mode("every-b0.2-batchtopk-resample-orth3") == (
+        "every", {"balance_beta": 0.2, "balance_normalise": False, "resample_every": RESAMPLE_EVERY,
+                  "orthogonality_coeff": 3.0})
+    assert study_activation("every-b0.2-batchtopk-resample-orth3") == "batchtopk"
+    assert study_mode("vanilla-resample") == ("vanilla", {"resample_every": RESAMPLE_EVERY})
     assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2
     assert hedging.beta_of("every-pp") == hedging.beta_of("every") == hedging.beta_of("every-orth3") == 9.0
     assert hedging.beta_of("every-b0.5-orth3") == 0.5 and hedging.beta_of("every-freq") == 9.0

@@ -25,6 +25,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   (:func:`study_activation`): an L0 instead of an L1 sparsity term, the rest of the recipe unchanged.
   With ``-batchtopk``: a BatchTopK SAE keeping the toy's true L0 per row on average (``k``, a
   fractional one), so no sparsity term at all.
+* any of these with a ``-resample`` suffix (e.g. ``every-b0.2-batchtopk-resample-orth3``): latents
+  silent for ``dead_after`` steps restarted on the worst-reconstructed inputs, checked every
+  :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from ..train import TrainConfig, every_prefix_weights, train
 from .run_cache import RunCache
 
 __all__ = [
-    "study_mode", "study_activation", "check_study_mode", "BASE_MODES",
+    "study_mode", "study_activation", "check_study_mode", "BASE_MODES", "RESAMPLE_EVERY",
     "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
     "format_table", "write_json", "RUN_CACHE",
     "write_outputs",
@@ -72,6 +75,7 @@ _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 _ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
 # Study-mode suffixes that pick the SAE's activation (ReLU without one); no trainer setting.
 _ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
+RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead latents (as often as re-sorting)
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -100,6 +104,9 @@ def _parse_study_mode(name: str) -> tuple[str, dict, str]:
         if name.endswith(suffix):
             prefix_mode, overrides, _ = _parse_study_mode(name[: -len(suffix)])
             return prefix_mode, overrides, kind
+    if name.endswith("-resample"):  # dead latents restarted on the worst-reconstructed inputs
+        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-resample")])
+        return prefix_mode, {**overrides, "resample_every": RESAMPLE_EVERY}, activation
     if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
         prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-pp")])
         return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}, activation
@@ -124,8 +131,8 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
-                         f"-batchtopk (a JumpReLU or BatchTopK SAE) and -orth<gamma> (decoder orthogonality "
-                         f"penalty), e.g. every-orth1")
+                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted) and "
+                         f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
     if kind == "every-uniform":
