@@ -101,7 +101,7 @@ def train_toy_cmd(args: argparse.Namespace) -> None:
                          keep_checkpoints=args.keep_checkpoints, progress=leader,
                          detach=args.detach, balance_beta=args.balance_beta, balance_normalise=args.balance_normalise,
                          orthogonality_coeff=args.orthogonality_coeff, orthogonality_chunk=args.orthogonality_chunk,
-                         prefix_mode=args.mode)  # a trainer prefix mode, not a study mode
+                         resample_every=args.resample_every, prefix_mode=args.mode)  # a trainer prefix mode, not a study mode
         config = RunSpec(toy.spec, "vanilla", args.seed, args.steps, train_overrides=overrides).train_config(toy)
         sae_config = SAEConfig(d=toy.d, n=toy.num_features, activation=args.activation, k=args.k)
         sae = SparseAutoencoder(sae_config, generator=torch.Generator().manual_seed(10_000 + args.seed)).to(device)
@@ -128,7 +128,8 @@ def train_cmd(args: argparse.Namespace) -> None:
         lr=args.lr, seed=args.seed, device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, held_out=args.held_out,
         every_weights=args.every_weights, orthogonality_coeff=args.orthogonality_coeff,
-        orthogonality_chunk=args.orthogonality_chunk, balance_beta=args.balance_beta)
+        orthogonality_chunk=args.orthogonality_chunk, balance_beta=args.balance_beta,
+        resample_every=args.resample_every)
     last, settings = summary["last"], summary["settings"]
     ev = last.get("heldout_explained_variance")
     print(f"{settings['kind']} SAE d={settings['d']} n={settings['n']} k={settings['k']}, prefixes {settings['mode']}"
@@ -206,6 +207,13 @@ def _orthogonality_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orthogonality-chunk", type=int, default=DEFAULT_CHUNK,
                         help="latents compared with each other per step, in random chunks redrawn every step "
                              "(default %(default)s; n or more: every pair)")
+
+
+def _resample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resample-every", type=int, default=0,
+                        help="every that many steps, restart latents that have not fired for the trainer's dead_after "
+                             "steps on the batch's worst-reconstructed inputs, until the learning-rate cool-down "
+                             "(default %(default)s: never)")
 
 
 def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool = False, modes: bool = True) -> None:
@@ -330,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     toy_train.add_argument("--balance-normalise", action="store_true",
                            help="divide the beta-scaled weights by their sum")
     _orthogonality_args(toy_train)
+    _resample_args(toy_train)
     toy_train.set_defaults(func=train_toy_cmd)
 
     # Prefix modes come from the trainer (PREFIX_MODES), so modes it gains (balanced, detached) appear here.
@@ -363,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda[:i] (default: %(default)s)")
     _orthogonality_args(fit)
+    _resample_args(fit)
     fit.set_defaults(func=train_cmd)
 
     cache = sub.add_parser("activations", help="cache a real transformer's residual-stream activations over English text",

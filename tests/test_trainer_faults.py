@@ -97,6 +97,10 @@ def test_cli_bad_settings_and_resume(tmp_path, capsys, one_thread):
         main(["train-toy", "--out", str(tmp_path), "--activation", "topk"])
     assert exit_.value.code == 1
     assert "error: activation 'topk' needs an integer 1 <= k <= n=20, got k=None" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # the trainer's check, named, reaches the command line
+        main(["train-toy", "--out", str(tmp_path), "--resample-every", "-1"])
+    assert exit_.value.code == 1
+    assert "TrainConfig.resample_every must be an integer >= 0 (0: never), got -1" in capsys.readouterr().err
 
     args = ["train-toy", "--out", str(tmp_path), "--steps", "8", "--batch-size", "20", "--checkpoint-every", "4"]
     main(args)
