@@ -1,17 +1,20 @@
 """Dead-latent resampling: a latent that has stopped firing restarts on what the SAE misses.
 
-Why the dead-latent loss is not enough.  The TopK loss (:meth:`SparseAutoencoder.auxk_loss`, Gao et
-al. 2024) lets the ``k_aux`` largest *ReLU'd* pre-activations of dead latents reconstruct the residual
-error.  A latent whose pre-activation is negative on every input gets a zero value there, hence no
-gradient, and stays dead for good.  On the toys that is how latents die: the decoder of a latent that
-never fires drifts (the orthogonality penalty pushes it off the live latents' decoders) into the
-unexplained subspace, i.e. onto ± a missing feature, and with the minus sign its encoder sees every
-input from the wrong side.  Feeding the raw pre-activations to the loss (as SAELens does) does not
-help either: a negative value times a decoder pointing at minus the residual reconstructs the
-residual just as well, so that state is a fixed point of the loss while the latent still never fires.
+Why the dead-latent loss is not enough.  A latent whose pre-activation is negative on every input
+gets no gradient from the reconstruction, from an L1/L0 penalty, or from the TopK dead-latent loss
+(:meth:`SparseAutoencoder.auxk_loss`, Gao et al. 2024), which reconstructs the residual from the
+``k_aux`` largest *ReLU'd* pre-activations of dead latents: zero values, zero gradient.  Such a
+latent stays dead for good, and on the toys every dead latent we traced is of that kind (negative
+on all 20 000 evaluation inputs): under BatchTopK with the orthogonality penalty, decoders at
+|cos| 0.6-0.8 with a child no other latent learned, often with the minus sign; under ReLU, a
+duplicate of a feature another latent holds.  Feeding the loss the raw pre-activations instead
+(as SAELens does) did not revive them in our toy runs either: a negative value times a decoder
+pointing at minus the residual reconstructs the residual as well, and the latent still never fires.
 
-The remedy (Bricken et al. 2023, "Towards Monosemanticity", neuron resampling; simplified): give
-each dead latent the direction of one of the batch's worst-reconstructed inputs.  For dead latent
+The remedy, after the neuron resampling of Bricken et al. 2023 ("Towards Monosemanticity"; they
+draw inputs with probability proportional to their squared loss and scale the encoder by 0.2; here
+the largest residuals are taken in order, deterministically, at full scale): give each dead latent
+the direction of one of the batch's worst-reconstructed inputs.  For dead latent
 ``l`` and residual row ``e = x - x_hat`` (unit ``u = e / |e|``)::
 
     W_dec[l] = u,    W_enc[:, l] = s * u,    b_enc[l] = 0    (JumpReLU: threshold back to its start)
