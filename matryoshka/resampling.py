@@ -6,8 +6,9 @@ gets no gradient from the reconstruction, from an L1/L0 penalty, or from the Top
 ``k_aux`` largest *ReLU'd* pre-activations of dead latents: zero values, zero gradient.  Such a
 latent stays dead for good, and on the toys every dead latent we traced is of that kind (negative
 on all 20 000 evaluation inputs): under BatchTopK with the orthogonality penalty, decoders at
-|cos| 0.6-0.8 with a child no other latent learned, often with the minus sign; under ReLU, a
-duplicate of a feature another latent holds.  Feeding the loss the raw pre-activations instead
+|cos| 0.6-0.8 with a child no other latent learned, often with the minus sign; without it, mixtures
+(|cos| 0.4-0.7 with their nearest feature); under ReLU, a duplicate of a feature another latent
+holds.  Feeding the loss the raw pre-activations instead
 (as SAELens does) did not revive them in our toy runs either: a negative value times a decoder
 pointing at minus the residual reconstructs the residual as well, and the latent still never fires.
 
