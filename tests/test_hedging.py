@@ -42,6 +42,12 @@ def test_study_modes_parse():
                   "orthogonality_coeff": 3.0})
     assert study_activation("every-b0.2-batchtopk-resample-orth3") == "batchtopk"
     assert study_mode("vanilla-resample") == ("vanilla", {"resample_every": RESAMPLE_EVERY})
+    assert study_mode("every-b0.2-resample-dead300-orth3") == (
+        "every", {"balance_beta": 0.2, "balance_normalise": False, "resample_every": RESAMPLE_EVERY,
+                  "dead_after": 300, "orthogonality_coeff": 3.0})
+    assert study_activation("every-batchtopk-dead50") == "batchtopk"
+    with pytest.raises(ValueError, match="-dead<N>"):
+        study_mode("every-dead")
     assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2
     assert hedging.beta_of("every-pp") == hedging.beta_of("every") == hedging.beta_of("every-orth3") == 9.0
     assert hedging.beta_of("every-b0.5-orth3") == 0.5 and hedging.beta_of("every-freq") == 9.0

@@ -27,7 +27,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   fractional one), so no sparsity term at all.
 * any of these with a ``-resample`` suffix (e.g. ``every-b0.2-batchtopk-resample-orth3``): latents
   silent for ``dead_after`` steps restarted on the worst-reconstructed inputs, checked every
-  :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`).
+  :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`);
+  ``-dead<N>`` (e.g. ``every-b0.2-resample-dead300``): a latent counts as dead after ``N`` silent
+  steps instead of the trainer's 1 000 (``TrainConfig(dead_after=N)``: resampling and the AuxK loss).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
 _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 _ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
+_DEAD_AFTER = re.compile(r"^(.+)-dead([0-9]+)$")
 # Study-mode suffixes that pick the SAE's activation (ReLU without one); no trainer setting.
 _ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
 RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead latents (as often as re-sorting)
@@ -104,6 +107,10 @@ def _parse_study_mode(name: str) -> tuple[str, dict, str]:
         if name.endswith(suffix):
             prefix_mode, overrides, _ = _parse_study_mode(name[: -len(suffix)])
             return prefix_mode, overrides, kind
+    dead_after = _DEAD_AFTER.match(name)
+    if dead_after is not None:  # steps of silence before a latent counts as dead (AuxK, resampling)
+        prefix_mode, overrides, activation = _parse_study_mode(dead_after.group(1))
+        return prefix_mode, {**overrides, "dead_after": int(dead_after.group(2))}, activation
     if name.endswith("-resample"):  # dead latents restarted on the worst-reconstructed inputs
         prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-resample")])
         return prefix_mode, {**overrides, "resample_every": RESAMPLE_EVERY}, activation
@@ -131,7 +138,8 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
-                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted) and "
+                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted), -dead<N> (dead "
+                         f"after N silent steps) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
