@@ -171,14 +171,16 @@ def test_training_logs_batchtopk_drops():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("settings", [{}, {"orthogonality_coeff": 0.5, "orthogonality_chunk": 8}],
-                         ids=["plain", "orthogonality_chunks"])
+@pytest.mark.parametrize("settings", [{}, {"orthogonality_coeff": 0.5, "orthogonality_chunk": 8},
+                                      {"resample_every": 5, "dead_after": 5}],
+                         ids=["plain", "orthogonality_chunks", "resampling"])
 def test_cuda_training_follows_the_cpu_run(settings):
     """100 steps on CUDA and on the CPU from the same initialisation and the same (host-drawn) data:
     the logged losses agree to 5% relative (float32 rounding and TF32-free kernels differ only in
     summation order; 5% leaves room for the divergence that compounds over 100 Adam steps).  Between
     read-outs the step must not synchronise with the host (CUDA sync debug mode counts it), also
-    with the decoder orthogonality penalty in host-drawn random chunks (20 latents, chunks of <= 8)."""
+    with the decoder orthogonality penalty in host-drawn random chunks (20 latents, chunks of <= 8)
+    and with dead latents restarted (4 restarts in the CPU run)."""
     toy, sample = _toy_sampler()
     histories = {}
     for device in ("cpu", "cuda"):
@@ -201,3 +203,5 @@ def test_cuda_training_follows_the_cpu_run(settings):
             assert len(syncs) <= len(histories[device]), f"{len(syncs)} host syncs in 10 read-outs"
     for cpu_row, gpu_row in zip(histories["cpu"], histories["cuda"]):
         assert gpu_row["loss"] == pytest.approx(cpu_row["loss"], rel=5e-2), (cpu_row, gpu_row)
+    if settings.get("resample_every"):
+        assert histories["cpu"][-1]["resampled"] >= 1 and histories["cuda"][-1]["resampled"] >= 1
