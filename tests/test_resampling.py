@@ -21,9 +21,9 @@ def _sae(activation: str = "relu", d: int = 5, n: int = 6, seed: int = 0) -> Spa
 
 
 def _errors() -> torch.Tensor:
-    """Four residual rows of norms 2, 0, 5 and 0: two usable directions, the larger one third."""
+    """Four residual rows of norms 0.5, 0, 5 and 0: two usable directions, the larger one third."""
     errors = torch.zeros(4, 5)
-    errors[0] = torch.tensor([0.0, 2.0, 0.0, 0.0, 0.0])
+    errors[0] = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0])
     errors[2] = torch.tensor([3.0, 0.0, 0.0, 4.0, 0.0])
     return errors
 
@@ -70,8 +70,27 @@ def test_more_dead_latents_than_rows_restart_as_many_as_there_are_rows():
     errors = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
     taken = resample_dead_latents_(sae, None, torch.ones(6, dtype=torch.bool), errors)
     assert taken.tolist() == [True, True, False, False, False, False]
+    by_norm = errors[errors.norm(dim=1).argsort(descending=True)]
+    torch.testing.assert_close(sae.W_dec[:2], by_norm / by_norm.norm(dim=1, keepdim=True))  # each its own row
     # With nothing alive the encoder rows are the unit directions themselves.
     torch.testing.assert_close(sae.W_enc[:, :2], sae.W_dec[:2].T)
+
+
+def test_one_live_latent_sets_the_encoder_scale():
+    sae = _sae()
+    with torch.no_grad():
+        sae.W_enc[:, 5] *= 3.0
+    live_norm = sae.W_enc[:, 5].norm()
+    dead = torch.tensor([True, True, True, True, True, False])
+    resample_dead_latents_(sae, None, dead, torch.randn(3, 5, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(sae.W_enc[:, :3], live_norm * sae.W_dec[:3].T)
+
+
+def test_an_optimizer_without_state_yet_is_left_as_it_is():
+    sae = _sae()
+    optimizer = torch.optim.Adam(sae.parameters())
+    taken = resample_dead_latents_(sae, optimizer, torch.ones(6, dtype=torch.bool), torch.ones(2, 5))
+    assert taken.sum() == 2 and len(optimizer.state) == 0
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
