@@ -230,8 +230,8 @@ class TrainConfig:
     ``aux_k``, ``aux_coeff``: the TopK dead-latent loss.  ``resample_every``: every that many steps
     restart the latents silent for ``dead_after`` steps or more on the batch's worst-reconstructed
     inputs (:mod:`matryoshka.resampling`; any activation; 0: never), until the learning-rate
-    cool-down starts (a latent restarted later would not have the steps to settle).  ``log_every``: steps between metric
-    read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never);
+    cool-down starts (a latent restarted later would not have the steps to settle).
+    ``log_every``: steps between metric read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never);
     ``keep_checkpoints``: how many of the newest checkpoints stay in the folder, older ones are
     deleted after each save (0: all; a checkpoint holds the parameters and Adam's two moments).
     ``every_weights``: the ``every`` objective's weights, ``"exact"`` or ``"uniform"`` (``EVERY_WEIGHTS``).
