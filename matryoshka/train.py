@@ -231,9 +231,10 @@ class TrainConfig:
     restart the latents silent for ``dead_after`` steps or more on the batch's worst-reconstructed
     inputs (:mod:`matryoshka.resampling`; any activation; 0: never), until the learning-rate
     cool-down starts (a latent restarted later would not have the steps to settle).
-    ``log_every``: steps between metric read-outs (and callback calls); ``checkpoint_every``: steps between saves (0: never);
-    ``keep_checkpoints``: how many of the newest checkpoints stay in the folder, older ones are
-    deleted after each save (0: all; a checkpoint holds the parameters and Adam's two moments).
+    ``log_every``: steps between metric read-outs (and callback calls); ``checkpoint_every``: steps
+    between saves (0: never); ``keep_checkpoints``: how many of the newest checkpoints stay in the
+    folder, older ones are deleted after each save (0: all; a checkpoint holds the parameters and
+    Adam's two moments).
     ``every_weights``: the ``every`` objective's weights, ``"exact"`` or ``"uniform"`` (``EVERY_WEIGHTS``).
     ``detach``: detached levels (each latent learns only from the prefix that adds it).
     ``balance_beta``, ``balance_normalise``: the inner levels' scale β of ``every`` / ``balanced``
