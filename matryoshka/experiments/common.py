@@ -74,11 +74,20 @@ BASE_MODES = ("vanilla", "groups", "sampled", "every")
 RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output folder (run_many's cache)
 _NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
 _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
-_ORTHOGONALITY = re.compile(rf"^(.+)-orth{_NUMBER}$")
-_DEAD_AFTER = re.compile(r"^(.+)-dead([0-9]+)$")
-# Study-mode suffixes that pick the SAE's activation (ReLU without one); no trainer setting.
-_ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
 RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead latents (as often as re-sorting)
+# Study-mode suffixes that set one trainer setting, to the number they end with ...
+_NUMBER_SUFFIXES = (
+    (re.compile(rf"^(.+)-orth{_NUMBER}$"), "orthogonality_coeff", float),  # the decoder orthogonality penalty γ
+    (re.compile(r"^(.+)-dead([0-9]+)$"), "dead_after", int),  # silent steps before a latent counts as dead
+)
+# ... or to a fixed value,
+_SETTING_SUFFIXES = {
+    "-freq": ("resort_by", "frequency"),  # re-sort latents by firing frequency, not mean squared activation
+    "-resample": ("resample_every", RESAMPLE_EVERY),  # dead latents restarted on the worst-reconstructed inputs
+    "-pp": ("sparsity_weighting", "prefix"),  # the sparsity penalty weighted like the prefixes
+}
+# and the suffixes that pick the SAE's activation (ReLU without one), no trainer setting.
+_ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -96,27 +105,19 @@ def study_activation(name: str) -> str:
 def _parse_study_mode(name: str) -> tuple[str, dict, str]:
     """``(prefix_mode, TrainConfig overrides, SAE activation)``: the suffixes peeled off one by one,
     then the base mode (:func:`_base_mode`)."""
-    orthogonal = _ORTHOGONALITY.match(name)
-    if orthogonal is not None:  # the decoder orthogonality penalty, weight γ
-        prefix_mode, overrides, activation = _parse_study_mode(orthogonal.group(1))
-        return prefix_mode, {**overrides, "orthogonality_coeff": float(orthogonal.group(2))}, activation
-    if name.endswith("-freq"):  # re-sort latents by firing frequency instead of mean squared activation
-        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-freq")])
-        return prefix_mode, {**overrides, "resort_by": "frequency"}, activation
-    for suffix, kind in _ACTIVATION_SUFFIXES.items():  # the SAE's activation, no trainer setting
+    for pattern, key, convert in _NUMBER_SUFFIXES:
+        match = pattern.match(name)
+        if match is not None:
+            prefix_mode, overrides, activation = _parse_study_mode(match.group(1))
+            return prefix_mode, {**overrides, key: convert(match.group(2))}, activation
+    for suffix, (key, value) in _SETTING_SUFFIXES.items():
+        if name.endswith(suffix):
+            prefix_mode, overrides, activation = _parse_study_mode(name[: -len(suffix)])
+            return prefix_mode, {**overrides, key: value}, activation
+    for suffix, kind in _ACTIVATION_SUFFIXES.items():
         if name.endswith(suffix):
             prefix_mode, overrides, _ = _parse_study_mode(name[: -len(suffix)])
             return prefix_mode, overrides, kind
-    dead_after = _DEAD_AFTER.match(name)
-    if dead_after is not None:  # steps of silence before a latent counts as dead (AuxK, resampling)
-        prefix_mode, overrides, activation = _parse_study_mode(dead_after.group(1))
-        return prefix_mode, {**overrides, "dead_after": int(dead_after.group(2))}, activation
-    if name.endswith("-resample"):  # dead latents restarted on the worst-reconstructed inputs
-        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-resample")])
-        return prefix_mode, {**overrides, "resample_every": RESAMPLE_EVERY}, activation
-    if name.endswith("-pp"):  # the sparsity penalty weighted like the prefixes (per-prefix normalised)
-        prefix_mode, overrides, activation = _parse_study_mode(name[: -len("-pp")])
-        return prefix_mode, {**overrides, "sparsity_weighting": "prefix"}, activation
     return (*_base_mode(name), "relu")
 
 
