@@ -57,9 +57,11 @@ def resample_dead_latents_(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
     errors = errors.to(W_dec.dtype)
     candidates = min(n, errors.shape[0])
     norms, rows = errors.norm(dim=1).topk(candidates)  # largest residuals first
-    order = (dead.long().cumsum(0) - 1).clamp(0, candidates - 1)  # the i-th dead latent takes row i
-    taken = dead & (dead.long().cumsum(0) <= candidates) & (norms[order] > 0)
-    unit = errors[rows[order]] / norms[order].clamp(min=torch.finfo(W_dec.dtype).tiny).unsqueeze(1)  # (n, d)
+    rank = dead.long().cumsum(0)  # the i-th dead latent (rank i) takes the i-th row
+    order = (rank - 1).clamp(0, candidates - 1)
+    norm = norms[order]
+    taken = dead & (rank <= candidates) & (norm > 0)
+    unit = errors[rows[order]] / norm.clamp(min=torch.finfo(W_dec.dtype).tiny).unsqueeze(1)  # (n, d)
     live = ~dead
     live_norm = (W_enc.norm(dim=0) * live).sum() / live.sum().clamp(min=1)
     scale = torch.where(live.any(), live_norm, torch.ones_like(live_norm))  # nothing alive: unit encoder rows
@@ -71,10 +73,8 @@ def resample_dead_latents_(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
         start = torch.full_like(sae.log_threshold, math.log(sae.config.jumprelu_init_threshold))
         sae.log_threshold.copy_(torch.where(taken, start, sae.log_threshold))
     if optimizer is not None:
-        for param, dim in sae.latent_dims():
-            shape = [1] * param.dim()
+        for moment, dim in sae.latent_moments(optimizer):
+            shape = [1] * moment.dim()
             shape[dim] = n
-            for moment in optimizer.state.get(param, {}).values():
-                if moment.dim() > 0:  # skip Adam's scalar step counter
-                    moment.copy_(torch.where(taken.view(shape), torch.zeros_like(moment), moment))
+            moment.copy_(torch.where(taken.view(shape), torch.zeros_like(moment), moment))
     return taken

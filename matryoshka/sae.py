@@ -349,6 +349,13 @@ class SparseAutoencoder(nn.Module):
             dims.append((self.log_threshold, 0))
         return dims
 
+    def latent_moments(self, optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, int]]:
+        """``optimizer``'s state tensors of the parameters with a latent axis (Adam's two moments),
+        each with that axis: what must move or reset with the latents.  Scalar state (Adam's step
+        count) and parameters without state yet are left out."""
+        return [(moment, dim) for param, dim in self.latent_dims()
+                for moment in optimizer.state.get(param, {}).values() if moment.dim() > 0]
+
     # ------------------------------------------------------------------------------ save / load
     def state_files(self) -> dict[str, bytes]:
         """The files :meth:`save` writes, as bytes: ``config.json`` (the config, with the current

@@ -423,10 +423,8 @@ def _resort(sae: SparseAutoencoder, optimizer: torch.optim.Adam, stats: _LatentS
     """Order latents by decreasing activation energy (or firing frequency), permuting Adam's moments alongside."""
     perm = torch.argsort(stats.frequency if by == "frequency" else stats.energy, descending=True, stable=True)
     sae.permute_latents_(perm)
-    for param, dim in sae.latent_dims():
-        for moment in optimizer.state.get(param, {}).values():
-            if moment.dim() > 0:  # skip the scalar step counter
-                moment.copy_(moment.index_select(dim, perm))
+    for moment, dim in sae.latent_moments(optimizer):
+        moment.copy_(moment.index_select(dim, perm))
     stats.permute(perm)
 
 
