@@ -118,7 +118,8 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
 
     settings = {"path": str(path), "kind": kind, "d": d, "n": n, "k": k, "mode": mode, "every_weights": weights,
                 "orthogonality_coeff": orthogonality_coeff, "orthogonality_chunk": orthogonality_chunk,
-                "balance_beta": balance_beta, "resample_every": resample_every, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": device, "held_out_rows": store.held_out_rows,
+                "balance_beta": balance_beta, "resample_every": resample_every, "steps": steps, "batch": batch,
+                "lr": lr, "seed": seed, "device": device, "held_out_rows": store.held_out_rows,
                 "eval_lengths": lengths, "normalisation": store.describe()}
     replace_file(out / "run.json", json.dumps(settings, indent=1).encode())
     start = time.perf_counter()
