@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from matryoshka.__main__ import main
 from matryoshka.activation_store import ActivationStore
-from matryoshka.experiments.real_compare import ci95, latent_probes
+from matryoshka.experiments.real_compare import ci95, latent_probes, ordering_correlations
 from matryoshka.realdata import prose_paragraphs
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
@@ -151,6 +152,35 @@ def test_probes_and_confidence_intervals():
     assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
 
 
+def _rank_residual_correlation(x, y, z):
+    """The partial correlation from its definition: regress each rank vector on z's ranks, correlate."""
+    rx, ry, rz = (scipy.stats.rankdata(v) for v in (x, y, z))
+    design = np.column_stack([np.ones(len(rz)), rz])
+    rest = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (rx, ry)]
+    return np.corrcoef(*rest)[0, 1]
+
+
+def test_ordering_correlations_hold_the_third_quantity_fixed():
+    rng = np.random.default_rng(0)
+    position = np.arange(500)
+    frequency = np.exp(-position / 150) * rng.lognormal(0, 0.3, 500)
+    through_frequency = np.log(frequency) + rng.normal(0, 0.3, 500)  # magnitude follows frequency only
+    own = -position / 150 + rng.normal(0, 0.3, 500)  # magnitude follows position, whatever the frequency
+    for magnitude in (through_frequency, own):
+        energy = frequency * np.exp(magnitude)
+        c = ordering_correlations(position, frequency, magnitude, energy)
+        assert c["rho_position_energy"] == pytest.approx(scipy.stats.spearmanr(position, energy).statistic, abs=1e-12)
+        assert c["rho_position_magnitude_given_frequency"] == pytest.approx(
+            _rank_residual_correlation(position, magnitude, frequency), abs=1e-12)
+        assert c["rho_position_frequency_given_magnitude"] == pytest.approx(
+            _rank_residual_correlation(position, frequency, magnitude), abs=1e-12)
+        assert c["rho_position_magnitude"] < -0.9 and c["rho_frequency_magnitude"] > 0.9  # plainly: all together
+    given = "rho_position_magnitude_given_frequency"
+    assert abs(ordering_correlations(position, frequency, through_frequency, frequency)[given]) < 0.05
+    assert ordering_correlations(position, frequency, own, frequency)[given] < -0.6
+    assert all(np.isnan(v) for v in ordering_correlations(position[:3], frequency[:3], own[:3], own[:3]).values())
+
+
 def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
     from matryoshka.experiments import real_compare as study
 
@@ -160,7 +190,10 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
     first = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
                                quick=True)
     assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 2
-    assert "reused" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reused" not in printed and "position, magnitude | frequency" in printed
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "real_frequency_magnitude.png", "real_fvu.png", "real_ordering.png"]
     again = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
                                quick=True)
     assert "real-compare: 2 of 2 runs reused" in capsys.readouterr().out

@@ -22,7 +22,12 @@ Measured per run, on the held-out tokens:
   frequency and with its typical magnitude (mean activation when it fires; decoder rows have unit
   norm).  Matryoshka training should put frequent latents first (rho(position, frequency) < 0); a
   large-magnitude rare latent early in the order, the real-data face of the large-child concern,
-  would show as rho(position, magnitude) < 0 with the frequency correlation weak.
+  would show as rho(position, magnitude) < 0 with the frequency correlation weak.  Frequency and
+  magnitude go together on real data, so each is also given with the other held fixed: the partial
+  Spearman correlation (:func:`ordering_correlations`), e.g. rho(position, magnitude | frequency) < 0
+  when, among latents that fire equally often, the larger ones sit earlier.  Energy is a latent's
+  mean squared activation per token, frequency x E[a^2 | fires]: with unit decoder rows, the
+  squared norm it adds to the reconstruction, roughly what a prefix gains by holding it.
 * Nesting: for each later latent j that fires at least ``MIN_FIRES`` times, its early partner
   i < j maximising P(i fires | j fires), kept as a co-firing pair when that probability is >= 0.5
   and at least 5x i's base rate (not a merely dense latent).  Reported: pairs per 1000 eligible
@@ -63,6 +68,9 @@ MIN_FIRES = 20
 FULL = {"n": 4096, "k": 32, "batch": 512, "held_out": HELD_OUT}
 QUICK = {"n": 512, "k": 32, "batch": 128, "held_out": 2048}
 QUICK_TOKENS = 24_000
+# The ordering probe's correlations (:func:`ordering_correlations`), in its table's column order.
+ORDERING = ("rho_position_frequency", "rho_position_magnitude", "rho_position_energy", "rho_frequency_magnitude",
+            "rho_position_frequency_given_magnitude", "rho_position_magnitude_given_frequency")
 
 
 def ci95(values) -> dict:
@@ -82,6 +90,26 @@ def _cell(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
 
 
+def _partial(rxy: float, rxz: float, ryz: float) -> float:
+    """The correlation of x and y with z held fixed, from the three pairwise correlations; NaN when z
+    determines x or y (nothing is left to correlate)."""
+    rest = (1.0 - rxz ** 2) * (1.0 - ryz ** 2)
+    return float((rxy - rxz * ryz) / math.sqrt(rest)) if rest > 1e-12 else float("nan")
+
+
+def ordering_correlations(position, frequency, magnitude, energy) -> dict:
+    """Spearman correlations of latent position with firing frequency, magnitude and energy, and of
+    frequency with magnitude; then position with frequency and with magnitude, each with the other
+    held fixed (partial): the Pearson correlation of two quantities' ranks after each is regressed
+    linearly on the third's ranks, ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))``.  All NaN
+    for fewer than four latents."""
+    if len(position) < 4:
+        return dict.fromkeys(ORDERING, float("nan"))
+    r = scipy.stats.spearmanr(np.column_stack([position, frequency, magnitude, energy])).statistic
+    pf, pm, pe, fm = float(r[0, 1]), float(r[0, 2]), float(r[0, 3]), float(r[1, 2])
+    return dict(zip(ORDERING, (pf, pm, pe, fm, _partial(pf, pm, fm), _partial(pm, pf, fm))))
+
+
 @torch.no_grad()
 def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
     """Firing counts, magnitudes, the ordering correlations and the nesting pairs on rows ``x``."""
@@ -89,6 +117,7 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
     sae.eval()
     counts = torch.zeros(n, dtype=torch.float64)
     sums = torch.zeros(n, dtype=torch.float64)
+    squares = torch.zeros(n, dtype=torch.float64)
     rows, cols, l0 = [], [], 0.0
     for start, part in zip(range(0, x.shape[0], batch), x.split(batch)):
         acts = sae(part).acts
@@ -97,17 +126,18 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
         token, slot = active.nonzero(as_tuple=True)
         latent = acts.indices[token, slot]
         counts += torch.bincount(latent, minlength=n).double()
-        sums += torch.bincount(latent, weights=acts.values[token, slot].double(), minlength=n)
+        value = acts.values[token, slot].double()
+        sums += torch.bincount(latent, weights=value, minlength=n)
+        squares += torch.bincount(latent, weights=value ** 2, minlength=n)
         rows.append((token + start).numpy())
         cols.append(latent.numpy())
         l0 += float(active.sum())
     tokens = x.shape[0]
     freq = (counts / tokens).numpy()
     magnitude = (sums / counts.clamp(min=1)).numpy()
+    energy = (squares / tokens).numpy()
     alive = counts.numpy() > 0
     position = np.arange(n)
-    rho_freq = scipy.stats.spearmanr(position[alive], freq[alive]).statistic if alive.sum() > 2 else float("nan")
-    rho_mag = scipy.stats.spearmanr(position[alive], magnitude[alive]).statistic if alive.sum() > 2 else float("nan")
 
     # Co-firing counts C[i, j] = #tokens where both fire, from the sparse (tokens, n) firing matrix.
     r, c = np.concatenate(rows), np.concatenate(cols)
@@ -128,8 +158,8 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
     sae.train()
     return {
         "dead": int((~alive).sum()), "l0": l0 / tokens,
-        "rho_position_frequency": float(rho_freq), "rho_position_magnitude": float(rho_mag),
-        "frequency": freq.tolist(), "magnitude": magnitude.tolist(),
+        **ordering_correlations(position[alive], freq[alive], magnitude[alive], energy[alive]),
+        "frequency": freq.tolist(), "magnitude": magnitude.tolist(), "energy": energy.tolist(),
         "nesting": {
             "eligible": int(eligible.sum()),
             "pairs_per_1000": 1000.0 * pairs.size / max(1, int(eligible.sum())),
@@ -172,20 +202,23 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     keys = [("dead", "dead latents", 1), ("l0", "L0", 2), ("seconds_per_step", "s / step", 3)]
     basics = format_table([[mode] + [_cell(summary[mode][k], d) for k, _, d in keys] for mode in modes],
                           ["mode"] + [label for _, label, _ in keys])
-    order = format_table([[mode, _cell(summary[mode]["rho_position_frequency"]), _cell(summary[mode]["rho_position_magnitude"])]
-                          for mode in modes], ["mode", "rho(position, frequency)", "rho(position, magnitude)"])
+    order = format_table([[mode] + [_cell(summary[mode][k]) for k in ORDERING] for mode in modes],
+                         ["mode", "position, frequency", "position, magnitude", "position, energy",
+                          "frequency, magnitude", "position, frequency | magnitude",
+                          "position, magnitude | frequency"])
     nest_keys = [("pairs_per_1000", "pairs / 1000 latents", 1), ("fully_nested_share", "fully nested", 3),
                  ("silent_rate", "early silent when later fires", 3), ("decoder_cosine", "decoder cosine", 3)]
     nesting = format_table([[mode] + [_cell(summary[mode]["nesting"][k], d) for k, _, d in nest_keys] for mode in modes],
                            ["mode"] + [label for _, label, _ in nest_keys])
     return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
             f"Dead latents (held-out), L0, training time\n{basics}\n\n"
-            f"Ordering: Spearman rank correlation over live latents\n{order}\n\n"
+            f"Ordering: Spearman rank correlation over live latents (| x: x held fixed, partial)\n{order}\n\n"
             f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
 
 
 def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], title: str, folder: Path) -> list[Path]:
-    fvu_path, order_path = folder / "real_fvu.png", folder / "real_ordering.png"
+    fvu_path, order_path, plane_path = (folder / name for name in ("real_fvu.png", "real_ordering.png",
+                                                                    "real_frequency_magnitude.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in by_mode:
         mean = np.array([s["mean"] for s in summary[mode]["fvu"]])
@@ -211,7 +244,20 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
     axes[0].legend()
     fig.suptitle(f"latent order: moving average over {window} positions, mean over seeds")
     _save(fig, order_path)
-    return [fvu_path, order_path]
+
+    # Frequency and magnitude go together; where each latent sits in that plane shows which of the two
+    # the order follows (the partial correlations in the table, as a picture).
+    fig, axes = plt.subplots(1, len(by_mode), figsize=(3.6 * len(by_mode), 3.6), squeeze=False, sharey=True)
+    for ax, (mode, runs) in zip(axes[0], by_mode.items()):
+        freq, mag = np.array(runs[0]["frequency"]), np.array(runs[0]["magnitude"])
+        alive = freq > 0
+        points = ax.scatter(freq[alive], mag[alive], c=np.arange(len(freq))[alive], cmap="viridis", s=3,
+                            vmin=0, vmax=len(freq) - 1, rasterized=True)
+        ax.set(xscale="log", xlabel="firing frequency (held-out)", title=f"{mode}, seed {runs[0]['seed']}")
+    axes[0][0].set_ylabel("mean activation when firing")
+    fig.colorbar(points, ax=axes[0].tolist(), label="latent position")
+    _save(fig, plane_path)
+    return [fvu_path, order_path, plane_path]
 
 
 def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS,
@@ -243,8 +289,7 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     lengths = results[0]["lengths"]
     summary = {m: {
         "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
-        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step", "rho_position_frequency",
-                                                   "rho_position_magnitude")},
+        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step", *ORDERING)},
         "nesting": {k: ci95([r["nesting"][k] for r in runs])
                     for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
     } for m, runs in by_mode.items()}
