@@ -153,6 +153,8 @@ def activations_cmd(args: argparse.Namespace) -> None:
 
 def real_compare_cmd(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")
+    if _replotted(args, real_compare):
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     steps, seeds = _steps_and_seeds(args, real_compare)
     real_compare.real_compare(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
@@ -398,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--every-weights", default="exact", choices=EVERY_WEIGHTS,
                       help="weights of the every mode (the recorded run used uniform; default: %(default)s)")
     real.add_argument("--docs", default="docs", help="folder for the figures and the results table (not with --quick)")
+    real.add_argument("--replot", action="store_true",
+                      help="redo the summary, tables and figures from OUT/results.json, no training")
     real.set_defaults(func=real_compare_cmd)
 
     args = parser.parse_args(argv)

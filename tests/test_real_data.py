@@ -145,7 +145,10 @@ def test_probes_and_confidence_intervals():
     sae = SparseAutoencoder(SAEConfig(d=8, n=16, activation="topk", k=3), generator=torch.Generator().manual_seed(0))
     probes = latent_probes(sae, torch.randn(500, 8))
     assert probes["l0"] == pytest.approx(3.0) and 0 <= probes["dead"] <= 16
-    assert -1 <= probes["rho_position_frequency"] <= 1
+    assert sum(f == 0 for f in probes["frequency"]) == probes["dead"]
+    assert sum(probes["frequency"]) == pytest.approx(3.0)  # k = 3 firings per row
+    for e, f, m in zip(probes["energy"], probes["frequency"], probes["magnitude"]):
+        assert e >= f * m ** 2 * (1 - 1e-9) and (e > 0) == (f > 0)  # E[a^2] >= E[a]^2 over a latent's firings
     for i, j, p in probes["nesting"]["pairs"]:
         assert i < j and 0.5 <= p <= 1
     stat = ci95([1.0, 2.0, 3.0])
@@ -168,17 +171,26 @@ def test_ordering_correlations_hold_the_third_quantity_fixed():
     own = -position / 150 + rng.normal(0, 0.3, 500)  # magnitude follows position, whatever the frequency
     for magnitude in (through_frequency, own):
         energy = frequency * np.exp(magnitude)
-        c = ordering_correlations(position, frequency, magnitude, energy)
+        c = ordering_correlations(frequency, magnitude, energy)
         assert c["rho_position_energy"] == pytest.approx(scipy.stats.spearmanr(position, energy).statistic, abs=1e-12)
-        assert c["rho_position_magnitude_given_frequency"] == pytest.approx(
-            _rank_residual_correlation(position, magnitude, frequency), abs=1e-12)
-        assert c["rho_position_frequency_given_magnitude"] == pytest.approx(
-            _rank_residual_correlation(position, frequency, magnitude), abs=1e-12)
+        for key, (x, y, z) in {"rho_position_magnitude_given_frequency": (position, magnitude, frequency),
+                               "rho_position_frequency_given_magnitude": (position, frequency, magnitude),
+                               "rho_position_frequency_given_energy": (position, frequency, energy),
+                               "rho_position_magnitude_given_energy": (position, magnitude, energy)}.items():
+            assert c[key] == pytest.approx(_rank_residual_correlation(x, y, z), abs=1e-12), key
         assert c["rho_position_magnitude"] < -0.9 and c["rho_frequency_magnitude"] > 0.9  # plainly: all together
     given = "rho_position_magnitude_given_frequency"
-    assert abs(ordering_correlations(position, frequency, through_frequency, frequency)[given]) < 0.05
-    assert ordering_correlations(position, frequency, own, frequency)[given] < -0.6
-    assert all(np.isnan(v) for v in ordering_correlations(position[:3], frequency[:3], own[:3], own[:3]).values())
+    assert abs(ordering_correlations(frequency, through_frequency, frequency)[given]) < 0.05
+    assert ordering_correlations(frequency, own, frequency)[given] < -0.6
+    # Dead latents (frequency 0) are left out, and the live ones keep their positions.
+    dead = frequency.copy()
+    dead[::3] = 0
+    live = dead > 0
+    with_dead = ordering_correlations(dead, own, frequency)
+    assert with_dead["rho_position_magnitude"] == pytest.approx(
+        scipy.stats.spearmanr(position[live], own[live]).statistic, abs=1e-12)
+    assert with_dead[given] == pytest.approx(_rank_residual_correlation(position[live], own[live], dead[live]), abs=1e-12)
+    assert all(np.isnan(v) for v in ordering_correlations(frequency[:3], own[:3], own[:3]).values())
 
 
 def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
@@ -198,6 +210,11 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
                                quick=True)
     assert "real-compare: 2 of 2 runs reused" in capsys.readouterr().out
     assert json.dumps(again["summary"]) == json.dumps(first["summary"])  # (NaN CIs: one seed)
+    replotted = study.replot(tmp_path / "out")  # from results.json alone
+    assert json.dumps(replotted["summary"]) == json.dumps(first["summary"])
+    capsys.readouterr()
+    main(["real-compare", "--out", str(tmp_path / "out"), "--replot", "--docs", ""])
+    assert "position, magnitude | energy" in capsys.readouterr().out
     # Other data at the same path is other runs.
     np.save(acts / "shard_000.npy", np.random.default_rng(1).standard_normal((4096, 12)).astype(np.float32))
     study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla",), quick=True)

@@ -68,9 +68,14 @@ MIN_FIRES = 20
 FULL = {"n": 4096, "k": 32, "batch": 512, "held_out": HELD_OUT}
 QUICK = {"n": 512, "k": 32, "batch": 128, "held_out": 2048}
 QUICK_TOKENS = 24_000
-# The ordering probe's correlations (:func:`ordering_correlations`), in its table's column order.
-ORDERING = ("rho_position_frequency", "rho_position_magnitude", "rho_position_energy", "rho_frequency_magnitude",
-            "rho_position_frequency_given_magnitude", "rho_position_magnitude_given_frequency")
+# The ordering probe's correlations (:func:`ordering_correlations`): key and table column, plain then partial.
+ORDERING_PLAIN = {"rho_position_frequency": "position, frequency", "rho_position_magnitude": "position, magnitude",
+                  "rho_position_energy": "position, energy", "rho_frequency_magnitude": "frequency, magnitude"}
+ORDERING_PARTIAL = {"rho_position_frequency_given_magnitude": "position, frequency | magnitude",
+                    "rho_position_magnitude_given_frequency": "position, magnitude | frequency",
+                    "rho_position_frequency_given_energy": "position, frequency | energy",
+                    "rho_position_magnitude_given_energy": "position, magnitude | energy"}
+ORDERING = (*ORDERING_PLAIN, *ORDERING_PARTIAL)
 
 
 def ci95(values) -> dict:
@@ -97,22 +102,29 @@ def _partial(rxy: float, rxz: float, ryz: float) -> float:
     return float((rxy - rxz * ryz) / math.sqrt(rest)) if rest > 1e-12 else float("nan")
 
 
-def ordering_correlations(position, frequency, magnitude, energy) -> dict:
-    """Spearman correlations of latent position with firing frequency, magnitude and energy, and of
-    frequency with magnitude; then position with frequency and with magnitude, each with the other
-    held fixed (partial): the Pearson correlation of two quantities' ranks after each is regressed
-    linearly on the third's ranks, ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))``.  All NaN
-    for fewer than four latents."""
-    if len(position) < 4:
+def ordering_correlations(frequency, magnitude, energy) -> dict:
+    """Spearman correlations over the live latents (frequency > 0) of their position with their firing
+    frequency, magnitude and energy, and of frequency with magnitude (:data:`ORDERING_PLAIN`); then
+    of position with frequency and with magnitude, with the other or the energy held fixed
+    (:data:`ORDERING_PARTIAL`): the Pearson correlation of two quantities' ranks after each is
+    regressed linearly on the third's ranks, ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))``.
+    If latents were placed by energy alone, both partials given the energy would be 0.  All NaN for
+    fewer than four live latents."""
+    frequency, magnitude, energy = (np.asarray(v, dtype=float) for v in (frequency, magnitude, energy))
+    alive = frequency > 0
+    if alive.sum() < 4:
         return dict.fromkeys(ORDERING, float("nan"))
-    r = scipy.stats.spearmanr(np.column_stack([position, frequency, magnitude, energy])).statistic
-    pf, pm, pe, fm = float(r[0, 1]), float(r[0, 2]), float(r[0, 3]), float(r[1, 2])
-    return dict(zip(ORDERING, (pf, pm, pe, fm, _partial(pf, pm, fm), _partial(pm, pf, fm))))
+    columns = [np.nonzero(alive)[0], frequency[alive], magnitude[alive], energy[alive]]
+    r = scipy.stats.spearmanr(np.column_stack(columns)).statistic
+    pf, pm, pe, fm, fe, me = (float(r[i, j]) for i, j in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)))
+    return dict(zip(ORDERING, (pf, pm, pe, fm, _partial(pf, pm, fm), _partial(pm, pf, fm), _partial(pf, pe, fe),
+                               _partial(pm, pe, me))))
 
 
 @torch.no_grad()
 def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
-    """Firing counts, magnitudes, the ordering correlations and the nesting pairs on rows ``x``."""
+    """Per latent on rows ``x``: firing frequency, magnitude and energy (the ordering probe's data,
+    :func:`ordering_correlations`); dead latents, L0 and the nesting pairs."""
     n = sae.config.n
     sae.eval()
     counts = torch.zeros(n, dtype=torch.float64)
@@ -158,7 +170,6 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
     sae.train()
     return {
         "dead": int((~alive).sum()), "l0": l0 / tokens,
-        **ordering_correlations(position[alive], freq[alive], magnitude[alive], energy[alive]),
         "frequency": freq.tolist(), "magnitude": magnitude.tolist(), "energy": energy.tolist(),
         "nesting": {
             "eligible": int(eligible.sum()),
@@ -202,17 +213,16 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     keys = [("dead", "dead latents", 1), ("l0", "L0", 2), ("seconds_per_step", "s / step", 3)]
     basics = format_table([[mode] + [_cell(summary[mode][k], d) for k, _, d in keys] for mode in modes],
                           ["mode"] + [label for _, label, _ in keys])
-    order = format_table([[mode] + [_cell(summary[mode][k]) for k in ORDERING] for mode in modes],
-                         ["mode", "position, frequency", "position, magnitude", "position, energy",
-                          "frequency, magnitude", "position, frequency | magnitude",
-                          "position, magnitude | frequency"])
+    plain, partial = (format_table([[mode] + [_cell(summary[mode][k]) for k in columns] for mode in modes],
+                                   ["mode", *columns.values()]) for columns in (ORDERING_PLAIN, ORDERING_PARTIAL))
     nest_keys = [("pairs_per_1000", "pairs / 1000 latents", 1), ("fully_nested_share", "fully nested", 3),
                  ("silent_rate", "early silent when later fires", 3), ("decoder_cosine", "decoder cosine", 3)]
     nesting = format_table([[mode] + [_cell(summary[mode]["nesting"][k], d) for k, _, d in nest_keys] for mode in modes],
                            ["mode"] + [label for _, label, _ in nest_keys])
     return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
             f"Dead latents (held-out), L0, training time\n{basics}\n\n"
-            f"Ordering: Spearman rank correlation over live latents (| x: x held fixed, partial)\n{order}\n\n"
+            f"Ordering: Spearman rank correlation over live latents\n{plain}\n\n"
+            f"Ordering, partial (| x: with x held fixed)\n{partial}\n\n"
             f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
 
 
@@ -263,8 +273,7 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
 def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS,
                  jobs: int = 2, modes: tuple[str, ...] = MODES, tokens: int = DEFAULT_TOKENS, quick: bool = False,
                  docs: Path | None = None, every_weights: str = "exact") -> dict:
-    """Run the study; print its tables; write ``results.json``, ``results.md`` and the figures into
-    ``out`` (and the figures and ``real_compare.md`` into ``docs`` when given)."""
+    """Run the study, then :func:`report` it."""
     start = time.perf_counter()
     sizes = QUICK if quick else FULL
     cached = {}
@@ -275,45 +284,60 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     meta = cached or (json.loads(meta_file.read_text()) if meta_file.exists() else {})
     store = ActivationStore(acts, held_out_rows=sizes["held_out"])
     n = sizes["n"]
-    weights = every_weights
     # The data's row count and scale (from its own sample) stand for its identity in the run cache.
     specs = [{"acts": str(acts), "rows": store.rows, "scale": store.scale, "mode": mode, "seed": seed, "steps": steps,
-              "every_weights": weights, **sizes} for mode in modes for seed in range(seeds)]
+              "every_weights": every_weights, **sizes} for mode in modes for seed in range(seeds)]
     print(f"data: {store.rows} tokens x d={store.d} from {acts} ({meta.get('model', 'unknown model')}, "
           f"layer {meta.get('layer', '?')}); {store.train_rows} train / {store.held_out_rows} held out; "
           f"scale {store.scale:.5g} (mean squared norm d)")
     print(f"TopK n={n} k={sizes['k']}, batch {sizes['batch']}, {steps} steps = {steps * sizes['batch']} tokens per run, "
-          f"modes {', '.join(modes)} (every: {weights} weights), seeds 0..{seeds - 1}, {jobs} process(es)")
+          f"modes {', '.join(modes)} (every: {every_weights} weights), seeds 0..{seeds - 1}, {jobs} process(es)")
     results = run_many(specs, jobs, desc="real-compare", worker=run_one, cache=out / RUN_CACHE)
+    payload = {"study": "real-compare", "data": {**store.describe(), **meta}, "sizes": sizes, "steps": steps,
+               "seeds": seeds, "modes": list(modes), "every_weights": every_weights, "jobs": jobs,
+               "runtime_s": time.perf_counter() - start, "runs": results}
+    return report(out, payload, docs)
+
+
+def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
+    """Summarise the runs of a results payload (mean ± 95% CI per mode), print the tables, and write
+    ``results.json``, ``results.md`` and the figures into ``out`` (the figures and ``real_compare.md``
+    into ``docs`` when given)."""
+    results, modes, sizes, data = payload["runs"], payload["modes"], payload["sizes"], payload["data"]
     by_mode = {m: [r for r in results if r["mode"] == m] for m in modes}
     lengths = results[0]["lengths"]
+    ordering = {id(r): ordering_correlations(r["frequency"], r["magnitude"], r["energy"]) for r in results}
     summary = {m: {
         "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
-        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step", *ORDERING)},
+        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
+        **{k: ci95([ordering[id(r)][k] for r in runs]) for k in ORDERING},
         "nesting": {k: ci95([r["nesting"][k] for r in runs])
                     for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
     } for m, runs in by_mode.items()}
     tables = _tables(summary, lengths)
     print()
     print(tables)
-    elapsed = time.perf_counter() - start
-    title = f"TopK n={n} k={sizes['k']}, {steps} steps, {seeds} seed(s)"
+    title = f"TopK n={sizes['n']} k={sizes['k']}, {payload['steps']} steps, {payload['seeds']} seed(s)"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(by_mode, summary, lengths, title, out)
-    header = (f"# real-compare: {title}\n\nData: {store.rows} tokens of {meta.get('model', acts)}, "
-              f"{meta.get('site', '')}; {store.held_out_rows} held-out tokens. Every-prefix weights: {weights}. "
-              f"Mean ± 95% CI over seeds. Total time {elapsed:.0f} s ({jobs} processes).\n\n")
+    processes = f" ({payload['jobs']} processes)" if "jobs" in payload else ""  # (not recorded before Dec 2026)
+    header = (f"# real-compare: {title}\n\nData: {data['rows']} tokens of {data.get('model', data['path'])}, "
+              f"{data.get('site', '')}; {data['held_out_rows']} held-out tokens. Every-prefix weights: "
+              f"{payload['every_weights']}. Mean ± 95% CI over seeds. Total time {payload['runtime_s']:.0f} s"
+              f"{processes}.\n\n")
     markdown = header + "```\n" + tables + "\n```\n"
     (out / "results.md").write_text(markdown)
-    write_json(out / "results.json", {
-        "study": "real-compare", "data": {**store.describe(), **meta}, "sizes": sizes, "steps": steps, "seeds": seeds,
-        "modes": list(modes), "every_weights": weights, "runtime_s": elapsed, "summary": summary, "runs": results,
-    })
+    write_json(out / "results.json", {**payload, "summary": summary})
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         _figures(by_mode, summary, lengths, title, docs)
         (docs / "real_compare.md").write_text(markdown)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
           + (f" and copies in {docs}" if docs is not None else ""))
-    print(f"total time {elapsed:.0f} s")
-    return {"summary": summary, "runs": results, "runtime_s": elapsed}
+    print(f"total time {payload['runtime_s']:.0f} s")
+    return {"summary": summary, "runs": results, "runtime_s": payload["runtime_s"]}
+
+
+def replot(out: Path, docs: Path | None = None) -> dict:
+    """Redo the summary, tables and figures from ``OUT/results.json`` without training."""
+    return report(out, json.loads((out / "results.json").read_text()), docs)
