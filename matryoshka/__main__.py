@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--tokens", type=int, default=real_compare.DEFAULT_TOKENS,
                       help="tokens to cache when --acts is absent (default: %(default)s)")
     real.add_argument("--every-weights", default="exact", choices=EVERY_WEIGHTS,
-                      help="weights of the every mode (the recorded run used uniform; default: %(default)s)")
+                      help="weights of the every mode (default: %(default)s)")
     real.add_argument("--docs", default="docs", help="folder for the figures and the results table (not with --quick)")
     real.add_argument("--replot", action="store_true",
                       help="redo the summary, tables and figures from OUT/results.json, no training")

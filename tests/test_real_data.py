@@ -12,7 +12,7 @@ import torch
 
 from matryoshka.__main__ import main
 from matryoshka.activation_store import ActivationStore
-from matryoshka.experiments.real_compare import ci95, latent_probes, ordering_correlations
+from matryoshka.experiments.real_compare import ci95, latent_probes, ordering_correlations, spearman_within_strata
 from matryoshka.realdata import prose_paragraphs
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
@@ -155,33 +155,35 @@ def test_probes_and_confidence_intervals():
     assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
 
 
-def _rank_residual_correlation(x, y, z):
-    """The partial correlation from its definition: regress each rank vector on z's ranks, correlate."""
-    rx, ry, rz = (scipy.stats.rankdata(v) for v in (x, y, z))
-    design = np.column_stack([np.ones(len(rz)), rz])
-    rest = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (rx, ry)]
-    return np.corrcoef(*rest)[0, 1]
+def test_spearman_within_strata_is_the_mean_correlation_within_each_value_of_the_third():
+    rng = np.random.default_rng(0)
+    z = rng.permutation(np.repeat(np.arange(10), 50))  # ten values, 50 each: the deciles are the values
+    x = rng.normal(size=500)
+    y = x + z + rng.normal(size=500)
+    expected = np.mean([scipy.stats.spearmanr(x[z == v], y[z == v]).statistic for v in range(10)])
+    assert spearman_within_strata(x, y, z) == pytest.approx(expected, abs=1e-12)
+    assert spearman_within_strata(x, y, z, strata=1) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert np.isnan(spearman_within_strata(x[:3], y[:3], z[:3]))
 
 
 def test_ordering_correlations_hold_the_third_quantity_fixed():
     rng = np.random.default_rng(0)
-    position = np.arange(500)
-    frequency = np.exp(-position / 150) * rng.lognormal(0, 0.3, 500)
-    through_frequency = np.log(frequency) + rng.normal(0, 0.3, 500)  # magnitude follows frequency only
-    own = -position / 150 + rng.normal(0, 0.3, 500)  # magnitude follows position, whatever the frequency
+    position = np.arange(1000)
+    frequency = 2.0 ** -(position // 100 + rng.integers(0, 2, 1000))  # ten levels, falling with position
+    through_frequency = np.log2(frequency) ** 2 + rng.normal(0, 0.3, 1000)  # magnitude follows frequency only
+    own = -position / 300 + rng.normal(0, 0.3, 1000)  # magnitude follows position, whatever the frequency
     for magnitude in (through_frequency, own):
         energy = frequency * np.exp(magnitude)
         c = ordering_correlations(frequency, magnitude, energy)
-        assert c["rho_position_energy"] == pytest.approx(scipy.stats.spearmanr(position, energy).statistic, abs=1e-12)
-        for key, (x, y, z) in {"rho_position_magnitude_given_frequency": (position, magnitude, frequency),
-                               "rho_position_frequency_given_magnitude": (position, frequency, magnitude),
-                               "rho_position_frequency_given_energy": (position, frequency, energy),
-                               "rho_position_magnitude_given_energy": (position, magnitude, energy)}.items():
-            assert c[key] == pytest.approx(_rank_residual_correlation(x, y, z), abs=1e-12), key
-        assert c["rho_position_magnitude"] < -0.9 and c["rho_frequency_magnitude"] > 0.9  # plainly: all together
+        for key, (x, y) in {"rho_position_frequency": (position, frequency), "rho_position_energy": (position, energy),
+                            "rho_frequency_magnitude": (frequency, magnitude)}.items():
+            assert c[key] == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12), key
+        assert c["rho_position_magnitude_given_energy"] == pytest.approx(
+            spearman_within_strata(position, magnitude, energy), abs=1e-12)
     given = "rho_position_magnitude_given_frequency"
-    assert abs(ordering_correlations(frequency, through_frequency, frequency)[given]) < 0.05
-    assert ordering_correlations(frequency, own, frequency)[given] < -0.6
+    plainly = ordering_correlations(frequency, through_frequency, frequency)
+    assert plainly["rho_position_magnitude"] > 0.8 and abs(plainly[given]) < 0.1  # all through the frequency
+    assert ordering_correlations(frequency, own, frequency)[given] < -0.5
     # Dead latents (frequency 0) are left out, and the live ones keep their positions.
     dead = frequency.copy()
     dead[::3] = 0
@@ -189,7 +191,7 @@ def test_ordering_correlations_hold_the_third_quantity_fixed():
     with_dead = ordering_correlations(dead, own, frequency)
     assert with_dead["rho_position_magnitude"] == pytest.approx(
         scipy.stats.spearmanr(position[live], own[live]).statistic, abs=1e-12)
-    assert with_dead[given] == pytest.approx(_rank_residual_correlation(position[live], own[live], dead[live]), abs=1e-12)
+    assert with_dead[given] == pytest.approx(spearman_within_strata(position[live], own[live], dead[live]), abs=1e-12)
     assert all(np.isnan(v) for v in ordering_correlations(frequency[:3], own[:3], own[:3]).values())
 
 

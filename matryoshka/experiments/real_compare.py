@@ -23,9 +23,10 @@ Measured per run, on the held-out tokens:
   norm).  Matryoshka training should put frequent latents first (rho(position, frequency) < 0); a
   large-magnitude rare latent early in the order, the real-data face of the large-child concern,
   would show as rho(position, magnitude) < 0 with the frequency correlation weak.  Frequency and
-  magnitude go together on real data, so each is also given with the other held fixed: the partial
-  Spearman correlation (:func:`ordering_correlations`), e.g. rho(position, magnitude | frequency) < 0
-  when, among latents that fire equally often, the larger ones sit earlier.  Energy is a latent's
+  magnitude go together on real data, so each is also given with the other held fixed: the mean
+  Spearman correlation within deciles of the other (:func:`ordering_correlations`), e.g.
+  rho(position, magnitude | frequency) < 0 when, among latents that fire about as often, the larger
+  ones sit earlier.  Energy is a latent's
   mean squared activation per token, frequency x E[a^2 | fires]: with unit decoder rows, the
   squared norm it adds to the reconstruction, roughly what a prefix gains by holding it.
 * Nesting: for each later latent j that fires at least ``MIN_FIRES`` times, its early partner
@@ -71,11 +72,13 @@ QUICK_TOKENS = 24_000
 # The ordering probe's correlations (:func:`ordering_correlations`): key and table column, plain then partial.
 ORDERING_PLAIN = {"rho_position_frequency": "position, frequency", "rho_position_magnitude": "position, magnitude",
                   "rho_position_energy": "position, energy", "rho_frequency_magnitude": "frequency, magnitude"}
+# (| x: within the deciles of x, :func:`spearman_within_strata`)
 ORDERING_PARTIAL = {"rho_position_frequency_given_magnitude": "position, frequency | magnitude",
                     "rho_position_magnitude_given_frequency": "position, magnitude | frequency",
                     "rho_position_frequency_given_energy": "position, frequency | energy",
                     "rho_position_magnitude_given_energy": "position, magnitude | energy"}
 ORDERING = (*ORDERING_PLAIN, *ORDERING_PARTIAL)
+STRATA = 10  # quantile bins of the quantity held fixed
 
 
 def ci95(values) -> dict:
@@ -95,30 +98,40 @@ def _cell(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
 
 
-def _partial(rxy: float, rxz: float, ryz: float) -> float:
-    """The correlation of x and y with z held fixed, from the three pairwise correlations; NaN when z
-    determines x or y (nothing is left to correlate)."""
-    rest = (1.0 - rxz ** 2) * (1.0 - ryz ** 2)
-    return float((rxy - rxz * ryz) / math.sqrt(rest)) if rest > 1e-12 else float("nan")
+def spearman_within_strata(x, y, z, strata: int = STRATA) -> float:
+    """Spearman correlation of ``x`` and ``y`` with ``z`` held (nearly) fixed: within each of
+    ``strata`` quantile bins of ``z`` (tied values of ``z`` share a bin), weighted by the bins' sizes.
+    Bins with fewer than four points, or where ``x`` or ``y`` is constant, are left out; NaN if no
+    bin is left.  Unlike the linear partial correlation of ranks, this assumes nothing about how
+    ``x`` and ``y`` depend on ``z`` (energy and magnitude, say, are far from linear in each other's
+    ranks)."""
+    x, y, z = (np.asarray(v, dtype=float) for v in (x, y, z))
+    strata_of = np.searchsorted(np.quantile(z, np.linspace(0, 1, strata + 1))[1:-1], z, side="right")
+    total = weight = 0.0
+    for stratum in np.unique(strata_of):
+        inside = strata_of == stratum
+        if inside.sum() >= 4 and np.ptp(x[inside]) > 0 and np.ptp(y[inside]) > 0:
+            total += inside.sum() * scipy.stats.spearmanr(x[inside], y[inside]).statistic
+            weight += inside.sum()
+    return float(total / weight) if weight else float("nan")
 
 
 def ordering_correlations(frequency, magnitude, energy) -> dict:
     """Spearman correlations over the live latents (frequency > 0) of their position with their firing
     frequency, magnitude and energy, and of frequency with magnitude (:data:`ORDERING_PLAIN`); then
     of position with frequency and with magnitude, with the other or the energy held fixed
-    (:data:`ORDERING_PARTIAL`): the Pearson correlation of two quantities' ranks after each is
-    regressed linearly on the third's ranks, ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))``.
-    If latents were placed by energy alone, both partials given the energy would be 0.  All NaN for
-    fewer than four live latents."""
+    (:data:`ORDERING_PARTIAL`, :func:`spearman_within_strata`).  If latents were placed by energy
+    alone, both correlations given the energy would be 0.  All NaN for fewer than four live latents."""
     frequency, magnitude, energy = (np.asarray(v, dtype=float) for v in (frequency, magnitude, energy))
     alive = frequency > 0
     if alive.sum() < 4:
         return dict.fromkeys(ORDERING, float("nan"))
-    columns = [np.nonzero(alive)[0], frequency[alive], magnitude[alive], energy[alive]]
-    r = scipy.stats.spearmanr(np.column_stack(columns)).statistic
-    pf, pm, pe, fm, fe, me = (float(r[i, j]) for i, j in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)))
-    return dict(zip(ORDERING, (pf, pm, pe, fm, _partial(pf, pm, fm), _partial(pm, pf, fm), _partial(pf, pe, fe),
-                               _partial(pm, pe, me))))
+    position, frequency, magnitude, energy = np.nonzero(alive)[0], frequency[alive], magnitude[alive], energy[alive]
+    plain = scipy.stats.spearmanr(np.column_stack([position, frequency, magnitude, energy])).statistic
+    partial = [spearman_within_strata(position, y, z) for y, z in
+               ((frequency, magnitude), (magnitude, frequency), (frequency, energy), (magnitude, energy))]
+    return dict(zip(ORDERING, [float(plain[0, 1]), float(plain[0, 2]), float(plain[0, 3]), float(plain[1, 2]),
+                               *partial]))
 
 
 @torch.no_grad()
@@ -222,7 +235,7 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
             f"Dead latents (held-out), L0, training time\n{basics}\n\n"
             f"Ordering: Spearman rank correlation over live latents\n{plain}\n\n"
-            f"Ordering, partial (| x: with x held fixed)\n{partial}\n\n"
+            f"Ordering with one quantity held fixed (| x: mean Spearman within deciles of x)\n{partial}\n\n"
             f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
 
 
