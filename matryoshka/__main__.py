@@ -218,7 +218,7 @@ def _resample_args(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s: never)")
 
 
-def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool = False, modes: bool = True) -> None:
+def _study_args(parser: argparse.ArgumentParser, out: str, study, modes: bool = True) -> None:
     parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {study.DEFAULT_STEPS}, --quick "
@@ -230,15 +230,12 @@ def _study_args(parser: argparse.ArgumentParser, out: str, study, any_mode: bool
                         help="parallel training processes (default: %(default)s)")
     if not modes:  # a study with its own grid options
         return
-    if any_mode:  # the toy studies: every study mode (matryoshka.experiments.common.study_mode)
-        parser.add_argument("--modes", nargs="+", default=list(study.MODES), type=check_study_mode,
-                            help="study modes: vanilla, groups, sampled, every, every-uniform, detached, "
-                                 "detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
-                                 "balanced-b<beta>, each -b form optionally with -norm; suffixes -pp, -freq, "
-                                 "-orth<gamma> (default: %(default)s)")
-    else:
-        parser.add_argument("--modes", nargs="+", default=list(study.MODES),
-                            choices=["vanilla", "groups", "sampled", "every"])
+    parser.add_argument("--modes", nargs="+", default=list(study.MODES), type=check_study_mode,
+                        help="study modes (matryoshka.experiments.common.study_mode): vanilla, groups, sampled, "
+                             "every, every-uniform, detached, detached-uniform, groups-detached, every-b<beta>, "
+                             "every-uniform-b<beta>, balanced-b<beta>, each -b form optionally with -norm; suffixes "
+                             "-pp, -freq, -orth<gamma>, -resample, -dead<N>, -jumprelu, -batchtopk "
+                             "(default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,12 +252,12 @@ def main(argv: list[str] | None = None) -> None:
 
     cmp = sub.add_parser("compare", help="vanilla / groups / sampled / every-prefix SAEs on the nabeshima toy",
                          description=compare.__doc__)
-    _study_args(cmp, "runs/compare", compare, any_mode=True)
+    _study_args(cmp, "runs/compare", compare)
     cmp.set_defaults(func=compare_cmd)
 
     child = sub.add_parser("child-magnitude", help="a child much larger than its parent: order, absorption",
                            description=child_magnitude.__doc__)
-    _study_args(child, "runs/child_magnitude", child_magnitude, any_mode=True)
+    _study_args(child, "runs/child_magnitude", child_magnitude)
     child.add_argument("--parent-p", type=float, default=0.3)
     child.add_argument("--parent-magnitude", type=float, default=2.0)
     child.add_argument("--child-p", type=float, default=0.5, help="probability given the parent")
@@ -285,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     hedge = sub.add_parser("hedging", help="why mixing remains with every prefix: inner prefixes scaled by beta, "
                                            "uniform and detached levels, two toys", description=hedging.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _study_args(hedge, "runs/hedging", hedging, any_mode=True)
+    _study_args(hedge, "runs/hedging", hedging)
     hedge.add_argument("--toys", nargs="+", default=list(hedging.TOYS), choices=list(hedging.TOYS))
     hedge.add_argument("--betas", type=float, nargs="+", default=list(hedging.BETAS),
                        help="beta grid of every-b<beta> (default: %(default)s)")

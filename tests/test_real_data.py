@@ -224,6 +224,23 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
     assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 3
 
 
+def test_real_compare_takes_study_modes(tmp_path, capsys):
+    from matryoshka.experiments import real_compare as study
+
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    np.save(acts / "shard_000.npy", np.random.default_rng(0).standard_normal((4096, 12)).astype(np.float32))
+    runs = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, quick=True,
+                              modes=("every-b0.2-orth3", "groups-batchtopk"))["runs"]
+    assert [(r["mode"], r["activation"], r["settings"]) for r in runs] == [
+        ("every-b0.2-orth3", "topk", {"balance_beta": 0.2, "balance_normalise": False, "orthogonality_coeff": 3.0}),
+        ("groups-batchtopk", "batchtopk", {})]
+    assert runs[0]["history"][-1]["orthogonality"] > 0 and "orthogonality" not in runs[1]["history"][-1]
+    with pytest.raises(SystemExit) as stop:
+        main(["real-compare", "--out", str(tmp_path / "bad"), "--acts", str(acts), "--quick", "--modes", "every-jumprelu"])
+    assert stop.value.code == 1 and "mode 'every-jumprelu' asks for jumprelu" in capsys.readouterr().err
+
+
 def test_train_command_takes_the_beta_objective(tmp_path, capsys):
     from matryoshka import checkpoint
 

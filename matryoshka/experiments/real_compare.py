@@ -9,8 +9,10 @@ SAEs: TopK, n = 4096, k = 32, batch 512, Adam lr 2e-3 betas (0.9, 0.999), warm-u
 20%, clip 1.0, decoder bias started at the data mean, dead-latent loss after 200 silent steps, and
 no latent re-sorting, so the order is what each prefix mode's loss makes of it (vanilla: no order,
 the control).  Modes: vanilla (one prefix n), groups (widths 512, 1024, 2048, 4096, equal weights),
-sampled (10 prefixes a step), every (all 4096 prefixes; exact weights when the trainer computes
-them fast, else uniform 1/n, which is stated in the output).  Each run is single-threaded, ``jobs``
+sampled (10 prefixes a step), every (all 4096 prefixes, ``every_weights``: exact by default), or any
+other study mode (:func:`matryoshka.experiments.common.study_mode`) with its trainer settings, e.g.
+``every-b0.2-orth3`` (the β objective and the decoder orthogonality penalty of the toy studies) or
+``every-resample``; ``-batchtopk`` trains a BatchTopK SAE with the same k.  Each run is single-threaded, ``jobs``
 at a time; its seconds per step are measured in the same study, under the same load (a run reused
 from the study's run cache, ``OUT/run_cache``, keeps the seconds of the study that ran it).
 
@@ -56,7 +58,7 @@ from ..sae import SAEConfig, SparseAutoencoder
 from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
-from .common import RUN_CACHE, format_table, run_many, write_json
+from .common import RUN_CACHE, format_table, run_many, study_activation, study_mode, write_json
 from .plots import MODE_COLORS, _save, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
@@ -195,25 +197,38 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
     }
 
 
+def _activation(mode: str) -> str:
+    """The SAE activation of a study mode here: TopK, or BatchTopK with a ``-batchtopk`` suffix (both
+    with the study's k); ValueError for a mode that asks for another activation."""
+    activation = study_activation(mode)
+    if activation not in ("relu", "batchtopk"):  # ("relu": no activation suffix, the toy studies' default)
+        raise ValueError(f"real-compare trains TopK SAEs (BatchTopK with -batchtopk); mode {mode!r} asks for "
+                         f"{activation}")
+    return "topk" if activation == "relu" else activation
+
+
 def run_one(spec: dict) -> dict:
     """Train and measure one SAE (a worker process: one thread, the store opened here)."""
     torch.set_num_threads(1)
     store = ActivationStore(spec["acts"], held_out_rows=spec["held_out"], scale=spec["scale"])
     n, seed = spec["n"], spec["seed"]
-    sae = SparseAutoencoder(SAEConfig(d=store.d, n=n, activation="topk", k=spec["k"]),
+    prefix_mode, mode_settings = study_mode(spec["mode"])
+    sae = SparseAutoencoder(SAEConfig(d=store.d, n=n, activation=_activation(spec["mode"]), k=spec["k"]),
                             generator=torch.Generator().manual_seed(10_000 + seed))
     with torch.no_grad():
         sae.b_dec.copy_(store.sample(8192, torch.Generator().manual_seed(seed)).mean(0))
-    config = TrainConfig(steps=spec["steps"], batch_size=spec["batch"], lr=2e-3, betas=(0.9, 0.999),
-                         prefix_mode=spec["mode"], group_widths=[n // 8, n // 4, n // 2, n], resort_every=0,
-                         dead_after=200, log_every=max(1, spec["steps"] // 5), seed=seed, progress=False,
-                         every_weights=spec["every_weights"])
+    recipe = dict(steps=spec["steps"], batch_size=spec["batch"], lr=2e-3, betas=(0.9, 0.999),
+                  prefix_mode=prefix_mode, group_widths=[n // 8, n // 4, n // 2, n], resort_every=0,
+                  dead_after=200, log_every=max(1, spec["steps"] // 5), seed=seed, progress=False,
+                  every_weights=spec["every_weights"])
+    config = TrainConfig(**{**recipe, **mode_settings})
     start = time.perf_counter()
     result = train(sae, store.sample, config)
     seconds = time.perf_counter() - start
     x = store.held_out()
     lengths = eval_lengths(n)
-    return {"mode": spec["mode"], "seed": seed, "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
+    return {"mode": spec["mode"], "activation": sae.config.activation, "settings": mode_settings, "seed": seed,
+            "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
             "lengths": lengths, "fvu": heldout_fvu(sae, x, lengths), "history": result.history,
             **latent_probes(sae, x)}
 
@@ -288,6 +303,8 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
                  docs: Path | None = None, every_weights: str = "exact") -> dict:
     """Run the study, then :func:`report` it."""
     start = time.perf_counter()
+    for mode in modes:
+        _activation(mode)
     sizes = QUICK if quick else FULL
     cached = {}
     if not (acts.exists() and any(acts.glob("*.npy"))):
