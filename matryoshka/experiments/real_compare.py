@@ -19,7 +19,8 @@ from the study's run cache, ``OUT/run_cache``, keeps the seconds of the study th
 Measured per run, on the held-out tokens:
 
 * FVU per prefix length m: ``E||x - x_hat_m||^2 / E||x - mean x||^2``, x_hat_m decoding latents
-  0..m-1 only; dead latents (never fire on the held-out tokens); L0.
+  0..m-1 only; dead latents (never fire on the held-out tokens, and, as the trainer counts them at
+  the end, silent for its last ``dead_after`` = 200 steps); L0.
 * Ordering: Spearman's rank correlation, over live latents, of a latent's position with its firing
   frequency and with its typical magnitude (mean activation when it fires; decoder rows have unit
   norm).  Matryoshka training should put frequent latents first (rho(position, frequency) < 0); a
@@ -238,7 +239,8 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     shown = [m for m in lengths if m >= 16]
     fvu = format_table([[str(m)] + [_cell(summary[mode]["fvu"][lengths.index(m)]) for mode in modes] for m in shown],
                        ["prefix length"] + modes)
-    keys = [("dead", "dead latents", 1), ("l0", "L0", 2), ("seconds_per_step", "s / step", 3)]
+    keys = [("dead", "dead (held-out)", 1), ("dead_training", "dead (training)", 1), ("l0", "L0", 2),
+            ("seconds_per_step", "s / step", 3)]
     basics = format_table([[mode] + [_cell(summary[mode][k], d) for k, _, d in keys] for mode in modes],
                           ["mode"] + [label for _, label, _ in keys])
     plain, partial = (format_table([[mode] + [_cell(summary[mode][k]) for k in columns] for mode in modes],
@@ -248,7 +250,7 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     nesting = format_table([[mode] + [_cell(summary[mode]["nesting"][k], d) for k, _, d in nest_keys] for mode in modes],
                            ["mode"] + [label for _, label, _ in nest_keys])
     return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
-            f"Dead latents (held-out), L0, training time\n{basics}\n\n"
+            f"Dead latents, L0, training time\n{basics}\n\n"
             f"Ordering: Spearman rank correlation over live latents\n{plain}\n\n"
             f"Ordering with one quantity held fixed (| x: mean Spearman within deciles of x)\n{partial}\n\n"
             f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
@@ -270,15 +272,19 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, runs in by_mode.items():
-        freq = np.mean([r["frequency"] for r in runs], axis=0)
-        mag = np.mean([r["magnitude"] for r in runs], axis=0)
-        window = max(1, len(freq) // 64)
-        smooth = lambda v: np.convolve(v, np.ones(window) / window, mode="valid")  # noqa: E731
-        x = np.arange(len(smooth(freq))) + window // 2
-        axes[0].plot(x, smooth(freq), label=mode, color=MODE_COLORS.get(mode))
-        axes[1].plot(x, smooth(mag), label=mode, color=MODE_COLORS.get(mode))
+        freq = np.array([r["frequency"] for r in runs])
+        window = max(1, freq.shape[1] // 64)
+        box = np.ones(window)
+        # A dead latent's frequency is 0, its magnitude undefined: left out of the magnitude's average.
+        live = (freq > 0).sum(0)
+        mag = np.where(freq > 0, np.array([r["magnitude"] for r in runs]), 0.0).sum(0)
+        with np.errstate(invalid="ignore"):
+            smooth_mag = np.convolve(mag, box, mode="valid") / np.convolve(live, box, mode="valid")
+        x = np.arange(len(smooth_mag)) + window // 2
+        axes[0].plot(x, np.convolve(freq.mean(0), box / window, mode="valid"), label=mode, color=MODE_COLORS.get(mode))
+        axes[1].plot(x, smooth_mag, label=mode, color=MODE_COLORS.get(mode))
     axes[0].set(yscale="log", xlabel="latent position", ylabel="firing frequency (held-out)")
-    axes[1].set(xlabel="latent position", ylabel="mean activation when firing")
+    axes[1].set(xlabel="latent position", ylabel="mean activation when firing (live latents)")
     axes[0].legend()
     fig.suptitle(f"latent order: moving average over {window} positions, mean over seeds")
     _save(fig, order_path)
@@ -340,6 +346,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     summary = {m: {
         "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
         **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
+        "dead_training": ci95([r["history"][-1]["dead"] for r in runs]),
         **{k: ci95([ordering[id(r)][k] for r in runs]) for k in ORDERING},
         "nesting": {k: ci95([r["nesting"][k] for r in runs])
                     for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
