@@ -357,7 +357,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     title = f"TopK n={sizes['n']} k={sizes['k']}, {payload['steps']} steps, {payload['seeds']} seed(s)"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(by_mode, summary, lengths, title, out)
-    processes = f" ({payload['jobs']} processes)" if "jobs" in payload else ""  # (not recorded before Dec 2026)
+    processes = f" ({payload['jobs']} processes)" if "jobs" in payload else ""  # (older results files lack it)
     header = (f"# real-compare: {title}\n\nData: {data['rows']} tokens of {data.get('model', data['path'])}, "
               f"{data.get('site', '')}; {data['held_out_rows']} held-out tokens. Every-prefix weights: "
               f"{payload['every_weights']}. Mean ± 95% CI over seeds. Total time {payload['runtime_s']:.0f} s"
