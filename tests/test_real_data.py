@@ -205,7 +205,7 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
                                quick=True)
     assert len(list((tmp_path / "out" / "run_cache").glob("*.json"))) == 2
     printed = capsys.readouterr().out
-    assert "reused" not in printed and "position, magnitude | frequency" in printed
+    assert "reused" not in printed and "position, magnitude | frequency" in printed and "restarts" not in printed
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         "real_frequency_magnitude.png", "real_fvu.png", "real_ordering.png"]
     again = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
@@ -230,11 +230,14 @@ def test_real_compare_takes_study_modes(tmp_path, capsys):
     acts = tmp_path / "acts"
     acts.mkdir()
     np.save(acts / "shard_000.npy", np.random.default_rng(0).standard_normal((4096, 12)).astype(np.float32))
-    runs = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, quick=True,
-                              modes=("every-b0.2-orth3", "groups-batchtopk"))["runs"]
+    result = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, quick=True,
+                                modes=("every-b0.2-orth3", "groups-batchtopk", "vanilla-resample"))
+    runs = result["runs"]
     assert [(r["mode"], r["activation"], r["settings"]) for r in runs] == [
         ("every-b0.2-orth3", "topk", {"balance_beta": 0.2, "balance_normalise": False, "orthogonality_coeff": 3.0}),
-        ("groups-batchtopk", "batchtopk", {})]
+        ("groups-batchtopk", "batchtopk", {}), ("vanilla-resample", "topk", {"resample_every": 100})]
+    assert [result["summary"][mode]["restarts"]["n"] for mode in result["summary"]] == [0, 0, 1]
+    assert "restarts" in capsys.readouterr().out  # the column, shown when a mode restarts latents
     assert runs[0]["history"][-1]["orthogonality"] > 0 and "orthogonality" not in runs[1]["history"][-1]
     with pytest.raises(SystemExit) as stop:
         main(["real-compare", "--out", str(tmp_path / "bad"), "--acts", str(acts), "--quick", "--modes", "every-jumprelu"])

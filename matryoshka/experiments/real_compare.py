@@ -20,7 +20,8 @@ Measured per run, on the held-out tokens:
 
 * FVU per prefix length m: ``E||x - x_hat_m||^2 / E||x - mean x||^2``, x_hat_m decoding latents
   0..m-1 only; dead latents (never fire on the held-out tokens, and, as the trainer counts them at
-  the end, silent for its last ``dead_after`` = 200 steps); L0.
+  the end, silent for its last ``dead_after`` = 200 steps); with a ``-resample`` mode, how many
+  restarts it made in all; L0.
 * Ordering: Spearman's rank correlation, over live latents, of a latent's position with its firing
   frequency and with its typical magnitude (mean activation when it fires; decoder rows have unit
   norm).  Matryoshka training should put frequent latents first (rho(position, frequency) < 0); a
@@ -239,7 +240,8 @@ def _tables(summary: dict, lengths: list[int]) -> str:
     shown = [m for m in lengths if m >= 16]
     fvu = format_table([[str(m)] + [_cell(summary[mode]["fvu"][lengths.index(m)]) for mode in modes] for m in shown],
                        ["prefix length"] + modes)
-    keys = [("dead", "dead (held-out)", 1), ("dead_training", "dead (training)", 1), ("l0", "L0", 2),
+    restarts = [("restarts", "restarts", 1)] if any(summary[mode]["restarts"]["n"] for mode in modes) else []
+    keys = [("dead", "dead (held-out)", 1), ("dead_training", "dead (training)", 1), *restarts, ("l0", "L0", 2),
             ("seconds_per_step", "s / step", 3)]
     basics = format_table([[mode] + [_cell(summary[mode][k], d) for k, _, d in keys] for mode in modes],
                           ["mode"] + [label for _, label, _ in keys])
@@ -347,6 +349,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
         **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
         "dead_training": ci95([r["history"][-1]["dead"] for r in runs]),
+        "restarts": ci95([r["history"][-1].get("resampled") for r in runs]),  # (a -resample mode's, in all)
         **{k: ci95([ordering[id(r)][k] for r in runs]) for k in ORDERING},
         "nesting": {k: ci95([r["nesting"][k] for r in runs])
                     for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
