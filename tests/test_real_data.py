@@ -237,7 +237,9 @@ def test_real_compare_takes_study_modes(tmp_path, capsys):
         ("every-b0.2-orth3", "topk", {"balance_beta": 0.2, "balance_normalise": False, "orthogonality_coeff": 3.0}),
         ("groups-batchtopk", "batchtopk", {}), ("vanilla-resample", "topk", {"resample_every": 100})]
     assert [result["summary"][mode]["restarts"]["n"] for mode in result["summary"]] == [0, 0, 1]
-    assert "restarts" in capsys.readouterr().out  # the column, shown when a mode restarts latents
+    printed = capsys.readouterr().out
+    assert "restarts" in printed  # the column, shown when a mode restarts latents
+    assert "BatchTopK/TopK n=512 k=32" in printed
     assert runs[0]["history"][-1]["orthogonality"] > 0 and "orthogonality" not in runs[1]["history"][-1]
     with pytest.raises(SystemExit) as stop:
         main(["real-compare", "--out", str(tmp_path / "bad"), "--acts", str(acts), "--quick", "--modes", "every-jumprelu"])

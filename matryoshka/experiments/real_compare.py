@@ -209,6 +209,11 @@ def _activation(mode: str) -> str:
     return "topk" if activation == "relu" else activation
 
 
+def _kinds(modes) -> str:
+    """The SAE kinds the modes train, for titles: "TopK", "BatchTopK" or "BatchTopK/TopK"."""
+    return "/".join(sorted({"BatchTopK" if _activation(mode) == "batchtopk" else "TopK" for mode in modes}))
+
+
 def run_one(spec: dict) -> dict:
     """Train and measure one SAE (a worker process: one thread, the store opened here)."""
     torch.set_num_threads(1)
@@ -328,7 +333,7 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     print(f"data: {store.rows} tokens x d={store.d} from {acts} ({meta.get('model', 'unknown model')}, "
           f"layer {meta.get('layer', '?')}); {store.train_rows} train / {store.held_out_rows} held out; "
           f"scale {store.scale:.5g} (mean squared norm d)")
-    print(f"TopK n={n} k={sizes['k']}, batch {sizes['batch']}, {steps} steps = {steps * sizes['batch']} tokens per run, "
+    print(f"{_kinds(modes)} n={n} k={sizes['k']}, batch {sizes['batch']}, {steps} steps = {steps * sizes['batch']} tokens per run, "
           f"modes {', '.join(modes)} (every: {every_weights} weights), seeds 0..{seeds - 1}, {jobs} process(es)")
     results = run_many(specs, jobs, desc="real-compare", worker=run_one, cache=out / RUN_CACHE)
     payload = {"study": "real-compare", "data": {**store.describe(), **meta}, "sizes": sizes, "steps": steps,
@@ -357,7 +362,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     tables = _tables(summary, lengths)
     print()
     print(tables)
-    title = f"TopK n={sizes['n']} k={sizes['k']}, {payload['steps']} steps, {payload['seeds']} seed(s)"
+    title = f"{_kinds(modes)} n={sizes['n']} k={sizes['k']}, {payload['steps']} steps, {payload['seeds']} seed(s)"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(by_mode, summary, lengths, title, out)
     processes = f" ({payload['jobs']} processes)" if "jobs" in payload else ""  # (older results files lack it)
