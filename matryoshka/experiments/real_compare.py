@@ -30,9 +30,9 @@ Measured per run, on the held-out tokens:
   magnitude go together on real data, so each is also given with the other held fixed: the mean
   Spearman correlation within deciles of the other (:func:`ordering_correlations`), e.g.
   rho(position, magnitude | frequency) < 0 when, among latents that fire about as often, the larger
-  ones sit earlier.  Energy is a latent's
-  mean squared activation per token, frequency x E[a^2 | fires]: with unit decoder rows, the
-  squared norm it adds to the reconstruction, roughly what a prefix gains by holding it.
+  ones sit earlier.  Energy is a latent's mean squared activation per token, frequency x
+  E[a^2 | fires]: with unit decoder rows, the squared norm it adds to the reconstruction, roughly
+  what a prefix gains by holding it; latents placed by energy alone show rho ~ 0 given the energy.
 * Nesting: for each later latent j that fires at least ``MIN_FIRES`` times, its early partner
   i < j maximising P(i fires | j fires), kept as a co-firing pair when that probability is >= 0.5
   and at least 5x i's base rate (not a merely dense latent).  Reported: pairs per 1000 eligible
