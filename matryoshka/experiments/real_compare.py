@@ -45,7 +45,7 @@ Tables give mean ± 95% CI over seeds (Student t).
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import time
 from pathlib import Path
 
@@ -60,7 +60,7 @@ from ..sae import SAEConfig, SparseAutoencoder
 from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
-from .common import RUN_CACHE, format_table, run_many, study_activation, study_mode, write_json
+from .common import RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode, write_json
 from .plots import MODE_COLORS, _save, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
@@ -90,8 +90,7 @@ def ci95(values) -> dict:
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if x.size == 0:
         return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
-    half = float(scipy.stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
-    return {"mean": float(x.mean()), "ci95": half, "n": int(x.size)}
+    return {"mean": float(x.mean()), "ci95": ci95_half_width(x), "n": int(x.size)}
 
 
 def _cell(stat: dict, digits: int = 3) -> str:
@@ -342,6 +341,21 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     return report(out, payload, docs)
 
 
+def _mode_summary(runs: list[dict], lengths: int) -> dict:
+    """Mean ± 95% CI over one mode's runs of every measured quantity (the ordering probe's from each
+    run's per-latent lists)."""
+    ordering = [ordering_correlations(r["frequency"], r["magnitude"], r["energy"]) for r in runs]
+    return {
+        "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(lengths)],
+        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
+        "dead_training": ci95([r["history"][-1]["dead"] for r in runs]),
+        "restarts": ci95([r["history"][-1].get("resampled") for r in runs]),  # (a -resample mode's, in all)
+        **{k: ci95([o[k] for o in ordering]) for k in ORDERING},
+        "nesting": {k: ci95([r["nesting"][k] for r in runs])
+                    for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
+    }
+
+
 def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     """Summarise the runs of a results payload (mean ± 95% CI per mode), print the tables, and write
     ``results.json``, ``results.md`` and the figures into ``out`` (the figures and ``real_compare.md``
@@ -349,16 +363,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     results, modes, sizes, data = payload["runs"], payload["modes"], payload["sizes"], payload["data"]
     by_mode = {m: [r for r in results if r["mode"] == m] for m in modes}
     lengths = results[0]["lengths"]
-    ordering = {id(r): ordering_correlations(r["frequency"], r["magnitude"], r["energy"]) for r in results}
-    summary = {m: {
-        "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(len(lengths))],
-        **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
-        "dead_training": ci95([r["history"][-1]["dead"] for r in runs]),
-        "restarts": ci95([r["history"][-1].get("resampled") for r in runs]),  # (a -resample mode's, in all)
-        **{k: ci95([ordering[id(r)][k] for r in runs]) for k in ORDERING},
-        "nesting": {k: ci95([r["nesting"][k] for r in runs])
-                    for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
-    } for m, runs in by_mode.items()}
+    summary = {m: _mode_summary(runs, len(lengths)) for m, runs in by_mode.items()}
     tables = _tables(summary, lengths)
     print()
     print(tables)
@@ -375,7 +380,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     write_json(out / "results.json", {**payload, "summary": summary})
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
-        _figures(by_mode, summary, lengths, title, docs)
+        for figure in figures:
+            shutil.copy(figure, docs / figure.name)
         (docs / "real_compare.md").write_text(markdown)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
           + (f" and copies in {docs}" if docs is not None else ""))
