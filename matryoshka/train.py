@@ -334,10 +334,13 @@ _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": Fal
 @dataclass
 class TrainResult:
     """``history``: one dict of window-averaged metrics per ``log_every`` steps (also passed to the
-    callback).  ``objective``: the fixed prefix set the run optimised (see :class:`PrefixSchedule`)."""
+    callback).  ``objective``: the fixed prefix set the run optimised (see :class:`PrefixSchedule`).
+    ``since_fired``: at the end, the steps since each latent (in the SAE's final order) last fired
+    in a training batch; those at ``dead_after`` or more are the run's dead latents."""
 
     history: list[dict] = field(default_factory=list)
     objective: Prefixes | None = None
+    since_fired: torch.Tensor | None = None
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -659,6 +662,7 @@ def train(
         raise
     finally:
         sae.data_parallel = previous_parallel
+    run.result.since_fired = run.stats.since_fired.clone()
     return run.result
 
 

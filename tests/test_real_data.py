@@ -12,7 +12,15 @@ import torch
 
 from matryoshka.__main__ import main
 from matryoshka.activation_store import ActivationStore
-from matryoshka.experiments.real_compare import ci95, latent_probes, ordering_correlations, spearman_within_strata
+from matryoshka.experiments.real_compare import (
+    DEAD_AFTER,
+    ci95,
+    dead_latent_probe,
+    latent_probes,
+    nearest_live_cosine,
+    ordering_correlations,
+    spearman_within_strata,
+)
 from matryoshka.realdata import prose_paragraphs
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
@@ -155,6 +163,56 @@ def test_probes_and_confidence_intervals():
     assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_probes_measure_how_far_each_latent_is_from_firing(activation):
+    """A latent fires on a token exactly where its pre-activation beats what firing needs there, so
+    max_margin > 0 exactly for the latents that fire; max_pre is the largest pre-activation."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d=8, n=16, activation=activation, k=3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc[5] = -100.0  # never positive: out of the dead-latent loss's reach
+        sae.b_enc[9] = -0.8  # positive now and then, rarely among the largest
+        sae.threshold.fill_(1.0)  # (BatchTopK's inference threshold)
+    x = torch.randn(500, 8)
+    probes = latent_probes(sae, x)
+    pre = sae.encode_pre(x).detach().double()
+    np.testing.assert_allclose(probes["max_pre"], pre.max(0).values.numpy(), rtol=1e-6)
+    assert probes["max_pre"][5] < 0 and probes["max_margin"][5] < 0 and probes["frequency"][5] == 0
+    assert [m > 0 for m in probes["max_margin"]] == [f > 0 for f in probes["frequency"]]
+    assert 0 < probes["dead"] < 16  # both kinds of latent occur
+    assert all(0 <= c <= 1 + 1e-12 for c in probes["nearest_live_cosine"])
+
+
+def test_nearest_live_cosine_skips_the_latent_itself_and_the_dead():
+    W = np.array([[1.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.6, 0.8]])
+    alive = np.array([True, True, True, False, False])
+    nearest = nearest_live_cosine(W, alive)
+    np.testing.assert_allclose(nearest, [1.0, 1.0, 0.0, 2 ** -0.5, 0.8], atol=1e-12)  # |cos|: -2 e1 duplicates e1
+    lonely = nearest_live_cosine(W[:2], np.array([True, False]))
+    assert np.isnan(lonely[0]) and lonely[1] == pytest.approx(1.0)
+
+
+def test_dead_latent_probe_reads_the_dead_latents_of_a_run():
+    """Eight latents, 1000 steps: latents 4..7 last fired at or before step 1000 - DEAD_AFTER (dead)."""
+    steps = 1000
+    run = {"history": [{"step": steps}],
+           "last_fired": [1000, 999, steps - DEAD_AFTER + 1, 900, steps - DEAD_AFTER, 0, 300, 0],
+           "max_pre": [3.0, 2.0, 1.0, 1.0, 0.5, -1.0, -0.2, 0.0],
+           "max_margin": [1.0, 1.0, 0.5, 0.1, 0.2, -3.0, -1.0, -1.0],
+           "frequency": [0.1, 0.2, 0.01, 0.001, 0.001, 0.0, 0.0, 0.0],
+           "nearest_live_cosine": [0.1, 0.3, 0.2, 0.5, 0.95, 0.2, 0.99, float("nan")]}
+    probe = dead_latent_probe(run)
+    assert probe == pytest.approx({
+        "never_positive": 3 / 4,  # latents 5, 6, 7 (max_pre <= 0)
+        "fire_held_out": 1 / 4,  # latent 4 fires on the held-out tokens after all
+        "last_fired": 150 / steps,  # median of 800, 0, 300, 0
+        "never_fired": 2 / 4, "position": (4 + 5 + 6 + 7) / 4 / 7, "duplicates": 2 / 4,
+        "nearest_cosine": 0.95,  # median of 0.95, 0.2, 0.99 (the NaN left out)
+        "live_nearest_cosine": 0.3})  # median over the latents that fire on the held-out tokens, 0..4
+    quiet = dead_latent_probe({**run, "last_fired": [steps] * 8})
+    assert np.isnan(quiet["never_positive"]) and quiet["live_nearest_cosine"] == pytest.approx(0.3)
+
+
 def test_spearman_within_strata_is_the_mean_correlation_within_each_value_of_the_third():
     rng = np.random.default_rng(0)
     z = rng.permutation(np.repeat(np.arange(10), 50))  # ten values, 50 each: the deciles are the values
@@ -207,7 +265,10 @@ def test_real_compare_keeps_its_runs_and_reuses_them(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reused" not in printed and "position, magnitude | frequency" in printed and "restarts" not in printed
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        "real_frequency_magnitude.png", "real_fvu.png", "real_ordering.png"]
+        "real_dead.png", "real_frequency_magnitude.png", "real_fvu.png", "real_ordering.png"]
+    assert "no positive pre-act." in printed
+    for run in first["runs"]:
+        assert len(run["last_fired"]) == 512 and all(0 <= s <= 6 for s in run["last_fired"])
     again = study.real_compare(tmp_path / "out", acts=acts, steps=6, seeds=1, jobs=1, modes=("vanilla", "every"),
                                quick=True)
     assert "real-compare: 2 of 2 runs reused" in capsys.readouterr().out

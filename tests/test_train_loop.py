@@ -91,9 +91,13 @@ def test_a_latent_is_dead_once_silent_for_dead_after_steps(monkeypatch):
     sae = tiny_sae("topk")
     with torch.no_grad():
         sae.b_enc[5] = -1e4
-    history = train(sae, sample, tiny_config("topk", resort_every=0, dead_after=3, steps=6, log_every=1)).history
+    result = train(sae, sample, tiny_config("topk", resort_every=0, dead_after=3, steps=6, log_every=1))
+    history = result.history
     assert [bool(m[5]) for m in masks] == [False, False, False, True, True, True]
     assert [logs["dead"] for logs in history[:-1]] == [int(m.sum()) for m in masks[1:]]
+    # The final firing recency: latent 5 never fired in the 6 steps, and it counts the final dead.
+    assert result.since_fired[5] == 6 and 0 <= int(result.since_fired.min()) and int(result.since_fired.max()) <= 6
+    assert int((result.since_fired >= 3).sum()) == history[-1]["dead"]
 
 
 def test_mean_l0_counts_every_positive_activation():

@@ -70,6 +70,8 @@ DEFAULT_SEEDS = 3
 DEFAULT_TOKENS = 1_000_000
 HELD_OUT = 32_768
 MIN_FIRES = 20
+DEAD_AFTER = 200  # silent training steps before the trainer counts a latent dead (and the dead-latent loss reaches it)
+DUPLICATE_COSINE = 0.9  # a decoder row this close to a live latent's (|cosine|) counts as a duplicate
 FULL = {"n": 4096, "k": 32, "batch": 512, "held_out": HELD_OUT}
 QUICK = {"n": 512, "k": 32, "batch": 128, "held_out": 2048}
 QUICK_TOKENS = 24_000
@@ -140,16 +142,25 @@ def ordering_correlations(frequency, magnitude, energy) -> dict:
 @torch.no_grad()
 def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
     """Per latent on rows ``x``: firing frequency, magnitude and energy (the ordering probe's data,
-    :func:`ordering_correlations`); dead latents, L0 and the nesting pairs."""
+    :func:`ordering_correlations`); dead latents, L0 and the nesting pairs.  For the dead-latent
+    probe, per latent: its largest pre-activation (``max_pre``; the dead-latent loss sees only
+    positive ones), its largest margin over what it needed to fire (``max_margin``: pre-activation
+    minus the token's k-th largest for TopK, minus the threshold for BatchTopK; > 0 where it fired)
+    and the largest |cosine| of its decoder row with a live latent's (:func:`nearest_live_cosine`)."""
     n = sae.config.n
     sae.eval()
     counts = torch.zeros(n, dtype=torch.float64)
     sums = torch.zeros(n, dtype=torch.float64)
     squares = torch.zeros(n, dtype=torch.float64)
+    max_pre = torch.full((n,), -torch.inf, dtype=torch.float64)
+    max_margin = torch.full((n,), -torch.inf, dtype=torch.float64)
     rows, cols, l0 = [], [], 0.0
     for start, part in zip(range(0, x.shape[0], batch), x.split(batch)):
-        acts = sae(part).acts
+        out = sae(part)
+        acts, pre = out.acts, out.pre.double()
         assert isinstance(acts, SparseActs)
+        max_pre = torch.maximum(max_pre, pre.max(0).values)
+        max_margin = torch.maximum(max_margin, (pre - _firing_bar(sae, pre)).max(0).values)
         active = acts.active()
         token, slot = active.nonzero(as_tuple=True)
         latent = acts.indices[token, slot]
@@ -187,6 +198,8 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
     return {
         "dead": int((~alive).sum()), "l0": l0 / tokens,
         "frequency": freq.tolist(), "magnitude": magnitude.tolist(), "energy": energy.tolist(),
+        "max_pre": max_pre.tolist(), "max_margin": max_margin.tolist(),
+        "nearest_live_cosine": nearest_live_cosine(W, alive).tolist(),
         "nesting": {
             "eligible": int(eligible.sum()),
             "pairs_per_1000": 1000.0 * pairs.size / max(1, int(eligible.sum())),
@@ -196,6 +209,27 @@ def latent_probes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) ->
             "pairs": [[int(partner[j]), int(j), float(best[j])] for j in pairs[:200]],
         },
     }
+
+
+def _firing_bar(sae: SparseAutoencoder, pre: torch.Tensor) -> torch.Tensor:
+    """What a pre-activation must exceed to fire, per row of ``pre`` (``(B, 1)``) or for all (a
+    scalar): the row's k-th largest pre-activation (TopK; at least 0) or BatchTopK's inference
+    threshold."""
+    if sae.config.activation == "topk":
+        return pre.topk(int(sae.config.k), dim=1).values[:, -1:].clamp(min=0)
+    if sae.config.activation == "batchtopk":
+        return sae.threshold.double().clamp(min=0)
+    raise ValueError(f"the dead-latent probe knows TopK and BatchTopK SAEs, not {sae.config.activation!r}")
+
+
+def nearest_live_cosine(W_dec: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """For each latent, the largest |cosine| between its decoder row and another live latent's
+    (``alive``: bool per latent); NaN with no other live latent.  Near 1 for a duplicate."""
+    unit = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    cosine = np.abs(unit @ unit[alive].T)
+    cosine[np.nonzero(alive)[0], np.arange(int(alive.sum()))] = -np.inf  # a latent is not its own neighbour
+    nearest = cosine.max(1, initial=-np.inf)
+    return np.where(np.isfinite(nearest), nearest, np.nan)
 
 
 def _activation(mode: str) -> str:
@@ -225,7 +259,7 @@ def run_one(spec: dict) -> dict:
         sae.b_dec.copy_(store.sample(8192, torch.Generator().manual_seed(seed)).mean(0))
     recipe = dict(steps=spec["steps"], batch_size=spec["batch"], lr=2e-3, betas=(0.9, 0.999),
                   prefix_mode=prefix_mode, group_widths=[n // 8, n // 4, n // 2, n], resort_every=0,
-                  dead_after=200, log_every=max(1, spec["steps"] // 5), seed=seed, progress=False,
+                  dead_after=DEAD_AFTER, log_every=max(1, spec["steps"] // 5), seed=seed, progress=False,
                   every_weights=spec["every_weights"])
     config = TrainConfig(**{**recipe, **mode_settings})
     start = time.perf_counter()
@@ -236,6 +270,7 @@ def run_one(spec: dict) -> dict:
     return {"mode": spec["mode"], "activation": sae.config.activation, "settings": mode_settings, "seed": seed,
             "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
             "lengths": lengths, "fvu": heldout_fvu(sae, x, lengths), "history": result.history,
+            "last_fired": (spec["steps"] - result.since_fired).tolist(),
             **latent_probes(sae, x)}
 
 
@@ -255,16 +290,19 @@ def _tables(summary: dict, lengths: list[int]) -> str:
                  ("silent_rate", "early silent when later fires", 3), ("decoder_cosine", "decoder cosine", 3)]
     nesting = format_table([[mode] + [_cell(summary[mode]["nesting"][k], d) for k, _, d in nest_keys] for mode in modes],
                            ["mode"] + [label for _, label, _ in nest_keys])
+    dead = format_table([[mode] + [_cell(summary[mode]["dead_probe"][k]) for k in DEAD_PROBE] for mode in modes],
+                        ["mode", *DEAD_PROBE.values()])
     return (f"Held-out fraction of variance unexplained by prefix length\n{fvu}\n\n"
             f"Dead latents, L0, training time\n{basics}\n\n"
             f"Ordering: Spearman rank correlation over live latents\n{plain}\n\n"
             f"Ordering with one quantity held fixed (| x: mean Spearman within deciles of x)\n{partial}\n\n"
-            f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}")
+            f"Nesting: co-firing pairs (early i < later j, P(i | j) >= 0.5 and >= 5x P(i))\n{nesting}\n\n"
+            f"Dead latents (training count): shares of them, held-out pre-activations, training steps, decoders\n{dead}")
 
 
 def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], title: str, folder: Path) -> list[Path]:
-    fvu_path, order_path, plane_path = (folder / name for name in ("real_fvu.png", "real_ordering.png",
-                                                                    "real_frequency_magnitude.png"))
+    fvu_path, order_path, plane_path, dead_path = (folder / name for name in (
+        "real_fvu.png", "real_ordering.png", "real_frequency_magnitude.png", "real_dead.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in by_mode:
         mean = np.array([s["mean"] for s in summary[mode]["fvu"]])
@@ -307,7 +345,42 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
     axes[0][0].set_ylabel("mean activation when firing")
     fig.colorbar(points, ax=axes[0].tolist(), label="latent position")
     _save(fig, plane_path)
-    return [fvu_path, order_path, plane_path]
+    _dead_figure(by_mode, dead_path)
+    return [fvu_path, order_path, plane_path, dead_path]
+
+
+def _dead_figure(by_mode: dict[str, list[dict]], path: Path) -> None:
+    """The dead-latent probe as pictures: when the latents dead at the end last fired, where they sit
+    in the order, and how close their decoders are to a live latent's (beside the live latents')."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for mode, runs in by_mode.items():
+        color = MODE_COLORS.get(mode)
+        steps = runs[0]["history"][-1]["step"]
+        last = np.array([r["last_fired"] for r in runs])
+        dead = last <= steps - DEAD_AFTER
+        grid = np.linspace(0, steps, 201)
+        # Dead at the end and silent since step s: a latent that died and came back is not counted.
+        curve = np.array([[(last[i][dead[i]] <= s).sum() for s in grid] for i in range(len(runs))])
+        axes[0].plot(grid, curve.mean(0), color=color, label=mode)
+        n = last.shape[1]
+        width = max(1, n // 32)
+        share = [dead[:, start:start + width].mean() for start in range(0, n, width)]
+        axes[1].step(np.arange(0, n, width), share, where="post", color=color, label=mode)
+        nearest = np.array([r["nearest_live_cosine"] for r in runs], dtype=float)
+        alive = np.array([r["frequency"] for r in runs]) > 0
+        for values, style in ((nearest[dead], "-"), (nearest[alive], ":")):
+            values = np.sort(values[np.isfinite(values)])
+            if values.size:
+                axes[2].plot(values, np.arange(1, values.size + 1) / values.size, style, color=color)
+    axes[0].set(xlabel="training step s", ylabel="dead latents silent since step s",
+                title="when the latents dead at the end last fired")
+    axes[1].set(xlabel=f"latent position (bins of {width})", ylabel="share dead (training count)",
+                title="where the dead latents sit")
+    axes[2].set(xlabel="largest |cosine| of the decoder row with a live latent's", ylabel="cumulative share",
+                title="dead (solid) and live (dotted) latents")
+    axes[0].legend()
+    fig.suptitle("dead latents, mean over seeds")
+    _save(fig, path)
 
 
 def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DEFAULT_STEPS, seeds: int = DEFAULT_SEEDS,
@@ -341,10 +414,43 @@ def real_compare(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DE
     return report(out, payload, docs)
 
 
+# The dead-latent probe (:func:`dead_latent_probe`): key and table column.
+DEAD_PROBE = {"never_positive": "no positive pre-act.", "fire_held_out": "fire held-out",
+              "last_fired": "last fired (of steps)", "never_fired": "never fired",
+              "position": "position (of n)", "duplicates": f"duplicates (|cos| >= {DUPLICATE_COSINE})",
+              "nearest_cosine": "nearest live |cos|", "live_nearest_cosine": "live: nearest live |cos|"}
+
+
+def dead_latent_probe(run: dict) -> dict:
+    """What one run's dead latents (as the trainer counts them at the end: silent in training for
+    ``DEAD_AFTER`` steps) look like, from :func:`latent_probes` on the held-out tokens and the
+    training's ``last_fired``: the share with no positive pre-activation on any held-out token (out
+    of the dead-latent loss's reach: it decodes ReLU'd pre-activations) and the share that fire
+    there after all; the median step they last fired, as a share of the steps, and the share that
+    never fired; their mean position as a share of n (0.5: spread evenly); the share whose decoder
+    row duplicates a live latent's, and the median of their largest |cosine| with a live latent,
+    beside the live latents' own.  NaN where the run has no dead latent."""
+    steps = run["history"][-1]["step"]
+    last_fired = np.asarray(run["last_fired"])
+    n = last_fired.size
+    dead = last_fired <= steps - DEAD_AFTER
+    nearest = np.asarray(run["nearest_live_cosine"], dtype=float)
+    live_nearest = float(np.nanmedian(nearest[np.asarray(run["frequency"]) > 0]))
+    if not dead.any():
+        return {**dict.fromkeys(DEAD_PROBE, float("nan")), "live_nearest_cosine": live_nearest}
+    return {"never_positive": float((np.asarray(run["max_pre"])[dead] <= 0).mean()),
+            "fire_held_out": float((np.asarray(run["max_margin"])[dead] > 0).mean()),
+            "last_fired": float(np.median(last_fired[dead]) / steps), "never_fired": float((last_fired[dead] == 0).mean()),
+            "position": float(np.nonzero(dead)[0].mean() / max(1, n - 1)),
+            "duplicates": float((nearest[dead] >= DUPLICATE_COSINE).mean()),
+            "nearest_cosine": float(np.nanmedian(nearest[dead])), "live_nearest_cosine": live_nearest}
+
+
 def _mode_summary(runs: list[dict], lengths: int) -> dict:
     """Mean ± 95% CI over one mode's runs of every measured quantity (the ordering probe's from each
     run's per-latent lists)."""
     ordering = [ordering_correlations(r["frequency"], r["magnitude"], r["energy"]) for r in runs]
+    dead = [dead_latent_probe(r) for r in runs]
     return {
         "fvu": [ci95([r["fvu"][i] for r in runs]) for i in range(lengths)],
         **{k: ci95([r[k] for r in runs]) for k in ("dead", "l0", "seconds_per_step")},
@@ -353,6 +459,7 @@ def _mode_summary(runs: list[dict], lengths: int) -> dict:
         **{k: ci95([o[k] for o in ordering]) for k in ORDERING},
         "nesting": {k: ci95([r["nesting"][k] for r in runs])
                     for k in ("pairs_per_1000", "fully_nested_share", "silent_rate", "decoder_cosine")},
+        "dead_probe": {k: ci95([d[k] for d in dead]) for k in DEAD_PROBE},
     }
 
 
