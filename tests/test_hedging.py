@@ -46,6 +46,9 @@ def test_study_modes_parse():
         "every", {"balance_beta": 0.2, "balance_normalise": False, "resample_every": RESAMPLE_EVERY,
                   "dead_after": 300, "orthogonality_coeff": 3.0})
     assert study_activation("every-batchtopk-dead50") == "batchtopk"
+    assert study_mode("every-auxk192") == ("every", {"aux_k": 192})
+    assert study_mode("vanilla-batchtopk-resample-auxk64-dead300") == (
+        "vanilla", {"resample_every": RESAMPLE_EVERY, "aux_k": 64, "dead_after": 300})
     with pytest.raises(ValueError, match="-dead<N>"):
         study_mode("every-dead")
     assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2
@@ -55,7 +58,7 @@ def test_study_modes_parse():
     assert hedging.beta_of("every-uniform-pp") == 19.0 and hedging.beta_of("every-b0.3-pp") == 0.3
     assert "every-pp" in hedging.MODES and "every-uniform-pp" in hedging.MODES
     for bad in ("every-b", "everything", "balanced", "every-b-1", "every-orth", "every-orth-1", "orth1",
-                "jumprelu", "every-jumprelu2", "every-topk"):
+                "jumprelu", "every-jumprelu2", "every-topk", "every-auxk", "every-auxk-1"):
         with pytest.raises(ValueError):
             study_mode(bad)
 

@@ -171,15 +171,19 @@ def test_probes_measure_how_far_each_latent_is_from_firing(activation):
     sae = SparseAutoencoder(SAEConfig(d=8, n=16, activation=activation, k=3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_enc[5] = -100.0  # never positive: out of the dead-latent loss's reach
-        sae.b_enc[9] = -0.8  # positive now and then, rarely among the largest
-        sae.threshold.fill_(1.0)  # (BatchTopK's inference threshold)
+        sae.b_enc[9] = -2.0  # positive now and then, never among the largest
+        sae.threshold.fill_(2.5)  # (BatchTopK's inference threshold)
     x = torch.randn(500, 8)
     probes = latent_probes(sae, x)
     pre = sae.encode_pre(x).detach().double()
     np.testing.assert_allclose(probes["max_pre"], pre.max(0).values.numpy(), rtol=1e-6)
+    # What firing needs: the k-th largest pre-activation of the token (if positive), or the threshold.
+    bar = pre.sort(1, descending=True).values[:, 2:3].clamp(min=0) if activation == "topk" else 2.5
+    np.testing.assert_allclose(probes["max_margin"], (pre - bar).max(0).values.numpy(), rtol=1e-6, atol=1e-6)
     assert probes["max_pre"][5] < 0 and probes["max_margin"][5] < 0 and probes["frequency"][5] == 0
     assert [m > 0 for m in probes["max_margin"]] == [f > 0 for f in probes["frequency"]]
-    assert 0 < probes["dead"] < 16  # both kinds of latent occur
+    assert 0 < probes["dead"] < 16  # both kinds of latent occur, and dead ones with positive pre-activations
+    assert any(p > 0 and f == 0 for p, f in zip(probes["max_pre"], probes["frequency"]))
     assert all(0 <= c <= 1 + 1e-12 for c in probes["nearest_live_cosine"])
 
 
@@ -197,13 +201,13 @@ def test_dead_latent_probe_reads_the_dead_latents_of_a_run():
     steps = 1000
     run = {"history": [{"step": steps}],
            "last_fired": [1000, 999, steps - DEAD_AFTER + 1, 900, steps - DEAD_AFTER, 0, 300, 0],
-           "max_pre": [3.0, 2.0, 1.0, 1.0, 0.5, -1.0, -0.2, 0.0],
+           "max_pre": [3.0, 2.0, 1.0, 1.0, 0.5, -1.0, 0.4, 0.0],
            "max_margin": [1.0, 1.0, 0.5, 0.1, 0.2, -3.0, -1.0, -1.0],
            "frequency": [0.1, 0.2, 0.01, 0.001, 0.001, 0.0, 0.0, 0.0],
            "nearest_live_cosine": [0.1, 0.3, 0.2, 0.5, 0.95, 0.2, 0.99, float("nan")]}
     probe = dead_latent_probe(run)
     assert probe == pytest.approx({
-        "never_positive": 3 / 4,  # latents 5, 6, 7 (max_pre <= 0)
+        "never_positive": 2 / 4,  # latents 5 and 7 (max_pre <= 0; 6 is positive but never fires)
         "fire_held_out": 1 / 4,  # latent 4 fires on the held-out tokens after all
         "last_fired": 150 / steps,  # median of 800, 0, 300, 0
         "never_fired": 2 / 4, "position": (4 + 5 + 6 + 7) / 4 / 7, "duplicates": 2 / 4,

@@ -30,6 +30,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`);
   ``-dead<N>`` (e.g. ``every-b0.2-resample-dead300``): a latent counts as dead after ``N`` silent
   steps instead of the trainer's 1 000 (``TrainConfig(dead_after=N)``: resampling and the AuxK loss).
+* any of these with a suffix ``-auxk<N>`` (e.g. ``every-auxk192``): the TopK/BatchTopK dead-latent
+  loss decodes the ``N`` largest dead pre-activations per row instead of the trainer's 16
+  (``TrainConfig(aux_k=N)``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead late
 _NUMBER_SUFFIXES = (
     (re.compile(rf"^(.+)-orth{_NUMBER}$"), "orthogonality_coeff", float),  # the decoder orthogonality penalty γ
     (re.compile(r"^(.+)-dead([0-9]+)$"), "dead_after", int),  # silent steps before a latent counts as dead
+    (re.compile(r"^(.+)-auxk([0-9]+)$"), "aux_k", int),  # dead latents decoded per row by the TopK dead-latent loss
 )
 # ... or to a fixed value,
 _SETTING_SUFFIXES = {
@@ -140,7 +144,7 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
                          f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted), -dead<N> (dead "
-                         f"after N silent steps) and "
+                         f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
