@@ -185,6 +185,11 @@ def test_probes_measure_how_far_each_latent_is_from_firing(activation):
     assert 0 < probes["dead"] < 16  # both kinds of latent occur, and dead ones with positive pre-activations
     assert any(p > 0 and f == 0 for p, f in zip(probes["max_pre"], probes["frequency"]))
     assert all(0 <= c <= 1 + 1e-12 for c in probes["nearest_live_cosine"])
+    with torch.no_grad():  # every pre-activation -1: nothing fires, so nothing is at or past the bar
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+    silent = latent_probes(sae, x)
+    assert max(silent["frequency"]) == 0 and max(silent["max_margin"]) < 0
 
 
 def test_nearest_live_cosine_skips_the_latent_itself_and_the_dead():

@@ -379,7 +379,7 @@ def _dead_figure(by_mode: dict[str, list[dict]], path: Path) -> None:
     axes[2].set(xlabel="largest |cosine| of the decoder row with a live latent's", ylabel="cumulative share",
                 title="dead (solid) and live (dotted) latents")
     axes[0].legend()
-    fig.suptitle("dead latents, mean over seeds")
+    fig.suptitle("dead latents (training count): left and middle mean over seeds, right pooled over seeds", y=1.03)
     _save(fig, path)
 
 
