@@ -129,7 +129,7 @@ def train_cmd(args: argparse.Namespace) -> None:
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, held_out=args.held_out,
         every_weights=args.every_weights, orthogonality_coeff=args.orthogonality_coeff,
         orthogonality_chunk=args.orthogonality_chunk, balance_beta=args.balance_beta,
-        resample_every=args.resample_every)
+        resample_every=args.resample_every, aux_k=args.aux_k)
     last, settings = summary["last"], summary["settings"]
     ev = last.get("heldout_explained_variance")
     print(f"{settings['kind']} SAE d={settings['d']} n={settings['n']} k={settings['k']}, prefixes {settings['mode']}"
@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda[:i] (default: %(default)s)")
+    fit.add_argument("--aux-k", type=int, default=16,
+                     help="topk/batchtopk: dead latents (silent for 200 steps) the dead-latent loss (AuxK, Gao et al. "
+                          "2024) decodes per token; they suggest about d/2 (default: %(default)s; 0: off)")
     _orthogonality_args(fit)
     _resample_args(fit)
     fit.set_defaults(func=train_cmd)

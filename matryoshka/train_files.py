@@ -63,7 +63,8 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
                          keep_checkpoints: int = 0, log_every: int = 100, held_out: int = 8192,
                          every_weights: str = "exact", num_sampled: int = 10, dead_after: int = 200,
                          orthogonality_coeff: float = 0.0, orthogonality_chunk: int = DEFAULT_CHUNK,
-                         balance_beta: float | None = None, resample_every: int = 0, progress: bool = True) -> dict:
+                         balance_beta: float | None = None, resample_every: int = 0, aux_k: int = 16,
+                         progress: bool = True) -> dict:
     """Train one SAE on the activations at ``path``; write the run into ``out`` and return a summary.
 
     ``out`` receives ``checkpoints/``, ``sae/`` (the final SAE), ``normalization.json`` (the input
@@ -72,7 +73,8 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
     (:mod:`matryoshka.orthogonality`; 0: off).  ``balance_beta``: the inner prefixes' scale β of
     ``every`` (``L_n + β Σ_{l<n} ω_l L_l``, ``TrainConfig.balance_beta``; ``None``: today's ``every``).
     ``resample_every``: steps between restarts of latents silent for ``dead_after`` steps
-    (:mod:`matryoshka.resampling`; 0: never).
+    (:mod:`matryoshka.resampling`; 0: never).  ``aux_k``: dead latents the TopK/BatchTopK dead-latent
+    loss decodes per row (``TrainConfig.aux_k``; 0: off).
     """
     out = check_writable(out, "--out")
     norm_file = out / "normalization.json"
@@ -93,7 +95,7 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed,
                          progress=progress, every_weights=weights, orthogonality_coeff=orthogonality_coeff,
                          orthogonality_chunk=orthogonality_chunk, balance_beta=balance_beta,
-                         resample_every=resample_every,
+                         resample_every=resample_every, aux_k=aux_k,
                          # ReLU/JumpReLU: k is the target L0 of the adaptive coefficient, from a weak start.
                          sparsity_coeff=1e-3, target_l0=None if kind in ("topk", "batchtopk") else float(k))
     sae = SparseAutoencoder(SAEConfig(d=d, n=n, activation=kind, k=k if kind in ("topk", "batchtopk") else None),
@@ -118,7 +120,8 @@ def train_on_activations(path: str | Path, out: str | Path, steps: int, kind: st
 
     settings = {"path": str(path), "kind": kind, "d": d, "n": n, "k": k, "mode": mode, "every_weights": weights,
                 "orthogonality_coeff": orthogonality_coeff, "orthogonality_chunk": orthogonality_chunk,
-                "balance_beta": balance_beta, "resample_every": resample_every, "steps": steps, "batch": batch,
+                "balance_beta": balance_beta, "resample_every": resample_every, "aux_k": aux_k, "steps": steps,
+                "batch": batch,
                 "lr": lr, "seed": seed, "device": device, "held_out_rows": store.held_out_rows,
                 "eval_lengths": lengths, "normalisation": store.describe()}
     replace_file(out / "run.json", json.dumps(settings, indent=1).encode())

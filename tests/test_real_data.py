@@ -332,13 +332,17 @@ def test_train_command_takes_the_beta_objective(tmp_path, capsys):
     assert stop.value.code == 1 and "balance_beta applies to prefix modes" in capsys.readouterr().err
 
 
-def test_train_command_passes_resampling_to_the_trainer(tmp_path):
+def test_train_command_passes_resampling_and_aux_k_to_the_trainer(tmp_path, capsys):
     from matryoshka import checkpoint
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "acts.npy", (rng.normal(size=(3000, 8)) * 5 + 2).astype(np.float32))
-    _train(tmp_path / "acts.npy", tmp_path / "a", "--resample-every", "5")
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["resample_every"] == 5
+    _train(tmp_path / "acts.npy", tmp_path / "a", "--resample-every", "5", "--aux-k", "3")
+    settings = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (settings["resample_every"], settings["aux_k"]) == (5, 3)
     assert "resampled" in json.loads((tmp_path / "a" / "history.json").read_text())[-1]  # logged only when on
-    trainer = json.loads((checkpoint.latest(tmp_path / "a" / "checkpoints") / "trainer.json").read_text())
-    assert "\"resample_every\": 5" in json.dumps(trainer)
+    trainer = json.dumps(json.loads((checkpoint.latest(tmp_path / "a" / "checkpoints") / "trainer.json").read_text()))
+    assert "\"resample_every\": 5" in trainer and "\"aux_k\": 3" in trainer
+    with pytest.raises(SystemExit) as stop:  # the trainer's own check, named
+        _train(tmp_path / "acts.npy", tmp_path / "b", "--aux-k", "-1")
+    assert stop.value.code == 1 and "aux_k must be an integer >= 0" in capsys.readouterr().err
