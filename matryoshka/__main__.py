@@ -234,7 +234,7 @@ def _study_args(parser: argparse.ArgumentParser, out: str, study, modes: bool = 
                         help="study modes (matryoshka.experiments.common.study_mode): vanilla, groups, sampled, "
                              "every, every-uniform, detached, detached-uniform, groups-detached, every-b<beta>, "
                              "every-uniform-b<beta>, balanced-b<beta>, each -b form optionally with -norm; suffixes "
-                             "-pp, -freq, -orth<gamma>, -resample, -dead<N>, -auxk<N>, -jumprelu, -batchtopk "
+                             "-pp, -freq, -orth<gamma>, -resample, -dead<N>, -auxk<N>, -cool<f>, -jumprelu, -batchtopk "
                              "(default: %(default)s)")
 
 

@@ -49,6 +49,10 @@ def test_study_modes_parse():
     assert study_mode("every-auxk192") == ("every", {"aux_k": 192})
     assert study_mode("vanilla-batchtopk-resample-auxk64-dead300") == (
         "vanilla", {"resample_every": RESAMPLE_EVERY, "aux_k": 64, "dead_after": 300})
+    assert study_mode("every-cool0") == ("every", {"cooldown_frac": 0.0})
+    assert study_mode("vanilla-auxk64-cool0.5") == ("vanilla", {"aux_k": 64, "cooldown_frac": 0.5})
+    with pytest.raises(ValueError, match="-cool<f>.*got 1.5"):
+        study_mode("every-cool1.5")
     with pytest.raises(ValueError, match="-dead<N>"):
         study_mode("every-dead")
     assert hedging.beta_of("every-b0.2-jumprelu-orth3") == 0.2

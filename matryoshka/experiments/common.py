@@ -33,6 +33,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 * any of these with a suffix ``-auxk<N>`` (e.g. ``every-auxk192``): the TopK/BatchTopK dead-latent
   loss decodes the ``N`` largest dead pre-activations per row instead of the trainer's 16
   (``TrainConfig(aux_k=N)``).
+* any of these with a suffix ``-cool<f>`` (e.g. ``every-cool0``): the last share ``f`` of the steps
+  in the learning-rate cool-down instead of the trainer's 0.2 (``TrainConfig(cooldown_frac=f)``;
+  0: a constant rate to the end).
 """
 
 from __future__ import annotations
@@ -78,11 +81,23 @@ RUN_CACHE = "run_cache"  # the studies' folder of finished runs in their output 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)"
 _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead latents (as often as re-sorting)
+
+
+def _fraction(text: str) -> float:
+    """The number of a ``-cool<f>`` suffix, refused unless in [0, 1]."""
+    value = float(text)
+    if value > 1:
+        raise ValueError(f"study-mode suffix -cool<f>: f is the share of the steps in the learning-rate cool-down, "
+                         f"a number in [0, 1], got {text}")
+    return value
+
+
 # Study-mode suffixes that set one trainer setting, to the number they end with ...
 _NUMBER_SUFFIXES = (
     (re.compile(rf"^(.+)-orth{_NUMBER}$"), "orthogonality_coeff", float),  # the decoder orthogonality penalty γ
     (re.compile(r"^(.+)-dead([0-9]+)$"), "dead_after", int),  # silent steps before a latent counts as dead
     (re.compile(r"^(.+)-auxk([0-9]+)$"), "aux_k", int),  # dead latents decoded per row by the TopK dead-latent loss
+    (re.compile(rf"^(.+)-cool{_NUMBER}$"), "cooldown_frac", _fraction),  # share of the steps in the LR cool-down
 )
 # ... or to a fixed value,
 _SETTING_SUFFIXES = {
@@ -144,7 +159,8 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
                          f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted), -dead<N> (dead "
-                         f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss) and "
+                         f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss), -cool<f> (share of "
+                         f"the steps in the learning-rate cool-down) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
