@@ -337,6 +337,24 @@ def tune_verdict(md: Path) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("## ", "Best: "))]
 
 
+def _environment(results: Path, prefix: str, log: Path, since: float) -> dict | None:
+    path = results / f"{prefix}env.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# What the summary keeps of each stage: its key in the run's record, and how it is read from the
+# stage's files (results folder, file prefix, the stage's log, and the stage's start in epoch seconds).
+STAGE_FINDINGS = {
+    "env": ("environment", _environment),
+    "tests": ("tests", lambda results, prefix, log, since: tests_counts(results / f"{prefix}tests_junit.xml")),
+    "sanitize": ("sanitizer", lambda results, prefix, log, since: sanitizer_verdict(log)),
+    "peers": ("peers_md", lambda results, prefix, log, since: newest_md(results, since, "flexsae_*.md")),
+    "tune": ("tune_md", lambda results, prefix, log, since: newest_md(results, since, "tune_*.md")),
+    "sweep": ("sweep_md", lambda results, prefix, log, since: newest_md(results, since)),
+    "tune-dense": ("tune_dense_md", lambda results, prefix, log, since: newest_md(results, since, "tune_dense_*.md")),
+}
+
+
 def summarize(doc: dict, results: Path) -> str:
     env = doc.get("environment") or {}
     lines = [f"## GPU run ({doc['mode']}): {env.get('device_name', '?')}", "",
@@ -393,8 +411,7 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
     # started_epoch tells this run's files by their mtimes (1 s of slack for coarse file-system clocks).
     doc = dict(mode=mode, budget_s=budget_s, started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                started_epoch=time.time() - 1,
-               results=str(results), stages=[], wall_s=0.0, environment=None, tests=None, sanitizer=None, peers_md=None, tune_md=None,
-               sweep_md=None, tune_dense_md=None)
+               results=str(results), stages=[], wall_s=0.0, **{key: None for key, _ in STAGE_FINDINGS.values()})
     stop_reason = None
     for i, stage in enumerate(stages):
         left = deadline - time.monotonic()
@@ -415,20 +432,9 @@ def run(stages: list[Stage], mode: str, results: Path, prefix: str, budget_s: fl
             echo("\n".join("    " + line for line in tail))
             if stage.required:
                 stop_reason = f"stage {stage.name} {rec['status']}"
-        if stage.name == "env" and (results / f"{prefix}env.json").exists():
-            doc["environment"] = json.loads((results / f"{prefix}env.json").read_text())
-        elif stage.name == "tests":
-            doc["tests"] = tests_counts(results / f"{prefix}tests_junit.xml")
-        elif stage.name == "sanitize":
-            doc["sanitizer"] = sanitizer_verdict(results / rec["log"])
-        elif stage.name == "peers":
-            doc["peers_md"] = newest_md(results, stage_start - 1, "flexsae_*.md")
-        elif stage.name == "tune":
-            doc["tune_md"] = newest_md(results, stage_start - 1, "tune_*.md")
-        elif stage.name == "sweep":
-            doc["sweep_md"] = newest_md(results, stage_start - 1)
-        elif stage.name == "tune-dense":
-            doc["tune_dense_md"] = newest_md(results, stage_start - 1, "tune_dense_*.md")
+        if stage.name in STAGE_FINDINGS:
+            key, read = STAGE_FINDINGS[stage.name]
+            doc[key] = read(results, prefix, results / rec["log"], stage_start - 1)
         doc["wall_s"] = round(time.monotonic() - start, 1)
         write_outputs(doc, results, prefix, pack)
     doc["wall_s"] = round(time.monotonic() - start, 1)

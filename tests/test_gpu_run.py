@@ -101,6 +101,34 @@ def test_the_summary_reads_junit_and_the_sweep_headline(tmp_path):
     assert "Dense launch tuning: `tune_dense_cuda-x.md`\n\n## fp32\nBest: `DenseLaunch(rows=32)`" in md
 
 
+def test_the_run_record_keeps_what_each_stage_wrote(tmp_path):
+    """Each stage's findings reach the run's record (and so the summary the device brings back) from
+    the files that stage wrote: the environment, the JUnit counts, the sanitizer's lines, and the
+    newest Markdown of flex-sae, the tuners and the sweep; a file from before the stage is not taken."""
+    (tmp_path / "sweep_cuda-old.md").write_text("an earlier run's sweep")
+    writes = {
+        "env": "open('gpu_env.json', 'w').write('{\"device_name\": \"NVIDIA H200\"}')",
+        "tests": "open('gpu_tests_junit.xml', 'w').write('<testsuite tests=\"2\" failures=\"0\" errors=\"0\" "
+                 "skipped=\"1\"><testcase classname=\"t\" name=\"ok\"/></testsuite>')",
+        # (split, so that the command line the log records does not itself read as the verdict)
+        "sanitize": "print('========= ERROR' + ' SUMMARY: 0 errors'); print('sanitize: ' + '4 cases agree')",
+        "peers": "open('flexsae_cuda-x.md', 'w').write('x')",
+        "tune": "open('tune_cuda-x.md', 'w').write('x')",
+        "sweep": "import time; time.sleep(1.1); open('sweep_cuda-new.md', 'w').write('x')",
+        "tune-dense": "open('tune_dense_cuda-x.md', 'w').write('x')",
+    }
+    stages = [Stage(name, [[PY, "-c", f"import os; os.chdir({str(tmp_path)!r}); {code}"]], 20.0, 1.0)
+              for name, code in writes.items()]
+    doc = gpu_run.run(stages, "full", tmp_path, "gpu_", 120.0, None, lambda _: None)
+    assert [s["status"] for s in doc["stages"]] == ["ok"] * len(writes)
+    assert doc["environment"] == {"device_name": "NVIDIA H200"}
+    assert doc["tests"] == dict(tests=2, failures=0, errors=0, skipped=1, failed=[])
+    assert doc["sanitizer"] == ["========= ERROR SUMMARY: 0 errors", "sanitize: 4 cases agree"]
+    assert (doc["peers_md"], doc["tune_md"], doc["sweep_md"], doc["tune_dense_md"]) == (
+        "flexsae_cuda-x.md", "tune_cuda-x.md", "sweep_cuda-new.md", "tune_dense_cuda-x.md")
+    assert json.loads((tmp_path / "gpu_summary.json").read_text())["sweep_md"] == "sweep_cuda-new.md"
+
+
 def test_a_stage_that_skips_itself_is_recorded_as_skipped(tmp_path):
     """flex-sae absent: the peers stage exits with SKIPPED_RC, which only a stage with a
     skipped_note takes for "nothing to do"; for any other stage it is a failure."""
