@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from matplotlib.colors import to_hex
 
 from matryoshka.__main__ import main
 from matryoshka.activation_store import ActivationStore
@@ -314,6 +315,38 @@ def test_real_compare_takes_study_modes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["real-compare", "--out", str(tmp_path / "bad"), "--acts", str(acts), "--quick", "--modes", "every-jumprelu"])
     assert stop.value.code == 1 and "mode 'every-jumprelu' asks for jumprelu" in capsys.readouterr().err
+
+
+def test_figures_give_each_study_mode_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """Study modes (e.g. "every-cool0") have no colour of their own: each still keeps one colour in
+    every panel, the dead-latent figure's unlabelled dead (solid) and live (dotted) curves included,
+    which matplotlib's colour cycle would otherwise give the next colour each."""
+    from matryoshka.experiments import real_compare as study
+
+    rng = np.random.default_rng(0)
+    n, steps, lengths = 64, 400, [1, 8, 64]
+
+    def run(seed):
+        last_fired = rng.integers(0, steps + 1, n)
+        last_fired[:8] = 100  # dead at the end (silent for more than DEAD_AFTER steps)
+        return dict(seed=seed, history=[dict(step=steps)], last_fired=last_fired.tolist(),
+                    frequency=rng.uniform(0.01, 0.2, n).tolist(), magnitude=rng.uniform(1, 3, n).tolist(),
+                    nearest_live_cosine=rng.uniform(0.1, 0.5, n).tolist())
+
+    modes = ["vanilla-cool0", "every-cool0", "every"]
+    by_mode = {mode: [run(0), run(1)] for mode in modes}
+    summary = {mode: dict(fvu=[dict(mean=0.5, ci95=0.01)] * len(lengths)) for mode in modes}
+    figures = []
+    monkeypatch.setattr(study, "_save", lambda fig, path: figures.append(fig))
+    study._figures(by_mode, summary, lengths, "t", tmp_path)
+    fvu, order, _, dead = figures
+    expected = [to_hex(c) for c in study.mode_colors(modes).values()]
+    assert len(set(expected)) == 3
+    for ax in (fvu.axes[0], *order.axes, dead.axes[0], dead.axes[1]):
+        assert [to_hex(line.get_color()) for line in ax.lines] == expected
+    # Per mode: its dead latents' curve, then its live latents'.
+    assert [to_hex(line.get_color()) for line in dead.axes[2].lines] == [c for c in expected for _ in (0, 1)]
+    assert [to_hex(band.get_facecolor()[:3]) for band in fvu.axes[0].collections] == expected
 
 
 def test_train_command_takes_the_beta_objective(tmp_path, capsys):

@@ -61,7 +61,7 @@ from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
 from .common import RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode, write_json
-from .plots import MODE_COLORS, _save, plt
+from .plots import _save, mode_colors, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
 DEFAULT_STEPS = 300
@@ -303,12 +303,15 @@ def _tables(summary: dict, lengths: list[int]) -> str:
 def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], title: str, folder: Path) -> list[Path]:
     fvu_path, order_path, plane_path, dead_path = (folder / name for name in (
         "real_fvu.png", "real_ordering.png", "real_frequency_magnitude.png", "real_dead.png"))
+    # One colour per mode in every panel: a study mode (e.g. "every-cool0") has no colour of its own,
+    # and matplotlib's colour cycle would give its lines in one panel different colours.
+    colors = mode_colors(list(by_mode))
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in by_mode:
         mean = np.array([s["mean"] for s in summary[mode]["fvu"]])
         half = np.nan_to_num(np.array([s["ci95"] for s in summary[mode]["fvu"]]))
-        ax.plot(lengths, mean, marker="o", ms=3, label=mode, color=MODE_COLORS.get(mode))
-        ax.fill_between(lengths, mean - half, mean + half, alpha=0.2, color=MODE_COLORS.get(mode))
+        ax.plot(lengths, mean, marker="o", ms=3, label=mode, color=colors[mode])
+        ax.fill_between(lengths, mean - half, mean + half, alpha=0.2, color=colors[mode])
     ax.set(xscale="log", yscale="log", xlabel="prefix length m (latents 0..m-1)",
            ylabel="held-out FVU", title=title)
     ax.legend()
@@ -325,8 +328,8 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
         with np.errstate(invalid="ignore"):
             smooth_mag = np.convolve(mag, box, mode="valid") / np.convolve(live, box, mode="valid")
         x = np.arange(len(smooth_mag)) + window // 2
-        axes[0].plot(x, np.convolve(freq.mean(0), box / window, mode="valid"), label=mode, color=MODE_COLORS.get(mode))
-        axes[1].plot(x, smooth_mag, label=mode, color=MODE_COLORS.get(mode))
+        axes[0].plot(x, np.convolve(freq.mean(0), box / window, mode="valid"), label=mode, color=colors[mode])
+        axes[1].plot(x, smooth_mag, label=mode, color=colors[mode])
     axes[0].set(yscale="log", xlabel="latent position", ylabel="firing frequency (held-out)")
     axes[1].set(xlabel="latent position", ylabel="mean activation when firing (live latents)")
     axes[0].legend()
@@ -345,16 +348,16 @@ def _figures(by_mode: dict[str, list[dict]], summary: dict, lengths: list[int], 
     axes[0][0].set_ylabel("mean activation when firing")
     fig.colorbar(points, ax=axes[0].tolist(), label="latent position")
     _save(fig, plane_path)
-    _dead_figure(by_mode, dead_path)
+    _dead_figure(by_mode, colors, dead_path)
     return [fvu_path, order_path, plane_path, dead_path]
 
 
-def _dead_figure(by_mode: dict[str, list[dict]], path: Path) -> None:
+def _dead_figure(by_mode: dict[str, list[dict]], colors: dict[str, str], path: Path) -> None:
     """The dead-latent probe as pictures: when the latents dead at the end last fired, where they sit
     in the order, and how close their decoders are to a live latent's (beside the live latents')."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for mode, runs in by_mode.items():
-        color = MODE_COLORS.get(mode)
+        color = colors[mode]
         steps = runs[0]["history"][-1]["step"]
         last = np.array([r["last_fired"] for r in runs])
         dead = last <= steps - DEAD_AFTER
