@@ -14,7 +14,8 @@ from . import Prefixes, SparseActs, matryoshka_loss
 from .checkpoint import check_writable
 from .distributed import init_from_env
 from .orthogonality import DEFAULT_CHUNK
-from .experiments import absorption_margins, child_magnitude, compare, hedging, orthogonality, real_compare
+from .experiments import (absorption_margins, child_magnitude, compare, hedging, orthogonality, real_absorption,
+                          real_compare)
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
@@ -160,6 +161,18 @@ def real_compare_cmd(args: argparse.Namespace) -> None:
     real_compare.real_compare(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
                               modes=tuple(args.modes), tokens=args.tokens, quick=args.quick,
                               docs=None if args.quick else Path(args.docs), every_weights=args.every_weights)
+
+
+def real_absorption_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    if _replotted(args, real_absorption):
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    steps, seeds = _steps_and_seeds(args, real_absorption)
+    real_absorption.real_absorption(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
+                                    modes=tuple(args.modes), tokens=args.tokens, quick=args.quick,
+                                    docs=Path(args.docs) if args.docs and not args.quick else None,
+                                    measure_only=args.measure)
 
 
 def _replotted(args: argparse.Namespace, study) -> bool:
@@ -403,6 +416,22 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--replot", action="store_true",
                       help="redo the summary, tables and figures from OUT/results.json, no training")
     real.set_defaults(func=real_compare_cmd)
+
+    absorb = sub.add_parser("real-absorption", help="absorption of general features (word pieces, numbers, ...) on "
+                                                    "a real model's activations, read through linear probes",
+                            description=real_absorption.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _study_args(absorb, "runs/real_absorption", real_absorption)
+    absorb.add_argument("--acts", default="runs/real/acts",
+                        help="cached activations; cached there first if absent (default: %(default)s)")
+    absorb.add_argument("--tokens", type=int, default=real_compare.DEFAULT_TOKENS,
+                        help="tokens to cache when --acts is absent (default: %(default)s)")
+    absorb.add_argument("--docs", default="docs/real_absorption",
+                        help="folder for the figure and the results table (default: %(default)s; not with --quick)")
+    absorb.add_argument("--measure", action="store_true",
+                        help="no training: measure the SAEs of --modes already saved in OUT/saes")
+    absorb.add_argument("--replot", action="store_true",
+                        help="redo the summary, tables and figure from OUT/results.json, no measuring")
+    absorb.set_defaults(func=real_absorption_cmd)
 
     args = parser.parse_args(argv)
     try:

