@@ -152,27 +152,25 @@ def activations_cmd(args: argparse.Namespace) -> None:
           f"{meta['corpus_paragraphs']} paragraphs of {meta['corpus']} into {args.out} ({meta['seconds']:.0f} s)")
 
 
-def real_compare_cmd(args: argparse.Namespace) -> None:
+def _real_study_cmd(args: argparse.Namespace, study, **settings) -> None:
+    """A real-data study (``study.real_compare`` or ``study.real_absorption``, by the module's name) from
+    the shared flags; ``settings``: the study's own."""
     check_writable(args.out, "--out")
-    if _replotted(args, real_compare):
+    if _replotted(args, study):
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    steps, seeds = _steps_and_seeds(args, real_compare)
-    real_compare.real_compare(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
-                              modes=tuple(args.modes), tokens=args.tokens, quick=args.quick,
-                              docs=None if args.quick else Path(args.docs), every_weights=args.every_weights)
+    steps, seeds = _steps_and_seeds(args, study)
+    run = getattr(study, study.__name__.rsplit(".", 1)[1])
+    run(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes),
+        tokens=args.tokens, quick=args.quick, docs=Path(args.docs) if args.docs and not args.quick else None, **settings)
+
+
+def real_compare_cmd(args: argparse.Namespace) -> None:
+    _real_study_cmd(args, real_compare, every_weights=args.every_weights)
 
 
 def real_absorption_cmd(args: argparse.Namespace) -> None:
-    check_writable(args.out, "--out")
-    if _replotted(args, real_absorption):
-        return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    steps, seeds = _steps_and_seeds(args, real_absorption)
-    real_absorption.real_absorption(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs,
-                                    modes=tuple(args.modes), tokens=args.tokens, quick=args.quick,
-                                    docs=Path(args.docs) if args.docs and not args.quick else None,
-                                    measure_only=args.measure)
+    _real_study_cmd(args, real_absorption, measure_only=args.measure)
 
 
 def _replotted(args: argparse.Namespace, study) -> bool:

@@ -12,6 +12,8 @@ from matryoshka.activation_store import ActivationStore
 from matryoshka.experiments import real_absorption as study
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
+from .fake_model import FakeEncoder, FakeTokenizer
+
 
 def test_concepts_match_whole_wordpiece_tokens():
     vocabulary = ["##ing", "##s", "running", "12", "##34", "cats", "is", "walked", "red", "##ed", "quickly", "station", "a1"]
@@ -106,6 +108,7 @@ def test_absorbed_and_lost_on_an_sae_built_to_absorb():
     assert out["absorber_cosine"] == pytest.approx(2 ** -0.5)
     assert out["main_position"] == 0.0
     assert out["bias_reads_concept"] is False
+    assert out["most_absorbed_types"] == [[t, 5, 5] for t in range(1, 6)]  # (ties: lower ids first)
     # Every absorbed child is of the rarest types (5 tokens against the parent-only type's 1000).
     assert out["absorbed_by_frequency"][0] > 0 and out["absorbed_by_frequency"][-1] == 0
 
@@ -174,31 +177,13 @@ def test_training_block_rows_and_held_out_rows_carry_their_row_indices(tmp_path)
         store.training_block_rows([7])
 
 
-class _WordLengthTokenizer:
-    """A token per word, its id 1000 + the word's length."""
-
-    cls_token_id, sep_token_id = 101, 102
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1000 + len(word) for word in text.split()]}
-
-
-class _Encoder:
-    class config:
-        hidden_size = 3
-
-    def __call__(self, input_ids, attention_mask, output_hidden_states):
-        hidden = input_ids.float().unsqueeze(-1).expand(*input_ids.shape, 3)
-        return type("Out", (), {"hidden_states": [hidden, hidden]})
-
-
 def test_token_ids_are_made_again_and_checked_against_the_cache(tmp_path, monkeypatch):
     from matryoshka import realdata
 
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n\n".join(f"Paragraph {i} says that a quick brown fox jumps over the lazy dogs." for i in range(9)))
-    monkeypatch.setattr(realdata, "load_model", lambda layer: (_WordLengthTokenizer(), _Encoder()))
-    monkeypatch.setattr(realdata, "load_tokenizer", lambda: _WordLengthTokenizer())
+    monkeypatch.setattr(realdata, "load_model", lambda layer: (FakeTokenizer(), FakeEncoder()))
+    monkeypatch.setattr(realdata, "load_tokenizer", lambda: FakeTokenizer())
     meta = realdata.cache_activations(tmp_path / "acts", layer=1, tokens=60, seq_len=12, corpus=corpus, batch=2,
                                       progress=False)
     ids = realdata.cached_token_ids(tmp_path / "acts")

@@ -25,6 +25,8 @@ from matryoshka.experiments.real_compare import (
 from matryoshka.realdata import prose_paragraphs
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 
+from .fake_model import FakeEncoder, FakeTokenizer
+
 
 def _train(path, out, *extra):
     main(["train", str(path), "--out", str(out), "--steps", "30", "--n", "32", "--k", "4", "--batch", "64",
@@ -104,30 +106,6 @@ def test_cacher_on_a_tiny_slice(tmp_path, monkeypatch):
     assert ActivationStore(tmp_path / "acts").rows == 180
 
 
-class _FakeTokenizer:
-    cls_token_id, sep_token_id = 101, 102
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1000 + len(word) for word in text.split()]}
-
-
-class _FakeEncoder:
-    """Hidden states that are never zero; Ctrl-C at call ``stop_at``."""
-
-    class config:
-        hidden_size = 6
-
-    def __init__(self, stop_at: int | None = None):
-        self.calls, self.stop_at = 0, stop_at
-
-    def __call__(self, input_ids, attention_mask, output_hidden_states):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        hidden = input_ids.float().unsqueeze(-1).expand(*input_ids.shape, 6) + torch.arange(6)
-        return type("Out", (), {"hidden_states": [hidden, hidden]})
-
-
 def test_a_stopped_cache_leaves_no_activation_file_and_the_next_one_starts_afresh(tmp_path, monkeypatch):
     """Shards are open memory maps until the end: a stopped cache that left them in place would
     read as data whose unwritten rows are zero activations."""
@@ -136,12 +114,12 @@ def test_a_stopped_cache_leaves_no_activation_file_and_the_next_one_starts_afres
     (tmp_path / "text.txt").write_text("\n\n".join(
         f"Paragraph {i} says that the quick brown fox jumps over the lazy dog near the river bank today." for i in range(12)))
     args = dict(layer=1, tokens=200, seq_len=12, corpus=tmp_path / "text.txt", batch=2, shard_tokens=40, progress=False)
-    monkeypatch.setattr(realdata, "load_model", lambda layer: (_FakeTokenizer(), _FakeEncoder(stop_at=4)))
+    monkeypatch.setattr(realdata, "load_model", lambda layer: (FakeTokenizer(), FakeEncoder(stop_at=4)))
     with pytest.raises(KeyboardInterrupt):  # after 3 batches: 60 rows, one full shard and part of the next
         realdata.cache_activations(tmp_path / "acts", **args)
     assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [".caching"]
 
-    monkeypatch.setattr(realdata, "load_model", lambda layer: (_FakeTokenizer(), _FakeEncoder()))
+    monkeypatch.setattr(realdata, "load_model", lambda layer: (FakeTokenizer(), FakeEncoder()))
     meta = realdata.cache_activations(tmp_path / "acts", **args)
     assert meta["tokens"] == 200 and meta["files"] == [f"acts_{i:05d}.npy" for i in range(5)]
     assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == meta["files"] + ["meta.json"]

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -67,7 +66,7 @@ from ..durable_files import replace_file
 from ..realdata import cache_activations, cached_token_ids, load_tokenizer
 from ..sae import SparseAutoencoder
 from ..sparse_acts import SparseActs
-from .common import RUN_CACHE, format_table, run_many, write_json
+from .common import RUN_CACHE, format_table, run_many, write_study_files
 from .plots import _save, mode_colors, plt
 from .real_compare import DEFAULT_TOKENS, FULL, QUICK, QUICK_TOKENS, _activation, _cell, _kinds, ci95, train_study_sae
 
@@ -210,6 +209,14 @@ def _child_bins(token_ids: np.ndarray, positives: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, frequency, side="right")
 
 
+def _most_absorbed(token_ids: np.ndarray, positives: np.ndarray, absorbed: np.ndarray, top: int = 5) -> list[list[int]]:
+    """The ``top`` token types with the most absorbed tokens: ``[token id, absorbed, positives]`` each."""
+    absorbed_count = np.bincount(token_ids[absorbed], minlength=token_ids.max() + 1)
+    positive_count = np.bincount(token_ids[positives], minlength=token_ids.max() + 1)
+    order = np.argsort(-absorbed_count, kind="stable")[:top]
+    return [[int(t), int(absorbed_count[t]), int(positive_count[t])] for t in order if absorbed_count[t] > 0]
+
+
 def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held_out: tuple) -> dict:
     """The per-concept measurements of the module doc for one SAE.  ``select``: ``(x, labels)`` of the
     probe's training tokens (main latents are chosen there); ``held_out``: ``(x, labels, token_ids)``."""
@@ -258,6 +265,7 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
             "absorbed_by_frequency": [float((absorbed[positives][bins == i]).mean()) if (bins == i).any() else float("nan")
                                       for i in range(FREQUENCY_BINS)],
             "bias_reads_concept": bool(b_dec @ w + b > 0),
+            "most_absorbed_types": _most_absorbed(token_ids, positives, absorbed),
         }
     sae.train()
     return out
@@ -343,6 +351,8 @@ def measure(out: Path, acts: Path, modes: tuple[str, ...], quick: bool, docs: Pa
         results.append({"mode": run["spec"]["mode"], "seed": run["spec"]["seed"], "folder": str(folder),
                         "seconds_per_step": run["seconds_per_step"],
                         "concepts": absorption_metrics(sae, probes, (x_probe, probe_labels), held_out)})
+        for concept in results[-1]["concepts"].values():  # token ids to their strings, for the tables
+            concept["most_absorbed_types"] = [[vocabulary[t], a, p] for t, a, p in concept["most_absorbed_types"]]
     payload = {"study": "real-absorption", "data": store.describe(), "sizes": {k: spec[k] for k in ("n", "k", "batch", "held_out")},
                "steps": spec["steps"], "seeds": max(r["seed"] for r in results) + 1, "modes": list(modes),
                "concepts": {name: {"regex": pattern, "meaning": meaning, **{k: v for k, v in probes[name].items() if k not in ("w", "b")}}
@@ -384,8 +394,12 @@ def _tables(payload: dict, summary: dict) -> str:
     main = {"recall", "absorbed", "lost", "absorber_cosine"}
     per_concept = format_table([[f"{name}: {METRICS[k]}"] + [_cell(summary[m]["concepts"][name][k]) for m in modes]
                                 for name in features for k in METRICS if k in main], ["feature"] + modes)
+    first = {m: next(r for r in payload["runs"] if r["mode"] == m) for m in modes}
+    examples = "\n".join(f"{name}, {m} seed {first[m]['seed']}: " + (", ".join(
+        f"{token} {absorbed}/{positives}" for token, absorbed, positives in first[m]["concepts"][name]["most_absorbed_types"])
+        or "none") for name in features for m in modes)
     return (f"probes ({len(concepts)} candidate concepts)\n{probe_table}\n\n{averaged}\n\n"
-            f"{per_concept}")
+            f"{per_concept}\n\nmost absorbed token types (absorbed / positives of the type)\n{examples}")
 
 
 def _figures(payload: dict, summary: dict, folder: Path, title: str) -> list[Path]:
@@ -432,15 +446,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
               f"held-out tokens. Main latents chosen on {PROBE_ROWS} training tokens (k-sparse probing, gain >= "
               f"{MIN_GAIN}, at most {MAX_MAIN}). Mean ± 95% CI over seeds. Measured in {payload['runtime_s']:.0f} s.\n\n")
     markdown = header + "```\n" + tables + "\n```\n"
-    (out / "results.md").write_text(markdown)
-    write_json(out / "results.json", {**payload, "summary": summary})
-    if docs is not None:
-        docs.mkdir(parents=True, exist_ok=True)
-        for figure in figures:
-            shutil.copy(figure, docs / figure.name)
-        (docs / "real_absorption.md").write_text(markdown)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
-          + (f" and copies in {docs}" if docs is not None else ""))
+    write_study_files(out, markdown, {**payload, "summary": summary}, figures, docs, "real_absorption.md")
     return {"summary": summary, "runs": payload["runs"]}
 
 

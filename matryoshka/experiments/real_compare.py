@@ -45,7 +45,6 @@ Tables give mean ± 95% CI over seeds (Student t).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -60,7 +59,8 @@ from ..sae import SAEConfig, SparseAutoencoder
 from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
-from .common import RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode, write_json
+from .common import (RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode,
+                     write_study_files)
 from .plots import _save, mode_colors, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
@@ -495,15 +495,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
               f"{payload['every_weights']}. Mean ± 95% CI over seeds. Total time {payload['runtime_s']:.0f} s"
               f"{processes}.\n\n")
     markdown = header + "```\n" + tables + "\n```\n"
-    (out / "results.md").write_text(markdown)
-    write_json(out / "results.json", {**payload, "summary": summary})
-    if docs is not None:
-        docs.mkdir(parents=True, exist_ok=True)
-        for figure in figures:
-            shutil.copy(figure, docs / figure.name)
-        (docs / "real_compare.md").write_text(markdown)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
-          + (f" and copies in {docs}" if docs is not None else ""))
+    write_study_files(out, markdown, {**payload, "summary": summary}, figures, docs, "real_compare.md")
     print(f"total time {payload['runtime_s']:.0f} s")
     return {"summary": summary, "runs": results, "runtime_s": payload["runtime_s"]}
 
