@@ -16,11 +16,13 @@ from .fake_model import FakeEncoder, FakeTokenizer
 
 
 def test_concepts_match_whole_wordpiece_tokens():
-    vocabulary = ["##ing", "##s", "running", "12", "##34", "cats", "is", "walked", "red", "##ed", "quickly", "station", "a1"]
+    vocabulary = ["##ing", "##s", "running", "12", "##34", "cats", "is", "walked", "red", "##ed", "quickly", "station", "a1",
+                  "sum", "so"]
     labels = study.concept_labels(np.arange(len(vocabulary)), vocabulary)
     chosen = {name: [vocabulary[i] for i in np.nonzero(y)[0]] for name, y in labels.items()}
     assert chosen == {"word piece": ["##ing", "##s", "##ed"], "number": ["12", "##34"], "-ed word": ["walked"],
-                      "-s word": ["cats"], "-ly word": ["quickly"], "-ing word": ["running"], "-tion word": ["station"]}
+                      "-s word": ["cats"], "-ly word": ["quickly"], "-ing word": ["running"], "-tion word": ["station"],
+                      "s- word": ["station", "sum"]}
 
 
 def test_f1_score():

@@ -22,8 +22,9 @@ A probe can score well by memorising which token types carry the property, which
 "feature" of a list of tokens; so each concept is first probed on the token types of a random 80%
 of types and scored (F1) on the tokens of the other 20%: only a concept whose probe generalises to
 types it never saw (``GENERALISES`` F1 or more) is a feature of the model, and only those enter the
-summary (the others are reported, marked).  MiniLM's first letters, Chanin et al.'s parents, do not
-generalise here (F1 ~0.3 on unseen types at blocks 1, 3 and 6), so they are not used.
+summary (the others are reported, marked).  MiniLM does not spell: a first letter, Chanin et al.'s
+parent, is fitted on the types it saw but not on unseen ones ("s- word" in the tables), so the
+parents here are word-piece, number and suffix properties.
 
 Per SAE and concept:
 
@@ -60,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse
 import torch
+from tqdm.auto import tqdm
 
 from ..activation_store import ActivationStore
 from ..durable_files import replace_file
@@ -85,6 +87,7 @@ CONCEPTS = {
     "-ly word": (r"[a-z]{3,}ly", "a whole word ending in -ly"),
     "-ing word": (r"[a-z]{2,}ing", "a whole word ending in -ing"),
     "-tion word": (r"[a-z]+tion", "a whole word ending in -tion"),
+    "s- word": (r"s[a-z]{2,}", "a whole word starting with s (Chanin et al.'s first-letter parents)"),
 }
 PROBE_ROWS = 131_072  # training tokens for the probes and the choice of main latents (whole blocks)
 QUICK_PROBE_ROWS = 8192
@@ -346,7 +349,7 @@ def measure(out: Path, acts: Path, modes: tuple[str, ...], quick: bool, docs: Pa
     held_rows = store.held_out_row_indices()
     held_out = (store.held_out(), {name: y[held_rows] for name, y in labels.items()}, token_ids[held_rows])
     results = []
-    for folder, run in runs:
+    for folder, run in tqdm(runs, desc="measuring", unit="SAE", leave=False):
         sae = SparseAutoencoder.load(folder)
         results.append({"mode": run["spec"]["mode"], "seed": run["spec"]["seed"], "folder": str(folder),
                         "seconds_per_step": run["seconds_per_step"],
