@@ -427,7 +427,8 @@ def _figures(payload: dict, summary: dict, folder: Path, title: str) -> list[Pat
                          label=mode)
     axes[2].set(xlabel=f"child token type's frequency ({FREQUENCY_BINS} quantile bins, 1 rarest)",
                 ylabel="absorbed (mean over features)", title="absorption by child frequency", ylim=(0, 1))
-    axes[0].legend()
+    handles, names = axes[0].get_legend_handles_labels()  # below the panels: the bars fill them
+    fig.legend(handles, names, loc="upper center", ncol=len(modes), bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"{title}: absorption of general features on held-out tokens (mean ± 95% CI over seeds)", y=1.03)
     path = folder / "real_absorption.png"
     _save(fig, path)
