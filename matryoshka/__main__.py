@@ -152,25 +152,24 @@ def activations_cmd(args: argparse.Namespace) -> None:
           f"{meta['corpus_paragraphs']} paragraphs of {meta['corpus']} into {args.out} ({meta['seconds']:.0f} s)")
 
 
-def _real_study_cmd(args: argparse.Namespace, study, **settings) -> None:
-    """A real-data study (``study.real_compare`` or ``study.real_absorption``, by the module's name) from
-    the shared flags; ``settings``: the study's own."""
+def _real_study_cmd(args: argparse.Namespace, study, run, **settings) -> None:
+    """A real-data study from the shared flags: ``study`` its module, ``run`` its entry point,
+    ``settings`` the study's own flags."""
     check_writable(args.out, "--out")
     if _replotted(args, study):
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     steps, seeds = _steps_and_seeds(args, study)
-    run = getattr(study, study.__name__.rsplit(".", 1)[1])
     run(Path(args.out), acts=Path(args.acts), steps=steps, seeds=seeds, jobs=args.jobs, modes=tuple(args.modes),
         tokens=args.tokens, quick=args.quick, docs=Path(args.docs) if args.docs and not args.quick else None, **settings)
 
 
 def real_compare_cmd(args: argparse.Namespace) -> None:
-    _real_study_cmd(args, real_compare, every_weights=args.every_weights)
+    _real_study_cmd(args, real_compare, real_compare.real_compare, every_weights=args.every_weights)
 
 
 def real_absorption_cmd(args: argparse.Namespace) -> None:
-    _real_study_cmd(args, real_absorption, measure_only=args.measure)
+    _real_study_cmd(args, real_absorption, real_absorption.real_absorption, measure_only=args.measure)
 
 
 def _replotted(args: argparse.Namespace, study) -> bool:

@@ -261,20 +261,20 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     return meta
 
 
-def cached_token_ids(acts: str | Path) -> np.ndarray:
+def cached_token_ids(acts: str | Path, tokenizer=None) -> np.ndarray:
     """The token id behind every row of a cache written by :func:`cache_activations`, in row order.
 
     The cache keeps no ids, only their digest: they are made again from the corpus and tokenizer
     named in ``acts/meta.json`` (tokenization is deterministic) and checked against that digest, so
     a changed corpus or tokenizer raises ``ValueError`` rather than labelling rows with the wrong
     tokens.  Returns an int32 array of ``meta["tokens"]`` ids (``[CLS]``/``[SEP]`` positions
-    dropped, as in the cache)."""
+    dropped, as in the cache).  ``tokenizer``: the packaged one (:func:`load_tokenizer`) if not given."""
     meta_file = Path(acts) / "meta.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{str(meta_file)!r} not found: token ids can only be made again for a cache "
                                 f"written by `python -m matryoshka activations`")
     meta = json.loads(meta_file.read_text())
-    tokenizer = load_tokenizer()
+    tokenizer = tokenizer or load_tokenizer()
     width = meta["seq_len"] - 2
     windows = np.array(list(_token_windows(tokenizer, corpus_paragraphs(meta["corpus"]), width,
                                            meta["tokens"] // width)), dtype=np.int32).reshape(-1, width)

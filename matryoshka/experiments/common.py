@@ -45,7 +45,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import re
 import signal
 import time
@@ -431,17 +430,3 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, json.dumps(_strict(payload), indent=1).encode())
 
-
-def write_study_files(out: Path, markdown: str, results: dict, figures: list[Path], docs: Path | None = None,
-                      docs_name: str = "results.md") -> None:
-    """A study's ``results.md`` and ``results.json`` (``results``) into ``out``; copies of the figures and
-    the Markdown (as ``docs_name``) into ``docs`` when given.  Prints what it wrote."""
-    (out / "results.md").write_text(markdown)
-    write_json(out / "results.json", results)
-    if docs is not None:
-        docs.mkdir(parents=True, exist_ok=True)
-        for figure in figures:
-            shutil.copy(figure, docs / figure.name)
-        (docs / docs_name).write_text(markdown)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(str(f) for f in figures)}"
-          + (f" and copies in {docs}" if docs is not None else ""))

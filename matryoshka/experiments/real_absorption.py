@@ -68,7 +68,7 @@ from ..durable_files import replace_file
 from ..realdata import cache_activations, cached_token_ids, load_tokenizer
 from ..sae import SparseAutoencoder
 from ..sparse_acts import SparseActs
-from .common import RUN_CACHE, format_table, run_many, write_study_files
+from .common import RUN_CACHE, format_table, run_many, write_outputs
 from .plots import _save, mode_colors, plt
 from .real_compare import DEFAULT_TOKENS, FULL, QUICK, QUICK_TOKENS, _activation, _cell, _kinds, ci95, train_study_sae
 
@@ -227,12 +227,13 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
     n = sae.config.n
     x_select, labels_select = select
     x, labels, token_ids = held_out
-    fired_select = (sparse_codes(sae, x_select)[0] > 0).astype(np.float32)
+    fired_select = (sparse_codes(sae, x_select)[0] > 0).astype(np.float32).tocsc()  # (main_latents reads columns)
     codes, recon = sparse_codes(sae, x)
     fired = codes > 0
     firings = np.asarray(fired.sum(0)).ravel()
     # A latent's token purity: the share of its held-out firings on its most common token type.
-    by_type = scipy.sparse.csr_matrix((np.ones(fired.nnz), (fired.tocoo().col, token_ids[fired.tocoo().row])),
+    firing = fired.tocoo()
+    by_type = scipy.sparse.csr_matrix((np.ones(fired.nnz), (firing.col, token_ids[firing.row])),
                                       shape=(n, int(token_ids.max()) + 1))
     purity = np.asarray(by_type.max(1).todense()).ravel() / np.maximum(firings, 1)
     W = sae.W_dec.detach().double().numpy()
@@ -249,10 +250,11 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
         positives = y & ((x_np @ w + b) > 0)
         kept = (recon_np @ w + b) > 0
         # Each firing latent's contribution a_j (W_dec[j] . w) to the reconstruction's probe reading.
-        contribution = codes.multiply((W @ w)[None, :]).tocsr()
+        reading = W @ w
+        contribution = codes.multiply(reading[None, :]).tocsr()
         absorbed = positives & ~detected & kept
         absorber = np.asarray(contribution[absorbed].argmax(1)).ravel()
-        cosine = (W @ w) / (np.linalg.norm(W, axis=1) * np.linalg.norm(w))
+        cosine = reading / (np.linalg.norm(W, axis=1) * np.linalg.norm(w))
         bins = _child_bins(token_ids, positives)
         share = lambda mask: float(mask.sum() / max(1, positives.sum()))  # noqa: E731  (of the positives)
         out[name] = {
@@ -290,8 +292,7 @@ def _probe_sample(store: ActivationStore, rows: int, seed: int = 0) -> tuple[tor
     """``rows`` scaled training rows in whole blocks drawn without replacement (seeded), with their row indices."""
     blocks = np.random.default_rng(seed).choice(len(store.train_blocks), min(len(store.train_blocks),
                                                 -(-rows // store.block_rows)), replace=False)
-    x, index = store.training_block_rows(sorted(blocks.tolist()))
-    return x, index
+    return store.training_block_rows(sorted(blocks.tolist()))
 
 
 def real_absorption(out: Path, acts: Path = Path("runs/real/acts"), steps: int = DEFAULT_STEPS,
@@ -322,7 +323,7 @@ def cached_tokens(acts: Path) -> tuple[np.ndarray, list[str]]:
     """The token id of every cached row (:func:`matryoshka.realdata.cached_token_ids`) and the
     tokenizer's vocabulary (its token strings by id)."""
     tokenizer = load_tokenizer()
-    return cached_token_ids(acts), tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return cached_token_ids(acts, tokenizer), tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
 def _saved_runs(out: Path, modes: tuple[str, ...]) -> list[tuple[Path, dict]]:
@@ -450,7 +451,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
               f"held-out tokens. Main latents chosen on {PROBE_ROWS} training tokens (k-sparse probing, gain >= "
               f"{MIN_GAIN}, at most {MAX_MAIN}). Mean ± 95% CI over seeds. Measured in {payload['runtime_s']:.0f} s.\n\n")
     markdown = header + "```\n" + tables + "\n```\n"
-    write_study_files(out, markdown, {**payload, "summary": summary}, figures, docs, "real_absorption.md")
+    write_outputs(out, "results.json", {**payload, "summary": summary}, "results.md", [markdown], figures, docs,
+                  "real_absorption.md")
     return {"summary": summary, "runs": payload["runs"]}
 
 

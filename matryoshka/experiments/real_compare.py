@@ -60,7 +60,7 @@ from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
 from .common import (RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode,
-                     write_study_files)
+                     write_outputs)
 from .plots import _save, mode_colors, plt
 
 MODES = ("vanilla", "groups", "sampled", "every")
@@ -495,7 +495,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
               f"{payload['every_weights']}. Mean ± 95% CI over seeds. Total time {payload['runtime_s']:.0f} s"
               f"{processes}.\n\n")
     markdown = header + "```\n" + tables + "\n```\n"
-    write_study_files(out, markdown, {**payload, "summary": summary}, figures, docs, "real_compare.md")
+    write_outputs(out, "results.json", {**payload, "summary": summary}, "results.md", [markdown], figures, docs,
+                  "real_compare.md")
     print(f"total time {payload['runtime_s']:.0f} s")
     return {"summary": summary, "runs": results, "runtime_s": payload["runtime_s"]}
 
