@@ -97,7 +97,7 @@ def test_absorbed_and_lost_on_an_sae_built_to_absorb():
     rows = {0: eye[0], 7: eye[0] + 2 * eye[7], 8: eye[8], 9: 0.3 * eye[0] + eye[9]}  # 1..6: p + c_i
     x = torch.stack([rows.get(t, eye[0] + eye[t]) for t in token_ids])
     labels = {"parent": (token_ids <= 7) | (token_ids == 9)}  # the probe misreads type 9: not a positive
-    probes = {"parent": {"w": eye[0].double().numpy().tolist(), "b": -0.5}}
+    probes = {"parent": {"w": (3 * eye[0]).double().numpy().tolist(), "b": -1.5}}  # (not a unit direction)
     sae = _absorbing_sae(d)
     out = study.absorption_metrics(sae, probes, (x, labels), (x, labels, token_ids))["parent"]
     positives = 1000 + 30 + 5
@@ -108,11 +108,48 @@ def test_absorbed_and_lost_on_an_sae_built_to_absorb():
     assert out["precision"] == 1.0 and out["f1"] == pytest.approx(2 * 1000 / (1000 + positives + 5))
     assert out["absorbers"] == 6 and out["absorber_purity"] == 1.0
     assert out["absorber_cosine"] == pytest.approx(2 ** -0.5)
+    assert out["absorber_share"] == pytest.approx(1.0)  # a_i (W_i . u) = sqrt(2) / sqrt(2) of x . u = 1
     assert out["main_position"] == 0.0
     assert out["bias_reads_concept"] is False
+    # SAEBench's scores: each child's latent carries all of the token's probe reading, at cosine 0.71.
+    assert out["absorption_fraction"] == pytest.approx(30 / positives)
+    assert out["full_absorption"] == pytest.approx(30 / positives)
     assert out["most_absorbed_types"] == [[t, 5, 5] for t in range(1, 6)]  # (ties: lower ids first)
     # Every absorbed child is of the rarest types (5 tokens against the parent-only type's 1000).
     assert out["absorbed_by_frequency"][0] > 0 and out["absorbed_by_frequency"][-1] == 0
+
+
+def test_saebench_scores_count_partial_absorption_by_its_thresholds():
+    """Latents 0 and 7 are the main ones (7 against the probe); 1..4 read the probe at cosine 0.5, 5 at
+    0.05 (enough for full absorption's single latent, not for the fraction's), 6 against it, 8 at 0.01
+    (too little for either)."""
+    cosine = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.05, -0.3, -0.4, 0.01])
+    tokens = {  # latent readings a_j (W_dec[j] . u), the token's own reading x . u, fraction, full
+        "main carries it": ({0: 1.0}, 1.0, 0.0, False),
+        "partial, top 3 of 4 absorbers": ({0: 0.2, 1: 0.3, 2: 0.2, 3: 0.1, 4: 0.05}, 1.0, 0.6 / 0.8, False),
+        "partial, absorbers under 40%": ({0: 0.7, 1: 0.3}, 1.0, 0.0, False),
+        "full": ({1: 0.8, 2: 0.1}, 1.0, 1.0, True),
+        "absorber at cosine 0.05": ({5: 0.9}, 1.0, 0.0, True),
+        "absorber at cosine 0.01": ({8: 0.9}, 1.0, 0.0, False),
+        "a latent against the probe does not count": ({0: 0.5, 1: 0.6, 6: -0.3}, 1.0, 0.5, False),
+        "the main latents read against the probe": ({7: -0.6, 1: 0.5}, 1.0, 1.0, False),
+        "absorbers carry more than is missing": ({0: 0.2, 1: 0.9}, 1.0, 0.8 / (0.8 + 0.2), False),
+        "the token does not read as the concept": ({1: 0.8}, -0.1, 0.0, False),
+    }
+    reading = np.zeros((len(tokens), cosine.size))
+    for row, (latents, _, _, _) in enumerate(tokens.values()):
+        for latent, value in latents.items():
+            reading[row, latent] = value
+    fires_main = (reading[:, 0] != 0) | (reading[:, 7] != 0)
+    own = np.array([t[1] for t in tokens.values()])
+    import scipy.sparse
+
+    fraction, full = study.saebench_absorption(scipy.sparse.csr_matrix(reading), [0, 7], fires_main, own, cosine)
+    for (name, (_, _, want_fraction, want_full)), got_fraction, got_full in zip(tokens.items(), fraction, full):
+        assert got_fraction == pytest.approx(want_fraction), name
+        assert bool(got_full) is want_full, name
+    empty = study.saebench_absorption(scipy.sparse.csr_matrix((0, cosine.size)), [0], np.zeros(0, bool), np.zeros(0), cosine)
+    assert empty[0].size == 0 and empty[1].size == 0
 
 
 def _fake_tokens(rows: int, seed: int = 0):

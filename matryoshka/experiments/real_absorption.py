@@ -44,9 +44,21 @@ Per SAE and concept:
   distinct ones, how token-specific they are (the share of their held-out firings on their most
   common token type), where they sit, and the cosine of their decoder row with the probe direction
   (the parent's direction folded into a child's row, as the toy studies see absorption; two random
-  directions in d = 384 have |cosine| ~0.05).
+  directions in d = 384 have |cosine| ~0.05), and the share of the token's probe reading ``x . u``
+  (``u`` the unit probe direction) that the largest one carries, ``a_j (W_dec[j] . u) / (x . u)``
+  (near 1: one latent took the feature over; well under 1: several share it).
 * By child frequency: the absorbed share of the positives in bins of their token type's frequency
   (absorption is expected on the frequent children, those worth a latent of their own).
+* SAEBench's two scores (:func:`saebench_absorption`, the rules of SAEBench's absorption eval:
+  Chanin et al.'s full absorption and Till's absorption fraction), on the same positives, main
+  latents and probe, as a second reading that counts partial absorption too.  With ``u`` the unit
+  probe direction, a latent's reading is ``a_j (W_dec[j] . u)`` and the token's is ``x . u``.  The
+  *absorption fraction* is the share of the token's reading that non-main latents aligned with the
+  probe (cosine >= 0.1, at most 3, largest first) carry in place of the main ones, counted only
+  when they carry at least 40% of it; *full absorption*: no main latent fires and the single
+  largest reading, of a latent at cosine >= 0.025, is at least 40% of the token's.  The ``absorbed``
+  share above needs no threshold but the probe's own; these need SAEBench's, and see absorption
+  that leaves a main latent firing weakly.
 
 Tables give mean ± 95% CI over seeds (Student t).
 """
@@ -97,10 +109,17 @@ PROBE_L2 = 1e-4
 MIN_GAIN = 0.03  # F1 a further main latent must add (SAEBench's k-sparse probing threshold)
 MAX_MAIN = 5
 FREQUENCY_BINS = 5  # child-frequency bins (quantiles of the positives' token-type frequency)
+# SAEBench's absorption thresholds (its FeatureAbsorptionCalculator defaults), see saebench_absorption.
+FRACTION_COSINE = 0.1  # least probe cosine of a latent counted in the absorption fraction
+FULL_COSINE = 0.025  # least probe cosine of the single absorbing latent in full absorption
+CARRIED_SHARE = 0.4  # least share of the token's probe reading the absorbing latent(s) must carry
+MAX_ABSORBING = 3  # latents summed in the absorption fraction
 METRICS = {"f1": "main F1", "precision": "main precision", "recall": "main recall", "absorbed": "absorbed",
            "lost": "lost", "main_count": "main latents", "main_position": "main position (of n)",
            "absorbers": "absorbers", "absorber_purity": "absorber token purity",
-           "absorber_position": "absorber position (of n)", "absorber_cosine": "absorber cosine with probe"}
+           "absorber_position": "absorber position (of n)", "absorber_cosine": "absorber cosine with probe",
+           "absorber_share": "absorber share of x . u",
+           "absorption_fraction": "absorption fraction (SAEBench)", "full_absorption": "full absorption (SAEBench)"}
 
 
 def concept_labels(token_ids: np.ndarray, vocabulary: list[str]) -> dict[str, np.ndarray]:
@@ -220,6 +239,43 @@ def _most_absorbed(token_ids: np.ndarray, positives: np.ndarray, absorbed: np.nd
     return [[int(t), int(absorbed_count[t]), int(positive_count[t])] for t in order if absorbed_count[t] > 0]
 
 
+def saebench_absorption(reading: scipy.sparse.csr_matrix, main: list[int], fires_main: np.ndarray,
+                        token_reading: np.ndarray, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, SAEBench's absorption fraction (float) and full absorption (bool), module doc.
+
+    ``reading``: ``(tokens, n)``, each firing latent's ``a_j (W_dec[j] . u)`` for the unit probe
+    direction ``u``; ``main``: the main latents; ``fires_main``: per token, whether one of them
+    fires; ``token_reading``: ``x . u`` of the model's activation; ``cosine``: per latent, its decoder
+    row's cosine with ``u``.  A token whose own reading is not positive has neither (SAEBench's full
+    rule; its fraction rule would divide by it).
+    """
+    tokens = reading.shape[0]
+    if tokens == 0:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    main_reading = np.asarray(reading[:, main].sum(1)).ravel() if main else np.zeros(tokens)
+    # The absorbing candidates: firing non-main latents aligned with the probe (activations are not
+    # negative, so they read it positively); per token the MAX_ABSORBING largest, summed (rank within
+    # the token by a sort on token, then -reading).
+    firing = reading.tocoo()
+    keep = (cosine[firing.col] >= FRACTION_COSINE) & ~np.isin(firing.col, main)
+    token, value = firing.row[keep], firing.data[keep]
+    order = np.lexsort((-value, token))
+    token, value = token[order], value[order]
+    top = np.arange(token.size) - np.searchsorted(token, token) < MAX_ABSORBING
+    carried = np.bincount(token[top], weights=value[top], minlength=tokens)
+    positive = token_reading > 0
+    own = np.where(positive, token_reading, 1.0)  # (a stand-in where the token's reading is not positive)
+    absorbed_reading = np.minimum(carried, own - main_reading)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        partial = np.clip(absorbed_reading / (absorbed_reading + main_reading), 0.0, 1.0)
+    fraction = np.where(main_reading <= 0, 1.0, partial)
+    fraction = np.where(positive & (main_reading < own) & (carried >= CARRIED_SHARE * own), fraction, 0.0)
+    largest = np.asarray(reading.argmax(1)).ravel()  # (an implicit zero's column when none reads positively)
+    largest_reading = reading.max(1).toarray().ravel()
+    full = (~fires_main & positive & (cosine[largest] >= FULL_COSINE) & (largest_reading >= CARRIED_SHARE * own))
+    return fraction, full
+
+
 def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held_out: tuple) -> dict:
     """The per-concept measurements of the module doc for one SAE.  ``select``: ``(x, labels)`` of the
     probe's training tokens (main latents are chosen there); ``held_out``: ``(x, labels, token_ids)``."""
@@ -244,17 +300,19 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
         if probe["w"] is None:
             continue
         w, b = np.asarray(probe["w"]), probe["b"]
+        u = w / np.linalg.norm(w)
         main = main_latents(fired_select, labels_select[name])
         y = labels[name]
         detected = np.asarray(fired[:, main].sum(1)).ravel() > 0
         positives = y & ((x_np @ w + b) > 0)
         kept = (recon_np @ w + b) > 0
-        # Each firing latent's contribution a_j (W_dec[j] . w) to the reconstruction's probe reading.
-        reading = W @ w
-        contribution = codes.multiply(reading[None, :]).tocsr()
+        # Each firing latent's contribution a_j (W_dec[j] . u) to the reconstruction's probe reading.
+        contribution = codes.multiply((W @ u)[None, :]).tocsr()
         absorbed = positives & ~detected & kept
         absorber = np.asarray(contribution[absorbed].argmax(1)).ravel()
-        cosine = reading / (np.linalg.norm(W, axis=1) * np.linalg.norm(w))
+        cosine = W @ u / np.linalg.norm(W, axis=1)
+        fraction, full = saebench_absorption(contribution[positives], main, detected[positives], x_np[positives] @ u,
+                                             cosine)
         bins = _child_bins(token_ids, positives)
         share = lambda mask: float(mask.sum() / max(1, positives.sum()))  # noqa: E731  (of the positives)
         out[name] = {
@@ -267,8 +325,12 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
             "absorber_purity": float(np.median(purity[absorber])) if absorber.size else float("nan"),
             "absorber_position": float(np.median(absorber) / max(1, n - 1)) if absorber.size else float("nan"),
             "absorber_cosine": float(np.median(cosine[absorber])) if absorber.size else float("nan"),
+            "absorber_share": float(np.median(contribution[absorbed].max(1).toarray().ravel() / (x_np[absorbed] @ u)))
+            if absorber.size else float("nan"),
             "absorbed_by_frequency": [float((absorbed[positives][bins == i]).mean()) if (bins == i).any() else float("nan")
                                       for i in range(FREQUENCY_BINS)],
+            "absorption_fraction": float(fraction.mean()) if positives.any() else float("nan"),
+            "full_absorption": float(full.mean()) if positives.any() else float("nan"),
             "bias_reads_concept": bool(b_dec @ w + b > 0),
             "most_absorbed_types": _most_absorbed(token_ids, positives, absorbed),
         }
@@ -395,7 +457,7 @@ def _tables(payload: dict, summary: dict) -> str:
     features = [name for name, c in concepts.items() if c["generalises"]]
     averaged = format_table([[label] + [_cell(summary[m]["features"][k]) for m in modes] for k, label in METRICS.items()],
                             [f"mean over the {len(features)} features"] + modes)
-    main = {"recall", "absorbed", "lost", "absorber_cosine"}
+    main = {"recall", "absorbed", "lost", "absorber_cosine", "absorption_fraction"}
     per_concept = format_table([[f"{name}: {METRICS[k]}"] + [_cell(summary[m]["concepts"][name][k]) for m in modes]
                                 for name in features for k in METRICS if k in main], ["feature"] + modes)
     first = {m: next(r for r in payload["runs"] if r["mode"] == m) for m in modes}
@@ -410,27 +472,29 @@ def _figures(payload: dict, summary: dict, folder: Path, title: str) -> list[Pat
     modes = payload["modes"]
     features = [name for name, c in payload["concepts"].items() if c["generalises"]]
     colors = mode_colors(modes)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     width = 0.8 / len(modes)
-    for panel, key in zip(axes[:2], ("recall", "absorbed")):
+    for panel, key in zip(axes[:3], ("recall", "absorbed", "absorption_fraction")):
         for i, mode in enumerate(modes):
             stats = [summary[mode]["concepts"][name][key] for name in features]
             panel.bar(np.arange(len(features)) + (i - (len(modes) - 1) / 2) * width, [s["mean"] for s in stats], width,
                       yerr=[np.nan_to_num(s["ci95"]) for s in stats], color=colors[mode], label=mode, capsize=2)
         panel.set_xticks(range(len(features)), features, rotation=20)
         panel.set(ylabel=f"{METRICS[key]} (share of the feature's tokens)", ylim=(0, 1))
-    axes[0].set_title("main latents fire on the feature's tokens")
-    axes[1].set_title("no main latent fires, the reconstruction still has it")
+    axes[0].set_title("main latents fire\non the feature's tokens")
+    axes[1].set_title("no main latent fires,\nthe reconstruction still has it")
+    axes[2].set_title("SAEBench absorption fraction:\nthe probe reading other latents carry")
+    axes[2].set_ylabel("absorption fraction (mean over the feature's tokens)")
     for mode in modes:
         stats = summary[mode]["absorbed_by_frequency"]
-        axes[2].errorbar(range(1, FREQUENCY_BINS + 1), [s["mean"] for s in stats],
+        axes[3].errorbar(range(1, FREQUENCY_BINS + 1), [s["mean"] for s in stats],
                          yerr=[np.nan_to_num(s["ci95"]) for s in stats], color=colors[mode], marker="o", capsize=2,
                          label=mode)
-    axes[2].set(xlabel=f"child token type's frequency ({FREQUENCY_BINS} quantile bins, 1 rarest)",
+    axes[3].set(xlabel=f"child token type's frequency ({FREQUENCY_BINS} quantile bins, 1 rarest)",
                 ylabel="absorbed (mean over features)", title="absorption by child frequency", ylim=(0, 1))
     handles, names = axes[0].get_legend_handles_labels()  # below the panels: the bars fill them
     fig.legend(handles, names, loc="upper center", ncol=len(modes), bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"{title}: absorption of general features on held-out tokens (mean ± 95% CI over seeds)", y=1.03)
+    fig.suptitle(f"{title}: absorption of general features on held-out tokens (mean ± 95% CI over seeds)", y=1.1)
     path = folder / "real_absorption.png"
     _save(fig, path)
     return [path]
