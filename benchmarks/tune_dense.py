@@ -7,7 +7,7 @@ the op runs when the user allows PyTorch's float32 matmuls TF32).  The design is
 atomics (``dense_scan``'s docstring: 66-133x a decode's bytes at the issue's sizes), so tiles move it
 but cannot bring it to the issue's 1.3x of one dense decode; the record says by how much.  Beside the
 candidates, on the same inputs: one dense decode forward+backward (``baselines.dense_decode_loss``,
-cuBLAS) and the dense PyTorch scan (``dense_prefix_norms_torch`` under autograd: what ``"auto"`` runs
+cuBLAS) and the dense PyTorch scan (``dense_prefix_norms_torch``, forward and backward: what ``"auto"`` runs
 for dense CUDA activations), so every candidate gets both ratios.
 
 Phases, per dtype (each candidate's outputs checked against the default launch's first; a ``tf32``
@@ -122,7 +122,7 @@ def run_candidate(launch: DenseLaunch | None, s: DenseInputs) -> tuple[torch.Ten
 def time_references(sets: list[DenseInputs], device: torch.device, rounds: int) -> dict:
     """Median forward+backward seconds, input sets rotated, of one dense decode
     (``dense_decode_loss``: the issue's "one dense decode forward+backward (cuBLAS)") and of the dense
-    PyTorch scan (``dense_prefix_norms_torch``, autograd) on the same inputs."""
+    PyTorch scan (``dense_prefix_norms_torch``) on the same inputs."""
     leaves = [(s.x, s.acts.clone().requires_grad_(), s.W_dec.clone().requires_grad_(), s.b_dec.clone().requires_grad_(),
                s.lengths, s.grad_norms) for s in sets]
 

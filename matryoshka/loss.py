@@ -228,7 +228,9 @@ def _dense_loss(x, acts, W_dec, b_dec, prefixes, backend, detach, rescale) -> Ma
     if rescale:
         acts = acts * _inverse_row_norms(W_dec, compute_dtype(x, acts, W_dec, b_dec))
     _, weights, _ = prefixes.on(x.device)
-    norms = _dense_prefix_norms(backend, detach)(x, b_dec, W_dec, acts, prefixes.lengths)
+    # The PyTorch scans plan their blocks from host ints; the Triton op takes the lengths as a tensor.
+    lengths = prefixes.lengths if backend == "triton" else prefixes.host_lengths
+    norms = _dense_prefix_norms(backend, detach)(x, b_dec, W_dec, acts, lengths)
     loss = (norms * weights.to(norms.dtype)).sum() / rows
     reconstruct = functools.partial(reconstruction_reference, acts, W_dec, b_dec, False, norms.dtype)
     return MatryoshkaLossOutput(loss, norms.detach().sum(0) / rows, reconstruct)

@@ -75,7 +75,7 @@ class Prefixes:
     Use the builders for the common cases: :meth:`groups`, :meth:`balanced`, :meth:`every`, :meth:`sample`.
     """
 
-    __slots__ = ("lengths", "weights", "max_length", "_cumulative", "_device_cache")
+    __slots__ = ("lengths", "weights", "host_lengths", "max_length", "_cumulative", "_device_cache")
 
     def __init__(
         self,
@@ -84,8 +84,10 @@ class Prefixes:
     ) -> None:
         self.lengths: torch.Tensor = _as_lengths(lengths)
         self.weights: torch.Tensor = _as_weights(weights, self.lengths.numel())
-        # A plain int, so that checks against n stay host-side even inside torch.compile.
-        self.max_length: int = int(self.lengths[-1])
+        # Plain ints, so that checks against n and the dense scans' block plan stay host-side (constants
+        # to torch.compile).
+        self.host_lengths: tuple[int, ...] = tuple(self.lengths.tolist())
+        self.max_length: int = self.host_lengths[-1]
         # F[g] = w_1 + ... + w_g with F[0] = 0, kept in float64 so that differences F(b) - F(a)
         # of long cumulative sums (G = n) do not lose the small weights to cancellation.
         self._cumulative = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), self.weights.cumsum(0)])

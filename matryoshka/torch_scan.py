@@ -28,10 +28,12 @@ Dense activations (``dense_prefix_norms_torch``) use latent blocks; see its docs
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .host_copies import to_device
 from .precision import autocast_disabled, compute_dtype
 from .scan_layout import slot_counts
 
@@ -231,7 +233,177 @@ def sparse_scan_detached_torch(x, b_dec, W_dec, values, indices, levels):
     return _DetachedSparseScanTorch.apply(x, b_dec, W_dec, values, indices, levels)
 
 
-def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> torch.Tensor:
+def _host_lengths(lengths: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    """Prefix lengths as host ints (a host tensor's ``tolist`` does not sync; the loss passes
+    ``Prefixes.host_lengths``, which torch.compile sees as constants)."""
+    return tuple(lengths.tolist()) if isinstance(lengths, torch.Tensor) else tuple(int(m) for m in lengths)
+
+
+def _lengths_on(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The lengths as an int64 tensor on ``device``, to index with: a constant inside torch.compile,
+    else copied without blocking the host (``to_device``)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(lengths, dtype=torch.int64, device=device)
+    return to_device(torch.tensor(lengths, dtype=torch.int64, device="cpu"), device)
+
+
+def _dense_blocks(lengths: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """The prefix lengths (ascending) grouped by the block of ``_DENSE_BLOCK`` latents they fall in:
+    ``(block start, index of its first length, its lengths as latents past the start)`` per block
+    that holds one."""
+    blocks: list[tuple[int, int, list[int]]] = []
+    for g, length in enumerate(lengths):
+        start = length // _DENSE_BLOCK * _DENSE_BLOCK
+        if blocks and blocks[-1][0] == start:
+            blocks[-1][2].append(length - start)
+        else:
+            blocks.append((start, g, [length - start]))
+    return tuple((start, first, tuple(offsets)) for start, first, offsets in blocks)
+
+
+def _dense_inputs(ctx, x, b_dec, W_dec, acts):
+    """The target residual ``x - b_dec`` in the accumulation dtype, and the dtypes the gradients go back in."""
+    dtype = compute_dtype(x, b_dec, W_dec, acts)
+    ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, W_dec.dtype, acts.dtype)
+    return dtype, x.to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
+
+
+def _dense_grads(ctx, dx, dW, dA):
+    x_dtype, b_dtype, w_dtype, a_dtype = ctx.dtypes
+    db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
+    return dx.to(x_dtype), db, dW.to(w_dtype), dA.to(a_dtype)
+
+
+class _DenseScanTorch(torch.autograd.Function):
+    """The dense latent-block scan (``dense_prefix_norms_torch``) with a backward that keeps one
+    residual, so its memory does not grow with the number of prefixes.
+
+    Backward.  With ``c_g = dL/dnorms[:, g]``, a latent ``i`` sees the suffix sum
+    ``S_{i+1} = sum_{g: m_g > i} 2 c_g r_{m_g}``: ``dA[:, i] = -<S_{i+1}, d_i>``,
+    ``dW_dec[i] = -sum_b A[b, i] S_{i+1}[b]``, ``dx = S_0``.  The blocks are walked in reverse from
+    the saved residual ``R`` at the last block's start, each block's ``R_s`` recovered by adding its
+    latents back (``R_s = R_next + A[:, s:next] @ W[s:next]``; float rounding as the sparse scans).
+    Latents between blocks see one ``S`` (plain GEMMs).  Inside a block of width ``w`` (latents
+    ``a = A[:, s:s+w]``, rows ``W_b``, ``P = R_s W_b^T``, ``Gm = W_b W_b^T``), with ``C_g = 2 c_g``
+    for its boundaries ``o_g`` and ``U_i = sum_{g: o_g > i} C_g``, ``r_{m_g} = R_s - sum_{l < o_g} a_l d_l``
+    gives, with ``S`` the suffix sum after the block:
+
+        dA_blk = -(S W_b^T + U P - U (a triu(Gm)) - (a U) tril(Gm, -1))
+        dW_blk = -(a^T S + (a U)^T R_s) + (tril((a U)^T a) + triu(a^T (a U), 1)) W_b
+        S     <- S + (sum_g C_g) R_s - (a U) W_b
+
+    Cost: the forward's GEMMs, and in the backward per latent three decode-sized products (``R``
+    recovered, ``dA``, ``dW_dec``) plus, for blocks with boundaries, ``P``, ``(a U)^T R_s`` and
+    ``(a U) W_b`` and ``w x w`` terms.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_dec, acts, lengths):
+        dtype, R = _dense_inputs(ctx, x, b_dec, W_dec, acts)
+        blocks = _dense_blocks(lengths)
+        on_device = _lengths_on(lengths, x.device)
+        out: list[torch.Tensor] = []
+        done = 0  # latents already subtracted from R
+        for start, first, offsets in blocks:
+            if start > done:
+                R = R - acts[:, done:start].to(dtype) @ W_dec[done:start].to(dtype)
+                done = start
+            before = R.pow(2).sum(-1, keepdim=True)
+            width = offsets[-1]
+            if width == 0:  # the only boundary sits on the block's start
+                out.append(before)
+                continue
+            a, W_blk = acts[:, start : start + width].to(dtype), W_dec[start : start + width].to(dtype)
+            gram = W_blk @ W_blk.T
+            cross = a @ (2 * torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram)))
+            after = before - 2 * (a * (R @ W_blk.T)).cumsum(1) + (a * cross).cumsum(1)
+            columns = on_device[first : first + len(offsets)] - start
+            out.append(torch.cat([before, after], dim=1).index_select(1, columns))
+        ctx.blocks = blocks
+        ctx.save_for_backward(R, W_dec, acts, on_device)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, grad_norms):
+        R, W_dec, acts, on_device = ctx.saved_tensors
+        dtype = R.dtype
+        dA = torch.zeros(acts.shape, dtype=dtype, device=acts.device)
+        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        S = torch.zeros_like(R)
+        following = None  # the start of the block walked before this one
+        for start, first, offsets in reversed(ctx.blocks):
+            width = offsets[-1]
+            if following is not None:
+                R = R + acts[:, start:following].to(dtype) @ W_dec[start:following].to(dtype)
+                _between_blocks_grads(dA, dW, acts, W_dec, S, start + width, following)
+            C = 2 * grad_norms[:, first : first + len(offsets)].to(dtype)
+            if width > 0:
+                blk = slice(start, start + width)
+                a, W_blk = acts[:, blk].to(dtype), W_dec[blk].to(dtype)
+                columns = on_device[first : first + len(offsets)] - start
+                marks = C.new_zeros(C.shape[0], width + 1).index_copy_(1, columns, C)
+                U = marks.flip(1).cumsum(1).flip(1)[:, 1:]  # U[:, i] = sum of C_g over boundaries past latent i
+                aU = a * U
+                gram = W_blk @ W_blk.T
+                dA[:, blk] = -(S @ W_blk.T + U * (R @ W_blk.T) - U * (a @ torch.triu(gram)) - aU @ torch.tril(gram, -1))
+                mixed = torch.tril(aU.T @ a) + torch.triu(a.T @ aU, 1)
+                dW[blk] = mixed @ W_blk - a.T @ S - aU.T @ R
+                S = S + C.sum(1, keepdim=True) * R - aU @ W_blk
+            else:
+                S = S + C.sum(1, keepdim=True) * R
+            following = start
+        _between_blocks_grads(dA, dW, acts, W_dec, S, 0, following)
+        return (*_dense_grads(ctx, S, dW, dA), None)
+
+
+def _between_blocks_grads(dA, dW, acts, W_dec, S, start: int, stop: int) -> None:
+    """Latents ``start..stop`` all see the same ``S`` (the suffix sum, where no prefix boundary lies
+    among them; a detached level's own ``H_g``): ``dA = -S W^T``, ``dW_dec = -A^T S``."""
+    if stop > start:  # (written in place: no (B, n) or (n, d) temporary)
+        dA[:, start:stop].addmm_(S, W_dec[start:stop].to(S.dtype).T, beta=0, alpha=-1)
+        dW[start:stop].addmm_(acts[:, start:stop].to(S.dtype).T, S, beta=0, alpha=-1)
+
+
+class _DetachedDenseScanTorch(torch.autograd.Function):
+    """Detached levels (``dense_prefix_norms_detached_torch``): norm ``g`` differentiates ``x``,
+    ``b_dec`` and only its own level's latents.  With ``H_g = 2 c_g r_{m_g}``: ``dA[:, level] =
+    -H_g W_level^T``, ``dW_level = -A_level^T H_g``, ``dx = sum_g H_g``; the levels are walked in
+    reverse from the final residual, each ``r_{m_{g-1}} = r_{m_g} + A_level W_level`` recovered."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_dec, acts, lengths):
+        dtype, R = _dense_inputs(ctx, x, b_dec, W_dec, acts)
+        out: list[torch.Tensor] = []
+        start = 0
+        for end in lengths:
+            R = R - acts[:, start:end].to(dtype) @ W_dec[start:end].to(dtype)
+            out.append(R.pow(2).sum(-1, keepdim=True))
+            start = end
+        ctx.lengths = lengths
+        ctx.save_for_backward(R, W_dec, acts)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, grad_norms):
+        R, W_dec, acts = ctx.saved_tensors
+        dtype = R.dtype
+        dA = torch.zeros(acts.shape, dtype=dtype, device=acts.device)
+        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        dx = torch.zeros_like(R)
+        starts = [0] + list(ctx.lengths[:-1])
+        for g in range(len(ctx.lengths) - 1, -1, -1):
+            level = slice(starts[g], ctx.lengths[g])
+            H = 2 * grad_norms[:, g : g + 1].to(dtype) * R
+            dx += H
+            if level.stop > level.start:
+                _between_blocks_grads(dA, dW, acts, W_dec, H, level.start, level.stop)
+                R = R + acts[:, level].to(dtype) @ W_dec[level].to(dtype)
+        return (*_dense_grads(ctx, dx, dW, dA), None)
+
+
+def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """``(B, G)`` squared residual norms after each prefix length, for dense ``(B, n)`` activations.
 
     Prefix lengths are grouped by the block of ``_DENSE_BLOCK`` latents they fall in.  Between
@@ -244,58 +416,20 @@ def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> to
 
     gives the loss after every latent of the block from two small GEMMs, however many boundaries
     it holds: every-latent prefixes cost a few decodes, not G.  Latents past the longest prefix are
-    never touched.  Autograd differentiates it, saving ``R`` once per boundary block.  (On CPU,
+    never touched.  The backward (``_DenseScanTorch``) keeps one ``(B, d)`` residual and one suffix
+    sum whatever the number of prefixes, recovering each block's residual on the way back.  (On CPU,
     with B = 256..1024 and n = 4096, blocks of 256 were fastest among 32..256.)
     """
-    dtype = compute_dtype(x, b_dec, W_dec, acts)
-    W = W_dec.to(dtype)
-    A = acts.to(dtype)
-    R = x.to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
-    lengths_list = lengths.tolist()  # prefixes live on the host: no device sync
-    out: list[torch.Tensor] = []
-    done = 0  # latents already subtracted from R
-    g = 0
-    while g < len(lengths_list):
-        start = lengths_list[g] // _DENSE_BLOCK * _DENSE_BLOCK
-        offsets = []  # boundaries in this block, as latents past its start
-        while g < len(lengths_list) and lengths_list[g] < start + _DENSE_BLOCK:
-            offsets.append(lengths_list[g] - start)
-            g += 1
-        if start > done:
-            R = R - A[:, done:start] @ W[done:start]
-            done = start
-        before = R.pow(2).sum(-1, keepdim=True)
-        width = offsets[-1]
-        if width == 0:  # the only boundary sits on the block's start
-            out.append(before)
-            continue
-        a, W_blk = A[:, start : start + width], W[start : start + width]
-        gram = W_blk @ W_blk.T
-        cross = a @ (2 * torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram)))
-        after = before - 2 * (a * (R @ W_blk.T)).cumsum(1) + (a * cross).cumsum(1)
-        out.append(torch.cat([before, after], dim=1)[:, offsets])
-    return torch.cat(out, dim=1)
+    return _DenseScanTorch.apply(x, b_dec, W_dec, acts, _host_lengths(lengths))
 
 
-def dense_prefix_norms_detached_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor) -> torch.Tensor:
+def dense_prefix_norms_detached_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """``(B, G)`` squared residual norms after each prefix length with detached levels: norm ``g``
     differentiates ``x``, ``b_dec`` and only its own level's latents ``m_{g-1} <= i < m_g``
     (``m_0 = 0``); the earlier latents enter through a stop-gradient running decode.
 
     One GEMM per level, ``A[:, level] @ W_dec[level]``, so the GEMMs add up to one dense decode
-    whatever ``G``; every-latent prefixes make them ``G`` matrix-vector products.  Autograd
-    differentiates it, saving one ``(B, d)`` product per level.
+    whatever ``G``; every-latent prefixes make them ``G`` matrix-vector products.  The backward
+    (``_DetachedDenseScanTorch``) keeps one ``(B, d)`` residual whatever ``G``.
     """
-    dtype = compute_dtype(x, b_dec, W_dec, acts)
-    W = W_dec.to(dtype)
-    A = acts.to(dtype)
-    target = x.to(dtype) - (0.0 if b_dec is None else b_dec.to(dtype))
-    decoded = torch.zeros_like(target, requires_grad=False)  # earlier levels, stop-gradient
-    out: list[torch.Tensor] = []
-    start = 0
-    for end in lengths.tolist():  # prefixes live on the host: no device sync
-        own = A[:, start:end] @ W[start:end]
-        out.append((target - decoded - own).pow(2).sum(-1, keepdim=True))
-        decoded = decoded + own.detach()
-        start = end
-    return torch.cat(out, dim=1)
+    return _DetachedDenseScanTorch.apply(x, b_dec, W_dec, acts, _host_lengths(lengths))

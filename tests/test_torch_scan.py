@@ -14,7 +14,7 @@ import torch
 from matryoshka import Prefixes, matryoshka_loss, SparseActs
 from matryoshka import torch_scan
 
-from .helpers import assert_half_matches, assert_matches, half_and_oracle, make_problem, run_loss
+from .helpers import assert_compiled_step_matches, assert_half_matches, assert_matches, half_and_oracle, make_problem, run_loss
 
 DETACH = [pytest.param(False, id="plain"), pytest.param(True, id="detached")]
 
@@ -105,3 +105,48 @@ def test_one_latent_with_padding_and_an_unchecked_out_of_range_index(detach):
     assert_matches(run_loss(p, prefixes, "torch", detach=detach), want, torch.float64)
     out_of_range = replace(p, indices=p.indices.masked_fill(p.indices < 0, p.n))
     assert_matches(run_loss(out_of_range, prefixes, "torch", validate=False, detach=detach), want, torch.float64)
+
+
+def _saved_for_backward_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``'s output."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("detach", DETACH)
+def test_dense_scan_keeps_one_residual_whatever_the_number_of_prefixes(monkeypatch, detach):
+    """The dense scans save the inputs, one ``(B, d)`` residual and the lengths for their backward,
+    however many prefixes there are: every latent a prefix saves what one prefix does (under plain
+    autograd the scan kept a residual per latent block, the detached one a residual per level)."""
+    monkeypatch.setattr(torch_scan, "_DENSE_BLOCK", 4)
+    B, d, n = 16, 24, 40
+    g = torch.Generator().manual_seed(9)
+    x, W, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((B, d), (n, d), (d,)))
+    acts = torch.rand(B, n, generator=g, dtype=torch.float64).requires_grad_()
+    scan = torch_scan.dense_prefix_norms_detached_torch if detach else torch_scan.dense_prefix_norms_torch
+    kept = (n * d + B * n + B * d) * 8  # W_dec, acts (the inputs themselves) and one residual
+    for G in (1, 5, n):
+        saved = _saved_for_backward_bytes(lambda: scan(x, b, W, acts, torch.linspace(0, n, G + 1).long()[1:]))
+        assert saved == kept + (0 if detach else 8 * G), G  # (the plain scan also keeps the lengths, to index with)
+
+
+@pytest.mark.parametrize("detach", DETACH)
+def test_dense_torch_loss_inside_torch_compile(detach):
+    """The dense loss on the PyTorch scan traces whole (``fullgraph``): its block plan comes from
+    ``Prefixes.host_lengths``, constants to dynamo, not from a tensor's values."""
+    g = torch.Generator().manual_seed(10)
+    x, W, b = torch.randn(6, 20, generator=g), torch.randn(30, 20, generator=g), torch.randn(20, generator=g)
+    acts = torch.relu(torch.randn(6, 30, generator=g))
+    for prefixes in (Prefixes.every(30), Prefixes([3, 17, 30])):
+        def step(x, acts, W, b):
+            return matryoshka_loss(x, acts, W, b, prefixes, backend="torch", detach=detach).loss
+
+        assert_compiled_step_matches(step, [x, acts, W, b])
