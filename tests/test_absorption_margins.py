@@ -174,3 +174,21 @@ def test_rotated_margins_scale_with_the_toy(P, a):
     assert [h.strip() for h in table.splitlines()[0].split("  ") if h.strip()] == [
         "P(c|p)", "ratio r", "one-latent prefix", "L1", "L0", "rotated >= true on all three"]
     assert table.splitlines()[2].split()[-1] == "no"
+
+
+@pytest.mark.parametrize("r", [0.5, 1.0, 2.0])
+def test_the_rotated_pair_is_nested_like_the_true_one_and_only_its_first_code_varies(r):
+    """The codes solved from the directions (as ``_expected_terms``): in both pairs the second
+    latent fires only on samples that fire the first (a firing hierarchy cannot tell them apart);
+    the first latent's code is constant in the true pair, and varies by 1 + r² in the rotated one."""
+    a = 2.0
+    p, c = torch.eye(2, dtype=torch.float64)
+    s = math.sqrt(1 + r * r)
+    samples = {"alone": a * p, "both": a * p + r * a * c}
+    for directions, first_code_ratio in (([p, c], 1.0), ([(p + r * c) / s, (r * p - c) / s], 1 + r * r)):
+        basis = torch.stack(directions, 1)
+        codes = {kind: torch.linalg.lstsq(basis, x[:, None]).solution[:, 0] for kind, x in samples.items()}
+        fires = {kind: code > 1e-12 for kind, code in codes.items()}
+        assert all(bool(fires[kind][0]) for kind in samples if fires[kind][1])  # second => first
+        assert any(bool(fires[kind][1]) for kind in samples) and min(float(v.min()) for v in codes.values()) > -1e-12
+        assert float(codes["both"][0] / codes["alone"][0]) == pytest.approx(first_code_ratio, rel=1e-12)

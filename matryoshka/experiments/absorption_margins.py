@@ -37,6 +37,12 @@ sample is ``P a ((1 − q)(1 + r)/√(1 + r²) + q √(1 + r²))`` against ``P a
 on half its parent's samples is better served, by every term of a ReLU Matryoshka SAE with the
 penalty, by the 45° turn of the pair.  (Ideal encoders; the trained SAE's encoder and hedging add
 to this.)
+
+Nor would a rule on firing that knows the hierarchy ("a child's latent fires only with its
+parent's"): the rotated pair obeys it.  ``v`` fires only on parent-alone samples, and ``u`` fires on
+every one of them, so ``v`` is nested in ``u`` as ``c`` is in ``p``: a latent for "the parent without
+the child".  What sets the true pair apart is ``u``'s code, ``a/√(1 + r²)`` alone and ``a√(1 + r²)``
+with the child (a factor ``1 + r²``), where ``p``'s is ``a`` on every parent sample.
 """
 
 from __future__ import annotations
