@@ -73,6 +73,8 @@ class Prefixes:
         weights: one non-negative finite weight per length; default 1.0 each.
 
     Use the builders for the common cases: :meth:`groups`, :meth:`balanced`, :meth:`every`, :meth:`sample`.
+    ``lengths`` and ``weights`` are tensors; ``host_lengths`` holds the lengths as Python ints and
+    ``max_length`` the last of them.
     """
 
     __slots__ = ("lengths", "weights", "host_lengths", "max_length", "_cumulative", "_device_cache")

@@ -248,16 +248,16 @@ def _lengths_on(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _dense_blocks(lengths: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-    """The prefix lengths (ascending) grouped by the block of ``_DENSE_BLOCK`` latents they fall in:
-    ``(block start, index of its first length, its lengths as latents past the start)`` per block
-    that holds one."""
+    """The prefix lengths (ascending) grouped into blocks that start at a length and hold the next
+    lengths less than ``_DENSE_BLOCK`` latents past it: ``(block start, index of its first length,
+    its lengths as latents past the start)``.  A length far from the others is a block of its own,
+    read straight from the residual (no Gram form); only close lengths share one."""
     blocks: list[tuple[int, int, list[int]]] = []
     for g, length in enumerate(lengths):
-        start = length // _DENSE_BLOCK * _DENSE_BLOCK
-        if blocks and blocks[-1][0] == start:
-            blocks[-1][2].append(length - start)
+        if blocks and length - blocks[-1][0] < _DENSE_BLOCK:
+            blocks[-1][2].append(length - blocks[-1][0])
         else:
-            blocks.append((start, g, [length - start]))
+            blocks.append((length, g, [0]))
     return tuple((start, first, tuple(offsets)) for start, first, offsets in blocks)
 
 
@@ -310,7 +310,7 @@ class _DenseScanTorch(torch.autograd.Function):
                 done = start
             before = R.pow(2).sum(-1, keepdim=True)
             width = offsets[-1]
-            if width == 0:  # the only boundary sits on the block's start
+            if width == 0:  # a block of one length, its start
                 out.append(before)
                 continue
             a, W_blk = acts[:, start : start + width].to(dtype), W_dec[start : start + width].to(dtype)
@@ -406,10 +406,11 @@ class _DetachedDenseScanTorch(torch.autograd.Function):
 def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """``(B, G)`` squared residual norms after each prefix length, for dense ``(B, n)`` activations.
 
-    Prefix lengths are grouped by the block of ``_DENSE_BLOCK`` latents they fall in.  Between
-    such blocks the residual advances with one decode GEMM over the whole gap,
-    ``R <- R - A[:, gap] @ W_dec[gap]``, so a handful of groups costs one dense decode.  Inside a
-    block with boundaries, with ``a = A[:, blk]``, ``S = R @ W_blk^T`` and ``Gm = W_blk W_blk^T``:
+    Prefix lengths are grouped into blocks that start at a length and span fewer than
+    ``_DENSE_BLOCK`` latents (``_dense_blocks``).  From one block's start to the next the residual
+    advances with one decode GEMM, ``R <- R - A[:, gap] @ W_dec[gap]``, so a handful of groups costs
+    one dense decode and reads each norm straight from ``R``.  Inside a block that holds further
+    lengths, with ``a = A[:, blk]``, ``S = R @ W_blk^T`` and ``Gm = W_blk W_blk^T``:
 
         ||R - sum_{l <= j} a_l d_l||^2 = ||R||^2 - 2 sum_{l <= j} a_l S_l
                                          + sum_{l <= j} a_l (a_l Gm_ll + 2 sum_{i < l} a_i Gm_il)
@@ -418,7 +419,7 @@ def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequ
     it holds: every-latent prefixes cost a few decodes, not G.  Latents past the longest prefix are
     never touched.  The backward (``_DenseScanTorch``) keeps one ``(B, d)`` residual and one suffix
     sum whatever the number of prefixes, recovering each block's residual on the way back.  (On CPU,
-    with B = 256..1024 and n = 4096, blocks of 256 were fastest among 32..256.)
+    with B = 256..1024 and n = 4096, blocks of 256 were fastest among 32..256 for every latent.)
     """
     return _DenseScanTorch.apply(x, b_dec, W_dec, acts, _host_lengths(lengths))
 

@@ -48,8 +48,8 @@ def test_sparse_scan_across_row_blocks(monkeypatch, detach):
 
 
 def dense_prefix_sets(n: int, block: int) -> dict[str, Prefixes]:
-    """Boundaries on block edges (0, block, 2 blocks, 3 blocks), one past an edge, inside blocks,
-    and every latent."""
+    """Lengths a block apart (each a block of its own: 0, block, 2 blocks, 3 blocks), two close
+    lengths sharing a block (past an edge, inside one block, and 3 blocks with n), and every latent."""
     g = torch.Generator().manual_seed(7)
     return {
         "every+empty": Prefixes.every(n, torch.rand(n + 1, generator=g, dtype=torch.float64), include_empty=True),
