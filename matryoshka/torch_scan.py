@@ -336,7 +336,7 @@ class _DenseScanTorch(torch.autograd.Function):
             width = offsets[-1]
             if following is not None:
                 R = R + acts[:, start:following].to(dtype) @ W_dec[start:following].to(dtype)
-                _between_blocks_grads(dA, dW, acts, W_dec, S, start + width, following)
+                _grads_seeing_one_sum(dA, dW, acts, W_dec, S, start + width, following)
             C = 2 * grad_norms[:, first : first + len(offsets)].to(dtype)
             if width > 0:
                 blk = slice(start, start + width)
@@ -353,11 +353,11 @@ class _DenseScanTorch(torch.autograd.Function):
             else:
                 S = S + C.sum(1, keepdim=True) * R
             following = start
-        _between_blocks_grads(dA, dW, acts, W_dec, S, 0, following)
+        _grads_seeing_one_sum(dA, dW, acts, W_dec, S, 0, following)
         return (*_dense_grads(ctx, S, dW, dA), None)
 
 
-def _between_blocks_grads(dA, dW, acts, W_dec, S, start: int, stop: int) -> None:
+def _grads_seeing_one_sum(dA, dW, acts, W_dec, S, start: int, stop: int) -> None:
     """Latents ``start..stop`` all see the same ``S`` (the suffix sum, where no prefix boundary lies
     among them; a detached level's own ``H_g``): ``dA = -S W^T``, ``dW_dec = -A^T S``."""
     if stop > start:  # (written in place: no (B, n) or (n, d) temporary)
@@ -398,7 +398,7 @@ class _DetachedDenseScanTorch(torch.autograd.Function):
             H = 2 * grad_norms[:, g : g + 1].to(dtype) * R
             dx += H
             if level.stop > level.start:
-                _between_blocks_grads(dA, dW, acts, W_dec, H, level.start, level.stop)
+                _grads_seeing_one_sum(dA, dW, acts, W_dec, H, level.start, level.stop)
                 R = R + acts[:, level].to(dtype) @ W_dec[level].to(dtype)
         return (*_dense_grads(ctx, dx, dW, dA), None)
 
