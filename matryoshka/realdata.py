@@ -178,6 +178,14 @@ def _token_windows(tokenizer, paragraphs: list[str], width: int, max_windows: in
             return
 
 
+def _framed(tokenizer, windows, width: int) -> np.ndarray:
+    """Token windows of ``width`` ids as the model reads them, ``[CLS] window [SEP]`` per row (int32):
+    what the cache's ``token_ids_sha256`` digests."""
+    windows = np.asarray(windows, dtype=np.int32).reshape(-1, width)
+    return np.concatenate([np.full((len(windows), 1), tokenizer.cls_token_id, np.int32), windows,
+                           np.full((len(windows), 1), tokenizer.sep_token_id, np.int32)], axis=1)
+
+
 @torch.inference_mode()
 def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, seq_len: int = 128,
                       corpus: str | Path = DEFAULT_CORPUS, batch: int = 32, shard_tokens: int = 262_144,
@@ -213,13 +221,13 @@ def cache_activations(out: str | Path, layer: int = 3, tokens: int = 1_000_000, 
     digest = hashlib.sha256()
     written, shard, shard_rows, shards = 0, None, 0, []
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"layer {layer} activations", disable=not progress)
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     while True:
         group = [w for _, w in zip(range(batch), windows)]
         if not group:
             break
-        ids = torch.tensor([[cls, *w, sep] for w in group])
-        digest.update(ids.numpy().astype(np.int32).tobytes())
+        framed = _framed(tokenizer, group, width)
+        digest.update(framed.tobytes())
+        ids = torch.from_numpy(framed).long()
         hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[layer]
         rows = hidden[:, 1:-1].reshape(-1, d).numpy().astype(dtype)
         while len(rows):
@@ -276,10 +284,9 @@ def cached_token_ids(acts: str | Path, tokenizer=None) -> np.ndarray:
     meta = json.loads(meta_file.read_text())
     tokenizer = tokenizer or load_tokenizer()
     width = meta["seq_len"] - 2
-    windows = np.array(list(_token_windows(tokenizer, corpus_paragraphs(meta["corpus"]), width,
-                                           meta["tokens"] // width)), dtype=np.int32).reshape(-1, width)
-    framed = np.concatenate([np.full((len(windows), 1), tokenizer.cls_token_id, np.int32), windows,
-                             np.full((len(windows), 1), tokenizer.sep_token_id, np.int32)], axis=1)
+    framed = _framed(tokenizer, list(_token_windows(tokenizer, corpus_paragraphs(meta["corpus"]), width,
+                                                    meta["tokens"] // width)), width)
+    windows = framed[:, 1:-1]
     if hashlib.sha256(framed.tobytes()).hexdigest() != meta["token_ids_sha256"] or windows.size != meta["tokens"]:
         raise ValueError(f"the token ids made again from corpus {meta['corpus']!r} do not match the cache in "
                          f"{str(acts)!r} (its token_ids_sha256): the corpus or tokenizer changed since it was written")

@@ -1,6 +1,7 @@
 """The real-data absorption study (matryoshka.experiments.real_absorption): concept labels, probes and
 their generalisation gate, k-sparse probing, and the absorbed / lost split on an SAE built to absorb."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -228,6 +229,9 @@ def test_token_ids_are_made_again_and_checked_against_the_cache(tmp_path, monkey
     ids = realdata.cached_token_ids(tmp_path / "acts")
     rows = np.load(tmp_path / "acts" / "acts_00000.npy")
     assert ids.shape == (meta["tokens"],) and np.array_equal(rows[:, 0], ids)  # (the fake encoder's rows are the ids)
+    # The digest covers each window as the model reads it: [CLS] (101), its 10 ids, [SEP] (102).
+    framed = np.array([[101, *window, 102] for window in ids.reshape(-1, 10)], dtype=np.int32)
+    assert hashlib.sha256(framed.tobytes()).hexdigest() == meta["token_ids_sha256"]
     corpus.write_text(corpus.read_text().replace("quick", "slow"))
     with pytest.raises(ValueError, match="do not match the cache"):
         realdata.cached_token_ids(tmp_path / "acts")

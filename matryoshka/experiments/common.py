@@ -429,4 +429,3 @@ def write_outputs(out: Path, json_name: str, payload: dict, md_name: str, md: li
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, json.dumps(_strict(payload), indent=1).encode())
-

@@ -309,10 +309,12 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
         # Each firing latent's contribution a_j (W_dec[j] . u) to the reconstruction's probe reading.
         contribution = codes.multiply((W @ u)[None, :]).tocsr()
         absorbed = positives & ~detected & kept
-        absorber = np.asarray(contribution[absorbed].argmax(1)).ravel()
+        absorbed_contribution = contribution[absorbed]
+        absorber = np.asarray(absorbed_contribution.argmax(1)).ravel()
         cosine = W @ u / np.linalg.norm(W, axis=1)
-        fraction, full = saebench_absorption(contribution[positives], main, detected[positives], x_np[positives] @ u,
-                                             cosine)
+        token_reading = x_np @ u
+        fraction, full = saebench_absorption(contribution[positives], main, detected[positives],
+                                             token_reading[positives], cosine)
         bins = _child_bins(token_ids, positives)
         share = lambda mask: float(mask.sum() / max(1, positives.sum()))  # noqa: E731  (of the positives)
         out[name] = {
@@ -325,7 +327,7 @@ def absorption_metrics(sae: SparseAutoencoder, probes: dict, select: tuple, held
             "absorber_purity": float(np.median(purity[absorber])) if absorber.size else float("nan"),
             "absorber_position": float(np.median(absorber) / max(1, n - 1)) if absorber.size else float("nan"),
             "absorber_cosine": float(np.median(cosine[absorber])) if absorber.size else float("nan"),
-            "absorber_share": float(np.median(contribution[absorbed].max(1).toarray().ravel() / (x_np[absorbed] @ u)))
+            "absorber_share": float(np.median(absorbed_contribution.max(1).toarray().ravel() / token_reading[absorbed]))
             if absorber.size else float("nan"),
             "absorbed_by_frequency": [float((absorbed[positives][bins == i]).mean()) if (bins == i).any() else float("nan")
                                       for i in range(FREQUENCY_BINS)],
