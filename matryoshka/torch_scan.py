@@ -42,7 +42,12 @@ __all__ = [
 ]
 
 _BLOCK_ELEMENTS = 1 << 15  # rows x d per block: 128 KiB of float32 residual, L2-resident
-_DENSE_BLOCK = 256  # latents per block of the dense scan
+# The dense scan's latent blocks (``_dense_blocks``): at most ``_DENSE_BLOCK`` latents wide, and a
+# length ``_DENSE_GAP`` or more latents past the one before starts a block of its own.  A block
+# pays Gram-form products over its whole width, a block of its own one norm and a few small ops.
+# Chosen by ``python -m benchmarks.dense_blocks`` (figures in the README's "Dense PyTorch scan").
+_DENSE_BLOCK = 128
+_DENSE_GAP = 32
 
 
 def _without_autocast(backward):
@@ -249,15 +254,18 @@ def _lengths_on(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def _dense_blocks(lengths: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
     """The prefix lengths (ascending) grouped into blocks that start at a length and hold the next
-    lengths less than ``_DENSE_BLOCK`` latents past it: ``(block start, index of its first length,
-    its lengths as latents past the start)``.  A length far from the others is a block of its own,
-    read straight from the residual (no Gram form); only close lengths share one."""
+    lengths while each is less than ``_DENSE_GAP`` latents past the one before and less than
+    ``_DENSE_BLOCK`` past the start: ``(block start, index of its first length, its lengths as
+    latents past the start)``.  A length far from the one before is a block of its own, read
+    straight from the residual (no Gram form); only close lengths share one."""
     blocks: list[tuple[int, int, list[int]]] = []
     for g, length in enumerate(lengths):
-        if blocks and length - blocks[-1][0] < _DENSE_BLOCK:
-            blocks[-1][2].append(length - blocks[-1][0])
-        else:
-            blocks.append((length, g, [0]))
+        if blocks:
+            start, _, offsets = blocks[-1]
+            if length - start < _DENSE_BLOCK and length - (start + offsets[-1]) < _DENSE_GAP:
+                offsets.append(length - start)
+                continue
+        blocks.append((length, g, [0]))
     return tuple((start, first, tuple(offsets)) for start, first, offsets in blocks)
 
 
@@ -406,8 +414,8 @@ class _DetachedDenseScanTorch(torch.autograd.Function):
 def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """``(B, G)`` squared residual norms after each prefix length, for dense ``(B, n)`` activations.
 
-    Prefix lengths are grouped into blocks that start at a length and span fewer than
-    ``_DENSE_BLOCK`` latents (``_dense_blocks``).  From one block's start to the next the residual
+    Prefix lengths are grouped into blocks that start at a length and hold the close lengths after
+    it (``_dense_blocks``).  From one block's start to the next the residual
     advances with one decode GEMM, ``R <- R - A[:, gap] @ W_dec[gap]``, so a handful of groups costs
     one dense decode and reads each norm straight from ``R``.  Inside a block that holds further
     lengths, with ``a = A[:, blk]``, ``S = R @ W_blk^T`` and ``Gm = W_blk W_blk^T``:
@@ -418,8 +426,8 @@ def dense_prefix_norms_torch(x, b_dec, W_dec, acts, lengths: torch.Tensor | Sequ
     gives the loss after every latent of the block from two small GEMMs, however many boundaries
     it holds: every-latent prefixes cost a few decodes, not G.  Latents past the longest prefix are
     never touched.  The backward (``_DenseScanTorch``) keeps one ``(B, d)`` residual and one suffix
-    sum whatever the number of prefixes, recovering each block's residual on the way back.  (On CPU,
-    with B = 256..1024 and n = 4096, blocks of 256 were fastest among 32..256 for every latent.)
+    sum whatever the number of prefixes, recovering each block's residual on the way back.  (Block
+    width and gap: measured on CPU, beside ``_DENSE_BLOCK``.)
     """
     return _DenseScanTorch.apply(x, b_dec, W_dec, acts, _host_lengths(lengths))
 

@@ -49,7 +49,9 @@ def test_sparse_scan_across_row_blocks(monkeypatch, detach):
 
 def dense_prefix_sets(n: int, block: int) -> dict[str, Prefixes]:
     """Lengths a block apart (each a block of its own: 0, block, 2 blocks, 3 blocks), two close
-    lengths sharing a block (past an edge, inside one block, and 3 blocks with n), and every latent."""
+    lengths sharing a block (past an edge, inside one block, and 3 blocks with n), every latent, and
+    (with ``_DENSE_GAP`` 3) uneven gaps: three close lengths, then a pair, then a length that joins
+    the one before."""
     g = torch.Generator().manual_seed(7)
     return {
         "every+empty": Prefixes.every(n, torch.rand(n + 1, generator=g, dtype=torch.float64), include_empty=True),
@@ -58,14 +60,18 @@ def dense_prefix_sets(n: int, block: int) -> dict[str, Prefixes]:
         "inside-one-block": Prefixes([block + 1, block + 3]),
         "edge-only": Prefixes([2 * block]),
         "empty-only": Prefixes([0]),
+        "uneven-gaps": Prefixes([1, 2, 3, 6, 7, 11, 13], [1.0, 0.5, 2.0, 1.5, 1.0, 0.7, 1.2]),
     }
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("detach", DETACH)
 def test_dense_scan_across_latent_blocks(monkeypatch, detach, bias):
-    """Blocks of 4 latents over n = 13 (the last one short), with and without ``b_dec``."""
+    """Blocks of 4 latents over n = 13 (the last one short), a length 3 past the one before in a
+    block of its own, with and without ``b_dec``."""
     monkeypatch.setattr(torch_scan, "_DENSE_BLOCK", 4)
+    monkeypatch.setattr(torch_scan, "_DENSE_GAP", 3)
+    assert torch_scan._dense_blocks((1, 2, 3, 6, 7, 11, 13)) == ((1, 0, (0, 1, 2)), (6, 3, (0, 1)), (11, 5, (0, 2)))
     p = make_problem(6, 7, 13, 9, torch.float64, pad_fraction=0.2, bias=bias, seed=4)
     for name, prefixes in dense_prefix_sets(p.n, 4).items():
         got = run_loss(p, prefixes, "torch", dense=True, detach=detach)
@@ -74,6 +80,18 @@ def test_dense_scan_across_latent_blocks(monkeypatch, detach, bias):
             assert_matches(got, want, torch.float64)
         except AssertionError as e:
             raise AssertionError(f"prefixes={name}: {e}") from None
+
+
+def test_dense_block_plan(monkeypatch):
+    """A block takes the next lengths while each is less than ``_DENSE_GAP`` past the one before and
+    less than ``_DENSE_BLOCK`` past the block's start; ``(start, index of its first length, offsets)``."""
+    monkeypatch.setattr(torch_scan, "_DENSE_BLOCK", 128)
+    monkeypatch.setattr(torch_scan, "_DENSE_GAP", 32)
+    assert torch_scan._dense_blocks((0, 1, 2, 33, 65, 72, 73, 200, 327, 328, 400)) == (
+        (0, 0, (0, 1, 2, 33)), (65, 4, (0, 7, 8)), (200, 7, (0,)), (327, 8, (0, 1)), (400, 10, (0,)))
+    every = torch_scan._dense_blocks(tuple(range(301)))
+    assert [(start, first, offsets[-1]) for start, first, offsets in every] == [(0, 0, 127), (128, 128, 127), (256, 256, 44)]
+    assert torch_scan._dense_blocks((5, 36, 67, 98, 129, 133)) == ((5, 0, (0, 31, 62, 93, 124)), (133, 5, (0,)))
 
 
 @pytest.mark.parametrize("rescale", [False, True], ids=["", "rescaled"])
