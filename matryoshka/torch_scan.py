@@ -45,7 +45,13 @@ _BLOCK_ELEMENTS = 1 << 15  # rows x d per block: 128 KiB of float32 residual, L2
 # The dense scan's latent blocks (``_dense_blocks``): at most ``_DENSE_BLOCK`` latents wide, and a
 # length ``_DENSE_GAP`` or more latents past the one before starts a block of its own.  A block
 # pays Gram-form products over its whole width, a block of its own one norm and a few small ops.
-# Chosen by ``python -m benchmarks.dense_blocks`` (figures in the README's "Dense PyTorch scan").
+# Chosen by ``python -m benchmarks.dense_blocks --B 256 1024 --d 256 768`` on the 2-core Intel Xeon
+# development CPU (1 thread, fp32, n = 4096, lengths 1..64 latents apart; results in
+# benchmarks/results/dense_blocks_cpu-*.md): within 4% of the best of 9 plans (widths 64, 128, 256 x
+# gaps 16, 32, none) in 18 of 20 cells, 12% and 10% off in two (lengths 16 apart; the 10% is noise:
+# an identical plan under another name).  The previous plan (256 wide, no gap) took 1.02-2.24x as
+# long, but for 0.94 and 0.98x in two cells at B = 1024, d = 768 (every latent: 75.8 -> 61.7 ms at
+# B = d = 256; lengths 64 apart: 47.3 -> 21.3 ms).
 _DENSE_BLOCK = 128
 _DENSE_GAP = 32
 
