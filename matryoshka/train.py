@@ -32,6 +32,10 @@ loss cannot revive a latent whose pre-activation is negative on every input.
 cosine with another latent's decoder row (after OrtSAE; :mod:`matryoshka.orthogonality`), within
 random chunks of ``orthogonality_chunk`` latents (one exact chunk when ``n`` is smaller).
 
+``code_spread_coeff = λ > 0`` adds ``λ`` times the batch's code-spread penalty, the mean over latents
+of the squared coefficient of variation of their positive codes (:mod:`matryoshka.code_spread`: a
+probe of the toys' rotated pairs, not a recipe for real data); one process only.
+
 Every random draw (data, prefixes, initialisation) comes from seeded generators: a run is
 deterministic on the CPU.  Metrics are read back every ``log_every`` steps only, so the step loop
 does no per-step host work beyond Python itself.  For toy-sized models on the CPU, call
@@ -88,6 +92,7 @@ from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint
 from .distributed import Ranks, data_parallel
 from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
+from .code_spread import code_spread_penalty
 from .orthogonality import DEFAULT_CHUNK, penalty_at_step
 from .prefixes import Prefixes
 from .resampling import resample_dead_latents_
@@ -247,6 +252,9 @@ class TrainConfig:
     ``orthogonality_coeff``: the weight γ of the decoder orthogonality penalty (0: off; see
     :mod:`matryoshka.orthogonality`); ``orthogonality_chunk``: the most latents compared with each
     other per step (chunks are redrawn every step; ``n`` or more: every pair, exactly).
+    ``code_spread_coeff``: the weight λ of the code-spread penalty (0: off; see
+    :mod:`matryoshka.code_spread`); a per-batch statistic, so not with data-parallel training.
+    ``code_spread_start``: the share of the steps before it applies (0: from the first step).
     """
 
     steps: int = 40_000
@@ -282,6 +290,8 @@ class TrainConfig:
     sparsity_weighting: str = "uniform"
     orthogonality_coeff: float = 0.0
     orthogonality_chunk: int = DEFAULT_CHUNK
+    code_spread_coeff: float = 0.0
+    code_spread_start: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse, naming the field, a setting that would fail mid-run with an unrelated error
@@ -318,6 +328,10 @@ class TrainConfig:
             ("orthogonality_coeff", is_finite_number(self.orthogonality_coeff) and self.orthogonality_coeff >= 0,
              "a finite number >= 0 (0: off)"),
             ("orthogonality_chunk", is_count(self.orthogonality_chunk, 2), "an integer >= 2"),
+            ("code_spread_coeff", is_finite_number(self.code_spread_coeff) and self.code_spread_coeff >= 0,
+             "a finite number >= 0 (0: off)"),
+            ("code_spread_start", is_finite_number(self.code_spread_start) and 0 <= self.code_spread_start <= 1,
+             "a number in [0, 1]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -328,7 +342,8 @@ class TrainConfig:
 # so that checkpoints written before them still resume.
 _LATER_FIELDS = {"detach": False, "balance_beta": None, "balance_normalise": False, "resort_by": "energy",
                  "sparsity_weighting": "uniform", "orthogonality_coeff": 0.0,
-                 "orthogonality_chunk": DEFAULT_CHUNK, "resample_every": 0}
+                 "orthogonality_chunk": DEFAULT_CHUNK, "resample_every": 0, "code_spread_coeff": 0.0,
+                 "code_spread_start": 0.0}
 
 
 @dataclass
@@ -634,6 +649,10 @@ def train(
     if config.sparsity_weighting != "uniform" and sae.config.activation not in ("relu", "jumprelu"):
         raise ValueError(f"sparsity_weighting={config.sparsity_weighting!r} weighs the sparsity penalty, but "
                          f"{sae.config.activation!r} SAEs have none (TopK/BatchTopK fix L0 by k): use 'uniform'")
+    if config.code_spread_coeff and ranks is not None:
+        raise ValueError(f"TrainConfig.code_spread_coeff={config.code_spread_coeff} is a per-batch statistic: "
+                         f"data-parallel training ({ranks.size} ranks) would compute it per rank; train in one "
+                         f"process or set it to 0")
     schedule = PrefixSchedule(config.prefix_mode, n, config.num_sampled, config.group_widths,
                               torch.Generator().manual_seed(config.seed + 1), config.every_weights,
                               config.balance_beta, config.balance_normalise)
@@ -678,6 +697,7 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
     no_aux = torch.zeros((), device=device)
     by_prefix = config.sparsity_weighting == "prefix"
     resample_until = config.steps - max(1, round(config.cooldown_frac * config.steps))  # the cool-down's start
+    spread_from = round(config.code_spread_start * config.steps)
     weighted_prefixes, latent_weights = None, None
     chunk_steps = config.data_chunk_steps
     chunk = None
@@ -707,6 +727,8 @@ def _steps(run: _Run, model: torch.nn.Module, sample: Callable[[int, torch.Gener
             loss = loss + log_coeff.exp() * sae.sparsity_penalty(out, latent_weights)
         if config.orthogonality_coeff:
             loss = loss + config.orthogonality_coeff * _orthogonality(sae, config, step)
+        if config.code_spread_coeff and step >= spread_from:
+            loss = loss + config.code_spread_coeff * code_spread_penalty(out.acts, sae.config.n)
         aux = no_aux
         if sparse_kind:
             aux = sae.auxk_loss(x, out, stats.since_fired >= config.dead_after, config.aux_k)

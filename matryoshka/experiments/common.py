@@ -20,6 +20,10 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   squared activation.
 * any of these with a suffix ``-orth<γ>`` (e.g. ``every-orth1``, ``vanilla-freq-orth0.1``): the
   decoder orthogonality penalty with weight γ (``TrainConfig(orthogonality_coeff=γ)``).
+* any of these with a suffix ``-cv<λ>`` (e.g. ``every-b0.2-cv1``): the code-spread penalty with weight
+  λ (``TrainConfig(code_spread_coeff=λ)``, :mod:`matryoshka.code_spread`); ``-cvfrom<f>`` (e.g.
+  ``every-b0.2-cv0.3-cvfrom0.5``): only from the share ``f`` of the steps on
+  (``TrainConfig(code_spread_start=f)``).
 * any of these with a ``-jumprelu`` suffix (e.g. ``every-b0.2-jumprelu``, ``every-jumprelu-orth3``):
   a JumpReLU SAE instead of a ReLU one, its L0 penalty adapted to the toy's true L0 as the L1 is
   (:func:`study_activation`): an L0 instead of an L1 sparsity term, the rest of the recipe unchanged.
@@ -83,21 +87,26 @@ _MODE = re.compile(rf"^(every|every-uniform|balanced)-b{_NUMBER}(-norm)?$")
 RESAMPLE_EVERY = 100  # the -resample suffix: steps between checks for dead latents (as often as re-sorting)
 
 
-def _fraction(text: str) -> float:
-    """The number of a ``-cool<f>`` suffix, refused unless in [0, 1]."""
-    value = float(text)
-    if value > 1:
-        raise ValueError(f"study-mode suffix -cool<f>: f is the share of the steps in the learning-rate cool-down, "
-                         f"a number in [0, 1], got {text}")
-    return value
+def _fraction(suffix: str, meaning: str) -> Callable[[str], float]:
+    """The number of a ``-<suffix><f>`` study-mode suffix, refused unless in [0, 1]."""
+    def convert(text: str) -> float:
+        value = float(text)
+        if value > 1:
+            raise ValueError(f"study-mode suffix -{suffix}<f>: f is {meaning}, a number in [0, 1], got {text}")
+        return value
+    return convert
 
 
 # Study-mode suffixes that set one trainer setting, to the number they end with ...
 _NUMBER_SUFFIXES = (
     (re.compile(rf"^(.+)-orth{_NUMBER}$"), "orthogonality_coeff", float),  # the decoder orthogonality penalty γ
+    (re.compile(rf"^(.+)-cv{_NUMBER}$"), "code_spread_coeff", float),  # the code-spread penalty λ
+    (re.compile(rf"^(.+)-cvfrom{_NUMBER}$"), "code_spread_start",
+     _fraction("cvfrom", "the share of the steps before the code-spread penalty applies")),
     (re.compile(r"^(.+)-dead([0-9]+)$"), "dead_after", int),  # silent steps before a latent counts as dead
     (re.compile(r"^(.+)-auxk([0-9]+)$"), "aux_k", int),  # dead latents decoded per row by the TopK dead-latent loss
-    (re.compile(rf"^(.+)-cool{_NUMBER}$"), "cooldown_frac", _fraction),  # share of the steps in the LR cool-down
+    (re.compile(rf"^(.+)-cool{_NUMBER}$"), "cooldown_frac",
+     _fraction("cool", "the share of the steps in the learning-rate cool-down")),
 )
 # ... or to a fixed value,
 _SETTING_SUFFIXES = {
@@ -160,7 +169,8 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
                          f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted), -dead<N> (dead "
                          f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss), -cool<f> (share of "
-                         f"the steps in the learning-rate cool-down) and "
+                         f"the steps in the learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of "
+                         f"the steps before it applies) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
