@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from matryoshka import SparseActs
-from matryoshka.code_spread import code_spread_penalty, rotated_pair_spread
+from matryoshka.code_spread import FLOOR, code_spread_penalty, rotated_pair_spread
 from matryoshka.experiments.common import study_mode
 from matryoshka.sae import SAEConfig, SparseAutoencoder
 from matryoshka.train import TrainConfig, train
@@ -27,6 +27,17 @@ def test_hand_made_codes():
     assert code_spread_penalty(acts[:, :1]).item() == 0.0
 
 
+def test_faint_codes_below_the_floor_are_not_counted():
+    """A code at or below ``FLOOR`` times the latent's largest in the batch is not a firing: no spread,
+    and no gradient on it; just above the floor it counts."""
+    faint = torch.tensor([[1.0], [1.0], [0.05], [0.0]], dtype=torch.float64, requires_grad=True)
+    penalty = code_spread_penalty(faint)
+    penalty.backward()
+    assert penalty.item() == 0.0 and faint.grad[2].item() == 0.0
+    above = torch.tensor([[1.0], [1.0], [1.01 * FLOOR]], dtype=torch.float64)
+    assert code_spread_penalty(above).item() > 0.1
+
+
 def test_no_latent_fires_twice_gives_zero_and_finite_gradients():
     acts = torch.tensor([[0.0, 1.5], [2.0, 0.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
     penalty = code_spread_penalty(acts)
@@ -35,12 +46,13 @@ def test_no_latent_fires_twice_gives_zero_and_finite_gradients():
 
 
 def test_sparse_codes_match_dense_ones():
-    """TopK-style codes with padding slots (index −1) and a zero value (not fired), against their
-    dense matrix: value and gradient."""
+    """TopK-style codes with padding slots (index −1), a zero value (not fired) and faint values
+    (below the floor), against their dense matrix: value and gradient."""
     g = torch.Generator().manual_seed(0)
     B, n, k = 9, 7, 3
     values = torch.rand(B, k, generator=g, dtype=torch.float64) + 0.1
     values[2, 1] = 0.0
+    values[3, 0] = values[5, 2] = 1e-3  # faint: below the floor
     indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
     indices[4, 2] = indices[6, 0] = -1
     sparse_values = values.clone().requires_grad_()
@@ -90,20 +102,33 @@ def test_gradient_against_finite_differences():
     assert torch.autograd.gradcheck(penalty, (codes,))
 
 
-def test_trainer_adds_the_penalty_and_checks_its_weight():
-    """The penalty's weight is checked, reaches the loss (a run with it ends elsewhere than one
-    without, from the same seed), and the study-mode suffix sets it."""
+def _tiny_run(**settings) -> torch.Tensor:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d=D, n=N, activation="relu"))
+    config = TrainConfig(steps=30, batch_size=16, prefix_mode="every", target_l0=2.0, log_every=10, progress=False,
+                         **settings)
+    train(sae, sample, config)
+    return sae.W_dec.detach().clone()
+
+
+def test_trainer_adds_the_penalty_from_its_start_and_checks_its_settings():
+    """The weight and start are checked; the penalty reaches the loss (a run with it ends elsewhere
+    than one without, from the same seed), from its start on (start 1: never, the plain run bit for
+    bit; start 0.5: elsewhere again); the study-mode suffixes set both."""
     with pytest.raises(ValueError, match="TrainConfig.code_spread_coeff must be a finite number >= 0"):
         TrainConfig(code_spread_coeff=-1.0)
+    with pytest.raises(ValueError, match=r"TrainConfig.code_spread_start must be a number in \[0, 1\]"):
+        TrainConfig(code_spread_start=1.5)
     torch.set_num_threads(1)
-    finals = []
-    for coeff in (0.0, 1.0):
-        torch.manual_seed(0)
-        sae = SparseAutoencoder(SAEConfig(d=D, n=N, activation="relu"))
-        config = TrainConfig(steps=30, batch_size=16, prefix_mode="every", target_l0=2.0, log_every=10,
-                             progress=False, code_spread_coeff=coeff)
-        result = train(sae, sample, config)
-        finals.append((sae.W_dec.detach().clone(), result.history[-1]["loss"]))
-    assert not torch.equal(finals[0][0], finals[1][0])
-    assert study_mode("every-b0.2-cv1-orth3") == ("every", {"balance_beta": 0.2, "balance_normalise": False,
-                                                            "code_spread_coeff": 1.0, "orthogonality_coeff": 3.0})
+    plain, always, never, later = (_tiny_run(), _tiny_run(code_spread_coeff=1.0),
+                                   _tiny_run(code_spread_coeff=1.0, code_spread_start=1.0),
+                                   _tiny_run(code_spread_coeff=1.0, code_spread_start=0.5))
+    assert torch.equal(plain, never)
+    assert not torch.equal(plain, always) and not torch.equal(plain, later) and not torch.equal(always, later)
+    assert study_mode("every-b0.2-cv1-cvfrom0.5-orth3") == ("every", {
+        "balance_beta": 0.2, "balance_normalise": False, "code_spread_coeff": 1.0, "code_spread_start": 0.5,
+        "orthogonality_coeff": 3.0})
+    with pytest.raises(ValueError, match="-cvfrom<f>: f is the share of the steps before the code-spread penalty"):
+        study_mode("every-cv1-cvfrom1.5")
+    with pytest.raises(ValueError, match="-cool<f>: f is the share of the steps in the learning-rate cool-down"):
+        study_mode("every-cool2")
