@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from matryoshka import torch_scan
 
 from .baselines import dense_decode_loss
-from .harness import DTYPES, REPO, device_slug, environment, median_time
+from .harness import DTYPES, REPO, device_slug, environment, median_time, write_results
 
 NEVER = 0  # a --gaps value: lengths are never put in a block of their own for being far apart
 
@@ -181,10 +180,7 @@ def main(argv=None) -> int:
     doc = run(args)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"dense_blocks_{device_slug(torch.device(args.device))}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
-    text = markdown(doc)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(stem, doc, markdown(doc))
     return 0
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import os
 import sys
 import time
@@ -64,7 +63,8 @@ from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
 from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find, find_ok, git_output,
-                      make_input_sets, paired_ratio, ratio, read_timers, start_timer, stop_timer, summarize)
+                      make_input_sets, paired_ratio, ratio, read_timers, start_timer, stop_timer, summarize,
+                      write_json, write_results)
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -552,14 +552,11 @@ def main(argv=None) -> int:
         print(f"k={cfg['k']} {cfg['dtype']} {part}: {medians} ({time.perf_counter() - unit_start:.1f} s)", flush=True)
         doc["ratios"] = ratios(doc["records"], device.type)
         doc["wall_s"] = time.perf_counter() - started
-        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))  # a killed run keeps its units
+        write_json(stem, doc)  # a killed run keeps its units
     doc["ratios"] = ratios(doc["records"], device.type)
     doc["flex_ran"] = flex_ran_note(doc["records"], doc["parity"], interpreted)
     doc["wall_s"] = time.perf_counter() - started
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
-    md = markdown(doc)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(stem, doc, markdown(doc))
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}; {doc['wall_s']:.0f} s")
     failed_checks = [c for c in doc["parity"] if not c["ok"]]
     errors = [r for r in doc["records"] if r["status"] == "error"]

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -43,6 +44,20 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 # ------------------------------------------------------------------------------------ environment
+def write_json(stem: Path, doc: dict) -> Path:
+    """Write the results document ``doc`` to ``stem``.json (what JSON cannot hold, as its ``str``)."""
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    return path
+
+
+def write_results(stem: Path, doc: dict, text: str) -> None:
+    """Write ``doc`` to ``stem``.json and its markdown ``text`` to ``stem``.md, and print the text."""
+    write_json(stem, doc)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

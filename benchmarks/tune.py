@@ -34,7 +34,6 @@ registers and spills, so that a GPU session meets no candidate that fails to com
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -54,7 +53,7 @@ from matryoshka.scan_layout import SortedActs
 from .baselines import sparse_floor_loss
 from .checks import rel_err
 from .harness import (DTYPES, describe_error, device_slug, environment, make_input_sets, median_time, read_timers,
-                      start_timer, stop_timer)
+                      start_timer, stop_timer, write_results)
 
 # (block_d, num_warps) pairs from 1 to 8 elements per thread, the default (1024, 4) first.
 PAIRS = [(1024, 4), (1024, 8), (512, 2), (512, 4), (512, 8), (256, 1), (256, 2), (256, 4)]
@@ -457,10 +456,7 @@ def run_tuner(p: argparse.ArgumentParser, args, argv, name: str, tune_one: Calla
     doc["wall_s"] = time.time() - start
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"{name}_{'dry_' if args.dry_run else ''}{device_slug(device)}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
-    text = markdown(doc)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(stem, doc, markdown(doc))
     failed = [r for records in doc["by_dtype"].values() for r in records if not math.isfinite(r["score_s"])]
     return 1 if failed or not doc["by_dtype"] else 0
 
