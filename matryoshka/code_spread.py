@@ -26,9 +26,10 @@ the true pair has ``V = 0`` and the rotated pair's first latent
     V_rot = ((1 - q)/s + q s) / ((1 - q)/√s + q √s)^2 - 1,   s = 1 + r²
 
 (0.111 at q = 1/2, r = 1; every firing counted while ``1/s > FLOOR``, i.e. r < 3), so this
-penalty is the prior "a latent fires at one magnitude" that the objective lacks.  It cannot see absorption (the absorbed pair's latents each fire at one magnitude
-too) and on real data, where a feature's magnitude varies, it has no claim to truth: it is a probe
-of the toys' explanation, not a recipe.
+penalty is the prior "a latent fires at one magnitude" that the objective lacks.  It cannot see
+absorption (the absorbed pair's latents each fire at one magnitude too) and on real data, where a
+feature's magnitude varies, it has no claim to truth: it is a probe of the toys' explanation, not a
+recipe.  A latent escapes it by firing on fewer than two rows: the penalty pays a latent to die.
 """
 
 from __future__ import annotations

@@ -89,10 +89,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable, latest, load_checkpoint, prune, remove_partial, save_checkpoint
+from .code_spread import code_spread_penalty
 from .distributed import Ranks, data_parallel
 from .host_copies import to_device
 from .inclusion import every_prefix_weights, sampled_inclusion_probabilities
-from .code_spread import code_spread_penalty
 from .orthogonality import DEFAULT_CHUNK, penalty_at_step
 from .prefixes import Prefixes
 from .resampling import resample_dead_latents_
