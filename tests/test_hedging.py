@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from matryoshka.experiments import child_magnitude, hedging
-from matryoshka.experiments.common import RESAMPLE_EVERY, fmt, study_activation, study_mode, summarize
+import torch
+
+from matryoshka.experiments.common import (RESAMPLE_EVERY, RunSpec, fmt, study_activation, study_init, study_mode,
+                                          summarize)
+from matryoshka.toy import ToyModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +53,10 @@ def test_study_modes_parse():
     assert study_mode("every-auxk192") == ("every", {"aux_k": 192})
     assert study_mode("vanilla-batchtopk-resample-auxk64-dead300") == (
         "vanilla", {"resample_every": RESAMPLE_EVERY, "aux_k": 64, "dead_after": 300})
+    # -fromtruth sets the SAE's start, wherever it sits in the chain, and nothing else
+    assert study_mode("every-b0.2-fromtruth-orth3") == study_mode("every-b0.2-orth3")
+    assert study_init("every-b0.2-fromtruth-orth3") == study_init("vanilla-batchtopk-fromtruth") == "truth"
+    assert study_activation("every-fromtruth-batchtopk") == "batchtopk" and study_init("every-b0.2-orth3") == "random"
     assert study_mode("every-cool0") == ("every", {"cooldown_frac": 0.0})
     assert study_mode("vanilla-auxk64-cool0.5") == ("vanilla", {"aux_k": 64, "cooldown_frac": 0.5})
     with pytest.raises(ValueError, match="-cool<f>.*got 1.5"):
@@ -139,3 +147,19 @@ def test_phase_tiny_run(tmp_path, capsys):
     assert results["mode_settings"]["every-freq"][1] == {"resort_by": "frequency"}
     for name in ("phase_absorption.png", "phase_child_first.png", "phase_child_cos.png"):
         assert (tmp_path / name).stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("activation", ["", "-jumprelu", "-batchtopk"])
+def test_a_run_from_the_truth_starts_exact(activation):
+    """``-fromtruth``: the SAE starts at the toy's true dictionary, on which a ReLU or JumpReLU SAE
+    encodes and decodes samples exactly; without it the start is the seeded random one."""
+    spec = hedging.family_toy_spec("unequal")
+    toy = ToyModel(spec)
+    x, true_acts = toy.sample(512, torch.Generator().manual_seed(0))
+    truth = RunSpec(spec, f"every-b0.2{activation}-fromtruth-orth3", 0, 10).build_sae(toy).train()
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    assert torch.equal(truth.W_dec.detach(), unit)
+    if activation != "-batchtopk":  # BatchTopK keeps its budget of round(k B) codes, whatever the batch's L0
+        assert torch.allclose(truth(x).recon, x, atol=1e-5)
+    random = RunSpec(spec, f"every-b0.2{activation}-orth3", 0, 10).build_sae(toy)
+    assert not torch.allclose(random(x).recon, x, atol=1e-1)

@@ -29,6 +29,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
   (:func:`study_activation`): an L0 instead of an L1 sparsity term, the rest of the recipe unchanged.
   With ``-batchtopk``: a BatchTopK SAE keeping the toy's true L0 per row on average (``k``, a
   fractional one), so no sparsity term at all.
+* any of these with a ``-fromtruth`` suffix (e.g. ``every-b0.2-fromtruth-orth3``): the SAE starts at
+  the toy's true dictionary (decoder rows the true directions, encoder their transpose, zero
+  biases; :meth:`RunSpec.build_sae`) instead of a random one: does training keep what it did not find?
 * any of these with a ``-resample`` suffix (e.g. ``every-b0.2-batchtopk-resample-orth3``): latents
   silent for ``dead_after`` steps restarted on the worst-reconstructed inputs, checked every
   :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`);
@@ -73,7 +76,7 @@ from ..train import TrainConfig, every_prefix_weights, train
 from .run_cache import RunCache
 
 __all__ = [
-    "study_mode", "study_activation", "check_study_mode", "BASE_MODES", "RESAMPLE_EVERY",
+    "study_mode", "study_activation", "study_init", "check_study_mode", "BASE_MODES", "RESAMPLE_EVERY",
     "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
     "format_table", "write_json", "RUN_CACHE",
     "write_outputs",
@@ -114,8 +117,10 @@ _SETTING_SUFFIXES = {
     "-resample": ("resample_every", RESAMPLE_EVERY),  # dead latents restarted on the worst-reconstructed inputs
     "-pp": ("sparsity_weighting", "prefix"),  # the sparsity penalty weighted like the prefixes
 }
-# and the suffixes that pick the SAE's activation (ReLU without one), no trainer setting.
-_ACTIVATION_SUFFIXES = {"-jumprelu": "jumprelu", "-batchtopk": "batchtopk"}
+# and the suffixes that set up the SAE, no trainer setting: its activation (ReLU without one) and
+# its start (random without one).
+_SAE_SUFFIXES = {"-jumprelu": ("activation", "jumprelu"), "-batchtopk": ("activation", "batchtopk"),
+                 "-fromtruth": ("init", "truth")}
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -127,26 +132,32 @@ def study_mode(name: str) -> tuple[str, dict]:
 def study_activation(name: str) -> str:
     """The SAE activation of a study mode: ``"jumprelu"`` / ``"batchtopk"`` with a ``-jumprelu`` /
     ``-batchtopk`` suffix (anywhere in the chain of suffixes), else ``"relu"``."""
-    return _parse_study_mode(name)[2]
+    return _parse_study_mode(name)[2].get("activation", "relu")
 
 
-def _parse_study_mode(name: str) -> tuple[str, dict, str]:
-    """``(prefix_mode, TrainConfig overrides, SAE activation)``: the suffixes peeled off one by one,
+def study_init(name: str) -> str:
+    """Where a study mode's SAE starts: ``"truth"`` with a ``-fromtruth`` suffix (the toy's true
+    directions, :meth:`RunSpec.build_sae`), else ``"random"``."""
+    return _parse_study_mode(name)[2].get("init", "random")
+
+
+def _parse_study_mode(name: str) -> tuple[str, dict, dict]:
+    """``(prefix_mode, TrainConfig overrides, SAE settings)``: the suffixes peeled off one by one,
     then the base mode (:func:`_base_mode`)."""
     for pattern, key, convert in _NUMBER_SUFFIXES:
         match = pattern.match(name)
         if match is not None:
-            prefix_mode, overrides, activation = _parse_study_mode(match.group(1))
-            return prefix_mode, {**overrides, key: convert(match.group(2))}, activation
+            prefix_mode, overrides, sae = _parse_study_mode(match.group(1))
+            return prefix_mode, {**overrides, key: convert(match.group(2))}, sae
     for suffix, (key, value) in _SETTING_SUFFIXES.items():
         if name.endswith(suffix):
-            prefix_mode, overrides, activation = _parse_study_mode(name[: -len(suffix)])
-            return prefix_mode, {**overrides, key: value}, activation
-    for suffix, kind in _ACTIVATION_SUFFIXES.items():
+            prefix_mode, overrides, sae = _parse_study_mode(name[: -len(suffix)])
+            return prefix_mode, {**overrides, key: value}, sae
+    for suffix, (key, value) in _SAE_SUFFIXES.items():
         if name.endswith(suffix):
-            prefix_mode, overrides, _ = _parse_study_mode(name[: -len(suffix)])
-            return prefix_mode, overrides, kind
-    return (*_base_mode(name), "relu")
+            prefix_mode, overrides, sae = _parse_study_mode(name[: -len(suffix)])
+            return prefix_mode, overrides, {**sae, key: value}
+    return (*_base_mode(name), {})
 
 
 def _base_mode(name: str) -> tuple[str, dict]:
@@ -167,7 +178,7 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
-                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -resample (dead latents restarted), -dead<N> (dead "
+                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -fromtruth (start at the true features), -resample (dead latents restarted), -dead<N> (dead "
                          f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss), -cool<f> (share of "
                          f"the steps in the learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of "
                          f"the steps before it applies) and "
@@ -217,6 +228,18 @@ class RunSpec:
         return SAEConfig(d=toy.d, n=toy.num_features, activation=activation,
                          k=toy.expected_l0() if activation == "batchtopk" else None)
 
+    def build_sae(self, toy: ToyModel) -> SparseAutoencoder:
+        """The SAE this run trains: seeded random, or (a ``-fromtruth`` mode) the toy's true
+        dictionary: unit decoder rows along the true directions, the encoder their transpose, zero
+        biases.  The directions being orthogonal, a ReLU or JumpReLU SAE there encodes and decodes
+        every sample exactly."""
+        sae = SparseAutoencoder(self.sae_config(toy), generator=torch.Generator().manual_seed(10_000 + self.seed))
+        if study_init(self.mode) == "truth":
+            with torch.no_grad():
+                sae.W_dec.copy_(toy.directions / toy.directions.norm(dim=1, keepdim=True))
+                sae.W_enc.copy_(sae.W_dec.T)
+        return sae
+
     def train_config(self, toy: ToyModel) -> TrainConfig:
         prefix_mode, mode_settings = study_mode(self.mode)
         recipe = dict(
@@ -260,7 +283,7 @@ def run_one(spec: RunSpec) -> dict:
     try:
         toy = ToyModel(spec.toy_spec)
         n = toy.num_features
-        sae = SparseAutoencoder(spec.sae_config(toy), generator=torch.Generator().manual_seed(10_000 + spec.seed))
+        sae = spec.build_sae(toy)
         config = spec.train_config(toy)
         tracker = _Tracker(toy)
         train(sae, lambda rows, g: toy.sample(rows, g)[0], config, callback=tracker)

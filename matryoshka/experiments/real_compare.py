@@ -59,7 +59,7 @@ from ..sae import SAEConfig, SparseAutoencoder
 from ..sparse_acts import SparseActs
 from ..train import TrainConfig, train
 from ..train_files import eval_lengths, heldout_fvu
-from .common import (RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_mode,
+from .common import (RUN_CACHE, ci95_half_width, format_table, run_many, study_activation, study_init, study_mode,
                      write_outputs)
 from .plots import _save, mode_colors, plt
 
@@ -234,7 +234,10 @@ def nearest_live_cosine(W_dec: np.ndarray, alive: np.ndarray) -> np.ndarray:
 
 def _activation(mode: str) -> str:
     """The SAE activation of a study mode here: TopK, or BatchTopK with a ``-batchtopk`` suffix (both
-    with the study's k); ValueError for a mode that asks for another activation."""
+    with the study's k); ValueError for a mode that asks for another activation or for a start at the
+    true features (a toy's; real activations have none)."""
+    if study_init(mode) != "random":
+        raise ValueError(f"mode {mode!r}: -fromtruth starts an SAE at a toy's true features; real activations have none")
     activation = study_activation(mode)
     if activation not in ("relu", "batchtopk"):  # ("relu": no activation suffix, the toy studies' default)
         raise ValueError(f"real-compare trains TopK SAEs (BatchTopK with -batchtopk); mode {mode!r} asks for "
