@@ -57,6 +57,9 @@ def test_study_modes_parse():
     assert study_mode("every-b0.2-fromtruth-orth3") == study_mode("every-b0.2-orth3")
     assert study_init("every-b0.2-fromtruth-orth3") == study_init("vanilla-batchtopk-fromtruth") == "truth"
     assert study_activation("every-fromtruth-batchtopk") == "batchtopk" and study_init("every-b0.2-orth3") == "random"
+    assert study_mode("every-b0.2-fromtruth-coeff0.3")[1]["sparsity_coeff"] == 0.3
+    assert RunSpec(hedging.family_toy_spec("unequal"), "every-b0.2-coeff0.3-orth3", 0, 10).train_config(
+        ToyModel(hedging.family_toy_spec("unequal"))).sparsity_coeff == 0.3  # over the recipe's start
     assert study_mode("every-cool0") == ("every", {"cooldown_frac": 0.0})
     assert study_mode("vanilla-auxk64-cool0.5") == ("vanilla", {"aux_k": 64, "cooldown_frac": 0.5})
     with pytest.raises(ValueError, match="-cool<f>.*got 1.5"):

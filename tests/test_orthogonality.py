@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,16 @@ def test_study_on_one_family_toy_reports_each_seeds_outcome(tmp_path, capsys):
                     if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
         assert line.split()[-2] == f"{float(study.outcome(kept) == 'clean'):.2f}"  # best of all (2) seeds
     assert (tmp_path / "orthogonality_selection.png").stat().st_size > 10_000
+    # The training objective at the end: the loss's reconstruction term and the sparsity coefficient
+    # come from the same last read-out as the loss, and the table means them over the seeds.
+    for gamma in (0.0, 3.0):
+        seeds = payload["rows"][f"nabeshima|every-b0.1|{gamma:g}"]
+        assert all(0 < r["final_recon"] <= r["final_loss"] and r["final_sparsity_coeff"] > 0 for r in seeds)
+        line = next(line for line in payload["tables"]["nabeshima objective"].splitlines()
+                    if line.split()[:2] == ["every-b0.1", f"{gamma:g}"])
+        assert line.split()[2] == f"{np.mean([r['final_loss'] for r in seeds]):.4f}"
+        assert line.split()[5] == f"{np.mean([r['final_recon'] for r in seeds]):.4f}"
+    assert "the training objective at the end" in (tmp_path / "orthogonality_results.md").read_text()
     # Per child slot: absorption and rotated share, as hedging.per_child_slot summarises the seeds.
     per_child = payload["tables"]["nabeshima per child"]
     assert per_child in printed and "per child: absorbed and rotated pairs" in printed

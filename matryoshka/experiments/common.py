@@ -40,6 +40,8 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 * any of these with a suffix ``-auxk<N>`` (e.g. ``every-auxk192``): the TopK/BatchTopK dead-latent
   loss decodes the ``N`` largest dead pre-activations per row instead of the trainer's 16
   (``TrainConfig(aux_k=N)``).
+* any of these with a suffix ``-coeff<c>`` (e.g. ``every-b0.2-fromtruth-coeff0.3``): the adaptive
+  sparsity coefficient starts at ``c`` instead of the recipe's 1e-3 (``TrainConfig(sparsity_coeff=c)``).
 * any of these with a suffix ``-cool<f>`` (e.g. ``every-cool0``): the last share ``f`` of the steps
   in the learning-rate cool-down instead of the trainer's 0.2 (``TrainConfig(cooldown_frac=f)``;
   0: a constant rate to the end).
@@ -106,6 +108,7 @@ _NUMBER_SUFFIXES = (
     (re.compile(rf"^(.+)-cv{_NUMBER}$"), "code_spread_coeff", float),  # the code-spread penalty λ
     (re.compile(rf"^(.+)-cvfrom{_NUMBER}$"), "code_spread_start",
      _fraction("cvfrom", "the share of the steps before the code-spread penalty applies")),
+    (re.compile(rf"^(.+)-coeff{_NUMBER}$"), "sparsity_coeff", float),  # where the adaptive sparsity coefficient starts
     (re.compile(r"^(.+)-dead([0-9]+)$"), "dead_after", int),  # silent steps before a latent counts as dead
     (re.compile(r"^(.+)-auxk([0-9]+)$"), "aux_k", int),  # dead latents decoded per row by the TopK dead-latent loss
     (re.compile(rf"^(.+)-cool{_NUMBER}$"), "cooldown_frac",
@@ -181,7 +184,7 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"-batchtopk (a JumpReLU or BatchTopK SAE), -fromtruth (start at the true features), -resample (dead latents restarted), -dead<N> (dead "
                          f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss), -cool<f> (share of "
                          f"the steps in the learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of "
-                         f"the steps before it applies) and "
+                         f"the steps before it applies), -coeff<c> (the sparsity coefficient's start) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
@@ -244,13 +247,13 @@ class RunSpec:
         prefix_mode, mode_settings = study_mode(self.mode)
         recipe = dict(
             steps=self.steps, batch_size=200, lr=3e-2, betas=(0.5, 0.9375), clip_norm=1.0,
-            prefix_mode=prefix_mode, **mode_settings, num_sampled=self.num_sampled, target_l0=toy.expected_l0(),
+            prefix_mode=prefix_mode, num_sampled=self.num_sampled, target_l0=toy.expected_l0(),
             # Start with a weak L1 and let the adaptive rule raise it: a strong start kills
             # latents before the coefficient settles, and dead ReLU latents never recover.
             sparsity_coeff=1e-3, resort_every=100, log_every=self.log_every, seed=self.seed,
             progress=False,
         )
-        return TrainConfig(**{**recipe, **self.train_overrides})
+        return TrainConfig(**{**recipe, **mode_settings, **self.train_overrides})
 
 
 class _Tracker:

@@ -100,7 +100,11 @@ def _family_scalars(result: dict, toy: ToyModel) -> dict:
     row["clean"] = float(outcome(row) == "clean")
     # What a user sees without the true features: the mean training loss of the last read-out
     # interval (reconstruction, sparsity and orthogonality terms, as the run optimised them).
-    row["final_loss"] = result["history"][-1]["loss"]
+    last = result["history"][-1]
+    row["final_loss"] = last["loss"]
+    # Its parts: the prefixes' reconstruction term, and the adaptive sparsity coefficient it ended at
+    # (runs that end at different coefficients optimised different objectives).
+    row["final_recon"], row["final_sparsity_coeff"] = last["recon"], last["sparsity_coeff"]
     return row
 
 
@@ -228,6 +232,11 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
                 print(f"\n{name} toy, keeping the seed with the lowest final training loss\n{selection}")
                 md += [f"### {name} toy, keeping the seed with the lowest final training loss\n", _SELECTION_NOTE,
                        "```", selection, "```\n"]
+            if all("final_recon" in r for _, _, seeds_ in cells for r in seeds_):  # (results of older code lack it)
+                tables[f"{name} objective"] = objective = _objective_table(cells)
+                print(f"\n{name} toy, the training objective at the end\n{objective}")
+                md += [f"### {name} toy, the training objective at the end\n", _OBJECTIVE_NOTE, "```", objective,
+                       "```\n"]
 
     def per_base(name: str, key: str) -> dict[str, np.ndarray]:  # {base: (seeds, gammas)} for the figure
         return {b: np.array([[r[key] for r in rows[_key(name, b, g)]] for g in gammas], dtype=float).T
@@ -365,6 +374,20 @@ _SELECTION_NOTE = ("Train k seeds and keep the one with the lowest final trainin
                    "exactly over all draws of k of the seeds (`best of 1` is the clean share). `AUC`: the chance "
                    "that a clean seed's final loss is below an unclean one's (ties count half; – without both "
                    "kinds).\n")
+
+
+_OBJECTIVE_NOTE = ("The last read-out interval's mean training loss, its reconstruction term (the prefixes' weighted "
+                   "loss), the adaptive sparsity coefficient it ended at, and the L0 it ended at (the coefficient "
+                   "adapts until L0 meets the toy's): mean ± 95% CI over seeds.\n")
+
+
+def _objective_table(cells: list[tuple[str, float, list[dict]]]) -> str:
+    """Per ``(base, gamma, per-seed rows)``: the final training loss, its reconstruction term, the
+    sparsity coefficient and the L0 (mean ± 95% CI over seeds)."""
+    keys = ("final_loss", "final_recon", "final_sparsity_coeff", "l0")
+    table = [[base, f"{gamma:g}", *[fmt(summarize([r[key] for r in seeds]), 4) for key in keys]]
+             for base, gamma, seeds in cells]
+    return format_table(table, ["base", "gamma", "final loss", "reconstruction", "sparsity coeff", "L0"])
 
 
 def _losses_and_clean(seeds: list[dict]) -> tuple[list[float], list[bool]]:
