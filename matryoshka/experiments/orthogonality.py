@@ -19,8 +19,10 @@ runs at every γ of ``--gammas`` (γ = 0: the base mode itself) on
 Tables: mean ± 95% CI (Student t over seeds); one figure of each metric against γ.  On the family
 toys also the outcome of each seed (:func:`outcome`: clean, absorbed, dead latent or mixed; the clean
 share with its exact binomial interval) and what keeping the seed with the lowest final training
-loss gives (:func:`best_of_k_clean`), each with a figure, and each child slot's absorption and
-rotated share.  ``--toys`` picks the family toys, ``unequal-q<x>`` among them (the unequal toy with
+loss gives (:func:`best_of_k_clean`), each with a figure, each child slot's absorption and
+rotated share, and the training objective at the end (final loss, its reconstruction term, the
+adaptive sparsity coefficient and L0: runs ending at different coefficients optimised different
+objectives).  ``--toys`` picks the family toys, ``unequal-q<x>`` among them (the unequal toy with
 its most frequent child at x); with two or more unequal toys, a table and a figure set that child's
 rotated share and absorption against x, beside the closed form's thresholds
 (:func:`matryoshka.experiments.absorption_margins.rotated_margins`).  An empty ``--child-bases``
