@@ -64,7 +64,7 @@ from matryoshka.scan_layout import SortedActs
 from .checks import rel_err
 from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find, find_ok, git_output,
                       make_input_sets, paired_ratio, ratio, read_timers, start_timer, stop_timer, summarize,
-                      write_json, write_results)
+                      write_results_json, write_results)
 from .sae_step import TopKSAE, train_step_with
 
 REPO = Path(__file__).resolve().parent.parent
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
         print(f"k={cfg['k']} {cfg['dtype']} {part}: {medians} ({time.perf_counter() - unit_start:.1f} s)", flush=True)
         doc["ratios"] = ratios(doc["records"], device.type)
         doc["wall_s"] = time.perf_counter() - started
-        write_json(stem, doc)  # a killed run keeps its units
+        write_results_json(stem, doc)  # a killed run keeps its units
     doc["ratios"] = ratios(doc["records"], device.type)
     doc["flex_ran"] = flex_ran_note(doc["records"], doc["parity"], interpreted)
     doc["wall_s"] = time.perf_counter() - started

@@ -43,9 +43,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-# ------------------------------------------------------------------------------------ environment
-def write_json(stem: Path, doc: dict) -> Path:
-    """Write the results document ``doc`` to ``stem``.json (what JSON cannot hold, as its ``str``)."""
+# ---------------------------------------------------------------------------------- results files
+def write_results_json(stem: Path, doc: dict) -> Path:
+    """Write the results document ``doc`` to ``stem``.json (what JSON cannot hold, as its ``str``).
+    Not the studies' ``matryoshka.experiments.common.write_json``: that one refuses such values and
+    writes NaN as null."""
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(doc, indent=1, default=str))
     return path
@@ -53,11 +55,12 @@ def write_json(stem: Path, doc: dict) -> Path:
 
 def write_results(stem: Path, doc: dict, text: str) -> None:
     """Write ``doc`` to ``stem``.json and its markdown ``text`` to ``stem``.md, and print the text."""
-    write_json(stem, doc)
+    write_results_json(stem, doc)
     stem.with_suffix(".md").write_text(text)
     print(text)
 
 
+# ------------------------------------------------------------------------------------ environment
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

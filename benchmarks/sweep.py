@@ -55,7 +55,7 @@ from .harness import (
     stop_timer,
     summarize,
     time_call,
-    write_json,
+    write_results_json,
 )
 from .sae_step import VARIANTS, TopKSAE, make_train_step
 
@@ -572,10 +572,10 @@ def main(argv=None) -> dict:
             # Rewritten after every configuration, so that a killed run still leaves its results.
             doc["headline"] = headline(records, device.type)
             doc["wall_s"] = time.perf_counter() - started
-            write_json(stem, doc)
+            write_results_json(stem, doc)
     doc["headline"] = headline(records, device.type)
     doc["wall_s"] = time.perf_counter() - started
-    write_json(stem, doc)
+    write_results_json(stem, doc)
     write_csv(records, stem.with_suffix(".csv"))
     md = markdown(doc)
     pngs = plot(doc, stem) if any(r["kind"] == "loss" for r in records) else []

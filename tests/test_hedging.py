@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-
-from matryoshka.experiments import child_magnitude, hedging
 import torch
 
+from matryoshka.experiments import child_magnitude, hedging
 from matryoshka.experiments.common import (RESAMPLE_EVERY, RunSpec, fmt, study_activation, study_init, study_mode,
                                           summarize)
 from matryoshka.toy import ToyModel
@@ -158,7 +157,7 @@ def test_a_run_from_the_truth_starts_exact(activation):
     encodes and decodes samples exactly; without it the start is the seeded random one."""
     spec = hedging.family_toy_spec("unequal")
     toy = ToyModel(spec)
-    x, true_acts = toy.sample(512, torch.Generator().manual_seed(0))
+    x, _ = toy.sample(512, torch.Generator().manual_seed(0))
     truth = RunSpec(spec, f"every-b0.2{activation}-fromtruth-orth3", 0, 10).build_sae(toy).train()
     unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
     assert torch.equal(truth.W_dec.detach(), unit)

@@ -181,10 +181,11 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"detached, detached-uniform, groups-detached, every-b<beta>, every-uniform-b<beta>, "
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
-                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -fromtruth (start at the true features), -resample (dead latents restarted), -dead<N> (dead "
-                         f"after N silent steps), -auxk<N> (N dead latents in the dead-latent loss), -cool<f> (share of "
-                         f"the steps in the learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of "
-                         f"the steps before it applies), -coeff<c> (the sparsity coefficient's start) and "
+                         f"-batchtopk (a JumpReLU or BatchTopK SAE), -fromtruth (start at the true features), "
+                         f"-resample (dead latents restarted), -dead<N> (dead after N silent steps), -auxk<N> "
+                         f"(N dead latents in the dead-latent loss), -cool<f> (share of the steps in the "
+                         f"learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of the "
+                         f"steps before it applies), -coeff<c> (the sparsity coefficient's start) and "
                          f"-orth<gamma> (decoder orthogonality penalty), e.g. every-orth1")
     kind, beta, norm = match.groups()
     overrides = {"balance_beta": float(beta), "balance_normalise": norm is not None}
