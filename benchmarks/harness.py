@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from matryoshka import Prefixes, SparseActs
+from matryoshka.durable_files import replace_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,18 +46,24 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # ---------------------------------------------------------------------------------- results files
 def write_results_json(stem: Path, doc: dict) -> Path:
-    """Write the results document ``doc`` to ``stem``.json (what JSON cannot hold, as its ``str``).
-    Not the studies' ``matryoshka.experiments.common.write_json``: that one refuses such values and
-    writes NaN as null."""
+    """Write the results document ``doc`` to ``stem``.json (what JSON cannot hold, as its ``str``),
+    atomically: a sweep rewrites it after every configuration, and a kill mid-write must leave the
+    last whole file.  Not the studies' ``matryoshka.experiments.common.write_json``: that one
+    refuses such values and writes NaN as null."""
     path = stem.with_suffix(".json")
-    path.write_text(json.dumps(doc, indent=1, default=str))
+    replace_file(path, json.dumps(doc, indent=1, default=str).encode())
     return path
+
+
+def write_results_text(path: Path, text: str) -> None:
+    """Write a results text file (markdown, CSV) atomically."""
+    replace_file(path, text.encode())
 
 
 def write_results(stem: Path, doc: dict, text: str) -> None:
     """Write ``doc`` to ``stem``.json and its markdown ``text`` to ``stem``.md, and print the text."""
     write_results_json(stem, doc)
-    stem.with_suffix(".md").write_text(text)
+    write_results_text(stem.with_suffix(".md"), text)
     print(text)
 
 

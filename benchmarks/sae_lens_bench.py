@@ -26,14 +26,13 @@ Results (median of the repeats, quartiles, the environment) go to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize, time_call
+from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize, time_call, write_results
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET = 1.1  # the target: every-prefix fused step <= 1.1x the stock 5-group step
@@ -197,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"sae_lens_{device_slug(device)}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(stem, result, to_markdown(result))
     return result
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import sys
 import time
@@ -56,6 +57,7 @@ from .harness import (
     summarize,
     time_call,
     write_results_json,
+    write_results_text,
 )
 from .sae_step import VARIANTS, TopKSAE, make_train_step
 
@@ -457,14 +459,15 @@ def write_csv(records: list[dict], path: Path) -> None:
     keys = ["kind", "method", "label", "variant", "activation", "fused_backend", "g_kind", "G", "B", "d", "n", "k",
             "dtype", "status", "reason", "median_s", "q1_s", "q3_s", "min_s", "repeats", "peak_extra_bytes",
             "memory_method", "loss_value", "est_s", "est_extra_bytes", "input_sets", "times_s"]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            row = dict(r)
-            if "times_s" in row:
-                row["times_s"] = ";".join(f"{t:.6g}" for t in row["times_s"])
-            w.writerow(row)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in records:
+        row = dict(r)
+        if "times_s" in row:
+            row["times_s"] = ";".join(f"{t:.6g}" for t in row["times_s"])
+        w.writerow(row)
+    write_results_text(path, text.getvalue())
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -579,7 +582,7 @@ def main(argv=None) -> dict:
     write_csv(records, stem.with_suffix(".csv"))
     md = markdown(doc)
     pngs = plot(doc, stem) if any(r["kind"] == "loss" for r in records) else []
-    stem.with_suffix(".md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+    write_results_text(stem.with_suffix(".md"), md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     print(md)
     print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md"), *pngs]))
     print(f"sweep took {doc['wall_s']:.0f} s")

@@ -42,3 +42,21 @@ def test_e2e_first_times_the_training_steps_before_the_loss_grid(tmp_path, one_t
     records = json.loads(next(tmp_path.glob("sweep_*_order.json")).read_text())["records"]
     kinds = [r["kind"] for r in records]
     assert kinds[0] == "e2e" and "loss" in kinds and kinds.index("loss") > max(i for i, k in enumerate(kinds) if k == "e2e")
+
+
+def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
+    """The sweep rewrites its JSON after every configuration: each results file goes through the
+    atomic replace, so a kill mid-write leaves the previous whole file."""
+    from benchmarks import harness
+
+    replaced = []
+    real_replace = harness.replace_file
+    monkeypatch.setattr(harness, "replace_file", lambda path, data: (replaced.append(path), real_replace(path, data)))
+    stem = tmp_path / "sweep_x"
+    stem.with_suffix(".json").write_text("old")
+    harness.write_results(stem, {"ratio": 1.5, "device": tmp_path}, "| table |\n")
+    sweep.write_csv([_record("fused_triton", "n", 2.0)], stem.with_suffix(".csv"))
+    assert sorted(p.name for p in replaced) == ["sweep_x.csv", "sweep_x.json", "sweep_x.md"]
+    assert json.loads(stem.with_suffix(".json").read_text()) == {"ratio": 1.5, "device": str(tmp_path)}
+    assert stem.with_suffix(".csv").read_text().splitlines()[1].startswith("loss,fused_triton,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep_x.csv", "sweep_x.json", "sweep_x.md"]
