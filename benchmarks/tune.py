@@ -360,8 +360,7 @@ def _compile_nth(make_builds: Callable[[], list], index: int):
     from matryoshka.kernels import report
 
     try:
-        r = report.compile_build(make_builds()[index])
-        return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
+        return report.compile_build(make_builds()[index]).stats
     except Exception as e:  # noqa: BLE001 - a failing candidate is the finding
         return describe_error(e)
 

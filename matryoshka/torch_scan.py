@@ -117,12 +117,20 @@ def _scan_forward(ctx, x, b_dec, W_dec, values, indices) -> tuple[torch.Tensor, 
     return norms, final
 
 
+def _needed_grads(ctx) -> tuple[bool, bool]:
+    """Whether the backward must compute ``(dW_dec, dacts)``: an input that needs no gradient (a
+    frozen decoder, fixed codes) costs no work.  The scans' inputs are ``(x, b_dec, W_dec, acts, ...)``."""
+    return ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+
+
 def _cast_grads(ctx, dx, dW, dvalues, active, w_dtype):
-    """``(dx, db_dec, dW_dec, dvalues)`` in the inputs' dtypes; padding slots get no gradient."""
+    """``(dx, db_dec, dW_dec, dvalues)`` in the inputs' dtypes (``None`` for a gradient not
+    computed); padding slots get no gradient."""
     x_dtype, b_dtype, v_dtype = ctx.dtypes
-    dvalues = torch.where(active, dvalues, 0.0)  # padding slots read row 0 but have no gradient
+    if dvalues is not None:
+        dvalues = torch.where(active, dvalues, 0.0).to(v_dtype)  # padding slots read row 0 but have no gradient
     db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
-    return dx.to(x_dtype), db, dW.to(w_dtype), dvalues.to(v_dtype)
+    return dx.to(x_dtype), db, None if dW is None else dW.to(w_dtype), dvalues
 
 
 def _unsort_rows(perm: torch.Tensor, sorted_rows: torch.Tensor) -> torch.Tensor:
@@ -144,10 +152,11 @@ class _SparseScanTorch(torch.autograd.Function):
         twice_grad = 2 * grad_norms.to(dtype).index_select(0, perm)
         # Slots past a row's count repeat its final residual: their gradients start the suffix sum.
         tail = (twice_grad * (torch.arange(coeff.shape[1] + 1, device=perm.device) > counts[:, None])).sum(1)
+        needs_dW, needs_dvalues = _needed_grads(ctx)
         dx = torch.empty_like(final)
-        dvalues_by_slot = coeff.new_zeros(coeff.T.shape)  # -dvalues by sorted row, written in place
+        dvalues_by_slot = coeff.new_zeros(coeff.T.shape) if needs_dvalues else None  # -dvalues by sorted row
         neg_coeff = -coeff
-        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device) if needs_dW else None
         for rows in _row_blocks(final.shape[0], final.shape[1]):
             r = final.index_select(0, perm[rows])
             suffix = tail[rows, None] * r
@@ -157,12 +166,14 @@ class _SparseScanTorch(torch.autograd.Function):
                 part, r_live, s_live = slice(rows.start, rows.start + live), r[:live], suffix[:live]
                 s_live.addcmul_(twice_grad[part, t + 1 : t + 2], r_live)
                 w = W_dec.index_select(0, latent[part, t]).to(dtype)
-                torch.linalg.vecdot(s_live, w, out=dvalues_by_slot[t, part])
-                dW.index_add_(0, latent[part, t], s_live * neg_coeff[part, t : t + 1])
+                if needs_dvalues:
+                    torch.linalg.vecdot(s_live, w, out=dvalues_by_slot[t, part])
+                if needs_dW:
+                    dW.index_add_(0, latent[part, t], s_live * neg_coeff[part, t : t + 1])
                 r_live.addcmul_(coeff[part, t : t + 1], w)
             suffix.addcmul_(twice_grad[rows, :1], r)
             dx.index_copy_(0, perm[rows], suffix)
-        dvalues = _unsort_rows(perm, -dvalues_by_slot.T)
+        dvalues = _unsort_rows(perm, -dvalues_by_slot.T) if needs_dvalues else None
         dx, db, dW, dvalues = _cast_grads(ctx, dx, dW, dvalues, active, W_dec.dtype)
         return dx, db, dW, dvalues, None
 
@@ -201,11 +212,13 @@ class _DetachedSparseScanTorch(torch.autograd.Function):
         first_past = levels.gather(1, counts.clamp(max=max(k - 1, 0))[:, None]) if k else levels
         past = (torch.arange(k, device=perm.device) >= counts[:, None]) & (levels == first_past)
         level_tail = (twice_level[:, 1:] * past).sum(1)
-        dvalues_by_slot = coeff.new_zeros(coeff.T.shape)  # -dvalues by sorted row, written in place
+        needs_dW, needs_dvalues = _needed_grads(ctx)
+        dvalues_by_slot = coeff.new_zeros(coeff.T.shape) if needs_dvalues else None  # -dvalues by sorted row
         neg_coeff = -coeff
-        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device) if needs_dW else None
         final_sorted = final.index_select(0, perm)
-        for rows in _row_blocks(num_rows, final.shape[1]):
+        # The level suffix H feeds only dvalues and dW_dec: with neither needed, dx alone remains.
+        for rows in _row_blocks(num_rows, final.shape[1]) if needs_dW or needs_dvalues else ():
             r = final_sorted[rows].clone()
             level_suffix = level_tail[rows, None] * r
             live_rows = _live_rows(ctx.counts, rows)
@@ -214,14 +227,17 @@ class _DetachedSparseScanTorch(torch.autograd.Function):
                 part, r_live, h_live = slice(rows.start, rows.start + live), r[:live], level_suffix[:live]
                 h_live.mul_(continues[part, t : t + 1]).addcmul_(twice_level[part, t + 1 : t + 2], r_live)
                 w = W_dec.index_select(0, latent[part, t]).to(dtype)
-                torch.linalg.vecdot(h_live, w, out=dvalues_by_slot[t, part])
-                dW.index_add_(0, latent[part, t], h_live * neg_coeff[part, t : t + 1])
+                if needs_dvalues:
+                    torch.linalg.vecdot(h_live, w, out=dvalues_by_slot[t, part])
+                if needs_dW:
+                    dW.index_add_(0, latent[part, t], h_live * neg_coeff[part, t : t + 1])
                 r_live.addcmul_(coeff[part, t : t + 1], w)
         before = gamma.cumsum(1)[:, :k]  # sum_{t < j} gamma_t for slot j
         dx = gamma.sum(1, keepdim=True) * final_sorted
         if k > 0:
             dx = dx + F.embedding_bag(latent, W_dec.to(dtype), per_sample_weights=coeff * before, mode="sum")
-        dx, dvalues = _unsort_rows(perm, dx), _unsort_rows(perm, -dvalues_by_slot.T)
+        dx = _unsort_rows(perm, dx)
+        dvalues = _unsort_rows(perm, -dvalues_by_slot.T) if needs_dvalues else None
         dx, db, dW, dvalues = _cast_grads(ctx, dx, dW, dvalues, active, W_dec.dtype)
         return dx, db, dW, dvalues, None, None
 
@@ -283,9 +299,18 @@ def _dense_inputs(ctx, x, b_dec, W_dec, acts):
 
 
 def _dense_grads(ctx, dx, dW, dA):
+    """``(dx, db_dec, dW_dec, dacts)`` in the inputs' dtypes (``None`` for a gradient not computed)."""
     x_dtype, b_dtype, w_dtype, a_dtype = ctx.dtypes
     db = None if b_dtype is None else (-dx.sum(0)).to(b_dtype)
-    return dx.to(x_dtype), db, dW.to(w_dtype), dA.to(a_dtype)
+    return dx.to(x_dtype), db, None if dW is None else dW.to(w_dtype), None if dA is None else dA.to(a_dtype)
+
+
+def _dense_grad_buffers(ctx, acts, W_dec, dtype):
+    """Zeroed ``(dA, dW_dec)`` accumulators, ``None`` for an input that needs no gradient."""
+    needs_dW, needs_dA = _needed_grads(ctx)
+    dA = torch.zeros(acts.shape, dtype=dtype, device=acts.device) if needs_dA else None
+    dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device) if needs_dW else None
+    return dA, dW
 
 
 class _DenseScanTorch(torch.autograd.Function):
@@ -342,8 +367,7 @@ class _DenseScanTorch(torch.autograd.Function):
     def backward(ctx, grad_norms):
         R, W_dec, acts, on_device = ctx.saved_tensors
         dtype = R.dtype
-        dA = torch.zeros(acts.shape, dtype=dtype, device=acts.device)
-        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        dA, dW = _dense_grad_buffers(ctx, acts, W_dec, dtype)
         S = torch.zeros_like(R)
         following = None  # the start of the block walked before this one
         for start, first, offsets in reversed(ctx.blocks):
@@ -359,10 +383,12 @@ class _DenseScanTorch(torch.autograd.Function):
                 marks = C.new_zeros(C.shape[0], width + 1).index_copy_(1, columns, C)
                 U = marks.flip(1).cumsum(1).flip(1)[:, 1:]  # U[:, i] = sum of C_g over boundaries past latent i
                 aU = a * U
-                gram = W_blk @ W_blk.T
-                dA[:, blk] = -(S @ W_blk.T + U * (R @ W_blk.T) - U * (a @ torch.triu(gram)) - aU @ torch.tril(gram, -1))
-                mixed = torch.tril(aU.T @ a) + torch.triu(a.T @ aU, 1)
-                dW[blk] = mixed @ W_blk - a.T @ S - aU.T @ R
+                if dA is not None:
+                    gram = W_blk @ W_blk.T
+                    dA[:, blk] = -(S @ W_blk.T + U * (R @ W_blk.T) - U * (a @ torch.triu(gram)) - aU @ torch.tril(gram, -1))
+                if dW is not None:
+                    mixed = torch.tril(aU.T @ a) + torch.triu(a.T @ aU, 1)
+                    dW[blk] = mixed @ W_blk - a.T @ S - aU.T @ R
                 S = S + C.sum(1, keepdim=True) * R - aU @ W_blk
             else:
                 S = S + C.sum(1, keepdim=True) * R
@@ -373,10 +399,13 @@ class _DenseScanTorch(torch.autograd.Function):
 
 def _grads_seeing_one_sum(dA, dW, acts, W_dec, S, start: int, stop: int) -> None:
     """Latents ``start..stop`` all see the same ``S`` (the suffix sum, where no prefix boundary lies
-    among them; a detached level's own ``H_g``): ``dA = -S W^T``, ``dW_dec = -A^T S``."""
+    among them; a detached level's own ``H_g``): ``dA = -S W^T``, ``dW_dec = -A^T S`` (each skipped
+    where its buffer is ``None``)."""
     if stop > start:  # (written in place: no (B, n) or (n, d) temporary)
-        dA[:, start:stop].addmm_(S, W_dec[start:stop].to(S.dtype).T, beta=0, alpha=-1)
-        dW[start:stop].addmm_(acts[:, start:stop].to(S.dtype).T, S, beta=0, alpha=-1)
+        if dA is not None:
+            dA[:, start:stop].addmm_(S, W_dec[start:stop].to(S.dtype).T, beta=0, alpha=-1)
+        if dW is not None:
+            dW[start:stop].addmm_(acts[:, start:stop].to(S.dtype).T, S, beta=0, alpha=-1)
 
 
 class _DetachedDenseScanTorch(torch.autograd.Function):
@@ -403,8 +432,7 @@ class _DetachedDenseScanTorch(torch.autograd.Function):
     def backward(ctx, grad_norms):
         R, W_dec, acts = ctx.saved_tensors
         dtype = R.dtype
-        dA = torch.zeros(acts.shape, dtype=dtype, device=acts.device)
-        dW = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device)
+        dA, dW = _dense_grad_buffers(ctx, acts, W_dec, dtype)
         dx = torch.zeros_like(R)
         starts = [0] + list(ctx.lengths[:-1])
         for g in range(len(ctx.lengths) - 1, -1, -1):

@@ -53,3 +53,21 @@ def test_the_launch_tests_float64_builds_compile_for_sm90():
     from tests import launches
 
     assert f"{len(launches.float64_builds())} builds, 0 failing" in _compile_for_sm90("tests.launches")
+
+
+def test_a_frozen_decoder_build_must_drop_its_dw_work():
+    """The frozen-decoder check pairs each twin with its training build: fewer atomics, and fewer
+    products where the training build has any."""
+    def result(kernel, atomics, products, dtype=torch.float32):
+        build = report.Build(kernel, dtype, "cfg", fn=None, pointers={}, constexprs={})
+        return report.Result(build, 64, 0, 0, atomics, False, products)
+
+    training = [result("dense_backward", 2, 33), result("sparse_backward", 2, 0)]
+    dropped = [result("dense_backward_frozen_decoder", 1, 21), result("sparse_backward_frozen_decoder", 0, 0)]
+    assert report.frozen_decoder_failures(training + dropped) == []
+    kept_products = [result("dense_backward_frozen_decoder", 1, 33), result("sparse_backward_frozen_decoder", 0, 0)]
+    [failure] = report.frozen_decoder_failures(training + kept_products)
+    assert "33 matrix products" in failure
+    kept_atomics = [result("dense_backward_frozen_decoder", 1, 21), result("sparse_backward_frozen_decoder", 2, 0)]
+    [failure] = report.frozen_decoder_failures(training + kept_atomics)
+    assert failure.startswith("sparse_backward_frozen_decoder") and "2 atomics" in failure

@@ -330,7 +330,8 @@ def _level_ends(inner, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends, ACC: tl.constexpr,
-                                    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                                    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    NEEDS_DW: tl.constexpr):
     """Detached levels: add the terms of the levels that *end inside* a tile to ``dA`` (returned)
     and ``dW_dec`` (added atomically here: accumulated into the tile's ``dW`` registers instead, the
     float32 build spilled), and move the level suffix ``H`` to the tile's start (before the edge
@@ -353,8 +354,9 @@ def _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_ow
     au = (a.to(ACC) * c_own).to(DOT)
     pairs = _dot(tl.trans(au), a, PRECISION)  # pairs[l, m] = K_lm before the mask m <= e(l)
     own_pairs = tl.where(l <= ends[:, None], pairs, 0.0).to(DOT)
-    dw = _dot(tl.trans(-au), r_start.to(DOT), PRECISION, _dot(own_pairs, w, PRECISION))
-    tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
+    if NEEDS_DW:
+        dw = _dot(tl.trans(-au), r_start.to(DOT), PRECISION, _dot(own_pairs, w, PRECISION))
+        tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
     first_end = tl.min(ends)  # e is non-decreasing: e(0)
     u_first = tl.sum(tl.where(l == 0, c_own, 0.0), axis=1)
     first_level = tl.where(l <= first_end, -au, 0.0)
@@ -381,8 +383,14 @@ def _dense_scan_backward_kernel(
     stride_w, stride_acts, stride_dw, stride_dacts_chunk,
     DETACH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEEDS_DW: tl.constexpr, NEEDS_DACTS: tl.constexpr,
 ):
     """dx[b, chunk] = S_0; dacts[chunk, b, :L] = chunk shares of dA; dW_dec += via atomics.
+
+    ``NEEDS_DW`` / ``NEEDS_DACTS`` off (a frozen decoder, fixed codes): that output is not written
+    and its pointer never read.  Only the stores are guarded: the products that fed them are then
+    dead code, which the compiler removes (the sm_90 build of a frozen-decoder backward has no
+    ``dW_dec`` atomics and fewer tensor-core products: tests/test_kernels_report.py).
 
     Given ``c = dL/dnorms``, the suffix sum ``S_p = sum_{q >= p} 2 c_q r_q`` over positions starts
     at ``S_L = 2 c_L r_L`` and the tiles are walked in reverse, recovering the residual before each
@@ -431,13 +439,14 @@ def _dense_scan_backward_kernel(
             runs_past = (ends >= BLOCK_N)[None, :]  # the latent's level ends at or after the tile's end
             h_dot = h.to(DOT)
             da = tl.where(runs_past, -_dot(h_dot, tl.trans(w), PRECISION), 0.0)
-            dw = _dot(tl.trans(-tl.where(runs_past, a, 0.0).to(DOT)), h_dot, PRECISION)
+            if NEEDS_DW:
+                dw = _dot(tl.trans(-tl.where(runs_past, a, 0.0).to(DOT)), h_dot, PRECISION)
             if tl.max(inner) >= 0:
                 own_column = tl.load(table_ptr + start + 1 + ends, mask=ends < BLOCK_N, other=-1)
                 c_own = 2.0 * tl.load(grad_rows[:, None] + own_column[None, :],
                                       mask=row_in[:, None] & (own_column[None, :] >= 0), other=0.0)
                 da, h = _add_detached_grads_inside_tile(da, dw_ptrs, dw_mask, h, r_start, a, w, c_own, ends,
-                                                        ACC, DOT, PRECISION, BLOCK_N)
+                                                        ACC, DOT, PRECISION, BLOCK_N, NEEDS_DW)
             c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
             if tl.max(tl.maximum(inner, tl.max(edge))) >= 0:
                 c_inner = tl.load(grad_rows[:, None] + inner[None, :],
@@ -455,8 +464,10 @@ def _dense_scan_backward_kernel(
             c_edge = tl.load(grad_rows + edge, mask=row_in & (edge >= 0), other=0.0)
             s += 2.0 * c_edge[:, None] * r_start
         r = r_start
-        _write(dacts_rows[:, None] + latents[None, :], da, row_in[:, None] & latent_in[None, :], ATOMIC)
-        tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
+        if NEEDS_DACTS:
+            _write(dacts_rows[:, None] + latents[None, :], da, row_in[:, None] & latent_in[None, :], ATOMIC)
+        if NEEDS_DW:
+            tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
     if not DETACH:
         tl.store(dx_ptrs, s, mask=tile_in)
 
@@ -561,10 +572,13 @@ def dense_scan_backward(
     lengths_cpu: torch.Tensor,
     detach: bool = False,
     launch: DenseLaunch | None = None,
+    needs_dW: bool = True,
+    needs_dacts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dacts, dW_dec)`` in the residual's (accumulation) dtype.
     ``detach``: norm ``g`` differentiates only its own level's latents (``DETACH`` on the kernel);
-    ``launch``: as the forward's (the backward need not match it).
+    ``launch``: as the forward's (the backward need not match it).  ``needs_dW`` / ``needs_dacts``
+    off: that gradient is skipped and returned as an empty tensor.
 
     ``dW_dec`` sums over row blocks with atomics into a zeroed buffer, like the sparse scan's.
     """
@@ -573,16 +587,20 @@ def dense_scan_backward(
     acc_dtype = residual.dtype
     grid, meta = _plan(num_rows, d, acts, W_dec, acc_dtype, launch)
     dx = torch.empty_like(residual)
-    dacts_shares, atomic = _chunk_shares(grid[1], num_rows, n, d, acc_dtype, residual.device)
-    dW = torch.zeros(W_dec.shape, dtype=acc_dtype, device=W_dec.device)
+    if needs_dacts:
+        dacts_shares, atomic = _chunk_shares(grid[1], num_rows, n, d, acc_dtype, residual.device)
+    else:  # ATOMIC then only picks how the (unwritten) shares would have been summed
+        dacts_shares, atomic = dx[None], False
+    dW = torch.zeros(W_dec.shape, dtype=acc_dtype, device=W_dec.device) if needs_dW else residual.new_empty(0)
     if num_rows > 0 and d > 0:
         W_dec, acts = W_dec.contiguous(), acts.contiguous()
         table = _position_table(lengths_cpu, n, residual.device)
+        dw_arg = dW if needs_dW else dx  # a skipped output's pointer is never read
         with device_guard(residual):
             _dense_scan_backward_kernel[grid](
-                residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts, table, dx, dacts_shares, dW,
+                residual, grad_norms.to(acc_dtype).contiguous(), W_dec, acts, table, dx, dacts_shares, dw_arg,
                 num_rows, d, n, int(lengths_cpu[-1]), lengths_cpu.numel(),
-                W_dec.stride(0), acts.stride(0), dW.stride(0), dacts_shares.stride(0),
-                DETACH=detach, ATOMIC=atomic, **meta,
+                W_dec.stride(0), acts.stride(0), dw_arg.stride(0), dacts_shares.stride(0),
+                DETACH=detach, ATOMIC=atomic, NEEDS_DW=needs_dW, NEEDS_DACTS=needs_dacts, **meta,
             )
-    return dx, dacts_shares.sum(0), dW
+    return dx, dacts_shares.sum(0) if needs_dacts else residual.new_empty(0), dW

@@ -13,7 +13,7 @@ import torch
 
 from ..precision import compute_dtype
 from .dense_scan import dense_scan_backward, dense_scan_forward
-from .scan_autograd import register_scan_autograd
+from .scan_autograd import backward_fake, register_scan_autograd
 
 __all__ = ["dense_prefix_norms_triton", "dense_prefix_norms_detached_triton"]
 
@@ -43,12 +43,15 @@ def _define_dense_scan(name: str, detach: bool):
         W_dec: torch.Tensor,
         acts: torch.Tensor,
         lengths: torch.Tensor,
+        needs_dW: bool,
+        needs_dacts: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return dense_scan_backward(residual, grad_norms, W_dec, acts, lengths, detach)
+        return dense_scan_backward(residual, grad_norms, W_dec, acts, lengths, detach,
+                                   needs_dW=needs_dW, needs_dacts=needs_dacts)
 
     @scan_backward.register_fake
-    def _(residual, grad_norms, W_dec, acts, lengths):
-        return torch.empty_like(residual), residual.new_empty(acts.shape), residual.new_empty(W_dec.shape)
+    def _(residual, grad_norms, W_dec, acts, lengths, needs_dW, needs_dacts):
+        return backward_fake(residual, W_dec, acts, needs_dW, needs_dacts)
 
     register_scan_autograd(scan, scan_backward)
     return scan

@@ -8,7 +8,8 @@ large shapes, through the host functions' own planning code (``sparse_scan._laun
 ``dense_scan._plan``), so the report builds what launches.  Dense kernels are built in both their
 ``ATOMIC`` variants (per-chunk buffer, or atomics into one), float32 ones at both precisions
 (``tf32x3``, and ``tf32``, which runs when the user allows PyTorch's matmuls TF32), and both backward
-kernels in both ``DETACH`` variants (detached levels or not).  Launches other than the host's default (the sparse
+kernels in both ``DETACH`` variants (detached levels or not), each launched backward also as its
+frozen-decoder twin (``NEEDS_DW`` off: what runs when ``W_dec`` needs no gradient).  Launches other than the host's default (the sparse
 tuner's candidates, among them the sorted-``dW_dec`` segment sum, which only ``dw_mode="sorted"``
 launches) are built by ``python -m benchmarks.tune --compile-only`` through ``_sparse_builds``.
 
@@ -18,9 +19,15 @@ Checks (exit status 1 if any fails):
   and no ``.acquire``/``.release``/``.acq_rel`` on an ``atom``/``red``.  A sum needs no ordering
   (the kernels pass ``sem="relaxed"``); the ``fence.proxy.async``/``wgmma.fence`` of tensor-core
   products are not memory fences and are not counted.
+* a frozen-decoder build has fewer atomics than its training twin and, where that has matrix
+  products (``dots``: ``tt.dot`` in the TTGIR, a ``tf32x3`` product counting three), fewer of them:
+  the ``dW_dec`` work is gone, not only its stores.
 * no spill (a non-empty stack frame: Triton kernels keep no local arrays, so stack is spill) in a
   float32, float16 or bfloat16 build.  Float64 spills are reported but do not fail, and neither does
-  a variant the host does not launch at that shape (shown as "not picked: ...").
+  a variant the host does not launch at that shape (shown as "not picked: ...") nor a frozen-decoder
+  build.  (The float32 ``tf32x3`` detached dense backward spills 32 B for a frozen decoder at the
+  training tiles 16x16x32, 4 or 8 warps, though it does less work; 16-column tiles do not spill but
+  read the activations twice as often, so the frozen build keeps the training launch.)
 
 Run ``python -m matryoshka.kernels.report`` (``--quick``: each kernel at its largest configuration
 only).  Under ``TRITON_INTERPRET=1`` the ``@triton.jit`` functions are interpreter objects that
@@ -36,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,12 +56,17 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # (rows, d) of the small shape (the smallest tiles the host picks) and the large one (the largest).
 SMALL, LARGE = (1, 16), (4096, 2304)
 N_LATENTS = 36864
+FROZEN_DECODER = "_frozen_decoder"  # kernel-name suffix of a backward built for a frozen decoder
 _PTR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
               torch.int64: "i64", torch.int32: "i32"}
 
 _ATOMIC_LINE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.M)
 _ORDERED_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.\S*\.(?:acq_rel|acquire|release)\b", re.M)
 _MEMORY_FENCE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:membar\.|fence\.(?:sc|acq_rel|acquire|release)\b)", re.M)
+# A matrix product in the TTGIR (Triton's last IR before LLVM): how many products a build does per tile,
+# a tf32x3 product counting three.  Not the PTX's mma instructions: their count follows the layout
+# the compiler picks (warps per tile), which changes when other products go.
+_DOT = re.compile(r"=\s*(?:tt\.dot|ttng\.warp_group_dot)\s")
 
 
 @dataclass(frozen=True)
@@ -92,13 +104,19 @@ class Result:
     shared_bytes: int
     atomics: int
     fenced: bool
+    products: int = 0  # matrix products in the TTGIR (``_DOT``)
+
+    @property
+    def stats(self) -> tuple:
+        """Everything but the build, as a worker process sends it back (``Result(build, *stats)``)."""
+        return self.registers, self.spill_bytes, self.shared_bytes, self.atomics, self.fenced, self.products
 
     @property
     def failures(self) -> list[str]:
         out = []
         if self.fenced:
             out.append("fenced atomic")
-        if self.spill_bytes and self.build.dtype != torch.float64:
+        if self.spill_bytes and self.build.dtype != torch.float64 and not self.build.kernel.endswith(FROZEN_DECODER):
             out.append(f"{self.spill_bytes} B spilled")
         return out
 
@@ -128,7 +146,7 @@ def _sparse_builds(dtypes, shapes, launch=None) -> list[Build]:
                     dict(residual_ptr=acc, grad_norms_ptr=acc, grad_level_ptr=acc, levels_ptr=torch.int64,
                          w_ptr=dtype, values_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.int32,
                          dx_ptr=acc, dvalues_ptr=acc, dw_ptr=acc),
-                    dict(DETACH=detach, **meta), options))
+                    dict(DETACH=detach, NEEDS_DW=True, NEEDS_DVALUES=True, **meta), options))
             if meta["SORTED_DW"]:
                 out.append(Build(
                     "sparse_dw_segment_sum", dtype, config, sparse_scan._dw_segment_sum_kernel,
@@ -187,22 +205,50 @@ def _dense_builds_at(launch, dtype, num_rows, d, num_prefixes) -> list[Build]:
                 "dense_backward" + "_detached" * detach, dtype, config, dense_scan._dense_scan_backward_kernel,
                 dict(residual_ptr=acc, grad_norms_ptr=acc, w_ptr=dtype, acts_ptr=dtype,
                      table_ptr=torch.int32, dx_ptr=acc, dacts_ptr=acc, dw_ptr=acc),
-                dict(DETACH=detach, ATOMIC=atomic, **meta), options, picked["backward"] == atomic))
+                dict(DETACH=detach, ATOMIC=atomic, NEEDS_DW=True, NEEDS_DACTS=True, **meta), options,
+                picked["backward"] == atomic))
     return out
 
 
+def _frozen_decoder_twins(training: list[Build]) -> list[Build]:
+    """Each launched backward build again with ``NEEDS_DW`` off: what runs when ``W_dec`` needs no
+    gradient."""
+    return [replace(b, kernel=b.kernel + FROZEN_DECODER, constexprs={**b.constexprs, "NEEDS_DW": False})
+            for b in training if b.launched and b.constexprs.get("NEEDS_DW")]
+
+
 def builds(quick: bool = False) -> list[Build]:
-    """Every kernel at every dtype, small and large shapes, both ``ATOMIC`` variants; ``quick``: each
-    kernel and dtype once, at the large shape (the largest tiles) in the variant that launches."""
+    """Every kernel at every dtype, small and large shapes, both ``ATOMIC`` variants, and the
+    frozen-decoder twin of every launched backward; ``quick``: each kernel and dtype once, at the
+    large shape (the largest tiles) in the variant that launches."""
     if quick:
-        return [b for b in _sparse_builds(DTYPES, (LARGE,)) + _dense_builds(DTYPES, (LARGE,)) if b.launched]
-    return _sparse_builds(DTYPES, (SMALL, LARGE)) + _dense_builds(DTYPES, (SMALL, LARGE))
+        training = [b for b in _sparse_builds(DTYPES, (LARGE,)) + _dense_builds(DTYPES, (LARGE,)) if b.launched]
+    else:
+        training = _sparse_builds(DTYPES, (SMALL, LARGE)) + _dense_builds(DTYPES, (SMALL, LARGE))
+    return training + _frozen_decoder_twins(training)
+
+
+def frozen_decoder_failures(results: list[Result]) -> list[str]:
+    """A frozen-decoder build must drop its ``dW_dec`` work: fewer atomics than its training twin,
+    and, where the twin has tensor-core products, fewer of those (the ``dW_dec`` products are dead
+    code once their atomics are gone)."""
+    training = {(r.build.kernel, r.build.dtype, r.build.config): r for r in results}
+    out = []
+    for r in results:
+        if not r.build.kernel.endswith(FROZEN_DECODER):
+            continue
+        twin = training[(r.build.kernel.removesuffix(FROZEN_DECODER), r.build.dtype, r.build.config)]
+        name = f"{r.build.kernel} {_PTR_TYPES[r.build.dtype]} {r.build.config}"
+        if r.atomics >= twin.atomics:
+            out.append(f"{name}: {r.atomics} atomics, the training build {twin.atomics}")
+        if twin.products and r.products >= twin.products:
+            out.append(f"{name}: {r.products} matrix products, the training build {twin.products}")
+    return out
 
 
 def _compile_nth(quick: bool, index: int) -> tuple:
     """Worker: compile ``builds(quick)[index]`` (JIT functions do not pickle; indices do)."""
-    r = compile_build(builds(quick)[index])
-    return r.registers, r.spill_bytes, r.shared_bytes, r.atomics, r.fenced
+    return compile_build(builds(quick)[index]).stats
 
 
 def compile_all(quick: bool = False, jobs: int = 1) -> list[Result]:
@@ -251,11 +297,12 @@ def compile_build(build: Build) -> Result:
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
         compiled = triton.compile(source, target=GPUTarget(*TARGET), options=build.options)
     registers, stack = _resource_usage(compiled.asm["cubin"])
-    return Result(build, registers, stack, compiled.metadata.shared, *atomics_and_fences(compiled.asm["ptx"]))
+    return Result(build, registers, stack, compiled.metadata.shared, *atomics_and_fences(compiled.asm["ptx"]),
+                  len(_DOT.findall(compiled.asm["ttgir"])))
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("kernel", "dtype", "config", "regs", "spill B", "smem B", "atomics", "fenced", "status")
+    header = ("kernel", "dtype", "config", "regs", "spill B", "smem B", "atomics", "dots", "fenced", "status")
     rows = [header]
     for r in results:
         b = r.build
@@ -263,7 +310,7 @@ def format_table(results: list[Result]) -> str:
         if r.failures:
             status = ("FAIL: " if b.launched else "not picked: ") + ", ".join(r.failures)
         rows.append((b.kernel, _PTR_TYPES[b.dtype], b.config, str(r.registers), str(r.spill_bytes),
-                     str(r.shared_bytes), str(r.atomics), "yes" if r.fenced else "no", status))
+                     str(r.shared_bytes), str(r.atomics), str(r.products), "yes" if r.fenced else "no", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -296,11 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     # A variant the host never launches for that shape (a one-chunk ATOMIC build) is shown, not failed.
     failed = [r for r in results if r.failures and r.build.launched]
+    frozen = frozen_decoder_failures(results)
+    for line in frozen:
+        print(f"FAIL frozen decoder: {line}")
     fp64_spills = [r for r in results if r.spill_bytes and r.build.dtype == torch.float64]
     if fp64_spills:
         print(f"note: {len(fp64_spills)} float64 build(s) spill (reported, not a failure)")
-    print(f"{len(results)} builds, {len(failed)} failing")
-    return 1 if failed else 0
+    frozen_spills = [r for r in results if r.spill_bytes and r.build.kernel.endswith(FROZEN_DECODER)
+                     and r.build.dtype != torch.float64]
+    if frozen_spills:
+        print(f"note: {len(frozen_spills)} frozen-decoder build(s) spill (reported, not a failure)")
+    print(f"{len(results)} builds, {len(failed) + len(frozen)} failing")
+    return 1 if failed or frozen else 0
 
 
 if __name__ == "__main__":

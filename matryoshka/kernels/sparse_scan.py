@@ -146,9 +146,12 @@ def _sparse_scan_backward_kernel(
     stride_w, stride_values, stride_indices, stride_levels, stride_dw,
     DETACH: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     LOOP_STAGES: tl.constexpr, ATOMIC_SEM: tl.constexpr, SORTED_DW: tl.constexpr,
+    NEEDS_DW: tl.constexpr, NEEDS_DVALUES: tl.constexpr,
 ):
     """dx[b, chunk] = G_0; dvalues[chunk, b, t] = partial -<G_t, W_dec[p_t]>; dW_dec via atomics
-    (or, ``SORTED_DW``, via per-slot rows), for the program's ``ROWS`` rows ``b``.
+    (or, ``SORTED_DW``, via per-slot rows), for the program's ``ROWS`` rows ``b``.  ``NEEDS_DW`` /
+    ``NEEDS_DVALUES`` off (a frozen decoder, fixed codes): that output is neither computed nor
+    written, and its pointer is never read.
 
     ``DETACH``: the slots take the level-local suffix ``H_t`` instead of ``G_t`` (module doc);
     ``grad_level_ptr`` and ``levels_ptr`` are read only then.  ``SORTED_DW``: ``dw_ptr`` is the
@@ -202,13 +205,15 @@ def _sparse_scan_backward_kernel(
         w, active = _load_decoder_rows(w_ptr, latents, stride_w, cols, in_d, n, ACC)
         values = tl.load(values_ptr + rows * stride_values + t, mask=live, other=0.0).to(ACC)
         values = tl.where(active, values[:, None], 0.0)
-        tl.store(dvalues_rows + t, -tl.sum(slot_suffix * w, axis=1), mask=live)
-        if SORTED_DW:  # summed per latent by _dw_segment_sum_kernel; inactive slots are never read
-            tl.store(dw_ptr + (rows[:, None] * k + t) * stride_dw + cols[None, :], -values * slot_suffix,
-                     mask=live[:, None] & in_d[None, :])
-        else:
-            tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], -values * slot_suffix,
-                          mask=active, sem=ATOMIC_SEM)
+        if NEEDS_DVALUES:
+            tl.store(dvalues_rows + t, -tl.sum(slot_suffix * w, axis=1), mask=live)
+        if NEEDS_DW:
+            if SORTED_DW:  # summed per latent by _dw_segment_sum_kernel; inactive slots are never read
+                tl.store(dw_ptr + (rows[:, None] * k + t) * stride_dw + cols[None, :], -values * slot_suffix,
+                         mask=live[:, None] & in_d[None, :])
+            else:
+                tl.atomic_add(dw_ptr + latents[:, None] * stride_dw + cols[None, :], -values * slot_suffix,
+                              mask=active, sem=ATOMIC_SEM)
         r += values * w
     twice_first = 2.0 * tl.load(grad_rows, mask=row_in, other=0.0).to(ACC)
     if DETACH:
@@ -364,12 +369,15 @@ def sparse_scan_backward(
     grad_level_norms: torch.Tensor | None = None,
     levels: torch.Tensor | None = None,
     launch: SparseLaunch | None = None,
+    needs_dW: bool = True,
+    needs_dvalues: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward scan.  Returns ``(dx, dvalues, dW_dec)`` in the accumulation dtype.
 
     With ``grad_level_norms`` and ``levels`` (``(B, k)`` int64, non-decreasing per row): the
     detached backward, ``grad_norms`` reaching ``x`` only and ``grad_level_norms`` also the slots
     of its own level (module doc).  ``launch``: ``default_launch(d)`` unless given (tuning).
+    ``needs_dW`` / ``needs_dvalues`` off: that gradient is skipped and returned as an empty tensor.
 
     ``dW_dec`` is a scatter-add over rows: by default (vectorised, relaxed) atomics into a zeroed
     accumulation-dtype buffer; with ``dw_mode="sorted"`` a segmented sum of per-slot rows (module doc).
@@ -378,11 +386,16 @@ def sparse_scan_backward(
     k = values.shape[1]
     torch_acc, chunks, meta = _launch_meta(d, residual.dtype, launch)
     dx = torch.empty_like(residual)
-    dvalues_partial = residual.new_zeros(chunks, num_rows, k)  # padded slots stay 0
-    sorted_dw = meta["SORTED_DW"]
-    # Sorted: every dW_dec row is written by the segment sum, so no zero fill.
-    dW = (torch.empty if sorted_dw else torch.zeros)(W_dec.shape, dtype=torch_acc, device=W_dec.device)
+    dvalues_partial = residual.new_zeros(chunks, num_rows, k) if needs_dvalues else None  # padded slots stay 0
+    sorted_dw = meta["SORTED_DW"] and needs_dW
+    if not needs_dW:
+        dW = residual.new_empty(0)
+    else:  # sorted: every dW_dec row is written by the segment sum, so no zero fill
+        dW = (torch.empty if sorted_dw else torch.zeros)(W_dec.shape, dtype=torch_acc, device=W_dec.device)
     dw_target = residual.new_empty(num_rows * k, d) if sorted_dw else dW
+    # A skipped output's pointer is never read; the kernel gets dx (a real tensor) in its place.
+    dw_arg = dw_target if needs_dW else dx
+    dvalues_arg = dvalues_partial if needs_dvalues else dx
     detach = levels is not None
     grad_norms = grad_norms.to(torch_acc).contiguous()
     grad_level = grad_level_norms.to(torch_acc).contiguous() if detach else grad_norms
@@ -392,12 +405,13 @@ def sparse_scan_backward(
         with device_guard(residual):
             _sparse_scan_backward_kernel[(triton.cdiv(num_rows, meta["ROWS"]), chunks)](
                 residual, grad_norms, grad_level, levels, W_dec, values, indices, _counts(indices, W_dec.shape[0]),
-                dx, dvalues_partial, dw_target,
+                dx, dvalues_arg, dw_arg,
                 num_rows, k, d, W_dec.shape[0],
-                W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0), dw_target.stride(0),
-                DETACH=detach, **meta,
+                W_dec.stride(0), values.stride(0), indices.stride(0), levels.stride(0),
+                dw_arg.stride(0),
+                DETACH=detach, NEEDS_DW=needs_dW, NEEDS_DVALUES=needs_dvalues, **meta,
             )
     if sorted_dw and dW.numel() > 0:
         with device_guard(residual):
             _segment_sum_by_latent(dw_target, indices, dW, meta)
-    return dx, dvalues_partial.sum(0), dW
+    return dx, dvalues_partial.sum(0) if needs_dvalues else residual.new_empty(0), dW

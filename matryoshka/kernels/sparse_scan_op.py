@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import compute_dtype
-from .scan_autograd import register_scan_autograd
+from .scan_autograd import backward_fake, register_scan_autograd
 from .sparse_scan import sparse_scan_backward, sparse_scan_forward
 
 __all__ = ["sparse_scan_triton", "sparse_scan_detached_triton"]
@@ -36,17 +36,16 @@ def _sparse_scan_backward(
     W_dec: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
+    needs_dW: bool,
+    needs_dvalues: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sparse_scan_backward(residual, grad_norms, W_dec, values, indices)
+    return sparse_scan_backward(residual, grad_norms, W_dec, values, indices,
+                                needs_dW=needs_dW, needs_dvalues=needs_dvalues)
 
 
 @_sparse_scan_backward.register_fake
-def _(residual, grad_norms, W_dec, values, indices):
-    return (
-        torch.empty_like(residual),
-        residual.new_empty(values.shape),
-        residual.new_empty(W_dec.shape),
-    )
+def _(residual, grad_norms, W_dec, values, indices, needs_dW, needs_dvalues):
+    return backward_fake(residual, W_dec, values, needs_dW, needs_dvalues)
 
 
 register_scan_autograd(_sparse_scan, _sparse_scan_backward)
@@ -81,17 +80,16 @@ def _sparse_scan_detached_backward(
     values: torch.Tensor,
     indices: torch.Tensor,
     levels: torch.Tensor,
+    needs_dW: bool,
+    needs_dvalues: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sparse_scan_backward(residual, grad_norms, W_dec, values, indices, grad_level_norms, levels)
+    return sparse_scan_backward(residual, grad_norms, W_dec, values, indices, grad_level_norms, levels,
+                                needs_dW=needs_dW, needs_dvalues=needs_dvalues)
 
 
 @_sparse_scan_detached_backward.register_fake
-def _(residual, grad_norms, grad_level_norms, W_dec, values, indices, levels):
-    return (
-        torch.empty_like(residual),
-        residual.new_empty(values.shape),
-        residual.new_empty(W_dec.shape),
-    )
+def _(residual, grad_norms, grad_level_norms, W_dec, values, indices, levels, needs_dW, needs_dvalues):
+    return backward_fake(residual, W_dec, values, needs_dW, needs_dvalues)
 
 
 register_scan_autograd(_sparse_scan_detached, _sparse_scan_detached_backward)
