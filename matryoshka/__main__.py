@@ -15,7 +15,7 @@ from .checkpoint import check_writable
 from .distributed import init_from_env
 from .orthogonality import DEFAULT_CHUNK
 from .experiments import (absorption_margins, child_magnitude, compare, hedging, orthogonality, real_absorption,
-                          real_compare)
+                          real_compare, turn_dynamics)
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
@@ -203,6 +203,17 @@ def orthogonality_cmd(args: argparse.Namespace) -> None:
                                 family_toys=tuple(args.toys), docs=None if args.quick or not args.docs else Path(args.docs))
 
 
+def turn_dynamics_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    if _replotted(args, turn_dynamics):
+        return
+    steps, seeds = _steps_and_seeds(args, turn_dynamics)
+    turn_dynamics.turn_dynamics(Path(args.out), qs=tuple([0.5] if args.quick else args.qs), mode=args.mode,
+                                steps=steps, seeds=seeds, jobs=args.jobs, read_every=args.read_every,
+                                read_until=min(args.read_until, steps),
+                                docs=None if args.quick or not args.docs else Path(args.docs))
+
+
 def _family_toy(name: str) -> str:
     """argparse type of ``orthogonality --toys``: a family toy's name, refused with the reason."""
     try:
@@ -325,6 +336,22 @@ def main(argv: list[str] | None = None) -> None:
     ortho.add_argument("--replot", action="store_true",
                        help="redo the tables and figure from OUT/orthogonality_results.json, without training")
     ortho.set_defaults(func=orthogonality_cmd)
+
+    turn = sub.add_parser("turn-dynamics", help="where training commits a frequent child's pair to the turn: each "
+                                                "family's first latent against the leading direction",
+                          description=turn_dynamics.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _study_args(turn, "runs/turn_dynamics", turn_dynamics, modes=False)
+    turn.add_argument("--qs", type=float, nargs="+", default=list(turn_dynamics.DEFAULT_QS),
+                      help="P(most frequent child | parent) of the unequal toys, each in (0, 0.83] (default: %(default)s)")
+    turn.add_argument("--mode", default=turn_dynamics.DEFAULT_MODE, type=check_study_mode,
+                      help="study mode (default: %(default)s)")
+    turn.add_argument("--read-every", type=int, default=10, help="steps between read-outs (default: %(default)s)")
+    turn.add_argument("--read-until", type=int, default=1000,
+                      help="last step read (default: %(default)s; the first latents form in the first few hundred)")
+    turn.add_argument("--docs", default=None, help="also copy the figures and results table here")
+    turn.add_argument("--replot", action="store_true",
+                      help="redo the tables and figures from OUT/turn_results.json, without training")
+    turn.set_defaults(func=turn_dynamics_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
                                help="train one SAE on the nabeshima toy (resumable; torchrun for data-parallel)")

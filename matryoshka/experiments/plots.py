@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["MODE_COLORS", "mode_colors", "Band", "matched_order", "cosine_heatmaps", "band_panels", "sweep_plot", "ci95",
-           "hedging_figure", "pareto_plot", "phase_heatmaps", "outcome_bars"]
+           "hedging_figure", "pareto_plot", "phase_heatmaps", "outcome_bars", "END_STATE_COLORS", "turn_first_angles",
+           "turn_trajectories"]
 
 MODE_COLORS = {"vanilla": "tab:gray", "groups": "tab:green", "sampled": "tab:orange", "every": "tab:blue"}
 
@@ -250,4 +251,54 @@ def outcome_bars(panels: Sequence[tuple[str, Sequence[str], dict[str, Sequence[i
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, ncol=len(panels[0][2]), loc="outside lower center")
     if title:
         fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+END_STATE_COLORS = {"true": "tab:green", "turned": "tab:red", "other": "tab:gray"}
+
+
+def turn_first_angles(rows: Sequence[dict], qs: Sequence[float], leading_angle, path: Path, title: str) -> None:
+    """Each family's first latent's axis angle (``row["axis"]``) against its q, jittered, coloured by
+    its end state (``row["end"]``), beside the leading direction ``leading_angle(q)`` and the pairs'
+    axes (true 0° and 90°, turned 45°)."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
+    jitter = np.random.default_rng(0)
+    spacing = min(np.diff(sorted(qs)), default=0.1)
+    for state, color in END_STATE_COLORS.items():
+        picked = [r for r in rows if r["end"] == state and r["axis"] is not None]
+        if picked:
+            x = np.asarray([r["q"] for r in picked]) + jitter.uniform(-0.2, 0.2, len(picked)) * spacing
+            ax.scatter(x, [r["axis"] for r in picked], s=14, color=color, alpha=0.7, label=f"ends {state}")
+    grid = np.linspace(min(qs) * 0.9, max(qs) * 1.05, 200)
+    ax.plot(grid, [leading_angle(q) for q in grid], color="black", label="θ*(q): leading direction")
+    for angle, style in ((0, ":"), (45, "--"), (90, ":")):
+        ax.axhline(angle, color="black", linestyle=style, linewidth=0.8, alpha=0.6)
+    ax.axhline(22.5, color="tab:purple", linewidth=0.8, alpha=0.5, label="22.5°: half-way to the turned axis")
+    ax.set_xlabel("q = P(most frequent child | parent)")
+    ax.set_ylabel("first latent's axis from the parent (°)")
+    ax.set_ylim(-3, 93)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def turn_trajectories(panels: Sequence[tuple[str, Sequence[tuple[Sequence[int], Sequence[float], str]]]],
+                      path: Path, title: str) -> None:
+    """One panel per ``(title, [(steps, axis angles, end state), ...])``: each family's first latent's
+    axis angle over training, coloured by the family's end state."""
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.2 * len(panels), 4.0), layout="constrained",
+                             sharey=True)
+    for ax, (panel_title, curves) in zip(axes[0], panels):
+        for steps, angles, state in curves:
+            ax.plot(steps, angles, color=END_STATE_COLORS[state], linewidth=0.8, alpha=0.6)
+        for angle, style in ((0, ":"), (45, "--"), (90, ":")):
+            ax.axhline(angle, color="black", linestyle=style, linewidth=0.8, alpha=0.6)
+        ax.set_xlabel("training step")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("axis from the parent (°)")
+    handles = [plt.Line2D([], [], color=c, label=f"ends {s}") for s, c in END_STATE_COLORS.items()]
+    fig.legend(handles=handles, fontsize=8, ncol=3, loc="outside lower center")
+    fig.suptitle(title, fontsize=10)
     _save(fig, path)
