@@ -128,6 +128,17 @@ class ToyModel:
         """``(parent, children)`` for every feature that has children."""
         return [(f, self.children(f)) for f in range(self.num_features) if self.children(f)]
 
+    def family_planes(self) -> list[tuple[int, int, float]]:
+        """``(parent, its most frequent child, that child's probability given the parent)`` for every
+        feature that has children: the plane where a frequent child can turn its parent's pair."""
+        marginal = self.marginal_probabilities()
+        out = []
+        for parent, children in self.families():
+            given = [float(marginal[c] / marginal[parent]) for c in children]
+            best = max(range(len(children)), key=given.__getitem__)
+            out.append((parent, children[best], given[best]))
+        return out
+
     def marginal_probabilities(self) -> torch.Tensor:
         """``P(feature f is active)``: the product of the conditional ``p`` along its ancestors."""
         marg = self._p.clone()

@@ -57,6 +57,13 @@ def test_study_modes_parse():
     assert study_init("every-b0.2-fromtruth-orth3") == study_init("vanilla-batchtopk-fromtruth") == "truth"
     assert study_activation("every-fromtruth-batchtopk") == "batchtopk" and study_init("every-b0.2-orth3") == "random"
     assert study_mode("every-b0.2-fromtruth-coeff0.3")[1]["sparsity_coeff"] == 0.3
+    # -startangle<a> likewise, with its angle; one start per mode, and an angle within the plane's quarter
+    assert study_mode("every-b0.2-orth3-startangle10") == study_mode("every-b0.2-orth3")
+    assert study_init("every-b0.2-startangle22.5-orth3") == "angle22.5"
+    with pytest.raises(ValueError, match="twice"):
+        study_mode("every-fromtruth-startangle10")
+    with pytest.raises(ValueError, match="0 to 90 degrees"):
+        study_mode("every-startangle120")
     assert RunSpec(hedging.family_toy_spec("unequal"), "every-b0.2-coeff0.3-orth3", 0, 10).train_config(
         ToyModel(hedging.family_toy_spec("unequal"))).sparsity_coeff == 0.3  # over the recipe's start
     assert study_mode("every-cool0") == ("every", {"cooldown_frac": 0.0})
@@ -165,3 +172,27 @@ def test_a_run_from_the_truth_starts_exact(activation):
         assert torch.allclose(truth(x).recon, x, atol=1e-5)
     random = RunSpec(spec, f"every-b0.2{activation}-orth3", 0, 10).build_sae(toy)
     assert not torch.allclose(random(x).recon, x, atol=1e-1)
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 90.0])
+def test_a_start_angle_places_one_latent_per_family_in_its_plane(angle):
+    """``-startangle<a>``: latent i starts at cos(a) p + sin(a) c in family i's plane (its parent p and
+    most frequent child c), decoder and encoder alike; every other latent is the seeded random start."""
+    spec = hedging.family_toy_spec("unequal-q0.4")
+    toy = ToyModel(spec)
+    placed = RunSpec(spec, f"every-b0.2-orth3-startangle{angle:g}", 3, 10).build_sae(toy)
+    random = RunSpec(spec, "every-b0.2-orth3", 3, 10).build_sae(toy)
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    planes = toy.family_planes()
+    assert [q for _, _, q in planes] == pytest.approx([0.4] * 3)
+    for latent, (parent, child, _) in enumerate(planes):
+        row = placed.W_dec[latent].detach()
+        assert float(row @ unit[parent]) == pytest.approx(math.cos(math.radians(angle)), abs=1e-6)
+        assert float(row @ unit[child]) == pytest.approx(math.sin(math.radians(angle)), abs=1e-6)
+        assert torch.equal(placed.W_enc[:, latent], placed.W_dec[latent])
+    others = slice(len(planes), None)
+    assert torch.equal(placed.W_dec[others], random.W_dec[others]) and torch.equal(placed.W_enc[:, others], random.W_enc[:, others])
+    with pytest.raises(ValueError, match="families"):
+        from matryoshka.toy import nabeshima_spec
+        flat = {**nabeshima_spec(), "features": [{"name": "I1", "p": 0.1}]}
+        RunSpec(flat, "every-startangle10", 0, 10).build_sae(ToyModel(flat))

@@ -295,7 +295,7 @@ def test_real_compare_takes_study_modes(tmp_path, capsys):
     assert stop.value.code == 1 and "mode 'every-jumprelu' asks for jumprelu" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["real-compare", "--out", str(tmp_path / "bad"), "--acts", str(acts), "--quick", "--modes", "every-fromtruth"])
-    assert stop.value.code == 1 and "-fromtruth starts an SAE at a toy's true features" in capsys.readouterr().err
+    assert stop.value.code == 1 and "start an SAE at a toy's true features" in capsys.readouterr().err
 
 
 def test_figures_give_each_study_mode_one_colour_in_every_panel(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def test_leading_angle_is_the_leading_direction_of_the_toys_family_samples(q):
     """The second moment of the samples whose parent fires, projected on the plane of the parent and
     its most frequent child: its leading eigenvector's angle is θ*(q) with the toy's jittered norms."""
     toy = ToyModel(family_toy_spec(f"unequal-q{q:g}"))
-    [(parent, child, given), *_] = study._family_planes(toy)
+    [(parent, child, given), *_] = toy.family_planes()
     assert given == pytest.approx(q)
     x, active = toy.sample(200_000, torch.Generator().manual_seed(0))
     rows = active[:, parent] > 0

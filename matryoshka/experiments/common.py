@@ -32,6 +32,9 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 * any of these with a ``-fromtruth`` suffix (e.g. ``every-b0.2-fromtruth-orth3``): the SAE starts at
   the toy's true dictionary (decoder rows the true directions, encoder their transpose, zero
   biases; :meth:`RunSpec.build_sae`) instead of a random one: does training keep what it did not find?
+  With ``-startangle<α>`` (e.g. ``every-b0.2-orth3-startangle10``; 0 ≤ α ≤ 90) only one latent per
+  family starts placed: in the plane of the family's parent and most frequent child, α degrees from
+  the parent; the rest are random.  Does where a family's first latent forms decide its pair?
 * any of these with a ``-resample`` suffix (e.g. ``every-b0.2-batchtopk-resample-orth3``): latents
   silent for ``dead_after`` steps restarted on the worst-reconstructed inputs, checked every
   :data:`RESAMPLE_EVERY` steps (``TrainConfig(resample_every=...)``, :mod:`matryoshka.resampling`);
@@ -124,6 +127,9 @@ _SETTING_SUFFIXES = {
 # its start (random without one).
 _SAE_SUFFIXES = {"-jumprelu": ("activation", "jumprelu"), "-batchtopk": ("activation", "batchtopk"),
                  "-fromtruth": ("init", "truth")}
+# -startangle<α>: one latent per family starts in the plane of its parent and most frequent child,
+# α degrees from the parent (RunSpec.build_sae); the others start random.
+_START_ANGLE = re.compile(rf"^(.+)-startangle{_NUMBER}$")
 
 
 def study_mode(name: str) -> tuple[str, dict]:
@@ -140,7 +146,8 @@ def study_activation(name: str) -> str:
 
 def study_init(name: str) -> str:
     """Where a study mode's SAE starts: ``"truth"`` with a ``-fromtruth`` suffix (the toy's true
-    directions, :meth:`RunSpec.build_sae`), else ``"random"``."""
+    directions, :meth:`RunSpec.build_sae`), ``"angle<α>"`` with ``-startangle<α>`` (one latent per
+    family at α degrees from its parent), else ``"random"``."""
     return _parse_study_mode(name)[2].get("init", "random")
 
 
@@ -159,8 +166,23 @@ def _parse_study_mode(name: str) -> tuple[str, dict, dict]:
     for suffix, (key, value) in _SAE_SUFFIXES.items():
         if name.endswith(suffix):
             prefix_mode, overrides, sae = _parse_study_mode(name[: -len(suffix)])
-            return prefix_mode, overrides, {**sae, key: value}
+            return prefix_mode, overrides, _with_sae_setting(sae, key, value, name)
+    match = _START_ANGLE.match(name)
+    if match is not None:
+        angle = float(match.group(2))
+        if angle > 90:
+            raise ValueError(f"study-mode suffix -startangle<a>: a is an angle from the parent towards its child, "
+                             f"0 to 90 degrees, got {match.group(2)}")
+        prefix_mode, overrides, sae = _parse_study_mode(match.group(1))
+        return prefix_mode, overrides, _with_sae_setting(sae, "init", f"angle{angle:g}", name)
     return (*_base_mode(name), {})
+
+
+def _with_sae_setting(sae: dict, key: str, value, name: str) -> dict:
+    """``sae`` with ``key`` set, refused when another suffix of ``name`` set it already (two starts)."""
+    if key in sae:
+        raise ValueError(f"study mode {name!r} sets the SAE's {key} twice ({sae[key]!r} and {value!r})")
+    return {**sae, key: value}
 
 
 def _base_mode(name: str) -> tuple[str, dict]:
@@ -182,6 +204,7 @@ def _base_mode(name: str) -> tuple[str, dict]:
                          f"balanced-b<beta> (optionally with -norm), e.g. every-b0.3 or every-b0.3-norm; "
                          f"suffixes -pp (prefix-weighted penalty), -freq (frequency re-sorting), -jumprelu or "
                          f"-batchtopk (a JumpReLU or BatchTopK SAE), -fromtruth (start at the true features), "
+                         f"-startangle<a> (one latent per family starts a degrees from its parent), "
                          f"-resample (dead latents restarted), -dead<N> (dead after N silent steps), -auxk<N> "
                          f"(N dead latents in the dead-latent loss), -cool<f> (share of the steps in the "
                          f"learning-rate cool-down), -cv<lambda> (code-spread penalty), -cvfrom<f> (share of the "
@@ -233,15 +256,29 @@ class RunSpec:
                          k=toy.expected_l0() if activation == "batchtopk" else None)
 
     def build_sae(self, toy: ToyModel) -> SparseAutoencoder:
-        """The SAE this run trains: seeded random, or (a ``-fromtruth`` mode) the toy's true
+        """The SAE this run trains: seeded random; or (a ``-fromtruth`` mode) the toy's true
         dictionary: unit decoder rows along the true directions, the encoder their transpose, zero
-        biases.  The directions being orthogonal, a ReLU or JumpReLU SAE there encodes and decodes
+        biases; or (``-startangle<α>``) seeded random but for latent ``i``, which starts, decoder and
+        encoder alike, at ``cos α p̂ + sin α ĉ`` in family ``i``'s plane (its parent ``p``, its most
+        frequent child ``c``: :meth:`ToyModel.family_planes`).  The directions being orthogonal, a ReLU or JumpReLU SAE there encodes and decodes
         every sample exactly."""
         sae = SparseAutoencoder(self.sae_config(toy), generator=torch.Generator().manual_seed(10_000 + self.seed))
-        if study_init(self.mode) == "truth":
-            with torch.no_grad():
-                sae.W_dec.copy_(toy.directions / toy.directions.norm(dim=1, keepdim=True))
+        init = study_init(self.mode)
+        unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            if init == "truth":
+                sae.W_dec.copy_(unit)
                 sae.W_enc.copy_(sae.W_dec.T)
+            elif init.startswith("angle"):
+                # Latent i starts in family i's plane, at the angle from the parent towards its most
+                # frequent child (the others as drawn): where a first latent forms decides the turn?
+                angle = math.radians(float(init.removeprefix("angle")))
+                planes = toy.family_planes()
+                if not planes:
+                    raise ValueError(f"mode {self.mode!r}: -startangle needs a toy with parent/child families")
+                for latent, (parent, child, _) in enumerate(planes):
+                    sae.W_dec[latent] = math.cos(angle) * unit[parent] + math.sin(angle) * unit[child]
+                    sae.W_enc[:, latent] = sae.W_dec[latent]
         return sae
 
     def train_config(self, toy: ToyModel) -> TrainConfig:

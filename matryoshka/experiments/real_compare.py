@@ -237,7 +237,8 @@ def _activation(mode: str) -> str:
     with the study's k); ValueError for a mode that asks for another activation or for a start at the
     true features (a toy's; real activations have none)."""
     if study_init(mode) != "random":
-        raise ValueError(f"mode {mode!r}: -fromtruth starts an SAE at a toy's true features; real activations have none")
+        raise ValueError(f"mode {mode!r}: -fromtruth and -startangle start an SAE at a toy's true features; real "
+                         f"activations have none")
     activation = study_activation(mode)
     if activation not in ("relu", "batchtopk"):  # ("relu": no activation suffix, the toy studies' default)
         raise ValueError(f"real-compare trains TopK SAEs (BatchTopK with -batchtopk); mode {mode!r} asks for "

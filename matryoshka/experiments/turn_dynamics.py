@@ -98,16 +98,6 @@ def axis_angle(theta: float) -> float:
     return min(folded, 180.0 - folded)
 
 
-def _family_planes(toy: ToyModel) -> list[tuple[int, int, float]]:
-    """``(parent, most frequent child, its probability given the parent)`` of every family."""
-    marginal = toy.marginal_probabilities()
-    out = []
-    for parent, children in toy.families():
-        given = [float(marginal[c] / marginal[parent]) for c in children]
-        out.append((parent, children[int(np.argmax(given))], max(given)))
-    return out
-
-
 def run_turn(spec: TurnSpec) -> dict:
     """Train one SAE as ``spec`` says, reading each family's plane (module doc); JSON-able."""
     threads = torch.get_num_threads()
@@ -117,7 +107,7 @@ def run_turn(spec: TurnSpec) -> dict:
         toy = ToyModel(spec.toy_spec)
         run = RunSpec(spec.toy_spec, spec.mode, spec.seed, spec.steps, log_every=spec.read_every)
         sae = run.build_sae(toy)
-        planes = _family_planes(toy)
+        planes = toy.family_planes()
         reads = []
         tracked = {"rows": None, "ids": list(range(sae.config.n))}
 
