@@ -62,7 +62,7 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.scan_layout import SortedActs
 
 from .checks import rel_err
-from .harness import (DTYPES, InputSet, describe_error, device_name, device_slug, environment, find, find_ok, git_output,
+from .harness import (DTYPES, InputSet, commit_label, describe_error, device_name, device_slug, environment, find, find_ok, git_output,
                       make_input_sets, paired_ratio, ratio, read_timers, start_timer, stop_timer, summarize,
                       write_results_json, write_results)
 from .sae_step import TopKSAE, train_step_with
@@ -399,8 +399,8 @@ def markdown(doc: dict) -> str:
     env, records, checks = doc["environment"], doc["records"], doc["parity"]
     s, flex = doc["settings"], doc["flexsae"]
     lines = [f"### flex-sae side by side: {env['device_name']} ({env['device_type']})", "",
-             f"torch {env['torch']}, triton {env['triton']}, commit `{(env['git_commit'] or '?')[:12]}`"
-             f"{' (dirty)' if env.get('git_dirty') else ''}, flex-sae `{(flex['commit'] or '?')[:12]}` "
+             f"torch {env['torch']}, triton {env['triton']}, commit `{commit_label(env)}`, "
+             f"flex-sae `{(flex['commit'] or '?')[:12]}` "
              f"({flex['dir']}), {env['timestamp_utc']}.  B={s['B']}, d={s['d']}, n={s['n']}; {s['timing']}.", "",
              "**Median ms [quartiles]: forward+backward of the loss, and the TopK SAE training step with it**", "",
              "| k | dtype | part | " + " | ".join(LABELS[name] for name in LOSSES) + " |",

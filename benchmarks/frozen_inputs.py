@@ -26,7 +26,7 @@ import torch
 from matryoshka import Prefixes, matryoshka_loss
 
 from .dense_blocks import dense_inputs
-from .harness import DTYPES, REPO, device_slug, environment, make_input_set, median_time, write_results
+from .harness import DTYPES, REPO, commit_label, device_slug, environment, make_input_set, median_time, write_results
 
 CASES = {"training": ("acts", "W_dec", "b_dec"), "frozen decoder": ("acts",), "fixed codes": ("W_dec", "b_dec")}
 
@@ -100,7 +100,7 @@ def markdown(doc: dict) -> str:
     lines = [
         f"# Frozen inputs: forward + backward, {env['device_name']} ({env['device_type']})",
         "",
-        f"torch {env['torch']}, commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''}; "
+        f"torch {env['torch']}, commit {commit_label(env, 10)}; "
         f"B={s['B']}, d={s['d']}, n={s['n']}, k={s['k']} (sparse), {s['dtype']}, backend {s['backend']}, "
         f"median of {s['rounds']} calls, {s['threads']} CPU thread(s)",
         "",

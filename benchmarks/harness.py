@@ -78,6 +78,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def commit_label(env: dict, digits: int = 12) -> str:
+    """The commit an ``environment()`` was recorded at, shortened, with " (dirty)" when the work tree
+    had changes: how every results file names its code."""
+    return f"{(env.get('git_commit') or '?')[:digits]}{' (dirty)' if env.get('git_dirty') else ''}"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import REPO, add_sae_step_arguments, device_slug, environment, summarize, time_call, write_results
+from .harness import REPO, add_sae_step_arguments, commit_label, device_slug, environment, summarize, time_call, write_results
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET = 1.1  # the target: every-prefix fused step <= 1.1x the stock 5-group step
@@ -158,7 +158,7 @@ def to_markdown(result: dict) -> str:
         f"{verdict} the target <= {TARGET}.",
         "",
         f"Command: `{' '.join(['python -m benchmarks.sae_lens_bench', *result['argv']])}`; "
-        f"machine: {env['cpu_model']}, git {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}.",
+        f"machine: {env['cpu_model']}, git {commit_label(env, 10)}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -40,6 +40,7 @@ from .harness import (
     DTYPES,
     InputSet,
     calibrate,
+    commit_label,
     device_slug,
     describe_error,
     environment,
@@ -354,8 +355,7 @@ def markdown(doc: dict) -> str:
     lines = [
         f"### Results on {env['device_name']} ({env['device_type']})",
         "",
-        f"torch {env['torch']}, triton {env['triton']}, commit `{(env['git_commit'] or '?')[:12]}`"
-        f"{' (dirty)' if env['git_dirty'] else ''}, {env['timestamp_utc']}, {env['torch_threads']} threads, "
+        f"torch {env['torch']}, triton {env['triton']}, commit `{commit_label(env)}`, {env['timestamp_utc']}, {env['torch_threads']} threads, "
         f"load average at start {env.get('load_average_at_start')}.",
         "",
     ]
@@ -445,7 +445,7 @@ def plot(doc: dict, stem: Path) -> list[Path]:
                 if row == 0 and col == 0:
                     ax.legend(fontsize=8)
         fig.suptitle(f"Matryoshka loss, forward+backward: {env['device_name']} ({env['device_type']}), "
-                     f"torch {env['torch']}, commit {(env['git_commit'] or '?')[:10]}{' dirty' if env['git_dirty'] else ''}",
+                     f"torch {env['torch']}, commit {commit_label(env, 10)}",
                      fontsize=11)
         fig.tight_layout()
         path = stem.parent / f"{stem.name}_{dtype}_d{d}.png"
@@ -529,7 +529,7 @@ def main(argv=None) -> dict:
     env = environment(device)
     methods = methods_for(device.type, args.methods)
     print(f"device: {env['device_name']} ({device.type}); torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}", flush=True)
+          f"commit {commit_label(env, 40)}", flush=True)
     checks = check_methods(methods, device)
     passed = {c["method"] for c in checks if c["ok"]}
     print("reference checks passed: " + ", ".join(f"{c['method']} {c['max_rel_err']:.1e}" for c in checks if c["ok"]), flush=True)
