@@ -69,12 +69,12 @@ def test_end_states():
 def test_first_latent_is_the_first_to_enter_the_plane():
     reads = [  # per family: every latent's cosine with p, then with c
         {"step": 10, "families": [[[0.5, 0.1, 0.0], [0.5, 0.0, 0.0]], [[0.9, 0.0, 0.0], [0.0, 0.0, 0.0]]]},
-        {"step": 20, "families": [[[0.6, 0.7, 0.0], [0.6, 0.45, 0.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]},
+        {"step": 20, "families": [[[0.7, 0.6, 0.0], [0.45, 0.6, 0.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]},
         {"step": 30, "families": [[[0.7, 0.9, 0.0], [0.7, 0.2, 0.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]},
     ]
     first = study.first_latent(reads, 0)
-    # step 20: latents 0 (in-plane norm 0.849) and 1 (0.832) past 0.8: the one most in the plane
-    assert first["step"] == 20 and first["latent"] == 0
+    # step 20: latents 0 (in-plane norm 0.832) and 1 (0.849) past 0.8: the one most in the plane
+    assert first["step"] == 20 and first["latent"] == 1
     assert first["theta"] == pytest.approx(45.0)
     assert study.first_latent(reads, 1) == {"step": 10, "latent": 0, "theta": 0.0}
     assert study.first_latent(reads, 0, threshold=0.99) is None
