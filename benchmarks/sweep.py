@@ -355,8 +355,8 @@ def markdown(doc: dict) -> str:
     lines = [
         f"### Results on {env['device_name']} ({env['device_type']})",
         "",
-        f"torch {env['torch']}, triton {env['triton']}, commit `{commit_label(env)}`, {env['timestamp_utc']}, {env['torch_threads']} threads, "
-        f"load average at start {env.get('load_average_at_start')}.",
+        f"torch {env['torch']}, triton {env['triton']}, commit `{commit_label(env)}`, {env['timestamp_utc']}, "
+        f"{env['torch_threads']} threads, load average at start {env.get('load_average_at_start')}.",
         "",
     ]
     loss = [r for r in records if r["kind"] == "loss"]
