@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels import dense_scan, sparse_scan
 
+from .conftest import DEVICE
 from .helpers import RTOL, make_problem
 
 B, D, N, K = 6, 19, 150, 5  # distinct sizes, so that a (n, d) or (B, n) buffer is recognisable; n past
@@ -41,8 +42,8 @@ class NewStorages(TorchDispatchMode):
         return out
 
 
-def _inputs(dense: bool):
-    p = make_problem(B, D, N, K, pad_fraction=0.3, padding_rows=(2,))
+def _inputs(dense: bool, device: str = "cpu"):
+    p = make_problem(B, D, N, K, device=device, pad_fraction=0.3, padding_rows=(2,))
     acts = SparseActs(p.values, p.indices).to_dense(N) if dense else p.values
     return dict(x=p.x, acts=acts, W_dec=p.W_dec, b_dec=p.b_dec), p.indices
 
@@ -64,7 +65,7 @@ def _loss(inputs, indices, dense, backend, prefixes, detach, needs):
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_frozen_inputs_get_no_gradient_and_no_work(backend, dense, detach, prefixes, frozen):
-    inputs, indices = _inputs(dense)
+    inputs, indices = _inputs(dense, "cpu" if backend == "torch" else DEVICE)
     needs = {"x", "acts", "W_dec", "b_dec"} - set(frozen)
     prefixes = PREFIXES[prefixes]
     want_loss, want, _ = _loss(inputs, indices, dense, "reference", prefixes, detach, set(inputs))
@@ -97,11 +98,11 @@ def _assert_skipped(names, part, full, skip: str, exact: bool) -> None:
 
 
 def _sparse_backward_inputs():
-    p = make_problem(B, D, N, K, pad_fraction=0.3, padding_rows=(2,))
+    p = make_problem(B, D, N, K, device=DEVICE, pad_fraction=0.3, padding_rows=(2,))
     order = p.indices.masked_fill(p.indices < 0, N).argsort(1)  # the kernels take each row sorted, padding last
     values, indices = p.values.gather(1, order), p.indices.gather(1, order)
     _, residual = sparse_scan.sparse_scan_forward(p.x, p.b_dec, p.W_dec, values, indices, torch.float64)
-    grad = torch.randn(B, K + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(B, K + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     return residual, grad, p.W_dec, values, indices
 
 
@@ -120,12 +121,12 @@ def test_sparse_host_function_returns_the_skipped_gradients_empty(skip, dw_mode)
 @pytest.mark.parametrize("detach", [False, True], ids=["", "detached"])
 @pytest.mark.parametrize("skip", ["dW", "dacts", "both"])
 def test_dense_host_function_returns_the_skipped_gradients_empty(skip, detach):
-    inputs, _ = _inputs(dense=True)
-    lengths = PREFIXES["every"].lengths
+    inputs, _ = _inputs(dense=True, device=DEVICE)
+    lengths = PREFIXES["every"].lengths  # the host functions take the lengths on the host
     x, acts, W, b = (inputs[name] for name in ("x", "acts", "W_dec", "b_dec"))
     launch = dense_scan.DenseLaunch(16, 16, 16, 1)  # several row blocks, column chunks and latent tiles
     _, residual = dense_scan.dense_scan_forward(x, b, W, acts, lengths, torch.float64, launch)
-    grad = torch.randn(B, lengths.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(B, lengths.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = dense_scan.dense_scan_backward(residual, grad, W, acts, lengths, detach, launch)
     part = dense_scan.dense_scan_backward(residual, grad, W, acts, lengths, detach, launch,
                                           needs_dW=skip == "dacts", needs_dacts=skip == "dW")
