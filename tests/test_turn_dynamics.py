@@ -130,3 +130,19 @@ def test_refuses_bad_read_settings(tmp_path):
         study.turn_dynamics(tmp_path, qs=(0.5,), steps=10, seeds=1, read_every=20, read_until=10)
     with pytest.raises(ValueError, match="0 < x <= 0.83"):
         study.turn_dynamics(tmp_path, qs=(0.9,), steps=10, seeds=1)
+
+
+def test_read_outs_do_not_change_training():
+    """The study reads every 10 steps where the others read every 100: the same run either way, bit
+    for bit (the adaptive coefficient, the penalty and the re-sorting do not depend on read-outs)."""
+    from matryoshka.experiments.common import RunSpec
+    from matryoshka.train import train
+
+    decoders = []
+    for every in (10, 100):
+        spec = RunSpec(family_toy_spec("unequal"), "every-b0.2-orth3", 0, 250, log_every=every)
+        toy = ToyModel(spec.toy_spec)
+        sae = spec.build_sae(toy)
+        train(sae, lambda rows, g: toy.sample(rows, g)[0], spec.train_config(toy))
+        decoders.append(sae.W_dec.detach().clone())
+    assert torch.equal(*decoders)
