@@ -18,7 +18,7 @@ from matryoshka import Prefixes, SparseActs, matryoshka_loss
 from matryoshka.kernels import dense_scan, sparse_scan
 
 from .conftest import DEVICE
-from .helpers import RTOL, make_problem
+from .helpers import RTOL, assert_compiled_step_matches, make_problem
 
 B, D, N, K = 6, 19, 150, 5  # distinct sizes, so that a (n, d) or (B, n) buffer is recognisable; n past
 # the dense PyTorch scan's widest latent block (128), whose (B, width) temporaries are not gradients
@@ -131,3 +131,41 @@ def test_dense_host_function_returns_the_skipped_gradients_empty(skip, detach):
     part = dense_scan.dense_scan_backward(residual, grad, W, acts, lengths, detach, launch,
                                           needs_dW=skip == "dacts", needs_dacts=skip == "dW")
     _assert_skipped(("dx", "dacts", "dW"), part, full, skip, exact=False)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_a_frozen_decoder_inside_torch_compile(dense):
+    """A compiled step with a frozen decoder traces the backward op's skipped gradient (an empty
+    output in the fake) and gives eager's loss and gradients."""
+    inputs, indices = _inputs(dense, DEVICE)
+    W_dec = inputs["W_dec"]  # a constant of the step: no gradient
+
+    def step(x, acts, b_dec):
+        acts = acts if dense else SparseActs(acts, indices)
+        # validate=False: the index check is a host sync, which fullgraph refuses
+        return matryoshka_loss(x, acts, W_dec, b_dec, PREFIXES["groups"], backend="triton", validate=False).loss
+
+    assert_compiled_step_matches(step, [inputs["x"], inputs["acts"], inputs["b_dec"]])
+
+
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["all", "frozen-decoder", "fixed-codes", "neither"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_backward_ops_fakes_match_what_they_skip(dense, needs):
+    """opcheck of the backward ops with each skip: the fakes' shapes (an empty tensor for a skipped
+    gradient), what torch.compile traces, must be the real outputs'."""
+    import matryoshka.kernels.dense_scan_op  # noqa: F401  (registers the ops)
+    import matryoshka.kernels.sparse_scan_op  # noqa: F401
+
+    if dense:
+        inputs, _ = _inputs(dense=True, device=DEVICE)
+        lengths = PREFIXES["groups"].lengths
+        _, residual = dense_scan.dense_scan_forward(inputs["x"], inputs["b_dec"], inputs["W_dec"], inputs["acts"],
+                                                    lengths, torch.float64)
+        grad = torch.ones(B, lengths.numel(), dtype=torch.float64, device=DEVICE)
+        op, args = torch.ops.matryoshka.dense_scan_backward.default, (residual, grad, inputs["W_dec"], inputs["acts"],
+                                                                      lengths, *needs)
+    else:
+        residual, grad, W, values, indices = _sparse_backward_inputs()
+        op, args = torch.ops.matryoshka.sparse_scan_backward.default, (residual, grad, W, values, indices, *needs)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
