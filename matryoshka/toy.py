@@ -131,12 +131,10 @@ class ToyModel:
     def family_planes(self) -> list[tuple[int, int, float]]:
         """``(parent, its most frequent child, that child's probability given the parent)`` for every
         feature that has children: the plane where a frequent child can turn its parent's pair."""
-        marginal = self.marginal_probabilities()
         out = []
         for parent, children in self.families():
-            given = [float(marginal[c] / marginal[parent]) for c in children]
-            best = max(range(len(children)), key=given.__getitem__)
-            out.append((parent, children[best], given[best]))
+            best = max(children, key=lambda c: float(self._p[c]))  # p: the probability given the parent
+            out.append((parent, best, float(self._p[best])))
         return out
 
     def marginal_probabilities(self) -> torch.Tensor:

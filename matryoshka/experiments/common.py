@@ -52,6 +52,7 @@ Study modes (``--modes``; :func:`study_mode` parses them into a prefix mode and 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -82,7 +83,7 @@ from .run_cache import RunCache
 
 __all__ = [
     "study_mode", "study_activation", "study_init", "check_study_mode", "BASE_MODES", "RESAMPLE_EVERY",
-    "RunSpec", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
+    "RunSpec", "one_thread", "run_one", "run_many", "default_jobs", "history_band", "ci95_half_width", "summarize", "fmt",
     "format_table", "write_json", "RUN_CACHE",
     "write_outputs",
 ]
@@ -258,12 +259,14 @@ class RunSpec:
     def build_sae(self, toy: ToyModel) -> SparseAutoencoder:
         """The SAE this run trains: seeded random; or (a ``-fromtruth`` mode) the toy's true
         dictionary: unit decoder rows along the true directions, the encoder their transpose, zero
-        biases; or (``-startangle<α>``) seeded random but for latent ``i``, which starts, decoder and
-        encoder alike, at ``cos α p̂ + sin α ĉ`` in family ``i``'s plane (its parent ``p``, its most
-        frequent child ``c``: :meth:`ToyModel.family_planes`).  The directions being orthogonal, a ReLU or JumpReLU SAE there encodes and decodes
-        every sample exactly."""
+        biases (the directions being orthogonal, a ReLU or JumpReLU SAE there encodes and decodes every
+        sample exactly); or (``-startangle<α>``) seeded random but for latent ``i``, which starts,
+        decoder and encoder alike, at ``cos α p̂ + sin α ĉ`` in family ``i``'s plane (its parent ``p``,
+        its most frequent child ``c``: :meth:`ToyModel.family_planes`)."""
         sae = SparseAutoencoder(self.sae_config(toy), generator=torch.Generator().manual_seed(10_000 + self.seed))
         init = study_init(self.mode)
+        if init == "random":
+            return sae
         unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
         with torch.no_grad():
             if init == "truth":
@@ -293,6 +296,13 @@ class RunSpec:
         )
         return TrainConfig(**{**recipe, **mode_settings, **self.train_overrides})
 
+    def train(self, toy: ToyModel, callback=None) -> tuple[SparseAutoencoder, TrainConfig]:
+        """Build this run's SAE and train it on ``toy``'s samples (``callback`` at every read-out);
+        returns the trained SAE and its config."""
+        sae, config = self.build_sae(toy), self.train_config(toy)
+        train(sae, lambda rows, g: toy.sample(rows, g)[0], config, callback=callback)
+        return sae, config
+
 
 class _Tracker:
     """Training callback: decoder-truth cosines every ``log_every`` steps, summarised per step."""
@@ -316,23 +326,29 @@ class _Tracker:
         })
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run a toy study's run on one thread (tiny matrices: threads only add overhead, and one keeps
+    runs bit-identical), giving the caller its thread count back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_one(spec: RunSpec) -> dict:
     """Train one SAE as ``spec`` says; return its config, tracked history and final metrics (JSON-able)."""
-    threads = torch.get_num_threads()
     cpu_start = time.process_time()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead, and one keeps runs bit-identical
-    try:
+    with one_thread():
         toy = ToyModel(spec.toy_spec)
         n = toy.num_features
-        sae = spec.build_sae(toy)
-        config = spec.train_config(toy)
         tracker = _Tracker(toy)
-        train(sae, lambda rows, g: toy.sample(rows, g)[0], config, callback=tracker)
+        sae, config = spec.train(toy, callback=tracker)
         # One common yardstick for every mode: the expected loss of the sampled recipe.
         objective = Prefixes.every(n, every_prefix_weights(n, min(spec.num_sampled, n)))
         metrics = evaluate(sae, toy, objective, num_samples=spec.eval_samples)
-    finally:
-        torch.set_num_threads(threads)
     return {
         "spec": asdict(spec),
         "sae_config": asdict(sae.config),

@@ -52,8 +52,7 @@ import torch
 
 from ..metrics import cosine_matrix
 from ..toy import ToyModel
-from ..train import train
-from .common import RUN_CACHE, RunSpec, fmt, format_table, run_many, summarize, write_outputs
+from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
 from .hedging import ROTATED, UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 
@@ -100,16 +99,13 @@ def axis_angle(theta: float) -> float:
 
 def run_turn(spec: TurnSpec) -> dict:
     """Train one SAE as ``spec`` says, reading each family's plane (module doc); JSON-able."""
-    threads = torch.get_num_threads()
     cpu_start = time.process_time()
-    torch.set_num_threads(1)  # tiny matrices; one thread keeps runs bit-identical
-    try:
+    with one_thread():
         toy = ToyModel(spec.toy_spec)
         run = RunSpec(spec.toy_spec, spec.mode, spec.seed, spec.steps, log_every=spec.read_every)
-        sae = run.build_sae(toy)
         planes = toy.family_planes()
         reads = []
-        tracked = {"rows": None, "ids": list(range(sae.config.n))}
+        tracked = {"rows": None, "ids": list(range(run.sae_config(toy).n))}
 
         def read(step: int, sae, logs: dict) -> None:
             if step > spec.read_until:
@@ -124,11 +120,9 @@ def run_turn(spec: TurnSpec) -> dict:
                 [np.round(cos[by_id, parent].numpy(), 4).tolist(), np.round(cos[by_id, child].numpy(), 4).tolist()]
                 for parent, child, _ in planes]})
 
-        train(sae, lambda rows, g: toy.sample(rows, g)[0], run.train_config(toy), callback=read)
+        sae, _ = run.train(toy, callback=read)
         cos = cosine_matrix(sae.W_dec, toy.directions)
         final = [[cos[:, parent].tolist(), cos[:, child].tolist()] for parent, child, _ in planes]
-    finally:
-        torch.set_num_threads(threads)
     return {"spec": asdict(spec), "reads": reads, "final": final, "qs": [q for _, _, q in planes],
             "norms": [[float(toy.directions[p].norm()), float(toy.directions[c].norm())] for p, c, _ in planes],
             "seconds": time.process_time() - cpu_start}
@@ -173,7 +167,7 @@ def family_rows(result: dict, threshold: float = IN_PLANE) -> list[dict]:
     rows = []
     for family, ((cos_p, cos_c), (norm_p, norm_c), q) in enumerate(zip(result["final"], result["norms"],
                                                                         result["qs"])):
-        q = round(q, 6)  # a ratio of float64 marginals: the spec's q to rounding
+        q = round(q, 6)  # so that float noise in a stored q cannot split its group from the requested q
         first = first_latent(result["reads"], family, threshold)
         rows.append({"q": q, "seed": result["spec"]["seed"], "family": family,
                      "theta_star": leading_angle(q, norm_p, norm_c), "first": first,
@@ -182,9 +176,9 @@ def family_rows(result: dict, threshold: float = IN_PLANE) -> list[dict]:
     return rows
 
 
-def _trajectory(result: dict, family: int) -> tuple[list[int], list[float]]:
-    """The first latent's angle at every read-out (from the start, whether in the plane or not)."""
-    first = first_latent(result["reads"], family)
+def _trajectory(result: dict, family: int, first: dict | None) -> tuple[list[int], list[float]]:
+    """The axis angle of the family's first latent (``first``: :func:`first_latent`) at every
+    read-out, from the start, whether in the plane or not."""
     if first is None:
         return [], []
     steps = [read["step"] for read in result["reads"]]
@@ -229,7 +223,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     """Tables and figures from a results payload (:func:`turn_dynamics`, or ``--replot``)."""
     from . import plots
 
-    rows = [row for result in payload["runs"] for row in family_rows(result)]
+    per_run = [family_rows(result) for result in payload["runs"]]
+    rows = [row for run_rows in per_run for row in run_rows]
     by_q = {q: [r for r in rows if r["q"] == q] for q in payload["qs"]}
     table = []
     for q, group in by_q.items():
@@ -270,8 +265,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     shown = [q for q in (min(payload["qs"]), 0.5) if q in payload["qs"]] or payload["qs"][:1]
     panels = []
     for q in dict.fromkeys(shown):
-        curves = [(*_trajectory(result, f), row["end"]) for result in payload["runs"]
-                  for f, row in enumerate(family_rows(result)) if row["q"] == q]
+        curves = [(*_trajectory(result, row["family"], row["first"]), row["end"])
+                  for result, run_rows in zip(payload["runs"], per_run) for row in run_rows if row["q"] == q]
         panels.append((f"q = {q:g} (θ* = {np.mean([r['theta_star'] for r in by_q[q]]):.1f}°)", curves))
     plots.turn_trajectories(panels, figures[1], title="the first latent's axis during training")
     write_outputs(out, "turn_results.json", payload, "turn_results.md", lines, figures, docs)

@@ -388,9 +388,11 @@ def _dense_scan_backward_kernel(
     """dx[b, chunk] = S_0; dacts[chunk, b, :L] = chunk shares of dA; dW_dec += via atomics.
 
     ``NEEDS_DW`` / ``NEEDS_DACTS`` off (a frozen decoder, fixed codes): that output is not written
-    and its pointer never read.  Only the stores are guarded: the products that fed them are then
-    dead code, which the compiler removes (the sm_90 build of a frozen-decoder backward has no
-    ``dW_dec`` atomics and fewer tensor-core products: tests/test_kernels_report.py).
+    and its pointer never read.  The stores are guarded, and the detached branch's own ``dW_dec``
+    products; the products that fed a skipped store elsewhere (``_add_grads_inside_tile`` computes
+    ``dA``, ``dW_dec`` and ``S`` together) are then dead code, which the compiler removes (the sm_90
+    build of a frozen-decoder backward has no ``dW_dec`` atomics and fewer matrix products:
+    ``make kernels-report``, tests/test_kernels_report.py).
 
     Given ``c = dL/dnorms``, the suffix sum ``S_p = sum_{q >= p} 2 c_q r_q`` over positions starts
     at ``S_L = 2 c_L r_L`` and the tiles are walked in reverse, recovering the residual before each

@@ -25,9 +25,10 @@ Checks (exit status 1 if any fails):
 * no spill (a non-empty stack frame: Triton kernels keep no local arrays, so stack is spill) in a
   float32, float16 or bfloat16 build.  Float64 spills are reported but do not fail, and neither does
   a variant the host does not launch at that shape (shown as "not picked: ...") nor a frozen-decoder
-  build.  (The float32 ``tf32x3`` detached dense backward spills 32 B for a frozen decoder at the
-  training tiles 16x16x32, 4 or 8 warps, though it does less work; 16-column tiles do not spill but
-  read the activations twice as often, so the frozen build keeps the training launch.)
+  build.  (The detached dense backward spills for a frozen decoder at the training tiles, though it
+  does less work: 32 B in float32 ``tf32x3`` with Triton 3.9, 8 B and, in float16/bfloat16, 64 B
+  with 3.6; 16-column float32 tiles do not spill but read the activations twice as often, so the
+  frozen build keeps the training launch.)
 
 Run ``python -m matryoshka.kernels.report`` (``--quick``: each kernel at its largest configuration
 only).  Under ``TRITON_INTERPRET=1`` the ``@triton.jit`` functions are interpreter objects that
