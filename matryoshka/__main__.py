@@ -15,7 +15,7 @@ from .checkpoint import check_writable
 from .distributed import init_from_env
 from .orthogonality import DEFAULT_CHUNK
 from .experiments import (absorption_margins, child_magnitude, compare, hedging, orthogonality, real_absorption,
-                          real_compare, turn_dynamics)
+                          real_compare, turn_dynamics, unturn)
 from .experiments.common import RunSpec, check_study_mode, default_jobs
 from .sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
 from .realdata import DEFAULT_CORPUS
@@ -214,6 +214,16 @@ def turn_dynamics_cmd(args: argparse.Namespace) -> None:
                                 docs=None if args.quick or not args.docs else Path(args.docs))
 
 
+def unturn_cmd(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")
+    if _replotted(args, unturn):
+        return
+    steps, seeds = _steps_and_seeds(args, unturn)
+    unturn.unturn_study(Path(args.out), qs=tuple([0.5] if args.quick else args.qs), mode=args.mode, steps=steps,
+                        retrain_steps=unturn.QUICK_STEPS if args.quick else args.retrain_steps, seeds=seeds,
+                        jobs=args.jobs, docs=None if args.quick or not args.docs else Path(args.docs))
+
+
 def _family_toy(name: str) -> str:
     """argparse type of ``orthogonality --toys``: a family toy's name, refused with the reason."""
     try:
@@ -352,6 +362,21 @@ def main(argv: list[str] | None = None) -> None:
     turn.add_argument("--replot", action="store_true",
                       help="redo the tables and figures from OUT/turn_results.json, without training")
     turn.set_defaults(func=turn_dynamics_cmd)
+
+    rebase = sub.add_parser("unturn", help="re-base trained SAEs' nested pairs so that their codes are uncorrelated, "
+                                           "and see whether training keeps the truth it gives",
+                            description=unturn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _study_args(rebase, "runs/unturn", unturn, modes=False)
+    rebase.add_argument("--qs", type=float, nargs="+", default=list(unturn.DEFAULT_QS),
+                        help="P(most frequent child | parent) of the unequal toys, each in (0, 0.83] (default: %(default)s)")
+    rebase.add_argument("--mode", default=unturn.DEFAULT_MODE, type=check_study_mode,
+                        help="study mode (default: %(default)s)")
+    rebase.add_argument("--retrain-steps", type=int, default=unturn.DEFAULT_RETRAIN_STEPS,
+                        help="steps trained after the re-basing, and by the control (default: %(default)s)")
+    rebase.add_argument("--docs", default=None, help="also copy the figure and results table here")
+    rebase.add_argument("--replot", action="store_true",
+                        help="redo the table and figure from OUT/unturn_results.json, without training")
+    rebase.set_defaults(func=unturn_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
                                help="train one SAE on the nabeshima toy (resumable; torchrun for data-parallel)")

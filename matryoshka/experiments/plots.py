@@ -233,9 +233,10 @@ def phase_heatmaps(panels: Sequence[tuple[str, np.ndarray]], ratios: Sequence[fl
 
 
 def outcome_bars(panels: Sequence[tuple[str, Sequence[str], dict[str, Sequence[int]]]], path: Path,
-                 title: str | None = None) -> None:
+                 title: str | None = None, ylabel: str = "seeds") -> None:
     """Stacked bars, one panel per ``(title, bar labels, {outcome: count per bar})``: how many seeds
-    ended in each outcome (the first outcome green, the others in warm colours, bottom to top)."""
+    (or what ``ylabel`` counts) ended in each outcome (the first outcome green, the others in warm
+    colours, bottom to top)."""
     fig, axes = plt.subplots(len(panels), 1, squeeze=False, layout="constrained",
                              figsize=(max(6.0, 0.4 * max(len(labels) for _, labels, _ in panels)), 4.6 * len(panels)))
     colors = ["tab:green", "tab:red", "tab:gray", "tab:orange", "tab:purple"]
@@ -245,7 +246,7 @@ def outcome_bars(panels: Sequence[tuple[str, Sequence[str], dict[str, Sequence[i
             ax.bar(range(len(labels)), values, bottom=bottom, color=color, label=name)
             bottom += np.asarray(values, dtype=float)
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_ylabel("seeds")
+        ax.set_ylabel(ylabel)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, ncol=len(panels[0][2]), loc="outside lower center")

@@ -1,0 +1,204 @@
+"""``python -m matryoshka unturn``: pick a turned pair's basis after training, and see whether
+training keeps it (research question 1).
+
+From ``q = P(child | parent) = 1/2`` on, the objective likes the turned pair at least as well as the
+true one, and random starts turn nearly every such family ("Why a frequent child turns its
+parent's pair", "Where training commits to the turn").  Started at the truth, training keeps it
+while the sparsity term is weak ("Started at the truth").  So the truth is a basin that training
+does not find but can stay in.  This study puts trained SAEs there by a rule outside the loss
+(:func:`matryoshka.unturn.unturn_pairs`: a nested pair's codes should be uncorrelated) and
+trains on.
+
+Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``, default
+``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested pairs on fresh samples; train the
+re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule: warm-up, the adaptive
+sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
+was before the re-basing for the same steps.  At each :data:`STAGES`, each family's state in the
+plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
+other) and the SAE's metrics (MCC, L0, explained variance).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..metrics import cosine_matrix, evaluate
+from ..toy import ToyModel
+from ..train import train
+from ..unturn import unturn_pairs
+from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
+from .hedging import UNEQUAL_PREFIX, family_toy_spec
+from .orthogonality import share_interval
+from .turn_dynamics import END_STATES, end_state
+
+__all__ = ["UnturnSpec", "run_unturn", "unturn_study", "report", "replot", "STAGES", "DEFAULT_QS"]
+
+DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_MODE = "every-b0.2-orth3"
+DEFAULT_STEPS = 6_000
+DEFAULT_RETRAIN_STEPS = 2_000
+DEFAULT_SEEDS = 10
+QUICK_STEPS = 200
+STAGES = ("trained", "re-based", "re-based, trained on", "control: trained on")
+ENTANGLED = 0.3  # |cos| of a latent along the sibling and along the parent or the child
+
+
+@dataclass(frozen=True)
+class UnturnSpec:
+    """One run: a family toy, a study mode and a seed on the toy recipe, ``steps`` of training, the
+    re-basing from ``samples`` fresh inputs, then ``retrain_steps`` more (module doc)."""
+
+    toy_spec: dict
+    mode: str
+    seed: int
+    steps: int
+    retrain_steps: int = DEFAULT_RETRAIN_STEPS
+    samples: int = 20_000
+
+
+def run_unturn(spec: UnturnSpec) -> dict:
+    """One run of the study (module doc); JSON-able."""
+    cpu_start = time.process_time()
+    with one_thread():
+        toy = ToyModel(spec.toy_spec)
+        sae, config = RunSpec(spec.toy_spec, spec.mode, spec.seed, spec.steps).train(toy)
+        stages = {"trained": _measure(sae, toy)}
+        control = copy.deepcopy(sae)
+        inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
+        moved = unturn_pairs(sae, inputs)
+        stages["re-based"] = _measure(sae, toy)
+        # The recipe again from the SAE it is given: new data, a fresh schedule.
+        again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1)
+        for name, model in (("re-based, trained on", sae), ("control: trained on", control)):
+            train(model, lambda rows, g: toy.sample(rows, g)[0], again)
+            stages[name] = _measure(model, toy)
+    return {"spec": asdict(spec), "stages": stages, "moved": [asdict(m) for m in moved],
+            "qs": [q for _, _, q in toy.family_planes()], "seconds": time.process_time() - cpu_start}
+
+
+def _measure(sae, toy: ToyModel) -> dict:
+    """Each family's state in its plane and whether its sibling is entangled (:func:`_entangled`),
+    and the SAE's MCC, L0 and explained variance."""
+    cos = cosine_matrix(sae.W_dec, toy.directions)
+    metrics = evaluate(sae, toy)
+    return {"families": [end_state(cos[:, p].tolist(), cos[:, c].tolist()) for p, c, _ in toy.family_planes()],
+            "entangled": _entangled(cos, toy), **{key: metrics[key] for key in ("mcc", "l0", "explained_variance")}}
+
+
+def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
+    """Per family: does a latent lie along its *sibling* (the most frequent child but one) and along
+    its parent or its most frequent child (|cos| ≥ :data:`ENTANGLED` with both)?  Then three
+    latents share three features, which a pair's re-basing cannot undo."""
+    frequency = toy.marginal_probabilities()
+    children = dict(toy.families())
+    out = []
+    for parent, child, _ in toy.family_planes():
+        others = [f for f in children[parent] if f != child]
+        if not others:
+            out.append(False)
+            continue
+        sibling = max(others, key=lambda f: float(frequency[f]))
+        along = (cos[:, parent].abs() >= ENTANGLED) | (cos[:, child].abs() >= ENTANGLED)
+        out.append(bool((along & (cos[:, sibling].abs() >= ENTANGLED)).any()))
+    return out
+
+
+def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
+                 retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
+                 docs: Path | None = None) -> dict:
+    """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
+    ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
+    if steps < 1 or retrain_steps < 1:
+        raise ValueError(f"steps and retrain_steps must be >= 1, got {steps} and {retrain_steps}")
+    toys = {q: family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}") for q in qs}  # refuses a q outside (0, 0.83] now
+    start = time.perf_counter()
+    print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
+          f"re-based, then {retrain_steps} more (and the control); seeds 0..{seeds - 1}, {jobs} process(es)")
+    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps) for q in qs for seed in range(seeds)]
+    results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
+    payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "seeds": seeds,
+               "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
+    return report(out, payload, docs)
+
+
+def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
+    """Tables and the figure from a results payload (:func:`unturn_study`, or ``--replot``)."""
+    from . import plots
+
+    header = ["q", "stage", "true/turned/other", "true (95% CI)", "MCC", "L0", "explained variance"]
+    table, counts, labels, kept = [], {state: [] for state in END_STATES}, [], []
+    for q in payload["qs"]:
+        runs = [r for r in payload["runs"] if math.isclose(max(r["qs"]), q, abs_tol=1e-3)]
+        states = {stage: [s for r in runs for s in r["stages"][stage]["families"]] for stage in STAGES}
+        for stage in STAGES:
+            tally = [states[stage].count(state) for state in END_STATES]
+            low, high = share_interval(tally[0], len(states[stage])) if states[stage] else (math.nan, math.nan)
+            metric = {key: summarize([r["stages"][stage][key] for r in runs]) for key in ("mcc", "l0", "explained_variance")}
+            table.append([f"{q:g}", stage, "/".join(map(str, tally)),
+                          f"{tally[0]}/{len(states[stage])} ({low:.2f}–{high:.2f})", fmt(metric["mcc"]),
+                          fmt(metric["l0"]), fmt(metric["explained_variance"], 4)])
+            labels.append(f"q={q:g}: {stage}")
+            for state, count in zip(END_STATES, tally):
+                counts[state].append(count)
+        # What training on does with each family the re-basing left true, and with the others.
+        pairs = list(zip(states["re-based"], states["re-based, trained on"]))
+        entangled = [e for r in runs for e in r["stages"]["trained"]["entangled"]]
+        made_true = [state == "true" for state in states["re-based"]]
+        kept.append([f"{q:g}"] + [_transitions([after for before, after in pairs if (before == "true") == wanted])
+                                  for wanted in (True, False)]
+                    + [f"{sum(t for t, e in zip(made_true, entangled) if e == wanted)}/{entangled.count(wanted)}"
+                       for wanted in (True, False)])
+    text = format_table(table, header)
+    kept_text = format_table(kept, ["q", "re-based true → trained on: true/turned/other",
+                                    "re-based other → trained on: true/turned/other",
+                                    "made true | sibling entangled", "made true | sibling apart"])
+    moved = [m["angle"] for r in payload["runs"] for m in r["moved"]]
+    lines = [
+        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based, then {payload['retrain_steps']} more; "
+        f"{payload['seeds']} seeds per q",
+        "",
+        "Each family (3 per run), in the plane of the parent and that child: "
+        "true, turned or other (turn_dynamics.end_state). Stages: the trained SAE; re-based "
+        "(matryoshka.unturn.unturn_pairs); re-based, then trained on with the recipe; the control, trained on "
+        "without the re-basing. MCC, L0 and explained variance: mean ± 95% CI over seeds.",
+        "",
+        "```", text, "```", "",
+        "Each family's path through the re-basing and the training on, by its state when re-based; and "
+        "the share the re-basing made true among the families whose trained SAE had a latent along the "
+        f"sibling (the most frequent child but one) and along the parent or the child (|cos| >= {ENTANGLED}), "
+        "and among the others:", "",
+        "```", kept_text, "```", "",
+        f"Pairs re-based: {len(moved)} ({len(moved) / max(1, len(payload['runs'])):.1f} per run); the parent "
+        f"latent's row moved by a median {np.median(moved) if moved else float('nan'):.1f}° "
+        f"(quartiles {np.percentile(moved, 25) if moved else float('nan'):.1f}–"
+        f"{np.percentile(moved, 75) if moved else float('nan'):.1f}°).",
+        "",
+        f"{len(payload['runs'])} runs, {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s training CPU",
+    ]
+    print("\n" + text + "\n\n" + kept_text)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = out / "unturn_states.png"
+    plots.outcome_bars([(f"{payload['mode']}: each family's parent and most frequent child", labels, counts)], figure,
+                       ylabel="families")
+    write_outputs(out, "unturn_results.json", payload, "unturn_results.md", lines, [figure], docs)
+    return {"table": table}
+
+
+def _transitions(states: list[str]) -> str:
+    """``true/turned/other`` counts of ``states`` ("–" for none)."""
+    return "/".join(str(states.count(state)) for state in END_STATES) if states else "–"
+
+
+def replot(out: Path, docs: Path | None = None) -> dict:
+    """Redo the table and figure from ``OUT/unturn_results.json`` without training."""
+    return report(out, json.loads((out / "unturn_results.json").read_text()), docs)

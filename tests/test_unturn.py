@@ -1,0 +1,167 @@
+"""Un-turning (``matryoshka.unturn``): a turned family re-based onto its true pair, a true dictionary
+left alone, the decoder norms kept, bad settings refused; and the ``unturn`` study from the command
+line (and ``--replot``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from matryoshka.experiments import unturn as study
+from matryoshka.experiments.common import RunSpec
+from matryoshka.experiments.hedging import family_toy_spec
+from matryoshka.toy import ToyModel
+from matryoshka.unturn import unturn_pairs
+
+
+def _toy_and_truth(q: float = 0.5, rotation_seed: int | None = None):
+    """The unequal toy at ``q`` and an SAE at its true dictionary (unit rows, tied encoder, zero
+    biases); with ``rotation_seed``, the toy's directions turned by a random orthogonal matrix
+    first (the same problem in other coordinates: other signs for the eigenvectors found)."""
+    spec = family_toy_spec(f"unequal-q{q:g}")
+    toy = ToyModel(spec)
+    if rotation_seed is not None:
+        turn, _ = torch.linalg.qr(torch.randn(toy.d, toy.d, generator=torch.Generator().manual_seed(rotation_seed)))
+        toy.directions = toy.directions @ turn
+    return toy, RunSpec(spec, "every-b0.2-fromtruth", 0, 1).build_sae(toy)
+
+
+def _turn(sae, toy, families):
+    """Put the given families' (parent, most frequent child) latents on the turned pair: along
+    (p̂ + ĉ)/√2 and (p̂ − ĉ)/√2, encoder tied, zero biases (how a random start ends at q = 1/2)."""
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    planes = toy.family_planes()
+    with torch.no_grad():
+        for family in families:
+            parent, child, _ = planes[family]
+            for latent, row in ((parent, unit[parent] + unit[child]), (child, unit[parent] - unit[child])):
+                sae.W_dec[latent] = row / math.sqrt(2)
+                sae.W_enc[:, latent] = sae.W_dec[latent]
+                sae.b_enc[latent] = -0.01  # a trained bias: the re-basing resets it
+
+
+def _samples(toy, rows=20_000):
+    return toy.sample(rows, torch.Generator().manual_seed(7))[0]
+
+
+@pytest.mark.parametrize("q, rotation_seed", [(0.5, None), (0.6, None), (0.7, None), (0.5, 0), (0.5, 1), (0.5, 2)])
+def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed):
+    toy, sae = _toy_and_truth(q, rotation_seed)
+    _turn(sae, toy, families=[0, 2])
+    moved = unturn_pairs(sae, _samples(toy))
+    sae.requires_grad_(False)
+    planes = toy.family_planes()
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    assert sorted((m.parent, m.child) for m in moved) == sorted(
+        tuple(sorted((planes[f][0], planes[f][1]))) for f in (0, 2))
+    for m in moved:
+        parent, child, _ = next(plane for plane in planes if {plane[0], plane[1]} == {m.parent, m.child})
+        # the container latent (fires on every family row) takes the parent, the nested one the child
+        assert float(sae.W_dec[m.parent] @ unit[parent]) == pytest.approx(1.0, abs=1e-6)
+        assert float(sae.W_dec[m.child] @ unit[child]) == pytest.approx(1.0, abs=1e-6)
+        assert m.angle == pytest.approx(45.0, abs=1e-4)
+        assert m.parent_spread == pytest.approx(0.0, abs=1e-6) and m.child_spread > 0.5
+        assert torch.allclose(sae.W_enc[:, m.parent], sae.W_dec[m.parent]) and float(sae.b_enc[m.parent]) == 0.0
+    # the untouched family's latents stay where they were
+    untouched = planes[1][:2]
+    assert all(float(sae.W_dec[f] @ unit[f]) == pytest.approx(1.0, abs=1e-6) for f in untouched)
+
+
+def test_a_true_dictionary_is_left_alone():
+    """A true parent's code is constant on its rows: no nested latent's code correlates with it."""
+    toy, sae = _toy_and_truth()
+    before = {name: value.clone() for name, value in sae.state_dict().items()}
+    assert unturn_pairs(sae, _samples(toy)) == []
+    assert all(torch.equal(before[name], value) for name, value in sae.state_dict().items())
+
+
+def test_decoder_norms_are_kept():
+    toy, sae = _toy_and_truth()
+    _turn(sae, toy, families=[1])
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.config.n)[:, None])
+    norms = sae.W_dec.norm(dim=1).clone()
+    [moved] = unturn_pairs(sae, _samples(toy))
+    assert torch.allclose(sae.W_dec.norm(dim=1), norms, rtol=1e-6)
+    assert float(sae.W_enc[:, moved.parent].detach().norm()) == pytest.approx(1.0)
+
+
+def test_too_few_firings_leave_the_pair_alone():
+    toy, sae = _toy_and_truth()
+    _turn(sae, toy, families=[0])
+    assert unturn_pairs(sae, _samples(toy, rows=300), min_firings=300) == []
+
+
+def test_the_result_does_not_depend_on_the_eigensolvers_signs(monkeypatch):
+    """Eigenvectors are defined up to sign: flipped ones give the same, positively oriented rows."""
+    toy, sae = _toy_and_truth()
+    _turn(sae, toy, families=[0])
+    unturn_pairs(sae, _samples(toy))
+    expected, sae = sae.W_dec.detach().clone(), _toy_and_truth()[1]
+    _turn(sae, toy, families=[0])
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: (lambda values, vectors: (values, -vectors))(*eigh(matrix)))
+    unturn_pairs(sae, _samples(toy))
+    assert torch.allclose(sae.W_dec.detach(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"x": torch.zeros(5, 3)}, "x must be"),
+    ({"nesting": 0.0}, "nesting"),
+    ({"min_correlation": 1.5}, "min_correlation"),
+    ({"min_firings": 1}, "min_firings"),
+])
+def test_bad_settings_are_refused(kwargs, match):
+    toy, sae = _toy_and_truth()
+    with pytest.raises(ValueError, match=match):
+        unturn_pairs(sae, **{"x": _samples(toy, rows=100), **kwargs})
+
+
+def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
+    from matryoshka.__main__ import main
+
+    main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
+          "--qs", "0.5"])
+    first = capsys.readouterr().out
+    runs = json.loads((tmp_path / "unturn_results.json").read_text())["runs"]
+    assert len(runs) == 2 and all(list(run["stages"]) == list(study.STAGES) for run in runs)
+    assert all(len(stage["families"]) == 3 for run in runs for stage in run["stages"].values())
+    # the control starts from the trained SAE, the re-based run from the re-based one: without
+    # pairs to re-base the two train the same SAE on the same data
+    for run in runs:
+        if not run["moved"]:
+            assert run["stages"]["re-based, trained on"] == run["stages"]["control: trained on"]
+    (tmp_path / "unturn_states.png").unlink()
+    monkeypatch.setattr(study, "run_many", lambda *args, **kwargs: pytest.fail("--replot must not train"))
+    main(["unturn", "--replot", "--out", str(tmp_path)])
+    again = capsys.readouterr().out
+    assert (tmp_path / "unturn_states.png").exists()
+    table = lambda text: text[text.index("q    "):text.index("wrote")]  # noqa: E731
+    assert table(again) == table(first)
+    states, paths = table(first).strip().split("\n\n")
+    assert len(states.splitlines()) == 2 + len(study.STAGES) and len(paths.splitlines()) == 3
+
+
+def test_a_sibling_is_entangled_when_a_latent_lies_along_it_and_the_pair():
+    toy, sae = _toy_and_truth()
+    cos = torch.eye(toy.num_features, sae.config.n).T  # latent f along feature f: nothing entangled
+    assert study._entangled(cos, toy) == [False, False, False]
+    parent, child, _ = toy.family_planes()[1]
+    siblings = [f for f in dict(toy.families())[parent] if f != child]
+    sibling = max(siblings, key=lambda f: float(toy.marginal_probabilities()[f]))
+    assert float(toy.marginal_probabilities()[sibling]) > min(float(toy.marginal_probabilities()[f]) for f in siblings)
+    cos[child, sibling] = cos[child, child] = 0.7  # the child's latent half along the sibling
+    assert study._entangled(cos, toy) == [False, True, False]
+    cos[child, sibling] = 0.2
+    assert study._entangled(cos, toy) == [False, False, False]
+    rarest = min(siblings, key=lambda f: float(toy.marginal_probabilities()[f]))
+    cos[child, rarest] = 0.7  # along the rarest child: not the sibling that enters the span
+    assert study._entangled(cos, toy) == [False, False, False]
+
+
+def test_refuses_bad_step_counts(tmp_path):
+    with pytest.raises(ValueError, match="retrain_steps"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=0, seeds=1)
