@@ -269,6 +269,18 @@ def _study_args(parser: argparse.ArgumentParser, out: str, study, modes: bool = 
                              "(default: %(default)s)")
 
 
+def _unequal_q_study_args(parser: argparse.ArgumentParser, out: str, study, results: str) -> None:
+    """The options of a study of one mode over the unequal toys' q (``turn-dynamics``, ``unturn``)."""
+    _study_args(parser, out, study, modes=False)
+    parser.add_argument("--qs", type=float, nargs="+", default=list(study.DEFAULT_QS),
+                        help="P(most frequent child | parent) of the unequal toys, each in (0, 0.83] (default: %(default)s)")
+    parser.add_argument("--mode", default=study.DEFAULT_MODE, type=check_study_mode,
+                        help="study mode (default: %(default)s)")
+    parser.add_argument("--docs", default=None, help="also copy the figures and results table here")
+    parser.add_argument("--replot", action="store_true",
+                        help=f"redo the tables and figures from OUT/{results}, without training")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m matryoshka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,32 +362,18 @@ def main(argv: list[str] | None = None) -> None:
     turn = sub.add_parser("turn-dynamics", help="where training commits a frequent child's pair to the turn: each "
                                                 "family's first latent against the leading direction",
                           description=turn_dynamics.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _study_args(turn, "runs/turn_dynamics", turn_dynamics, modes=False)
-    turn.add_argument("--qs", type=float, nargs="+", default=list(turn_dynamics.DEFAULT_QS),
-                      help="P(most frequent child | parent) of the unequal toys, each in (0, 0.83] (default: %(default)s)")
-    turn.add_argument("--mode", default=turn_dynamics.DEFAULT_MODE, type=check_study_mode,
-                      help="study mode (default: %(default)s)")
+    _unequal_q_study_args(turn, "runs/turn_dynamics", turn_dynamics, "turn_results.json")
     turn.add_argument("--read-every", type=int, default=10, help="steps between read-outs (default: %(default)s)")
     turn.add_argument("--read-until", type=int, default=1000,
                       help="last step read (default: %(default)s; the first latents form in the first few hundred)")
-    turn.add_argument("--docs", default=None, help="also copy the figures and results table here")
-    turn.add_argument("--replot", action="store_true",
-                      help="redo the tables and figures from OUT/turn_results.json, without training")
     turn.set_defaults(func=turn_dynamics_cmd)
 
     rebase = sub.add_parser("unturn", help="re-base trained SAEs' nested pairs so that their codes are uncorrelated, "
                                            "and see whether training keeps the truth it gives",
                             description=unturn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _study_args(rebase, "runs/unturn", unturn, modes=False)
-    rebase.add_argument("--qs", type=float, nargs="+", default=list(unturn.DEFAULT_QS),
-                        help="P(most frequent child | parent) of the unequal toys, each in (0, 0.83] (default: %(default)s)")
-    rebase.add_argument("--mode", default=unturn.DEFAULT_MODE, type=check_study_mode,
-                        help="study mode (default: %(default)s)")
+    _unequal_q_study_args(rebase, "runs/unturn", unturn, "unturn_results.json")
     rebase.add_argument("--retrain-steps", type=int, default=unturn.DEFAULT_RETRAIN_STEPS,
                         help="steps trained after the re-basing, and by the control (default: %(default)s)")
-    rebase.add_argument("--docs", default=None, help="also copy the figure and results table here")
-    rebase.add_argument("--replot", action="store_true",
-                        help="redo the table and figure from OUT/unturn_results.json, without training")
     rebase.set_defaults(func=unturn_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,
