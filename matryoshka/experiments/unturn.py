@@ -15,7 +15,13 @@ re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule:
 sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
 was before the re-basing for the same steps.  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
-other) and the SAE's metrics (MCC, L0, explained variance).
+other), whether its sibling is entangled (:func:`_entangled`), and the SAE's metrics (MCC, L0,
+explained variance).
+
+Tables per q: the families' states and the metrics (mean ± 95% CI over seeds) at each stage; each
+family's path from its re-based state to its state after training on; and the share the re-basing
+made true among the families whose sibling was entangled in the trained SAE and among the others.
+Figure: the families' states per stage, stacked bars.
 """
 
 from __future__ import annotations
