@@ -1,4 +1,4 @@
-"""Un-turning: re-base a trained SAE's nested latent pairs so that their codes are uncorrelated.
+"""Un-turning: re-base a trained SAE's nested latents so that a parent's code does not vary.
 
 Why (research question 1; the README's "Why a frequent child turns its parent's pair"): when a
 child fires on a share ``q ≥ 1/2`` of its parent's samples, the Matryoshka objective likes a
@@ -6,37 +6,42 @@ child fires on a share ``q ≥ 1/2`` of its parent's samples, the Matryoshka obj
 (``p``, ``c``), so no schedule of its terms can pick the truth.  Both pairs span the same plane;
 they differ in the basis.  This module picks the basis outside the loss, after training.
 
-**The rule.**  A latent ``j`` is *nested* in a latent ``i`` when ``i`` fires on at least ``nesting``
-of the rows where ``j`` fires (the firing hierarchy of a child in its parent; the turned pair
-obeys it too).  Given its parent, a child's presence should not change the parent's code: on the
-rows where the parent fires, the parent's and the child's codes are uncorrelated.  The turned pair
-breaks that: on a family's rows its codes are ``(1/√2, 1/√2)`` or ``(√2, 0)``, correlation −1.  So
-for a container latent ``i`` (taken most frequent first) with nested latents whose codes correlate
-with its own (``|corr| ≥ min_correlation`` on ``i``'s rows):
+**The rule.**  A latent ``j`` is *nested* in a container latent ``i`` when ``i`` fires on at least
+``nesting`` of the rows where ``j`` fires (the firing hierarchy of a child in its parent; the turned
+pair obeys it too).  Given its parent, a child's presence should not change the parent's code; the
+turned pair breaks that (on a family's rows its first code is ``1/√2`` or ``√2``, and its codes
+correlate −1).  So for a container ``i`` (taken most frequent first) with nested latents whose
+codes correlate with its own (``|corr| ≥ min_correlation`` on ``i``'s rows):
 
-1. ``P``: the principal plane of ``i``'s rows (the inputs less ``b_dec``, uncentred) within the
-   span of the decoder rows of ``i`` and a subset of those nested latents (the :data:`MAX_SPAN`
-   most correlated at most): a turned direction may be split over two latents, and an exclusive
-   sibling's latent anti-correlates with the container too (at q ≥ 0.6 on the unequal toy), so
-   every subset is tried and the one whose plane gives the parent (step 3) the least varying
-   projection is kept; the span keeps other features out;
-2. the two eigenvectors of the rows' covariance in ``P``: the basis in which the rows' two
-   coordinates are uncorrelated.  Each is signed so that the rows' mean projection is positive;
-3. the one whose projections vary least relative to their mean (coefficient of variation) is the
-   parent's, the other the child's: the parent's latent fires on every row of its family, the
-   child's only on some.  ``i`` takes the parent's direction; the nested latent whose decoder row is
-   most aligned with the child's direction takes the child's.
+1. ``S``: the subspace ``i``'s rows (the inputs less ``b_dec``) occupy within the span of the
+   decoder rows of ``i`` and a subset ``T`` of those nested latents: their principal directions
+   with at least ``energy`` of the first one's energy, 2 to ``1 + MAX_CHILDREN`` of them (a turned
+   direction may be split over two latents: the span then has a dimension the rows do not use);
+2. the parent's direction: the unit ``u`` in ``S`` whose projections of the rows vary least
+   relative to their mean (the coefficient of variation ``√(uᵀCu) / uᵀμ``, with ``μ`` and ``C`` the
+   rows' mean and covariance in ``S``): ``u ∝ C⁻¹μ``, oriented so that ``uᵀμ > 0``;
+3. the children's directions: the orthonormal basis of the rest of ``S`` (orthogonal to ``u``) in
+   which the rows' coordinates have the smallest L1 norm, each oriented so the rows project
+   positively on it (one direction: nothing to choose; two: a search over the angle).
 
-On a family of the toys (rows ``p`` and ``p + c``, the latter with probability ``q``) the
-covariance in ``P`` is ``q(1 − q) c cᵀ`` whatever basis the SAE holds, so step 2 gives ``p`` and
-``c`` exactly, and a true pair is left where it is.  The two new decoder rows keep their old
-norms; their encoder columns become the new unit directions with zero bias (how a dictionary of
-orthogonal directions encodes exactly, as ``-fromtruth`` starts); the other latents are untouched.
-The SAE should be trained on afterwards (the encoder is only a start).  The rule assumes that a
-parent's magnitude does not depend on whether its child fires; a parent and child with correlated
-magnitudes have no uncorrelated basis to find.  A probe of the explanation on the toys, not a
-recipe for real data (``python -m matryoshka unturn``: where it restores the truth and whether
-training keeps it).
+Every subset ``T`` of up to :data:`MAX_SPAN` of the correlated latents (most correlated first) is
+tried, and the one whose parent direction varies least is kept.  Where several agree to 1e-6 (on
+rows that take two values, any direction orthogonal to their difference has a constant
+projection, and a subspace tilted out of the rows' plane holds one), the one on which the rows
+project furthest (their mean projection), then the smaller subset.  ``i``
+takes the parent's direction; the children's directions go to the latents of ``T`` most aligned
+with them (one to one); latents of ``T`` left over keep their rows.
+
+On a family of the toys (rows ``p``, and ``p + c_k`` for an exclusive child ``c_k``) the parent's
+projection is constant exactly along ``p`` (``C p = 0``), whatever basis the SAE holds, and the rest
+of the rows are the children's directions themselves, so the rule gives ``p`` and the ``c_k``
+exactly; a true parent's code does not vary, so no nested code correlates with it and a true
+dictionary is left alone.  The new decoder rows keep their old norms; their encoder columns become
+the new unit directions with zero bias (how a dictionary of orthogonal directions encodes exactly,
+as ``-fromtruth`` starts).  The SAE should be trained on afterwards (the encoder is only a start).
+The rule assumes that a parent's magnitude does not depend on which child fires, and that features
+are orthogonal; a probe of the explanation on the toys, not a recipe for real data
+(``python -m matryoshka unturn``: where it restores the truth and whether training keeps it).
 """
 
 from __future__ import annotations
@@ -45,46 +50,49 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import scipy.optimize
 import torch
 
 from .code_spread import FLOOR
 from .sae import SparseAutoencoder
 
-__all__ = ["PairRotation", "unturn_pairs", "MAX_SPAN"]
+__all__ = ["Rebasing", "unturn", "MAX_SPAN", "MAX_CHILDREN"]
 
-MAX_SPAN = 4  # nested latents (most correlated first) whose subsets are searched for the plane
+MAX_SPAN = 4  # correlated nested latents (most correlated first) whose subsets are searched
+MAX_CHILDREN = 2  # child directions found per container: the frequent child and one sibling
 
 
 @dataclass(frozen=True)
-class PairRotation:
-    """One re-based pair: the container ``parent`` latent and the nested ``child`` latent that took
-    the new directions; ``span``: the nested latents whose decoder rows, with the parent's, spanned the plane kept;
-    ``parent_spread``, ``child_spread``: the coefficients of variation of the rows' projections on
-    the new directions; ``angle``: degrees the parent latent's decoder row moved."""
+class Rebasing:
+    """One re-based container: the ``parent`` latent, the ``children`` latents that took the child
+    directions, ``span``: the nested latents whose decoder rows spanned the subspace kept;
+    ``parent_spread``: the coefficient of variation of the rows' projections on the parent's new
+    direction; ``angle``: degrees the parent latent's decoder row moved."""
 
     parent: int
-    child: int
+    children: tuple[int, ...]
     span: tuple[int, ...]
     parent_spread: float
-    child_spread: float
     angle: float
 
 
 @torch.no_grad()
-def unturn_pairs(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_correlation: float = 0.5,
-                 min_firings: int = 50) -> list[PairRotation]:
-    """Re-base ``sae``'s nested pairs in place by the rule of the module doc, from inputs ``x``
+def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_correlation: float = 0.5,
+                 min_firings: int = 50, energy: float = 0.01) -> list[Rebasing]:
+    """Re-base ``sae``'s nested latents in place by the rule of the module doc, from inputs ``x``
     ``(rows, d)``; returns what moved.  A latent fires on a row when its code is above
     :data:`~matryoshka.code_spread.FLOOR` times its largest code on ``x``; latents firing on fewer
     than ``min_firings`` rows are left alone.  Computed in float64."""
     if x.dim() != 2 or x.shape[1] != sae.config.d:
-        raise ValueError(f"unturn_pairs: x must be (rows, d={sae.config.d}) inputs, got shape {tuple(x.shape)}")
+        raise ValueError(f"unturn: x must be (rows, d={sae.config.d}) inputs, got shape {tuple(x.shape)}")
     if not 0 < nesting <= 1:
-        raise ValueError(f"unturn_pairs: nesting must be in (0, 1], got {nesting}")
+        raise ValueError(f"unturn: nesting must be in (0, 1], got {nesting}")
     if not 0 <= min_correlation <= 1:
-        raise ValueError(f"unturn_pairs: min_correlation must be in [0, 1], got {min_correlation}")
+        raise ValueError(f"unturn: min_correlation must be in [0, 1], got {min_correlation}")
     if min_firings < 2:
-        raise ValueError(f"unturn_pairs: min_firings must be >= 2 (a spread needs two rows), got {min_firings}")
+        raise ValueError(f"unturn: min_firings must be >= 2 (a spread needs two rows), got {min_firings}")
+    if not 0 < energy < 1:
+        raise ValueError(f"unturn: energy must be in (0, 1), got {energy}")
     codes = sae.dense_acts(x).double()
     fires = codes > FLOOR * codes.amax(0, keepdim=True).clamp_min(0)
     counts = fires.sum(0)
@@ -105,37 +113,64 @@ def unturn_pairs(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, 
         if not candidates:
             continue
         inputs = centred[rows]
-        # Any subset of those latents may span the family's plane (a turned direction can be split
-        # over two latents; an exclusive sibling's latent anti-correlates too): keep the plane in
-        # which the parent's projection varies least, the smaller subset on a tie.
-        spread, new, subset = min((_rebased(inputs, directions[[i, *chosen]]) + (chosen,)
-                                   for size in range(1, len(candidates) + 1)
-                                   for chosen in itertools.combinations(candidates, size)),
-                                  key=lambda option: (float(option[0][0]), len(option[2])))
-        j = max(subset, key=lambda latent: abs(float(directions[latent] @ new[1])))
-        angle = math.degrees(math.acos(min(1.0, abs(float(directions[i] @ new[0])))))
-        for latent, direction in ((i, new[0]), (j, new[1])):
+        spread, level, parent, children, span = min(
+            (_rebased(inputs, directions[[i, *chosen]], energy) + (chosen,)
+             for size in range(1, len(candidates) + 1) for chosen in itertools.combinations(candidates, size)),
+            key=lambda option: (round(option[0], 6), -round(option[1], 6), len(option[4])))
+        # each child direction to the latent of the span most aligned with it, one to one
+        child_of, latent_of = scipy.optimize.linear_sum_assignment(-(children @ directions[list(span)].T).abs().numpy())
+        assigned = [(i, parent)] + [(span[j], children[c]) for c, j in zip(child_of, latent_of)]
+        for latent, direction in assigned:
             sae.W_dec[latent] = (norms[latent] * direction).to(sae.W_dec.dtype)
             sae.W_enc[:, latent] = direction.to(sae.W_enc.dtype)
             sae.b_enc[latent] = 0
-        taken |= {i, j}
-        moved.append(PairRotation(i, j, subset, float(spread[0]), float(spread[1]), angle))
+        taken |= {latent for latent, _ in assigned}
+        angle = math.degrees(math.acos(min(1.0, abs(float(directions[i] @ parent)))))
+        moved.append(Rebasing(i, tuple(latent for latent, _ in assigned[1:]), span, spread, angle))
     return moved
 
 
-def _rebased(inputs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(spreads, directions)``: the decorrelated pair (module doc, steps 1–3) of the rows ``inputs``
-    within the span of the decoder ``rows``, the parent's direction first; ``spreads``: the
-    coefficients of variation of the inputs' projections on them."""
+def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """``(spread, level, parent, children)`` (module doc, steps 1–3) for the rows ``inputs`` within
+    the span of the decoder ``rows``: the parent's unit direction ``(d,)``, the children's ``(k, d)``,
+    and the coefficient of variation and the mean of the inputs' projections on the parent's."""
     basis, _ = torch.linalg.qr(rows.T)  # (d, len(rows)), orthonormal
-    plane = torch.linalg.svd(inputs @ basis, full_matrices=False).Vh[:2] @ basis.T  # (2, d)
-    _, axes = torch.linalg.eigh(torch.cov((inputs @ plane.T).T))
-    new = axes.T @ plane  # (2, d): unit, orthogonal, uncorrelated coordinates on the rows
-    new = torch.where((inputs @ new.T).mean(0)[:, None] < 0, -new, new)
-    projections = inputs @ new.T
-    spread = projections.std(0) / projections.mean(0).abs()
-    order = torch.argsort(spread)
-    return spread[order], new[order]
+    _, singular, right = torch.linalg.svd(inputs @ basis, full_matrices=False)
+    used = int((singular**2 >= energy * singular[0] ** 2).sum())
+    subspace = right[: min(max(used, 2), len(rows), 1 + MAX_CHILDREN)] @ basis.T  # (r, d)
+    coords = inputs @ subspace.T
+    mean, cov = coords.mean(0), torch.cov(coords.T)
+    # argmin_u √(uᵀCu) / uᵀμ is u ∝ C⁻¹μ; a ridge of 1e-12 of C's scale keeps a zero-variance
+    # direction (the toys' parent) solvable.
+    ridge = 1e-12 * float(cov.diagonal().sum()) + 1e-300
+    u = torch.linalg.solve(cov + ridge * torch.eye(len(mean), dtype=cov.dtype), mean)
+    u = u / u.norm()  # uᵀμ = μᵀ(C + ridge)⁻¹μ / |…| > 0: it already points along the rows
+    projections = coords @ u
+    spread = float(projections.std() / projections.mean())
+    rest = torch.linalg.qr(torch.cat([u[:, None], torch.eye(len(u), dtype=u.dtype)], 1)).Q[:, 1:len(u)].T  # ⊥ u
+    children = _sparsest_basis(coords @ rest.T) @ rest
+    children = torch.where((coords @ children.T).mean(0)[:, None] < 0, -children, children)
+    return spread, float(projections.mean()), u @ subspace, children @ subspace
+
+
+def _sparsest_basis(coords: torch.Tensor) -> torch.Tensor:
+    """The orthonormal basis (rows) of ``coords``' space (``(rows, k)``, k ≤ 2) in which the
+    coordinates have the smallest L1 norm: a grid over the angle, then a bounded refinement."""
+    if coords.shape[1] == 1:
+        return torch.ones(1, 1, dtype=coords.dtype)
+
+    def basis(angle: float) -> torch.Tensor:
+        c, s = math.cos(angle), math.sin(angle)
+        return torch.tensor([[c, s], [-s, c]], dtype=coords.dtype)
+
+    def l1(angle: float) -> float:
+        return float((coords @ basis(angle).T).abs().sum())
+
+    # a basis repeats every 90°, so [0°, 90°) holds every one; L1 is piecewise smooth in the angle
+    step = math.radians(1.0)
+    start = min((k * step for k in range(90)), key=l1)
+    best = scipy.optimize.minimize_scalar(l1, bounds=(start - step, start + step), method="bounded").x
+    return basis(best)
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ from matryoshka.experiments import unturn as study
 from matryoshka.experiments.common import RunSpec
 from matryoshka.experiments.hedging import family_toy_spec
 from matryoshka.toy import ToyModel
-from matryoshka.unturn import unturn_pairs
+from matryoshka.unturn import unturn
 
 
 def _toy_and_truth(q: float = 0.5, rotation_seed: int | None = None):
@@ -51,30 +51,82 @@ def _samples(toy, rows=20_000):
 def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed):
     toy, sae = _toy_and_truth(q, rotation_seed)
     _turn(sae, toy, families=[0, 2])
-    moved = unturn_pairs(sae, _samples(toy))
+    moved = unturn(sae, _samples(toy))
     sae.requires_grad_(False)
     planes = toy.family_planes()
     unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
-    assert sorted((m.parent, m.child) for m in moved) == sorted(
-        tuple(sorted((planes[f][0], planes[f][1]))) for f in (0, 2))
+    # the container latent (fires on every family row) takes the parent, the nested one the child
+    assert sorted((m.parent, m.children) for m in moved) == [(planes[f][0], (planes[f][1],)) for f in (0, 2)]
     for m in moved:
-        parent, child, _ = next(plane for plane in planes if {plane[0], plane[1]} == {m.parent, m.child})
-        # the container latent (fires on every family row) takes the parent, the nested one the child
+        parent, child, _ = next(plane for plane in planes if plane[0] == m.parent)
         assert float(sae.W_dec[m.parent] @ unit[parent]) == pytest.approx(1.0, abs=1e-6)
-        assert float(sae.W_dec[m.child] @ unit[child]) == pytest.approx(1.0, abs=1e-6)
+        assert float(sae.W_dec[child] @ unit[child]) == pytest.approx(1.0, abs=1e-6)
         assert m.angle == pytest.approx(45.0, abs=1e-4)
-        assert m.parent_spread == pytest.approx(0.0, abs=1e-6) and m.child_spread > 0.5
+        assert m.parent_spread == pytest.approx(0.0, abs=1e-6)
         assert torch.allclose(sae.W_enc[:, m.parent], sae.W_dec[m.parent]) and float(sae.b_enc[m.parent]) == 0.0
     # the untouched family's latents stay where they were
     untouched = planes[1][:2]
     assert all(float(sae.W_dec[f] @ unit[f]) == pytest.approx(1.0, abs=1e-6) for f in untouched)
 
 
+def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth():
+    """At q = 0.7 trained SAEs turn the parent, its frequent child and their exclusive sibling
+    together: three latents, each mixing all three (the rows below, read off a trained seed and made
+    orthonormal).  The container takes the parent, the other two the child and the sibling."""
+    toy, sae = _toy_and_truth(0.7)
+    parent, child, _ = toy.family_planes()[0]
+    sibling = max((f for f in dict(toy.families())[parent] if f != child),
+                  key=lambda f: float(toy.marginal_probabilities()[f]))
+    # columns along (parent, child, sibling)
+    mixing, _ = torch.linalg.qr(torch.tensor([[0.66, 0.75, 0.0], [0.43, -0.38, 0.82], [0.62, -0.54, -0.57]]).T)
+    mixing = mixing.T * torch.sign(mixing.T[:, :1])  # rows as read: positive along the parent
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    latents = (parent, sibling, child)  # the second row lies most along the sibling, the third along the child
+    with torch.no_grad():
+        for latent, row in zip(latents, mixing):
+            sae.W_dec[latent] = row @ unit[[parent, child, sibling]]
+            sae.W_enc[:, latent] = sae.W_dec[latent]
+    [moved] = unturn(sae, _samples(toy))
+    sae.requires_grad_(False)
+    assert moved.parent == parent and sorted(moved.children) == sorted((child, sibling))
+    for latent in latents:
+        assert float(sae.W_dec[latent] @ unit[latent]) == pytest.approx(1.0, abs=1e-6)
+    assert moved.parent_spread == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth():
+    """A hedge: the turned pair's second direction shared by two latents that lean either way off
+    the family's plane, along a spare dimension no row uses.  Each latent alone spans a plane
+    holding a constant-projection direction tilted off ``p``; with both, the span holds ``p``, on
+    which the rows project furthest, and the spare dimension is dropped (no rows' energy there)."""
+    spec = {**family_toy_spec("unequal-q0.5"), "d": 21}  # one dimension more than features
+    toy = ToyModel(spec)
+    sae = RunSpec(spec, "every-b0.2-fromtruth", 0, 1).build_sae(toy)
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    spare = torch.linalg.svd(unit).Vh[-1]  # orthogonal to every feature
+    parent, child, _ = toy.family_planes()[0]
+    helper = next(f for f in range(toy.num_features) if f not in (parent, child) and toy.parents[f] == -1
+                  and f not in dict(toy.families()))  # a distractor's latent lends itself to the hedge
+    turned, second = (unit[parent] + unit[child]) / math.sqrt(2), (unit[parent] - unit[child]) / math.sqrt(2)
+    with torch.no_grad():
+        for latent, row in ((parent, turned), (child, 0.8 * second + 0.6 * spare), (helper, 0.8 * second - 0.6 * spare)):
+            sae.W_dec[latent] = row
+            sae.W_enc[:, latent] = row
+    rebased = {m.parent: m for m in unturn(sae, _samples(toy))}
+    sae.requires_grad_(False)
+    moved = rebased.pop(parent)
+    assert all(m.angle < 1e-4 for m in rebased.values())  # true families stay where they are
+    assert sorted(moved.span) == sorted((child, helper))
+    assert float(sae.W_dec[parent] @ unit[parent]) == pytest.approx(1.0, abs=1e-6)
+    [taker] = moved.children
+    assert float(sae.W_dec[taker] @ unit[child]) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_a_true_dictionary_is_left_alone():
     """A true parent's code is constant on its rows: no nested latent's code correlates with it."""
     toy, sae = _toy_and_truth()
     before = {name: value.clone() for name, value in sae.state_dict().items()}
-    assert unturn_pairs(sae, _samples(toy)) == []
+    assert unturn(sae, _samples(toy)) == []
     assert all(torch.equal(before[name], value) for name, value in sae.state_dict().items())
 
 
@@ -84,7 +136,7 @@ def test_decoder_norms_are_kept():
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.config.n)[:, None])
     norms = sae.W_dec.norm(dim=1).clone()
-    [moved] = unturn_pairs(sae, _samples(toy))
+    [moved] = unturn(sae, _samples(toy))
     assert torch.allclose(sae.W_dec.norm(dim=1), norms, rtol=1e-6)
     assert float(sae.W_enc[:, moved.parent].detach().norm()) == pytest.approx(1.0)
 
@@ -92,19 +144,19 @@ def test_decoder_norms_are_kept():
 def test_too_few_firings_leave_the_pair_alone():
     toy, sae = _toy_and_truth()
     _turn(sae, toy, families=[0])
-    assert unturn_pairs(sae, _samples(toy, rows=300), min_firings=300) == []
+    assert unturn(sae, _samples(toy, rows=300), min_firings=300) == []
 
 
 def test_the_result_does_not_depend_on_the_eigensolvers_signs(monkeypatch):
     """Eigenvectors are defined up to sign: flipped ones give the same, positively oriented rows."""
     toy, sae = _toy_and_truth()
     _turn(sae, toy, families=[0])
-    unturn_pairs(sae, _samples(toy))
+    unturn(sae, _samples(toy))
     expected, sae = sae.W_dec.detach().clone(), _toy_and_truth()[1]
     _turn(sae, toy, families=[0])
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: (lambda values, vectors: (values, -vectors))(*eigh(matrix)))
-    unturn_pairs(sae, _samples(toy))
+    unturn(sae, _samples(toy))
     assert torch.allclose(sae.W_dec.detach(), expected, atol=1e-6)
 
 
@@ -117,7 +169,7 @@ def test_the_result_does_not_depend_on_the_eigensolvers_signs(monkeypatch):
 def test_bad_settings_are_refused(kwargs, match):
     toy, sae = _toy_and_truth()
     with pytest.raises(ValueError, match=match):
-        unturn_pairs(sae, **{"x": _samples(toy, rows=100), **kwargs})
+        unturn(sae, **{"x": _samples(toy, rows=100), **kwargs})
 
 
 def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):

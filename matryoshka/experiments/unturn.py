@@ -6,7 +6,7 @@ true one, and random starts turn nearly every such family ("Why a frequent child
 parent's pair", "Where training commits to the turn").  Started at the truth, training keeps it
 while the sparsity term is weak ("Started at the truth").  So the truth is a basin that training
 does not find but can stay in.  This study puts trained SAEs there by a rule outside the loss
-(:func:`matryoshka.unturn.unturn_pairs`: a nested pair's codes should be uncorrelated) and
+(:func:`matryoshka.unturn.unturn`: a parent's code should not vary with its children) and
 trains on.
 
 Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``, default
@@ -41,7 +41,7 @@ import torch
 from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
-from ..unturn import unturn_pairs
+from ..unturn import unturn
 from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
@@ -81,7 +81,7 @@ def run_unturn(spec: UnturnSpec) -> dict:
         stages = {"trained": _measure(sae, toy)}
         control = copy.deepcopy(sae)
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
-        moved = unturn_pairs(sae, inputs)
+        moved = unturn(sae, inputs)
         stages["re-based"] = _measure(sae, toy)
         # The recipe again from the SAE it is given: new data, a fresh schedule.
         again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1)
@@ -175,7 +175,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
         "true, turned or other (turn_dynamics.end_state). Stages: the trained SAE; re-based "
-        "(matryoshka.unturn.unturn_pairs); re-based, then trained on with the recipe; the control, trained on "
+        "(matryoshka.unturn.unturn); re-based, then trained on with the recipe; the control, trained on "
         "without the re-basing. MCC, L0 and explained variance: mean ± 95% CI over seeds.",
         "",
         "```", text, "```", "",
@@ -184,7 +184,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         f"sibling (the most frequent child but one) and along the parent or the child (|cos| >= {ENTANGLED}), "
         "and among the others:", "",
         "```", kept_text, "```", "",
-        f"Pairs re-based: {len(moved)} ({len(moved) / max(1, len(payload['runs'])):.1f} per run); the parent "
+        f"Containers re-based: {len(moved)} ({len(moved) / max(1, len(payload['runs'])):.1f} per run); the parent "
         f"latent's row moved by a median {np.median(moved) if moved else float('nan'):.1f}° "
         f"(quartiles {np.percentile(moved, 25) if moved else float('nan'):.1f}–"
         f"{np.percentile(moved, 75) if moved else float('nan'):.1f}°).",
