@@ -10,7 +10,7 @@ does not find but can stay in.  This study puts trained SAEs there by a rule out
 trains on.
 
 Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``, default
-``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested pairs on fresh samples; train the
+``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested latents on fresh samples; train the
 re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule: warm-up, the adaptive
 sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
 was before the re-basing for the same steps.  At each :data:`STAGES`, each family's state in the
@@ -104,7 +104,8 @@ def _measure(sae, toy: ToyModel) -> dict:
 def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
     """Per family: does a latent lie along its *sibling* (the most frequent child but one) and along
     its parent or its most frequent child (|cos| ≥ :data:`ENTANGLED` with both)?  Then three
-    latents share three features, which a pair's re-basing cannot undo."""
+    latents share three features: a three-way turn, which the re-basing undoes only with both of its
+    child directions (:data:`matryoshka.unturn.MAX_CHILDREN`)."""
     frequency = toy.marginal_probabilities()
     children = dict(toy.families())
     out = []
