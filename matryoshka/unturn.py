@@ -78,7 +78,7 @@ class Rebasing:
 
 @torch.no_grad()
 def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_correlation: float = 0.5,
-                 min_firings: int = 50, energy: float = 0.01) -> list[Rebasing]:
+           min_firings: int = 50, energy: float = 0.01) -> list[Rebasing]:
     """Re-base ``sae``'s nested latents in place by the rule of the module doc, from inputs ``x``
     ``(rows, d)``; returns what moved.  A latent fires on a row when its code is above
     :data:`~matryoshka.code_spread.FLOOR` times its largest code on ``x``; latents firing on fewer
@@ -113,7 +113,7 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
         if not candidates:
             continue
         inputs = centred[rows]
-        spread, level, parent, children, span = min(
+        spread, _, parent, children, span = min(
             (_rebased(inputs, directions[[i, *chosen]], energy) + (chosen,)
              for size in range(1, len(candidates) + 1) for chosen in itertools.combinations(candidates, size)),
             key=lambda option: (round(option[0], 6), -round(option[1], 6), len(option[4])))
