@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="last step read (default: %(default)s; the first latents form in the first few hundred)")
     turn.set_defaults(func=turn_dynamics_cmd)
 
-    rebase = sub.add_parser("unturn", help="re-base trained SAEs' nested pairs so that their codes are uncorrelated, "
+    rebase = sub.add_parser("unturn", help="re-base trained SAEs' nested latents so that a parent's code does not vary with its children, "
                                            "and see whether training keeps the truth it gives",
                             description=unturn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _unequal_q_study_args(rebase, "runs/unturn", unturn, "unturn_results.json")

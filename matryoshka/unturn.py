@@ -19,7 +19,7 @@ codes correlate with its own (``|corr| ≥ min_correlation`` on ``i``'s rows):
    direction may be split over two latents: the span then has a dimension the rows do not use);
 2. the parent's direction: the unit ``u`` in ``S`` whose projections of the rows vary least
    relative to their mean (the coefficient of variation ``√(uᵀCu) / uᵀμ``, with ``μ`` and ``C`` the
-   rows' mean and covariance in ``S``): ``u ∝ C⁻¹μ``, oriented so that ``uᵀμ > 0``;
+   rows' mean and covariance in ``S``): ``u ∝ C⁻¹μ``, which points along the rows (``uᵀμ > 0``);
 3. the children's directions: the orthonormal basis of the rest of ``S`` (orthogonal to ``u``) in
    which the rows' coordinates have the smallest L1 norm, each oriented so the rows project
    positively on it (one direction: nothing to choose; two: a search over the angle).
@@ -105,8 +105,9 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
         if i in taken or counts[i] < min_firings:
             continue
         rows = fires[:, i]
+        inside = fires[rows].sum(0)  # each latent's firings on i's rows
         nested = [j for j in range(sae.config.n) if j != i and j not in taken
-                  and min_firings <= counts[j] <= counts[i] and (rows & fires[:, j]).sum() >= nesting * counts[j]]
+                  and min_firings <= counts[j] <= counts[i] and inside[j] >= nesting * counts[j]]
         correlated = {j: abs(_correlation(codes[rows, i], codes[rows, j])) for j in nested}
         candidates = sorted((j for j in nested if correlated[j] >= min_correlation), key=correlated.get,
                             reverse=True)[:MAX_SPAN]

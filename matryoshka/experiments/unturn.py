@@ -170,6 +170,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
                                     "re-based other → trained on: true/turned/other",
                                     "made true | sibling entangled", "made true | sibling apart"])
     moved = [m["angle"] for r in payload["runs"] for m in r["moved"]]
+    first_quartile, median, third_quartile = np.percentile(moved, [25, 50, 75]) if moved else [math.nan] * 3
     lines = [
         f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based, then {payload['retrain_steps']} more; "
         f"{payload['seeds']} seeds per q",
@@ -186,9 +187,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         "and among the others:", "",
         "```", kept_text, "```", "",
         f"Containers re-based: {len(moved)} ({len(moved) / max(1, len(payload['runs'])):.1f} per run); the parent "
-        f"latent's row moved by a median {np.median(moved) if moved else float('nan'):.1f}° "
-        f"(quartiles {np.percentile(moved, 25) if moved else float('nan'):.1f}–"
-        f"{np.percentile(moved, 75) if moved else float('nan'):.1f}°).",
+        f"latent's row moved by a median {median:.1f}° (quartiles {first_quartile:.1f}–{third_quartile:.1f}°).",
         "",
         f"{len(payload['runs'])} runs, {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s training CPU",
     ]
