@@ -52,7 +52,8 @@ kernels-report: $(VENV)/.installed
 
 # The H200 image's own torch and Triton (the device tool's KINDS.md: torch 2.11.0, its CUDA build, which
 # runs on the CPU without a GPU; Triton 3.6.0) in a venv of their own (~5 GB with the CUDA libraries,
-# ~2 min to install from the local index), for two checks a GPU session would otherwise meet first.
+# ~2 min to install from the local index; no pip cache, which would hold ~3.5 GB more), for two checks a
+# GPU session would otherwise meet first.
 # numpy < 2: Triton 3.6's interpreter fails on loop bounds loaded from memory with numpy 2 (the device
 # compiles its kernels, so its numpy 2 is not concerned).  CI runs both targets.
 DEVICE_TORCH_SPEC ?= torch==2.11.0
@@ -60,7 +61,7 @@ DEVICE_TRITON_SPEC ?= triton==3.6.0
 DEVICE_VENV ?= .venv-device
 $(DEVICE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q -e ".[test]" "$(DEVICE_TORCH_SPEC)" "$(DEVICE_TRITON_SPEC)" "numpy<2"
+	$(DEVICE_VENV)/bin/python -m pip install -q --no-cache-dir -e ".[test]" "$(DEVICE_TORCH_SPEC)" "$(DEVICE_TRITON_SPEC)" "numpy<2"
 	touch $@
 
 # The sm_90 report, and every launch candidate benchmarks/tune.py and tune_dense.py can time, built with
