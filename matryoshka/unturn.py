@@ -60,6 +60,10 @@ __all__ = ["Rebasing", "unturn", "MAX_SPAN", "MAX_CHILDREN"]
 
 MAX_SPAN = 4  # correlated nested latents (most correlated first) whose subsets are searched
 MAX_CHILDREN = 2  # child directions found per container: the frequent child and one sibling
+# A code whose standard deviation is at most this share of its mean is constant: a fixed-magnitude
+# parent's float32 codes vary by ~1e-7 of it, and that noise correlates with a child's code by chance
+# (a true family in rotated coordinates was re-based on one CPU and not on another).
+CONSTANT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,9 @@ def _sparsest_basis(coords: torch.Tensor) -> torch.Tensor:
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation; 0 when either is constant (a constant code carries no turn)."""
+    """Pearson correlation; 0 when either is constant to :data:`CONSTANT` (a constant code carries
+    no turn, and the correlation of its rounding noise is anything)."""
+    if any(float(v.std()) <= CONSTANT * float(v.abs().mean()) for v in (a, b)):
+        return 0.0
     a, b = a - a.mean(), b - b.mean()
-    scale = float(a.norm() * b.norm())
-    return float(a @ b) / scale if scale > 0 else 0.0
+    return float(a @ b) / float(a.norm() * b.norm())

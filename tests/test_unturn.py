@@ -202,6 +202,38 @@ def test_a_sibling_is_entangled_when_a_latent_lies_along_it_and_the_pair():
     assert study._entangled(cos, toy) == [False, False, False]
 
 
-def test_refuses_bad_step_counts(tmp_path):
+def test_refuses_bad_step_counts_and_retrain(tmp_path):
     with pytest.raises(ValueError, match="retrain_steps"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=0, seeds=1)
+    with pytest.raises(ValueError, match="retrain must be one of"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain="frozen")
+
+
+@pytest.mark.parametrize("retrain", study.RETRAINS)
+def test_training_on_records_the_coefficient_the_retrain_setting_gives(retrain):
+    """"fixed" holds the coefficient at the recipe's start; the recipe adapts it (a re-based or a
+    short-trained SAE is far from the toy's L0, so it moves)."""
+    toy_spec = family_toy_spec("unequal-q0.7")
+    result = study.run_unturn(study.UnturnSpec(toy_spec, study.DEFAULT_MODE, 0, steps=60, retrain_steps=40,
+                                               samples=2_000, retrain=retrain))
+    for stage in study.TRAINED_ON:
+        low, high = result["stages"][stage]["coeff_end"], result["stages"][stage]["coeff_max"]
+        assert low <= high
+        if retrain == "fixed":
+            assert low == pytest.approx(1e-3) and high == pytest.approx(1e-3)
+        else:
+            assert high > 1e-3 * 1.01 or low < 1e-3 / 1.01
+    assert all("coeff_max" not in result["stages"][stage] for stage in study.STAGES[:2])
+
+
+def test_a_code_constant_to_rounding_correlates_with_nothing():
+    """A true parent's float32 codes vary by rounding only; that noise must not read as a turn."""
+    from matryoshka.unturn import _correlation
+
+    child = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    noise = 1e-7 * (child - 0.5)  # rounding that happens to follow the child: correlation 1
+    assert _correlation(1.0 + noise, child) == 0.0
+    assert _correlation(child, 1.0 + noise) == 0.0
+    turned = 1.0 + 0.4 * child  # a real variation: a turned pair's parent code
+    assert _correlation(turned, child) == pytest.approx(1.0)
+    assert _correlation(turned, -child) == pytest.approx(-1.0)
