@@ -13,10 +13,13 @@ Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``,
 ``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested latents on fresh samples; train the
 re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule: warm-up, the adaptive
 sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
-was before the re-basing for the same steps.  At each :data:`STAGES`, each family's state in the
+was before the re-basing for the same steps.  ``retrain="fixed"`` (``--retrain fixed``) trains on
+with the sparsity coefficient held at the recipe's start (1e-3) instead of adapted to the toy's L0:
+whether the adaptive coefficient's climb is what turns the truth again.  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
 other), whether its sibling is entangled (:func:`_entangled`), and the SAE's metrics (MCC, L0,
-explained variance).
+explained variance); for the two stages trained on, the sparsity coefficient's largest and last
+values over the training on.
 
 Tables per q: the families' states and the metrics (mean ± 95% CI over seeds) at each stage; each
 family's path from its re-based state to its state after training on; and the share the re-basing
@@ -47,7 +50,7 @@ from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
 
-__all__ = ["UnturnSpec", "run_unturn", "unturn_study", "report", "replot", "STAGES", "DEFAULT_QS"]
+__all__ = ["UnturnSpec", "run_unturn", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
 
 DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MODE = "every-b0.2-orth3"
@@ -56,6 +59,10 @@ DEFAULT_RETRAIN_STEPS = 2_000
 DEFAULT_SEEDS = 10
 QUICK_STEPS = 200
 STAGES = ("trained", "re-based", "re-based, trained on", "control: trained on")
+TRAINED_ON = STAGES[2:]
+RETRAINS = ("recipe", "fixed")  # how the stages trained on set the sparsity coefficient (module doc)
+_RETRAIN_TEXT = {"recipe": "the recipe's adaptive sparsity coefficient",
+                 "fixed": "the sparsity coefficient held at its start"}
 ENTANGLED = 0.3  # |cos| of a latent along the sibling and along the parent or the child
 
 
@@ -70,6 +77,7 @@ class UnturnSpec:
     steps: int
     retrain_steps: int = DEFAULT_RETRAIN_STEPS
     samples: int = 20_000
+    retrain: str = RETRAINS[0]
 
 
 def run_unturn(spec: UnturnSpec) -> dict:
@@ -83,11 +91,14 @@ def run_unturn(spec: UnturnSpec) -> dict:
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
         moved = unturn(sae, inputs)
         stages["re-based"] = _measure(sae, toy)
-        # The recipe again from the SAE it is given: new data, a fresh schedule.
-        again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1)
-        for name, model in (("re-based, trained on", sae), ("control: trained on", control)):
-            train(model, lambda rows, g: toy.sample(rows, g)[0], again)
-            stages[name] = _measure(model, toy)
+        # The recipe again from the SAE it is given: new data, a fresh schedule; "fixed": the
+        # coefficient held at its start (no target L0 to adapt it to).
+        again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1,
+                                    target_l0=config.target_l0 if spec.retrain == "recipe" else None)
+        for name, model in zip(TRAINED_ON, (sae, control)):
+            history = train(model, lambda rows, g: toy.sample(rows, g)[0], again).history
+            coefficients = [row["sparsity_coeff"] for row in history]
+            stages[name] = {**_measure(model, toy), "coeff_max": max(coefficients), "coeff_end": coefficients[-1]}
     return {"spec": asdict(spec), "stages": stages, "moved": [asdict(m) for m in moved],
             "qs": [q for _, _, q in toy.family_planes()], "seconds": time.process_time() - cpu_start}
 
@@ -122,18 +133,21 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
-                 docs: Path | None = None) -> dict:
+                 retrain: str = RETRAINS[0], docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
         raise ValueError(f"steps and retrain_steps must be >= 1, got {steps} and {retrain_steps}")
+    if retrain not in RETRAINS:
+        raise ValueError(f"retrain must be one of {RETRAINS}, got {retrain!r}")
     toys = {q: family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}") for q in qs}  # refuses a q outside (0, 0.83] now
     start = time.perf_counter()
     print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
-          f"re-based, then {retrain_steps} more (and the control); seeds 0..{seeds - 1}, {jobs} process(es)")
-    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps) for q in qs for seed in range(seeds)]
+          f"re-based, then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
+    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain) for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
-    payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "seeds": seeds,
+    payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
+               "seeds": seeds,
                "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -142,7 +156,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     """Tables and the figure from a results payload (:func:`unturn_study`, or ``--replot``)."""
     from . import plots
 
-    header = ["q", "stage", "true/turned/other", "true (95% CI)", "MCC", "L0", "explained variance"]
+    header = ["q", "stage", "true/turned/other", "true (95% CI)", "MCC", "L0", "explained variance",
+              "coefficient: largest", "last"]
     table, counts, labels, kept = [], {state: [] for state in END_STATES}, [], []
     for q in payload["qs"]:
         runs = [r for r in payload["runs"] if math.isclose(max(r["qs"]), q, abs_tol=1e-3)]
@@ -153,7 +168,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
             metric = {key: summarize([r["stages"][stage][key] for r in runs]) for key in ("mcc", "l0", "explained_variance")}
             table.append([f"{q:g}", stage, "/".join(map(str, tally)),
                           f"{tally[0]}/{len(states[stage])} ({low:.2f}–{high:.2f})", fmt(metric["mcc"]),
-                          fmt(metric["l0"]), fmt(metric["explained_variance"], 4)])
+                          fmt(metric["l0"]), fmt(metric["explained_variance"], 4), *_coefficients(runs, stage)])
             labels.append(f"q={q:g}: {stage}")
             for state, count in zip(END_STATES, tally):
                 counts[state].append(count)
@@ -172,8 +187,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     moved = [m["angle"] for r in payload["runs"] for m in r["moved"]]
     first_quartile, median, third_quartile = np.percentile(moved, [25, 50, 75]) if moved else [math.nan] * 3
     lines = [
-        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based, then {payload['retrain_steps']} more; "
-        f"{payload['seeds']} seeds per q",
+        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based, then {payload['retrain_steps']} more "
+        f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}); {payload['seeds']} seeds per q",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
         "true, turned or other (turn_dynamics.end_state). Stages: the trained SAE; re-based "
@@ -198,6 +213,14 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
                        ylabel="families")
     write_outputs(out, "unturn_results.json", payload, "unturn_results.md", lines, [figure], docs)
     return {"table": table}
+
+
+def _coefficients(runs: list[dict], stage: str) -> list[str]:
+    """The sparsity coefficient's largest and last values over a stage's training on (mean ± 95% CI),
+    "–" for a stage not trained on (or a payload from before they were recorded)."""
+    if not all("coeff_max" in r["stages"][stage] for r in runs):
+        return ["–", "–"]
+    return [fmt(summarize([r["stages"][stage][key] for r in runs]), 4) for key in ("coeff_max", "coeff_end")]
 
 
 def _transitions(states: list[str]) -> str:
