@@ -39,6 +39,14 @@ exactly; a true parent's code does not vary, so no nested code correlates with i
 dictionary is left alone.  The new decoder rows keep their old norms; their encoder columns become
 the new unit directions with zero bias (how a dictionary of orthogonal directions encodes exactly,
 as ``-fromtruth`` starts).  The SAE should be trained on afterwards (the encoder is only a start).
+
+**The order.**  A child's latent takes the place of the turned latent most aligned with it, which
+in a Matryoshka SAE's order may lie behind unrelated latents: every prefix between them then holds
+the parent without its child, and pulls the parent towards the child.  At q = 0.7, where the
+objective already prefers the turn, the first steps of training on (before the trainer's first
+re-sort) were enough to turn most re-based families again; so by default the latents are re-sorted
+by energy once re-based.
+
 The rule assumes that a parent's magnitude does not depend on which child fires, and that features
 are orthogonal; a probe of the explanation on the toys, not a recipe for real data
 (``python -m matryoshka unturn``: where it restores the truth and whether training keeps it).
@@ -82,11 +90,14 @@ class Rebasing:
 
 @torch.no_grad()
 def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_correlation: float = 0.5,
-           min_firings: int = 50, energy: float = 0.01) -> list[Rebasing]:
+           min_firings: int = 50, energy: float = 0.01, resort: bool = True) -> list[Rebasing]:
     """Re-base ``sae``'s nested latents in place by the rule of the module doc, from inputs ``x``
     ``(rows, d)``; returns what moved.  A latent fires on a row when its code is above
     :data:`~matryoshka.code_spread.FLOOR` times its largest code on ``x``; latents firing on fewer
-    than ``min_firings`` rows are left alone.  Computed in float64."""
+    than ``min_firings`` rows are left alone.  ``resort``: when anything moved, re-order the latents
+    by decreasing energy (mean squared code on ``x``), as the trainer's re-sort does, so that each
+    re-based child follows its parent in the Matryoshka order (module doc, "The order"); the
+    returned indices are then the new ones.  Computed in float64."""
     if x.dim() != 2 or x.shape[1] != sae.config.d:
         raise ValueError(f"unturn: x must be (rows, d={sae.config.d}) inputs, got shape {tuple(x.shape)}")
     if not 0 < nesting <= 1:
@@ -132,6 +143,12 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
         taken |= {latent for latent, _ in assigned}
         angle = math.degrees(math.acos(min(1.0, abs(float(directions[i] @ parent)))))
         moved.append(Rebasing(i, tuple(latent for latent, _ in assigned[1:]), span, spread, angle))
+    if resort and moved:
+        order = torch.argsort(sae.dense_acts(x).double().pow(2).mean(0), descending=True, stable=True)
+        sae.permute_latents_(order.to(sae.W_dec.device))
+        position = torch.argsort(order).tolist()  # old index -> new index
+        moved = [Rebasing(position[m.parent], tuple(position[c] for c in m.children), tuple(position[j] for j in m.span),
+                          m.parent_spread, m.angle) for m in moved]
     return moved
 
 

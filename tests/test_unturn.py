@@ -51,7 +51,7 @@ def _samples(toy, rows=20_000):
 def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed):
     toy, sae = _toy_and_truth(q, rotation_seed)
     _turn(sae, toy, families=[0, 2])
-    moved = unturn(sae, _samples(toy))
+    moved = unturn(sae, _samples(toy), resort=False)
     sae.requires_grad_(False)
     planes = toy.family_planes()
     unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
@@ -86,7 +86,7 @@ def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth():
         for latent, row in zip(latents, mixing):
             sae.W_dec[latent] = row @ unit[[parent, child, sibling]]
             sae.W_enc[:, latent] = sae.W_dec[latent]
-    [moved] = unturn(sae, _samples(toy))
+    [moved] = unturn(sae, _samples(toy), resort=False)
     sae.requires_grad_(False)
     assert moved.parent == parent and sorted(moved.children) == sorted((child, sibling))
     for latent in latents:
@@ -112,7 +112,7 @@ def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth():
         for latent, row in ((parent, turned), (child, 0.8 * second + 0.6 * spare), (helper, 0.8 * second - 0.6 * spare)):
             sae.W_dec[latent] = row
             sae.W_enc[:, latent] = row
-    rebased = {m.parent: m for m in unturn(sae, _samples(toy))}
+    rebased = {m.parent: m for m in unturn(sae, _samples(toy), resort=False)}
     sae.requires_grad_(False)
     moved = rebased.pop(parent)
     assert all(m.angle < 1e-4 for m in rebased.values())  # true families stay where they are
@@ -136,7 +136,7 @@ def test_decoder_norms_are_kept():
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.config.n)[:, None])
     norms = sae.W_dec.norm(dim=1).clone()
-    [moved] = unturn(sae, _samples(toy))
+    [moved] = unturn(sae, _samples(toy), resort=False)
     assert torch.allclose(sae.W_dec.norm(dim=1), norms, rtol=1e-6)
     assert float(sae.W_enc[:, moved.parent].detach().norm()) == pytest.approx(1.0)
 
@@ -237,3 +237,28 @@ def test_a_code_constant_to_rounding_correlates_with_nothing():
     turned = 1.0 + 0.4 * child  # a real variation: a turned pair's parent code
     assert _correlation(turned, child) == pytest.approx(1.0)
     assert _correlation(turned, -child) == pytest.approx(-1.0)
+
+
+def test_rebased_latents_are_resorted_by_energy_and_their_indices_follow():
+    """The child's latent takes the turned latent's place, here the last one, behind unrelated
+    latents; re-sorted, every latent's energy is at most its predecessor's and the returned
+    indices name the re-based rows in the new order."""
+    toy, sae = _toy_and_truth()
+    _turn(sae, toy, families=[0])
+    parent, child, _ = toy.family_planes()[0]
+    last = sae.config.n - 1
+    swap = list(range(sae.config.n))
+    swap[child], swap[last] = last, child
+    sae.permute_latents_(torch.tensor(swap))  # the turned (p − c) latent is now the last
+    x = _samples(toy)
+    [moved] = unturn(sae, x)
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    energy = sae.dense_acts(x).detach().pow(2).mean(0)
+    assert bool((energy[1:] <= energy[:-1]).all())
+    assert float(sae.W_dec[moved.parent].detach() @ unit[parent]) == pytest.approx(1.0, abs=1e-6)
+    [child_latent] = moved.children
+    assert float(sae.W_dec[child_latent].detach() @ unit[child]) == pytest.approx(1.0, abs=1e-6)
+    along_last = int((sae.W_dec.detach() @ unit[last]).abs().argmax())  # the independent feature's latent
+    assert child_latent < along_last
+    assert child_latent in moved.span
+

@@ -13,7 +13,9 @@ Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``,
 ``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested latents on fresh samples; train the
 re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule: warm-up, the adaptive
 sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
-was before the re-basing for the same steps.  ``retrain="fixed"`` (``--retrain fixed``) trains on
+was before the re-basing for the same steps.  ``resort=False`` (``--keep-order``) keeps the
+latents' order after the re-basing (``unturn(..., resort=False)``; by default they are re-sorted by
+energy).  ``retrain="fixed"`` (``--retrain fixed``) trains on
 with the sparsity coefficient held at the recipe's start (1e-3) instead of adapted to the toy's L0:
 whether the adaptive coefficient's climb is what turns the truth again.  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
@@ -78,6 +80,7 @@ class UnturnSpec:
     retrain_steps: int = DEFAULT_RETRAIN_STEPS
     samples: int = 20_000
     retrain: str = RETRAINS[0]
+    resort: bool = True
 
 
 def run_unturn(spec: UnturnSpec) -> dict:
@@ -89,7 +92,7 @@ def run_unturn(spec: UnturnSpec) -> dict:
         stages = {"trained": _measure(sae, toy)}
         control = copy.deepcopy(sae)
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
-        moved = unturn(sae, inputs)
+        moved = unturn(sae, inputs, resort=spec.resort)
         stages["re-based"] = _measure(sae, toy)
         # The recipe again from the SAE it is given: new data, a fresh schedule; "fixed": the
         # coefficient held at its start (no target L0 to adapt it to).
@@ -133,7 +136,7 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
-                 retrain: str = RETRAINS[0], docs: Path | None = None) -> dict:
+                 retrain: str = RETRAINS[0], resort: bool = True, docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
@@ -143,11 +146,11 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     toys = {q: family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}") for q in qs}  # refuses a q outside (0, 0.83] now
     start = time.perf_counter()
     print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
-          f"re-based, then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
-    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain) for q in qs for seed in range(seeds)]
+          f"re-based ({'re-sorted' if resort else 'order kept'}), then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
+    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, resort=resort) for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
-               "seeds": seeds,
+               "resort": resort, "seeds": seeds,
                "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -187,7 +190,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     moved = [m["angle"] for r in payload["runs"] for m in r["moved"]]
     first_quartile, median, third_quartile = np.percentile(moved, [25, 50, 75]) if moved else [math.nan] * 3
     lines = [
-        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based, then {payload['retrain_steps']} more "
+        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based "
+        f"({'re-sorted' if payload.get('resort', False) else 'order kept'}), then {payload['retrain_steps']} more "
         f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}); {payload['seeds']} seeds per q",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
