@@ -221,7 +221,7 @@ def unturn_cmd(args: argparse.Namespace) -> None:
     steps, seeds = _steps_and_seeds(args, unturn)
     unturn.unturn_study(Path(args.out), qs=tuple([0.5] if args.quick else args.qs), mode=args.mode, steps=steps,
                         retrain_steps=unturn.QUICK_STEPS if args.quick else args.retrain_steps, seeds=seeds,
-                        jobs=args.jobs, retrain=args.retrain, resort=not args.keep_order, docs=None if args.quick or not args.docs else Path(args.docs))
+                        jobs=args.jobs, retrain=args.retrain, order=args.order, docs=None if args.quick or not args.docs else Path(args.docs))
 
 
 def _family_toy(name: str) -> str:
@@ -377,9 +377,10 @@ def main(argv: list[str] | None = None) -> None:
     rebase.add_argument("--retrain", choices=unturn.RETRAINS, default=unturn.RETRAINS[0],
                         help="the sparsity coefficient while training on: the recipe's, adapted to the toy's L0 from "
                              "its start, or held fixed at that start, 1e-3 (default: %(default)s)")
-    rebase.add_argument("--keep-order", action="store_true",
-                        help="keep the latents' order after the re-basing instead of re-sorting them by energy "
-                             "(each re-based child then keeps the place of the turned latent it replaced)")
+    rebase.add_argument("--order", choices=unturn.ORDERS, default=unturn.ORDERS[0],
+                        help="the latents' order once re-based: re-sorted by energy; kept (each re-based child in the "
+                             "place of the turned latent it replaced); or children-last (re-sorted, then only the "
+                             "re-based children moved to the end) (default: %(default)s)")
     rebase.set_defaults(func=unturn_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,

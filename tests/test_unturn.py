@@ -202,11 +202,13 @@ def test_a_sibling_is_entangled_when_a_latent_lies_along_it_and_the_pair():
     assert study._entangled(cos, toy) == [False, False, False]
 
 
-def test_refuses_bad_step_counts_and_retrain(tmp_path):
+def test_refuses_bad_step_counts_retrain_and_order(tmp_path):
     with pytest.raises(ValueError, match="retrain_steps"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=0, seeds=1)
     with pytest.raises(ValueError, match="retrain must be one of"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain="frozen")
+    with pytest.raises(ValueError, match="order must be one of"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, order="reversed")
 
 
 @pytest.mark.parametrize("retrain", study.RETRAINS)
@@ -262,3 +264,23 @@ def test_rebased_latents_are_resorted_by_energy_and_their_indices_follow():
     assert child_latent < along_last
     assert child_latent in moved.span
 
+
+
+def test_children_last_moves_only_the_rebased_children_and_their_indices_follow():
+    toy, sae = _toy_and_truth()
+    _turn(sae, toy, families=[0, 2])
+    moved = unturn(sae, _samples(toy))
+    rows = {m.parent: sae.W_dec[m.parent].detach().clone() for m in moved}
+    rows |= {c: sae.W_dec[c].detach().clone() for m in moved for c in m.children}
+    others = [i for i in range(sae.config.n) if i not in rows]
+    before_others = sae.W_dec.detach()[others].clone()
+    moved_last = study.children_last(sae, moved)
+    children = [c for m in moved_last for c in m.children]
+    assert sorted(children) == list(range(sae.config.n - len(children), sae.config.n))
+    for old, new in zip(moved, moved_last):
+        assert torch.equal(sae.W_dec[new.parent].detach(), rows[old.parent])
+        assert all(torch.equal(sae.W_dec[n].detach(), rows[o]) for o, n in zip(old.children, new.children))
+    # every other latent keeps its order
+    rest = [i for i in range(sae.config.n) if i not in children]
+    kept = [i for i in rest if i not in {m.parent for m in moved_last}]
+    assert torch.equal(sae.W_dec.detach()[kept], before_others)

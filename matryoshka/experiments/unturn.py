@@ -13,9 +13,11 @@ Per run (:class:`UnturnSpec`, :func:`run_unturn`): train the recipe (``--mode``,
 ``every-b0.2-orth3``) on an ``unequal-q<q>`` toy; re-base its nested latents on fresh samples; train the
 re-based SAE again with the same recipe for ``retrain_steps`` (a fresh schedule: warm-up, the adaptive
 sparsity coefficient from its start, cool-down; new data); and, as the control, train the SAE as it
-was before the re-basing for the same steps.  ``resort=False`` (``--keep-order``) keeps the
-latents' order after the re-basing (``unturn(..., resort=False)``; by default they are re-sorted by
-energy).  ``retrain="fixed"`` (``--retrain fixed``) trains on
+was before the re-basing for the same steps.  ``order`` (``--order``, :data:`ORDERS`): the
+latents' order once re-based: re-sorted by energy (the default, ``unturn``'s), ``kept`` (each child
+in the place of the turned latent it replaced: ``unturn(..., resort=False)``), or ``children-last``
+(re-sorted, then only the re-based children's latents moved to the end: the children's place
+changed alone).  ``retrain="fixed"`` (``--retrain fixed``) trains on
 with the sparsity coefficient held at the recipe's start (1e-3) instead of adapted to the toy's L0:
 whether the adaptive coefficient's climb is what turns the truth again.  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
@@ -46,13 +48,13 @@ import torch
 from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
-from ..unturn import unturn
+from ..unturn import Rebasing, unturn
 from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
 
-__all__ = ["UnturnSpec", "run_unturn", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
+__all__ = ["UnturnSpec", "run_unturn", "children_last", "ORDERS", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
 
 DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MODE = "every-b0.2-orth3"
@@ -62,6 +64,7 @@ DEFAULT_SEEDS = 10
 QUICK_STEPS = 200
 STAGES = ("trained", "re-based", "re-based, trained on", "control: trained on")
 TRAINED_ON = STAGES[2:]
+ORDERS = ("re-sorted", "kept", "children-last")  # the latents' order once re-based (module doc)
 RETRAINS = ("recipe", "fixed")  # how the stages trained on set the sparsity coefficient (module doc)
 _RETRAIN_TEXT = {"recipe": "the recipe's adaptive sparsity coefficient",
                  "fixed": "the sparsity coefficient held at its start"}
@@ -80,7 +83,7 @@ class UnturnSpec:
     retrain_steps: int = DEFAULT_RETRAIN_STEPS
     samples: int = 20_000
     retrain: str = RETRAINS[0]
-    resort: bool = True
+    order: str = "re-sorted"
 
 
 def run_unturn(spec: UnturnSpec) -> dict:
@@ -92,7 +95,9 @@ def run_unturn(spec: UnturnSpec) -> dict:
         stages = {"trained": _measure(sae, toy)}
         control = copy.deepcopy(sae)
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
-        moved = unturn(sae, inputs, resort=spec.resort)
+        moved = unturn(sae, inputs, resort=spec.order != "kept")
+        if spec.order == "children-last":
+            moved = children_last(sae, moved)
         stages["re-based"] = _measure(sae, toy)
         # The recipe again from the SAE it is given: new data, a fresh schedule; "fixed": the
         # coefficient held at its start (no target L0 to adapt it to).
@@ -104,6 +109,17 @@ def run_unturn(spec: UnturnSpec) -> dict:
             stages[name] = {**_measure(model, toy), "coeff_max": max(coefficients), "coeff_end": coefficients[-1]}
     return {"spec": asdict(spec), "stages": stages, "moved": [asdict(m) for m in moved],
             "qs": [q for _, _, q in toy.family_planes()], "seconds": time.process_time() - cpu_start}
+
+
+def children_last(sae, moved: list[Rebasing]) -> list[Rebasing]:
+    """Move the re-based children's latents to the end of ``sae``'s order, in place, the rest keeping
+    theirs; ``moved`` with its indices in the new order."""
+    children = [c for m in moved for c in m.children]
+    order = [i for i in range(sae.config.n) if i not in children] + children
+    sae.permute_latents_(torch.tensor(order, device=sae.W_dec.device))
+    position = {old: new for new, old in enumerate(order)}
+    return [dataclasses.replace(m, parent=position[m.parent], children=tuple(position[c] for c in m.children),
+                                span=tuple(position[j] for j in m.span)) for m in moved]
 
 
 def _measure(sae, toy: ToyModel) -> dict:
@@ -136,21 +152,23 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
-                 retrain: str = RETRAINS[0], resort: bool = True, docs: Path | None = None) -> dict:
+                 retrain: str = RETRAINS[0], order: str = "re-sorted", docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
         raise ValueError(f"steps and retrain_steps must be >= 1, got {steps} and {retrain_steps}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if retrain not in RETRAINS:
         raise ValueError(f"retrain must be one of {RETRAINS}, got {retrain!r}")
     toys = {q: family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}") for q in qs}  # refuses a q outside (0, 0.83] now
     start = time.perf_counter()
     print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
-          f"re-based ({'re-sorted' if resort else 'order kept'}), then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
-    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, resort=resort) for q in qs for seed in range(seeds)]
+          f"re-based (order: {order}), then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
+    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order) for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
-               "resort": resort, "seeds": seeds,
+               "order": order, "seeds": seeds,
                "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -191,7 +209,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     first_quartile, median, third_quartile = np.percentile(moved, [25, 50, 75]) if moved else [math.nan] * 3
     lines = [
         f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based "
-        f"({'re-sorted' if payload.get('resort', False) else 'order kept'}), then {payload['retrain_steps']} more "
+        f"(order: {payload.get('order', 'kept')}), then {payload['retrain_steps']} more "
         f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}); {payload['seeds']} seeds per q",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
