@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import scipy.optimize
@@ -64,7 +65,7 @@ import torch
 from .code_spread import FLOOR
 from .sae import SparseAutoencoder
 
-__all__ = ["Rebasing", "unturn", "MAX_SPAN", "MAX_CHILDREN"]
+__all__ = ["Rebasing", "unturn", "reorder", "MAX_SPAN", "MAX_CHILDREN"]
 
 MAX_SPAN = 4  # correlated nested latents (most correlated first) whose subsets are searched
 MAX_CHILDREN = 2  # child directions found per container: the frequent child and one sibling
@@ -145,11 +146,17 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
         moved.append(Rebasing(i, tuple(latent for latent, _ in assigned[1:]), span, spread, angle))
     if resort and moved:
         order = torch.argsort(sae.dense_acts(x).double().pow(2).mean(0), descending=True, stable=True)
-        sae.permute_latents_(order.to(sae.W_dec.device))
-        position = torch.argsort(order).tolist()  # old index -> new index
-        moved = [Rebasing(position[m.parent], tuple(position[c] for c in m.children), tuple(position[j] for j in m.span),
-                          m.parent_spread, m.angle) for m in moved]
+        moved = reorder(sae, moved, order.tolist())
     return moved
+
+
+def reorder(sae: SparseAutoencoder, moved: list[Rebasing], order: list[int]) -> list[Rebasing]:
+    """Permute ``sae``'s latents in place (new latent ``k`` is old latent ``order[k]``) and return
+    ``moved`` with its indices in the new order."""
+    sae.permute_latents_(torch.tensor(order, device=sae.W_dec.device))
+    position = {old: new for new, old in enumerate(order)}
+    return [dataclasses.replace(m, parent=position[m.parent], children=tuple(position[c] for c in m.children),
+                                span=tuple(position[j] for j in m.span)) for m in moved]
 
 
 def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:

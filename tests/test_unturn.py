@@ -265,7 +265,6 @@ def test_rebased_latents_are_resorted_by_energy_and_their_indices_follow():
     assert child_latent in moved.span
 
 
-
 def test_children_last_moves_only_the_rebased_children_and_their_indices_follow():
     toy, sae = _toy_and_truth()
     _turn(sae, toy, families=[0, 2])

@@ -48,7 +48,7 @@ import torch
 from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
-from ..unturn import Rebasing, unturn
+from ..unturn import Rebasing, reorder, unturn
 from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
@@ -83,7 +83,7 @@ class UnturnSpec:
     retrain_steps: int = DEFAULT_RETRAIN_STEPS
     samples: int = 20_000
     retrain: str = RETRAINS[0]
-    order: str = "re-sorted"
+    order: str = ORDERS[0]
 
 
 def run_unturn(spec: UnturnSpec) -> dict:
@@ -115,11 +115,7 @@ def children_last(sae, moved: list[Rebasing]) -> list[Rebasing]:
     """Move the re-based children's latents to the end of ``sae``'s order, in place, the rest keeping
     theirs; ``moved`` with its indices in the new order."""
     children = [c for m in moved for c in m.children]
-    order = [i for i in range(sae.config.n) if i not in children] + children
-    sae.permute_latents_(torch.tensor(order, device=sae.W_dec.device))
-    position = {old: new for new, old in enumerate(order)}
-    return [dataclasses.replace(m, parent=position[m.parent], children=tuple(position[c] for c in m.children),
-                                span=tuple(position[j] for j in m.span)) for m in moved]
+    return reorder(sae, moved, [i for i in range(sae.config.n) if i not in children] + children)
 
 
 def _measure(sae, toy: ToyModel) -> dict:
@@ -152,7 +148,7 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
-                 retrain: str = RETRAINS[0], order: str = "re-sorted", docs: Path | None = None) -> dict:
+                 retrain: str = RETRAINS[0], order: str = ORDERS[0], docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
