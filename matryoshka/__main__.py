@@ -22,6 +22,7 @@ from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
 from .stop_signals import Interrupted
 from .train import EVERY_WEIGHTS, PREFIX_MODES, train
+from .unturn import PARENT_RULES
 
 
 # A checkpoint holds the parameters and Adam's two moments (three times the SAE): a long run that
@@ -221,7 +222,9 @@ def unturn_cmd(args: argparse.Namespace) -> None:
     steps, seeds = _steps_and_seeds(args, unturn)
     unturn.unturn_study(Path(args.out), qs=tuple([0.5] if args.quick else args.qs), mode=args.mode, steps=steps,
                         retrain_steps=unturn.QUICK_STEPS if args.quick else args.retrain_steps, seeds=seeds,
-                        jobs=args.jobs, retrain=args.retrain, order=args.order, docs=None if args.quick or not args.docs else Path(args.docs))
+                        jobs=args.jobs, retrain=args.retrain, order=args.order, retrain_warmup=args.retrain_warmup,
+                        retrain_resort_every=args.retrain_resort_every, parent_std=args.parent_std,
+                        parent_rule=args.parent_rule, docs=None if args.quick or not args.docs else Path(args.docs))
 
 
 def _family_toy(name: str) -> str:
@@ -381,6 +384,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="the latents' order once re-based: re-sorted by energy; kept (each re-based child in the "
                              "place of the turned latent it replaced); or children-last (re-sorted, then only the "
                              "re-based children moved to the end) (default: %(default)s)")
+    rebase.add_argument("--retrain-warmup", type=float, default=None,
+                        help="the learning-rate warm-up's share of the steps trained on, in [0, 1] (default: the "
+                             "recipe's, 0.05)")
+    rebase.add_argument("--retrain-resort-every", type=int, default=None,
+                        help="steps between the trainer's re-sorts of the latents while training on (0: never; "
+                             "default: the recipe's, 100)")
+    rebase.add_argument("--parent-std", type=float, default=0.0,
+                        help="standard deviation of each family parent's magnitude, of mean 1 (default: %(default)s, "
+                             "fixed magnitudes)")
+    rebase.add_argument("--parent-rule", choices=PARENT_RULES, default=PARENT_RULES[0],
+                        help="how the re-basing picks a parent's direction: least-varying (u ∝ C⁻¹μ) or uncorrelated "
+                             "(the least-varying eigenvector of the rows' covariance, for a parent whose magnitude "
+                             "varies) (default: %(default)s)")
     rebase.set_defaults(func=unturn_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,

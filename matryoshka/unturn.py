@@ -17,9 +17,12 @@ codes correlate with its own (``|corr| ≥ min_correlation`` on ``i``'s rows):
    decoder rows of ``i`` and a subset ``T`` of those nested latents: their principal directions
    with at least ``energy`` of the first one's energy, 2 to ``1 + MAX_CHILDREN`` of them (a turned
    direction may be split over two latents: the span then has a dimension the rows do not use);
-2. the parent's direction: the unit ``u`` in ``S`` whose projections of the rows vary least
-   relative to their mean (the coefficient of variation ``√(uᵀCu) / uᵀμ``, with ``μ`` and ``C`` the
-   rows' mean and covariance in ``S``): ``u ∝ C⁻¹μ``, which points along the rows (``uᵀμ > 0``);
+2. the parent's direction (``parent_rule``, :data:`PARENT_RULES`): by default
+   (``"least-varying"``) the unit ``u`` in ``S`` whose projections of the rows vary least relative
+   to their mean (the coefficient of variation ``√(uᵀCu) / uᵀμ``, with ``μ`` and ``C`` the rows' mean
+   and covariance in ``S``): ``u ∝ C⁻¹μ``, which points along the rows (``uᵀμ > 0``).  With
+   ``"uncorrelated"``, the eigenvector of ``C`` whose projections vary least relative to their mean
+   (below, "A parent whose magnitude varies");
 3. the children's directions: the orthonormal basis of the rest of ``S`` (orthogonal to ``u``) in
    which the rows' coordinates have the smallest L1 norm, each oriented so the rows project
    positively on it (one direction: nothing to choose; two: a search over the angle).
@@ -39,6 +42,21 @@ exactly; a true parent's code does not vary, so no nested code correlates with i
 dictionary is left alone.  The new decoder rows keep their old norms; their encoder columns become
 the new unit directions with zero bias (how a dictionary of orthogonal directions encodes exactly,
 as ``-fromtruth`` starts).  The SAE should be trained on afterwards (the encoder is only a start).
+
+**A parent whose magnitude varies** independently of its children has a projection on ``p`` that
+varies too, and ``C⁻¹μ`` then leans towards the children: the mean grows faster than the spread
+along a child.  With one child of probability ``q`` given the parent, fixed magnitudes 1 and a
+parent magnitude of standard deviation ``σ``, ``C = diag(σ², q(1−q))`` and ``μ = (1, q)`` in the
+``(p, c)`` basis, so ``C⁻¹μ ∝ (1/σ², 1/(1−q))``: a tilt of ``atan(σ²/(1−q))`` off ``p``, 7.6° at
+``q = 0.7, σ = 0.2`` (more with the sibling in ``S``: 20° measured, ``tests/test_unturn.py``).
+Independence itself gives the exact rule: the parent's projection is uncorrelated with every
+direction orthogonal to ``p``, so ``C p ∥ p``: ``p`` is an eigenvector of ``C`` (with eigenvalue
+``σ²``, 0 for fixed magnitudes).  ``"uncorrelated"`` takes, among ``C``'s eigenvectors, the one
+whose coefficient of variation is least (a null space of ``C`` counts as one direction, along
+``μ``'s projection on it, which is ``C⁻¹μ``'s limit).  That is ``p`` while the parent's
+coefficient of variation ``σ`` is below every other eigenvector's; a child direction's is
+``√((1−q)/q)`` (0.65 at q = 0.7), but "some child fires" is steadier than one child, and with the
+sibling in ``S`` a mixed eigenvector undercuts ``σ = 0.3`` at q = 0.7.
 
 **The order.**  A child's latent takes the place of the turned latent most aligned with it, which
 in a Matryoshka SAE's order may lie behind unrelated latents: every prefix between them then holds
@@ -65,7 +83,7 @@ import torch
 from .code_spread import FLOOR
 from .sae import SparseAutoencoder
 
-__all__ = ["Rebasing", "unturn", "reorder", "MAX_SPAN", "MAX_CHILDREN"]
+__all__ = ["Rebasing", "unturn", "reorder", "MAX_SPAN", "MAX_CHILDREN", "PARENT_RULES"]
 
 MAX_SPAN = 4  # correlated nested latents (most correlated first) whose subsets are searched
 MAX_CHILDREN = 2  # child directions found per container: the frequent child and one sibling
@@ -73,6 +91,7 @@ MAX_CHILDREN = 2  # child directions found per container: the frequent child and
 # parent's float32 codes vary by ~1e-7 of it, and that noise correlates with a child's code by chance
 # (a true family in rotated coordinates was re-based on one CPU and not on another).
 CONSTANT = 1e-4
+PARENT_RULES = ("least-varying", "uncorrelated")  # how step 2 picks the parent's direction (module doc)
 
 
 @dataclass(frozen=True)
@@ -91,14 +110,16 @@ class Rebasing:
 
 @torch.no_grad()
 def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_correlation: float = 0.5,
-           min_firings: int = 50, energy: float = 0.01, resort: bool = True) -> list[Rebasing]:
+           min_firings: int = 50, energy: float = 0.01, resort: bool = True,
+           parent_rule: str = PARENT_RULES[0]) -> list[Rebasing]:
     """Re-base ``sae``'s nested latents in place by the rule of the module doc, from inputs ``x``
     ``(rows, d)``; returns what moved.  A latent fires on a row when its code is above
     :data:`~matryoshka.code_spread.FLOOR` times its largest code on ``x``; latents firing on fewer
     than ``min_firings`` rows are left alone.  ``resort``: when anything moved, re-order the latents
     by decreasing energy (mean squared code on ``x``), as the trainer's re-sort does, so that each
     re-based child follows its parent in the Matryoshka order (module doc, "The order"); the
-    returned indices are then the new ones.  Computed in float64."""
+    returned indices are then the new ones.  ``parent_rule``: step 2's rule (:data:`PARENT_RULES`;
+    ``"uncorrelated"`` for a parent whose magnitude varies, module doc).  Computed in float64."""
     if x.dim() != 2 or x.shape[1] != sae.config.d:
         raise ValueError(f"unturn: x must be (rows, d={sae.config.d}) inputs, got shape {tuple(x.shape)}")
     if not 0 < nesting <= 1:
@@ -109,6 +130,8 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
         raise ValueError(f"unturn: min_firings must be >= 2 (a spread needs two rows), got {min_firings}")
     if not 0 < energy < 1:
         raise ValueError(f"unturn: energy must be in (0, 1), got {energy}")
+    if parent_rule not in PARENT_RULES:
+        raise ValueError(f"unturn: parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
     codes = sae.dense_acts(x).double()
     fires = codes > FLOOR * codes.amax(0, keepdim=True).clamp_min(0)
     counts = fires.sum(0)
@@ -131,7 +154,7 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
             continue
         inputs = centred[rows]
         spread, _, parent, children, span = min(
-            (_rebased(inputs, directions[[i, *chosen]], energy) + (chosen,)
+            (_rebased(inputs, directions[[i, *chosen]], energy, parent_rule) + (chosen,)
              for size in range(1, len(candidates) + 1) for chosen in itertools.combinations(candidates, size)),
             key=lambda option: (round(option[0], 6), -round(option[1], 6), len(option[4])))
         # each child direction to the latent of the span most aligned with it, one to one
@@ -159,7 +182,8 @@ def reorder(sae: SparseAutoencoder, moved: list[Rebasing], order: list[int]) -> 
                                 span=tuple(position[j] for j in m.span)) for m in moved]
 
 
-def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float,
+             parent_rule: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """``(spread, level, parent, children)`` (module doc, steps 1–3) for the rows ``inputs`` within
     the span of the decoder ``rows``: the parent's unit direction ``(d,)``, the children's ``(k, d)``,
     and the coefficient of variation and the mean of the inputs' projections on the parent's."""
@@ -168,18 +192,40 @@ def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float) -> tuple[f
     used = int((singular**2 >= energy * singular[0] ** 2).sum())
     subspace = right[: min(max(used, 2), len(rows), 1 + MAX_CHILDREN)] @ basis.T  # (r, d)
     coords = inputs @ subspace.T
-    mean, cov = coords.mean(0), torch.cov(coords.T)
-    # argmin_u √(uᵀCu) / uᵀμ is u ∝ C⁻¹μ; a ridge of 1e-12 of C's scale keeps a zero-variance
-    # direction (the toys' parent) solvable.
-    ridge = 1e-12 * float(cov.diagonal().sum()) + 1e-300
-    u = torch.linalg.solve(cov + ridge * torch.eye(len(mean), dtype=cov.dtype), mean)
-    u = u / u.norm()  # uᵀμ = μᵀ(C + ridge)⁻¹μ / |…| > 0: it already points along the rows
+    u = _parent_direction(coords, parent_rule)
     projections = coords @ u
     spread = float(projections.std() / projections.mean())
     rest = torch.linalg.qr(torch.cat([u[:, None], torch.eye(len(u), dtype=u.dtype)], 1)).Q[:, 1:len(u)].T  # ⊥ u
     children = _sparsest_basis(coords @ rest.T) @ rest
     children = torch.where((coords @ children.T).mean(0)[:, None] < 0, -children, children)
     return spread, float(projections.mean()), u @ subspace, children @ subspace
+
+
+def _parent_direction(coords: torch.Tensor, rule: str) -> torch.Tensor:
+    """Step 2 (module doc): the parent's unit direction in the coordinates ``coords`` ``(rows, r)``
+    of the subspace, pointing along the rows."""
+    mean, cov = coords.mean(0), torch.cov(coords.T)
+    # A ridge of 1e-12 of C's scale: below it a variance is rounding, and a zero-variance direction
+    # (the toys' fixed-magnitude parent) stays solvable.
+    ridge = 1e-12 * float(cov.diagonal().sum()) + 1e-300
+    if rule == "least-varying":
+        # argmin_u √(uᵀCu) / uᵀμ is u ∝ C⁻¹μ
+        u = torch.linalg.solve(cov + ridge * torch.eye(len(mean), dtype=cov.dtype), mean)
+        return u / u.norm()  # uᵀμ = μᵀ(C + ridge)⁻¹μ / |…| > 0: it already points along the rows
+    values, vectors = torch.linalg.eigh(cov)
+    null = values <= ridge
+    options = [vectors[:, j] for j in range(len(values)) if not null[j]]
+    if null.any():  # any direction of a null space is an eigenvector: the one along the rows
+        along = vectors[:, null] @ (vectors[:, null].T @ mean)
+        if float(along.norm()) > 0:
+            options.append(along / along.norm())
+
+    def spread(u: torch.Tensor) -> float:
+        projections = coords @ u
+        return float(projections.std() / projections.mean().abs().clamp_min(1e-300))
+
+    u = min(options, key=spread)
+    return u if float(u @ mean) >= 0 else -u
 
 
 def _sparsest_basis(coords: torch.Tensor) -> torch.Tensor:

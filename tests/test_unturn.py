@@ -14,7 +14,8 @@ from matryoshka.experiments import unturn as study
 from matryoshka.experiments.common import RunSpec
 from matryoshka.experiments.hedging import family_toy_spec
 from matryoshka.toy import ToyModel
-from matryoshka.unturn import unturn
+from matryoshka.train import train
+from matryoshka.unturn import PARENT_RULES, unturn
 
 
 def _toy_and_truth(q: float = 0.5, rotation_seed: int | None = None):
@@ -47,11 +48,12 @@ def _samples(toy, rows=20_000):
     return toy.sample(rows, torch.Generator().manual_seed(7))[0]
 
 
+@pytest.mark.parametrize("parent_rule", PARENT_RULES)
 @pytest.mark.parametrize("q, rotation_seed", [(0.5, None), (0.6, None), (0.7, None), (0.5, 0), (0.5, 1), (0.5, 2)])
-def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed):
+def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed, parent_rule):
     toy, sae = _toy_and_truth(q, rotation_seed)
     _turn(sae, toy, families=[0, 2])
-    moved = unturn(sae, _samples(toy), resort=False)
+    moved = unturn(sae, _samples(toy), resort=False, parent_rule=parent_rule)
     sae.requires_grad_(False)
     planes = toy.family_planes()
     unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
@@ -69,7 +71,8 @@ def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed):
     assert all(float(sae.W_dec[f] @ unit[f]) == pytest.approx(1.0, abs=1e-6) for f in untouched)
 
 
-def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth():
+@pytest.mark.parametrize("parent_rule", PARENT_RULES)
+def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth(parent_rule):
     """At q = 0.7 trained SAEs turn the parent, its frequent child and their exclusive sibling
     together: three latents, each mixing all three (the rows below, read off a trained seed and made
     orthonormal).  The container takes the parent, the other two the child and the sibling."""
@@ -86,7 +89,7 @@ def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth():
         for latent, row in zip(latents, mixing):
             sae.W_dec[latent] = row @ unit[[parent, child, sibling]]
             sae.W_enc[:, latent] = sae.W_dec[latent]
-    [moved] = unturn(sae, _samples(toy), resort=False)
+    [moved] = unturn(sae, _samples(toy), resort=False, parent_rule=parent_rule)
     sae.requires_grad_(False)
     assert moved.parent == parent and sorted(moved.children) == sorted((child, sibling))
     for latent in latents:
@@ -122,6 +125,53 @@ def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth():
     assert float(sae.W_dec[taker] @ unit[child]) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("q", [0.5, 0.7])
+def test_a_parent_whose_magnitude_varies_needs_the_uncorrelated_rule(q):
+    """Parents of magnitude N(1, 0.2²): the least-varying direction C⁻¹μ leans off the parent
+    towards its children by at least atan(σ²/(1−q)) (the one-child bound of the module doc; the
+    sibling adds to it), while the least-varying eigenvector of C stays on the parent, and the
+    children's directions follow it."""
+    std = 0.2
+    spec = study.with_parent_std(family_toy_spec(f"unequal-q{q:g}"), std)
+    toy = ToyModel(spec)
+    unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
+    planes = {parent: child for parent, child, _ in toy.family_planes()}
+    tilts = {}
+    for rule in PARENT_RULES:
+        sae = RunSpec(spec, "every-b0.2-fromtruth", 0, 1).build_sae(toy)
+        _turn(sae, toy, families=[0, 2])
+        moved = unturn(sae, _samples(toy), resort=False, parent_rule=rule)
+        sae.requires_grad_(False)
+        assert sorted(m.parent for m in moved) == sorted(toy.family_planes()[f][0] for f in (0, 2))
+        rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        tilts[rule] = [math.degrees(math.acos(min(1.0, float(rows[m.parent] @ unit[m.parent])))) for m in moved]
+        if rule == "uncorrelated":
+            child_tilts = [math.degrees(math.acos(min(1.0, float(rows[planes[m.parent]] @ unit[planes[m.parent]]))))
+                           for m in moved]
+            assert max(child_tilts) < 3.0
+    assert min(tilts["least-varying"]) >= 0.8 * math.degrees(math.atan(std**2 / (1 - q)))
+    assert max(tilts["uncorrelated"]) < 2.0  # 20 000 rows' sampling error (0.1–1.3° measured)
+
+
+def test_with_parent_std_draws_only_the_family_parents_magnitudes():
+    spec = family_toy_spec("unequal-q0.7")
+    assert study.with_parent_std(spec, 0.0) is spec
+    varied = study.with_parent_std(spec, 0.3)
+    parents = [f for f in varied["features"] if f.get("children")]
+    assert len(parents) == 3 and all(f["magnitude"] == {"mean": 1.0, "std": 0.3} for f in parents)
+    assert all("magnitude" not in c for f in parents for c in f["children"])
+    assert all("magnitude" not in f for f in varied["features"] if not f.get("children"))
+    assert all("magnitude" not in f for f in spec["features"])  # the given spec is left as it was
+    toy = ToyModel(varied)
+    parent = toy.family_planes()[0][0]
+    codes = toy.sample(20_000, torch.Generator().manual_seed(0))[1][:, parent]
+    firing = codes[codes > 0]
+    assert float(firing.mean()) == pytest.approx(1.0, abs=0.02) and float(firing.std()) == pytest.approx(0.3, abs=0.02)
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="parent_std must be a finite number >= 0"):
+            study.with_parent_std(spec, bad)
+
+
 def test_a_true_dictionary_is_left_alone():
     """A true parent's code is constant on its rows: no nested latent's code correlates with it."""
     toy, sae = _toy_and_truth()
@@ -153,6 +203,7 @@ def test_too_few_firings_leave_the_pair_alone():
     ({"min_correlation": 1.5}, "min_correlation"),
     ({"min_firings": 1}, "min_firings"),
     ({"energy": 1.0}, "energy"),
+    ({"parent_rule": "largest"}, "parent_rule must be one of"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     toy, sae = _toy_and_truth()
@@ -164,9 +215,13 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     from matryoshka.__main__ import main
 
     main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
-          "--qs", "0.5"])
+          "--qs", "0.5", "--retrain-resort-every", "25"])
     first = capsys.readouterr().out
-    runs = json.loads((tmp_path / "unturn_results.json").read_text())["runs"]
+    payload = json.loads((tmp_path / "unturn_results.json").read_text())
+    runs = payload["runs"]
+    assert (payload["retrain_warmup"], payload["retrain_resort_every"]) == (None, 25)
+    assert all(run["spec"]["retrain_resort_every"] == 25 for run in runs)
+    assert "the recipe's warm-up, re-sorted every 25 steps" in (tmp_path / "unturn_results.md").read_text()
     assert len(runs) == 2 and all(list(run["stages"]) == list(study.STAGES) for run in runs)
     assert all(len(stage["families"]) == 3 for run in runs for stage in run["stages"].values())
     # the control starts from the trained SAE, the re-based run from the re-based one: without
@@ -209,6 +264,37 @@ def test_refuses_bad_step_counts_retrain_and_order(tmp_path):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain="frozen")
     with pytest.raises(ValueError, match="order must be one of"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, order="reversed")
+    with pytest.raises(ValueError, match="parent_rule must be one of"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, parent_rule="largest")
+    with pytest.raises(ValueError, match="parent_std must be"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, parent_std=-1.0)
+    with pytest.raises(ValueError, match="retrain_warmup must be a share"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain_warmup=1.5)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="retrain_resort_every must be an integer >= 0"):
+            study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain_resort_every=bad)
+
+
+@pytest.mark.parametrize("warmup, resort_every", [(None, None), (0.0, 25), (0.2, 0)])
+def test_the_schedule_given_for_training_on_reaches_both_stages_trained_on_and_nothing_else(monkeypatch, warmup,
+                                                                                           resort_every):
+    configs = []
+
+    def recording_train(sae, sampler, config):
+        configs.append(config)
+        return train(sae, sampler, config)
+
+    monkeypatch.setattr(study, "train", recording_train)
+    spec = study.UnturnSpec(family_toy_spec("unequal-q0.7"), study.DEFAULT_MODE, 0, steps=30, retrain_steps=20,
+                            samples=1_000, retrain_warmup=warmup, retrain_resort_every=resort_every)
+    study.run_unturn(spec)
+    recipe = RunSpec(spec.toy_spec, spec.mode, spec.seed, spec.steps).train_config(ToyModel(spec.toy_spec))
+    assert len(configs) == len(study.TRAINED_ON)
+    for config in configs:
+        assert config.steps == 20
+        assert config.warmup_frac == (recipe.warmup_frac if warmup is None else warmup)
+        assert config.resort_every == (recipe.resort_every if resort_every is None else resort_every)
+    assert (recipe.warmup_frac, recipe.resort_every) == (0.05, 100)  # the recipe's, as the study's docs say
 
 
 @pytest.mark.parametrize("retrain", study.RETRAINS)

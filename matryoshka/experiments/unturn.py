@@ -19,7 +19,14 @@ in the place of the turned latent it replaced: ``unturn(..., resort=False)``), o
 (re-sorted, then only the re-based children's latents moved to the end: the children's place
 changed alone).  ``retrain="fixed"`` (``--retrain fixed``) trains on
 with the sparsity coefficient held at the recipe's start (1e-3) instead of adapted to the toy's L0:
-whether the adaptive coefficient's climb is what turns the truth again.  At each :data:`STAGES`, each family's state in the
+whether the adaptive coefficient's climb is what turns the truth again.  ``retrain_warmup`` and
+``retrain_resort_every`` (``--retrain-warmup``, ``--retrain-resort-every``; ``None``: the recipe's
+5% and 100 steps) set the schedule of both stages trained on: a child out of its place is pulled on
+until the trainer's first re-sort puts it back, and that pull acts during the learning-rate warm-up,
+so the two are varied apart.  ``parent_std`` (``--parent-std``): each family parent's magnitude
+drawn from a normal law of mean 1 and that standard deviation instead of fixed at 1
+(:func:`with_parent_std`); ``parent_rule`` (``--parent-rule``): how the re-basing picks the
+parent's direction (:data:`matryoshka.unturn.PARENT_RULES`).  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
 other), whether its sibling is entangled (:func:`_entangled`), and the SAE's metrics (MCC, L0,
 explained variance); for the two stages trained on, the sparsity coefficient's largest and last
@@ -48,13 +55,13 @@ import torch
 from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
-from ..unturn import Rebasing, reorder, unturn
+from ..unturn import PARENT_RULES, Rebasing, reorder, unturn
 from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
 
-__all__ = ["UnturnSpec", "run_unturn", "children_last", "ORDERS", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
+__all__ = ["UnturnSpec", "run_unturn", "children_last", "with_parent_std", "ORDERS", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
 
 DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MODE = "every-b0.2-orth3"
@@ -84,6 +91,15 @@ class UnturnSpec:
     samples: int = 20_000
     retrain: str = RETRAINS[0]
     order: str = ORDERS[0]
+    retrain_warmup: float | None = None
+    retrain_resort_every: int | None = None
+    parent_rule: str = PARENT_RULES[0]
+
+    def retrain_schedule(self) -> dict:
+        """The :class:`~matryoshka.train.TrainConfig` fields this run sets for training on, beyond the
+        recipe's: the warm-up's share and the re-sort period, where given."""
+        given = {"warmup_frac": self.retrain_warmup, "resort_every": self.retrain_resort_every}
+        return {key: value for key, value in given.items() if value is not None}
 
 
 def run_unturn(spec: UnturnSpec) -> dict:
@@ -95,14 +111,15 @@ def run_unturn(spec: UnturnSpec) -> dict:
         stages = {"trained": _measure(sae, toy)}
         control = copy.deepcopy(sae)
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
-        moved = unturn(sae, inputs, resort=spec.order != "kept")
+        moved = unturn(sae, inputs, resort=spec.order != "kept", parent_rule=spec.parent_rule)
         if spec.order == "children-last":
             moved = children_last(sae, moved)
         stages["re-based"] = _measure(sae, toy)
         # The recipe again from the SAE it is given: new data, a fresh schedule; "fixed": the
         # coefficient held at its start (no target L0 to adapt it to).
         again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1,
-                                    target_l0=config.target_l0 if spec.retrain == "recipe" else None)
+                                    target_l0=config.target_l0 if spec.retrain == "recipe" else None,
+                                    **spec.retrain_schedule())
         for name, model in zip(TRAINED_ON, (sae, control)):
             history = train(model, lambda rows, g: toy.sample(rows, g)[0], again).history
             coefficients = [row["sparsity_coeff"] for row in history]
@@ -116,6 +133,20 @@ def children_last(sae, moved: list[Rebasing]) -> list[Rebasing]:
     theirs; ``moved`` with its indices in the new order."""
     children = [c for m in moved for c in m.children]
     return reorder(sae, moved, [i for i in range(sae.config.n) if i not in children] + children)
+
+
+def with_parent_std(toy_spec: dict, std: float) -> dict:
+    """``toy_spec`` with each family parent's magnitude normal of mean 1 and standard deviation
+    ``std`` (clipped at 0 by the toy), its children's left fixed; ``std = 0``: ``toy_spec`` itself."""
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"parent_std must be a finite number >= 0, got {std}")
+    if std == 0:
+        return toy_spec
+    spec = copy.deepcopy(toy_spec)
+    for feature in spec["features"]:
+        if feature.get("children"):
+            feature["magnitude"] = {"mean": 1.0, "std": std}
+    return spec
 
 
 def _measure(sae, toy: ToyModel) -> dict:
@@ -148,7 +179,9 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
-                 retrain: str = RETRAINS[0], order: str = ORDERS[0], docs: Path | None = None) -> dict:
+                 retrain: str = RETRAINS[0], order: str = ORDERS[0], retrain_warmup: float | None = None,
+                 retrain_resort_every: int | None = None, parent_std: float = 0.0,
+                 parent_rule: str = PARENT_RULES[0], docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
@@ -157,14 +190,27 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if retrain not in RETRAINS:
         raise ValueError(f"retrain must be one of {RETRAINS}, got {retrain!r}")
-    toys = {q: family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}") for q in qs}  # refuses a q outside (0, 0.83] now
+    if retrain_warmup is not None and not 0 <= retrain_warmup <= 1:
+        raise ValueError(f"retrain_warmup must be a share of the steps in [0, 1] (or None: the recipe's), got {retrain_warmup}")
+    if retrain_resort_every is not None and (isinstance(retrain_resort_every, bool) or not isinstance(retrain_resort_every, int)
+                                             or retrain_resort_every < 0):
+        raise ValueError(f"retrain_resort_every must be an integer >= 0 (0: never; None: the recipe's), got {retrain_resort_every!r}")
+    if parent_rule not in PARENT_RULES:
+        raise ValueError(f"parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
+    # refuses a q outside (0, 0.83] and a bad parent_std now
+    toys = {q: with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std) for q in qs}
     start = time.perf_counter()
     print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
-          f"re-based (order: {order}), then {retrain_steps} more (and the control; coefficient: {retrain}); seeds 0..{seeds - 1}, {jobs} process(es)")
-    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order) for q in qs for seed in range(seeds)]
+          f"re-based (order: {order}), then {retrain_steps} more (and the control; coefficient: {retrain}; "
+          f"{_schedule_text(retrain_warmup, retrain_resort_every)}); parents' magnitude std {parent_std:g}, "
+          f"parent rule {parent_rule}; seeds 0..{seeds - 1}, {jobs} process(es)")
+    specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
+                        retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, parent_rule=parent_rule)
+             for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
-               "order": order, "seeds": seeds,
+               "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
+               "parent_std": parent_std, "parent_rule": parent_rule, "seeds": seeds,
                "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -206,7 +252,10 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     lines = [
         f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based "
         f"(order: {payload.get('order', 'kept')}), then {payload['retrain_steps']} more "
-        f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}); {payload['seeds']} seeds per q",
+        f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}; "
+        f"{_schedule_text(payload.get('retrain_warmup'), payload.get('retrain_resort_every'))}); "
+        f"parents' magnitude std {payload.get('parent_std', 0):g}, parent rule {payload.get('parent_rule', PARENT_RULES[0])}; "
+        f"{payload['seeds']} seeds per q",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
         "true, turned or other (turn_dynamics.end_state). Stages: the trained SAE; re-based "
@@ -239,6 +288,14 @@ def _coefficients(runs: list[dict], stage: str) -> list[str]:
     if not all("coeff_max" in r["stages"][stage] for r in runs):
         return ["–", "–"]
     return [fmt(summarize([r["stages"][stage][key] for r in runs]), 4) for key in ("coeff_max", "coeff_end")]
+
+
+def _schedule_text(warmup: float | None, resort_every: int | None) -> str:
+    """The training on's warm-up and re-sort period, in words ("the recipe's" where not given)."""
+    warm = "the recipe's warm-up" if warmup is None else f"warm-up {warmup:g} of the steps"
+    resort = ("the recipe's re-sort" if resort_every is None
+              else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
+    return f"{warm}, {resort}"
 
 
 def _transitions(states: list[str]) -> str:
