@@ -52,8 +52,7 @@ parent magnitude of standard deviation ``σ``, ``C = diag(σ², q(1−q))`` and 
 Independence itself gives the exact rule: the parent's projection is uncorrelated with every
 direction orthogonal to ``p``, so ``C p ∥ p``: ``p`` is an eigenvector of ``C`` (with eigenvalue
 ``σ²``, 0 for fixed magnitudes).  ``"uncorrelated"`` takes, among ``C``'s eigenvectors, the one
-whose coefficient of variation is least (a null space of ``C`` counts as one direction, along
-``μ``'s projection on it, which is ``C⁻¹μ``'s limit).  That is ``p`` while the parent's
+whose coefficient of variation is least.  That is ``p`` while the parent's
 coefficient of variation ``σ`` is below every other eigenvector's; a child direction's is
 ``√((1−q)/q)`` (0.65 at q = 0.7), but "some child fires" is steadier than one child, and with the
 sibling in ``S`` a mixed eigenvector undercuts ``σ = 0.3`` at q = 0.7.
@@ -205,27 +204,24 @@ def _parent_direction(coords: torch.Tensor, rule: str) -> torch.Tensor:
     """Step 2 (module doc): the parent's unit direction in the coordinates ``coords`` ``(rows, r)``
     of the subspace, pointing along the rows."""
     mean, cov = coords.mean(0), torch.cov(coords.T)
-    # A ridge of 1e-12 of C's scale: below it a variance is rounding, and a zero-variance direction
-    # (the toys' fixed-magnitude parent) stays solvable.
-    ridge = 1e-12 * float(cov.diagonal().sum()) + 1e-300
     if rule == "least-varying":
-        # argmin_u √(uᵀCu) / uᵀμ is u ∝ C⁻¹μ
+        # argmin_u √(uᵀCu) / uᵀμ is u ∝ C⁻¹μ; a ridge of 1e-12 of C's scale keeps a zero-variance
+        # direction (the toys' parent) solvable.
+        ridge = 1e-12 * float(cov.diagonal().sum()) + 1e-300
         u = torch.linalg.solve(cov + ridge * torch.eye(len(mean), dtype=cov.dtype), mean)
         return u / u.norm()  # uᵀμ = μᵀ(C + ridge)⁻¹μ / |…| > 0: it already points along the rows
-    values, vectors = torch.linalg.eigh(cov)
-    null = values <= ridge
-    options = [vectors[:, j] for j in range(len(values)) if not null[j]]
-    if null.any():  # any direction of a null space is an eigenvector: the one along the rows
-        along = vectors[:, null] @ (vectors[:, null].T @ mean)
-        if float(along.norm()) > 0:
-            options.append(along / along.norm())
+    # A fixed-magnitude parent's eigenvector has no variance and is taken.  ``S`` holds no second
+    # direction without variance: a direction's energy is its variance plus its mean squared, so
+    # only one along the rows' mean has energy without variance, and step 1 keeps no direction
+    # without energy.
+    _, vectors = torch.linalg.eigh(cov)
 
     def spread(u: torch.Tensor) -> float:
         projections = coords @ u
         return float(projections.std() / projections.mean().abs().clamp_min(1e-300))
 
-    u = min(options, key=spread)
-    return u if float(u @ mean) >= 0 else -u
+    u = min(vectors.T, key=spread)
+    return u if float(u @ mean) >= 0 else -u  # an eigenvector's sign is arbitrary
 
 
 def _sparsest_basis(coords: torch.Tensor) -> torch.Tensor:

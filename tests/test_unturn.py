@@ -97,7 +97,8 @@ def test_a_three_way_turn_with_the_sibling_is_rebased_onto_the_truth(parent_rule
     assert moved.parent_spread == pytest.approx(0.0, abs=1e-6)
 
 
-def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth():
+@pytest.mark.parametrize("parent_rule", PARENT_RULES)
+def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth(parent_rule):
     """A hedge: the turned pair's second direction shared by two latents that lean either way off
     the family's plane, along a spare dimension no row uses.  Each latent alone spans a plane
     holding a constant-projection direction tilted off ``p``; with both, the span holds ``p``, on
@@ -115,7 +116,7 @@ def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth():
         for latent, row in ((parent, turned), (child, 0.8 * second + 0.6 * spare), (helper, 0.8 * second - 0.6 * spare)):
             sae.W_dec[latent] = row
             sae.W_enc[:, latent] = row
-    rebased = {m.parent: m for m in unturn(sae, _samples(toy), resort=False)}
+    rebased = {m.parent: m for m in unturn(sae, _samples(toy), resort=False, parent_rule=parent_rule)}
     sae.requires_grad_(False)
     moved = rebased.pop(parent)
     assert all(m.angle < 1e-4 for m in rebased.values())  # true families stay where they are
@@ -151,6 +152,34 @@ def test_a_parent_whose_magnitude_varies_needs_the_uncorrelated_rule(q):
             assert max(child_tilts) < 3.0
     assert min(tilts["least-varying"]) >= 0.8 * math.degrees(math.atan(std**2 / (1 - q)))
     assert max(tilts["uncorrelated"]) < 2.0  # 20 000 rows' sampling error (0.1–1.3° measured)
+
+
+@pytest.mark.parametrize("level", [1.0, 3.0])
+@pytest.mark.parametrize("turn", range(0, 360, 45))
+def test_step_two_on_a_parent_and_child_plane_in_any_basis(turn, level):
+    """Step 2 alone, in the plane of a parent of magnitude N(m, (0.2 m)²) and a child of magnitude 1
+    (q = 0.7) written in a basis turned by ``turn`` degrees (an eigenvector's sign is arbitrary
+    there): the uncorrelated rule gives the parent, oriented along the rows; the least-varying one
+    leans towards the child by atan(σ²/(m(1−q))) (7.6° at m = 1, with the sample's σ, m and q).  At
+    m = 3 the parent's variance (0.36) exceeds the child's (0.21) but its coefficient of variation
+    does not: the parent is the least *relatively* varying eigenvector, not the least varying."""
+    from matryoshka.unturn import _parent_direction
+
+    generator = torch.Generator().manual_seed(turn)
+    rows = 200_000
+    magnitude = level * (1 + 0.2 * torch.randn(rows, generator=generator, dtype=torch.float64))
+    child = (torch.rand(rows, generator=generator, dtype=torch.float64) < 0.7).double()
+    angle = math.radians(turn)
+    parent_axis = torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
+    child_axis = torch.tensor([-math.sin(angle), math.cos(angle)], dtype=torch.float64)
+    coords = magnitude[:, None] * parent_axis + child[:, None] * child_axis
+    u = _parent_direction(coords, "uncorrelated")
+    assert float(u @ parent_axis) == pytest.approx(1.0, abs=1e-4)
+    u = _parent_direction(coords, "least-varying")
+    lean = math.degrees(math.atan2(float(u @ child_axis), float(u @ parent_axis)))
+    q = float(child.mean())
+    assert lean == pytest.approx(math.degrees(math.atan(float(magnitude.var()) / (float(magnitude.mean()) * (1 - q)))),
+                                 abs=0.3)
 
 
 def test_with_parent_std_draws_only_the_family_parents_magnitudes():
