@@ -68,8 +68,8 @@ def child_magnitude_cmd(args: argparse.Namespace) -> None:
               f"parent p {args.parent_p} magnitude {args.parent_magnitude}, {2 + args.distractors} latents:")
         print(absorption_margins.margins_table(tuple(args.phase_ratios), tuple(args.phase_probs), args.parent_p,
                                                args.parent_magnitude, 2 + args.distractors))
-        print(f"\nrotated pair (u and the direction v orthogonal to it in the pair's plane) against the true pair "
-              f"(true minus rotated; positive: the rotation is better; the orthogonality penalty is 0 for both):")
+        print("\nrotated pair (u and the direction v orthogonal to it in the pair's plane) against the true pair "
+              "(true minus rotated; positive: the rotation is better; the orthogonality penalty is 0 for both):")
         print(absorption_margins.rotated_table(parent_p=args.parent_p, parent_magnitude=args.parent_magnitude))
         return
     check_writable(args.out, "--out")

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from matryoshka.__main__ import main
 from matryoshka.experiments.common import RunSpec, format_table, run_many, summarize
