@@ -58,7 +58,13 @@ def test_a_turned_family_is_rebased_onto_its_true_pair(q, rotation_seed, parent_
     planes = toy.family_planes()
     unit = toy.directions / toy.directions.norm(dim=1, keepdim=True)
     # the container latent (fires on every family row) takes the parent, the nested one the child
-    assert sorted((m.parent, m.children) for m in moved) == [(planes[f][0], (planes[f][1],)) for f in (0, 2)]
+    if parent_rule == "least-varying":
+        assert sorted((m.parent, m.children) for m in moved) == [(planes[f][0], (planes[f][1],)) for f in (0, 2)]
+    else:  # the span holding the most energy may take the true sibling's latent too, and leave it on the sibling
+        assert sorted(m.parent for m in moved) == [planes[f][0] for f in (0, 2)]
+        assert all(dict((p, c) for p, c, _ in planes)[m.parent] in m.children for m in moved)
+        for latent in {c for m in moved for c in m.children}:
+            assert float(sae.W_dec[latent] @ unit[latent]) == pytest.approx(1.0, abs=1e-6)
     for m in moved:
         parent, child, _ = next(plane for plane in planes if plane[0] == m.parent)
         assert float(sae.W_dec[m.parent] @ unit[parent]) == pytest.approx(1.0, abs=1e-6)
@@ -130,8 +136,7 @@ def test_a_turned_direction_split_over_two_latents_is_rebased_onto_the_truth(par
 def test_a_parent_whose_magnitude_varies_needs_the_uncorrelated_rule(q):
     """Parents of magnitude N(1, 0.2²): the least-varying direction C⁻¹μ leans off the parent
     towards its children by at least atan(σ²/(1−q)) (the one-child bound of the module doc; the
-    sibling adds to it), while the least-varying eigenvector of C stays on the parent, and the
-    children's directions follow it."""
+    sibling adds to it), while the uncorrelated rule finds the parent and the children."""
     std = 0.2
     spec = study.with_parent_std(family_toy_spec(f"unequal-q{q:g}"), std)
     toy = ToyModel(spec)
@@ -149,9 +154,10 @@ def test_a_parent_whose_magnitude_varies_needs_the_uncorrelated_rule(q):
         if rule == "uncorrelated":
             child_tilts = [math.degrees(math.acos(min(1.0, float(rows[planes[m.parent]] @ unit[planes[m.parent]]))))
                            for m in moved]
-            assert max(child_tilts) < 3.0
+            assert max(child_tilts) < 0.2
     assert min(tilts["least-varying"]) >= 0.8 * math.degrees(math.atan(std**2 / (1 - q)))
-    assert max(tilts["uncorrelated"]) < 2.0  # 20 000 rows' sampling error (0.1–1.3° measured)
+    # refined on the rows holding the parent alone (the eigenvector alone was 0.1–7.5° off here)
+    assert max(tilts["uncorrelated"]) < 0.2
 
 
 @pytest.mark.parametrize("level", [1.0, 3.0])
