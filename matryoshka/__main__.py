@@ -224,7 +224,7 @@ def unturn_cmd(args: argparse.Namespace) -> None:
                         retrain_steps=unturn.QUICK_STEPS if args.quick else args.retrain_steps, seeds=seeds,
                         jobs=args.jobs, retrain=args.retrain, order=args.order, retrain_warmup=args.retrain_warmup,
                         retrain_resort_every=args.retrain_resort_every, parent_std=args.parent_std,
-                        parent_rule=args.parent_rule, docs=None if args.quick or not args.docs else Path(args.docs))
+                        parent_rule=args.parent_rule, min_correlation=args.min_correlation, docs=None if args.quick or not args.docs else Path(args.docs))
 
 
 def _family_toy(name: str) -> str:
@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="how the re-basing picks a parent's direction: least-varying (u ∝ C⁻¹μ) or uncorrelated "
                              "(the least-varying eigenvector of the rows' covariance, for a parent whose magnitude "
                              "varies) (default: %(default)s)")
+    rebase.add_argument("--min-correlation", type=float, default=0.5,
+                        help="the re-basing's detection threshold: a container is re-based when a nested latent's "
+                             "code correlates with its own at least this much (|corr|, default: %(default)s)")
     rebase.set_defaults(func=unturn_cmd)
 
     toy_train = sub.add_parser("train-toy", description=train_toy_cmd.__doc__,

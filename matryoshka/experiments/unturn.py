@@ -26,7 +26,9 @@ until the trainer's first re-sort puts it back, and that pull acts during the le
 so the two are varied apart.  ``parent_std`` (``--parent-std``): each family parent's magnitude
 drawn from a normal law of mean 1 and that standard deviation instead of fixed at 1
 (:func:`with_parent_std`); ``parent_rule`` (``--parent-rule``): how the re-basing picks the
-parent's direction (:data:`matryoshka.unturn.PARENT_RULES`).  At each :data:`STAGES`, each family's state in the
+parent's direction (:data:`matryoshka.unturn.PARENT_RULES`); ``min_correlation``
+(``--min-correlation``): the re-basing's detection threshold (a varying parent's own spread dilutes
+a turned latent's correlation).  At each :data:`STAGES`, each family's state in the
 plane of its parent and most frequent child (:func:`~.turn_dynamics.end_state`: true, turned or
 other), whether its sibling is entangled (:func:`_entangled`), and the SAE's metrics (MCC, L0,
 explained variance); for the two stages trained on, the sparsity coefficient's largest and last
@@ -94,6 +96,7 @@ class UnturnSpec:
     retrain_warmup: float | None = None
     retrain_resort_every: int | None = None
     parent_rule: str = PARENT_RULES[0]
+    min_correlation: float = 0.5
 
     def retrain_schedule(self) -> dict:
         """The :class:`~matryoshka.train.TrainConfig` fields this run sets for training on, beyond the
@@ -111,7 +114,8 @@ def run_unturn(spec: UnturnSpec) -> dict:
         stages = {"trained": _measure(sae, toy)}
         control = copy.deepcopy(sae)
         inputs = toy.sample(spec.samples, torch.Generator().manual_seed(20_000 + spec.seed))[0]
-        moved = unturn(sae, inputs, resort=spec.order != "kept", parent_rule=spec.parent_rule)
+        moved = unturn(sae, inputs, resort=spec.order != "kept", parent_rule=spec.parent_rule,
+                       min_correlation=spec.min_correlation)
         if spec.order == "children-last":
             moved = children_last(sae, moved)
         stages["re-based"] = _measure(sae, toy)
@@ -181,7 +185,7 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
                  retrain: str = RETRAINS[0], order: str = ORDERS[0], retrain_warmup: float | None = None,
                  retrain_resort_every: int | None = None, parent_std: float = 0.0,
-                 parent_rule: str = PARENT_RULES[0], docs: Path | None = None) -> dict:
+                 parent_rule: str = PARENT_RULES[0], min_correlation: float = 0.5, docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
     if steps < 1 or retrain_steps < 1:
@@ -197,20 +201,23 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
         raise ValueError(f"retrain_resort_every must be an integer >= 0 (0: never; None: the recipe's), got {retrain_resort_every!r}")
     if parent_rule not in PARENT_RULES:
         raise ValueError(f"parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
+    if not 0 <= min_correlation <= 1:
+        raise ValueError(f"min_correlation must be in [0, 1], got {min_correlation}")
     # refuses a q outside (0, 0.83] and a bad parent_std now
     toys = {q: with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std) for q in qs}
     start = time.perf_counter()
     print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
           f"re-based (order: {order}), then {retrain_steps} more (and the control; coefficient: {retrain}; "
           f"{_schedule_text(retrain_warmup, retrain_resort_every)}); parents' magnitude std {parent_std:g}, "
-          f"parent rule {parent_rule}; seeds 0..{seeds - 1}, {jobs} process(es)")
+          f"parent rule {parent_rule}, min correlation {min_correlation:g}; seeds 0..{seeds - 1}, {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
-                        retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, parent_rule=parent_rule)
+                        retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, parent_rule=parent_rule,
+                        min_correlation=min_correlation)
              for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-               "parent_std": parent_std, "parent_rule": parent_rule, "seeds": seeds,
+               "parent_std": parent_std, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds,
                "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -254,7 +261,8 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         f"(order: {payload.get('order', 'kept')}), then {payload['retrain_steps']} more "
         f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}; "
         f"{_schedule_text(payload.get('retrain_warmup'), payload.get('retrain_resort_every'))}); "
-        f"parents' magnitude std {payload.get('parent_std', 0):g}, parent rule {payload.get('parent_rule', PARENT_RULES[0])}; "
+        f"parents' magnitude std {payload.get('parent_std', 0):g}, parent rule {payload.get('parent_rule', PARENT_RULES[0])}, "
+        f"min correlation {payload.get('min_correlation', 0.5):g}; "
         f"{payload['seeds']} seeds per q",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
