@@ -49,7 +49,7 @@ def test_a_crashed_study_keeps_its_finished_runs_and_reruns_only_the_rest(tmp_pa
     results = run_many(SPECS, jobs=1, worker=_square, cache=tmp_path)
     assert CALLS == [0, 1, 2, 3]  # 0 and 1 reused
     assert f"runs: 2 of 4 runs reused from {tmp_path}" in capsys.readouterr().out
-    assert [r["square"] for r in results] == [0, 1, 4, 9]
+    assert [r["square"] for r in results] == [0, 1, 4, 9] and results.reused == 2
     # Fresh (3) and reused (0) results read the same: as JSON gives them back.
     for result in (results[0], results[3]):
         assert result["pair"] == [1, 2] and type(result["half"]) is float and np.isnan(result["nan"])

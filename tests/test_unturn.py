@@ -280,6 +280,14 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     for run in runs:
         if not run["moved"]:
             assert run["stages"]["re-based, trained on"] == run["stages"]["control: trained on"]
+    assert payload["reused"] == 0 and "reused" not in (tmp_path / "unturn_results.md").read_text()
+    # the same command again: every run from the run cache, which the results say
+    main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
+          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45"])
+    capsys.readouterr()
+    assert json.loads((tmp_path / "unturn_results.json").read_text())["reused"] == 2
+    assert "2 runs (2 reused from run_cache: their training is not in the wall time)" in (
+        tmp_path / "unturn_results.md").read_text()
     (tmp_path / "unturn_states.png").unlink()
     monkeypatch.setattr(study, "run_many", lambda *args, **kwargs: pytest.fail("--replot must not train"))
     main(["unturn", "--replot", "--out", str(tmp_path)])

@@ -364,8 +364,23 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+class Runs(list):
+    """:func:`run_many`'s results, in the order of the specs; ``reused``: how many came from the run
+    cache (their training is not in the study's wall time)."""
+
+    reused: int = 0
+
+
+def runs_line(payload: dict) -> str:
+    """A study's closing line: its runs, how many were reused from the run cache, its wall time and
+    its runs' training CPU (``payload``'s ``runs``, ``reused``, ``wall_s`` and ``cpu_s``)."""
+    reused = payload.get("reused", 0)
+    note = f" ({reused} reused from {RUN_CACHE}: their training is not in the wall time)" if reused else ""
+    return f"{len(payload['runs'])} runs{note}, {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s training CPU"
+
+
 def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[Any], dict] = run_one,
-             cache: Path | None = None) -> list[dict]:
+             cache: Path | None = None) -> Runs:
     """Run ``worker`` (default :func:`run_one`, a module-level function) on every spec, ``jobs``
     processes at a time; results in the order of ``specs``.
 
@@ -375,7 +390,7 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
 
     ``cache``: a folder where each finished run is stored as it ends and from which runs of the same
     spec under the same code are reused (:mod:`.run_cache`): a study stopped half-way and started
-    again does only the runs it had not finished.  Ctrl-C or SIGTERM raise :class:`Interrupted` (a
+    again does only the runs it had not finished; the result's ``reused`` counts them.  Ctrl-C or SIGTERM raise :class:`Interrupted` (a
     ``KeyboardInterrupt``) with the signal, saying how many runs are kept.
     """
     store = RunCache(cache, worker) if cache is not None else None
@@ -410,7 +425,9 @@ def run_many(specs: Sequence, jobs: int, desc: str = "runs", worker: Callable[[A
         raise
     finally:
         bar.close()
-    return results
+    runs = Runs(results)
+    runs.reused = len(specs) - len(todo)
+    return runs
 
 
 def _run_in_processes(worker: Callable[[Any], dict], specs: Sequence, todo: list[int], jobs: int,

@@ -52,7 +52,7 @@ import torch
 
 from ..metrics import cosine_matrix
 from ..toy import ToyModel
-from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
+from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, summarize, write_outputs
 from .hedging import ROTATED, UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 
@@ -202,7 +202,7 @@ def turn_dynamics(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAU
     specs = [TurnSpec(toys[q], mode, seed, steps, read_every, read_until) for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="turn dynamics", worker=run_turn, cache=out / RUN_CACHE)
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "seeds": seeds, "read_every": read_every,
-               "read_until": read_until, "runs": results,
+               "read_until": read_until, "runs": results, "reused": results.reused,
                "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
@@ -254,7 +254,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         "The first latent read at other in-plane norms: median axis (°), mean step, and the turned share "
         "of the families whose first latent lay nearer the turned axis (22.5–67.5°) | of the others:",
         "", "```", sensitivity, "```", "",
-        f"{len(payload['runs'])} runs, {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s training CPU",
+        runs_line(payload),
     ]
     print("\n" + text + "\n\nthe first latent at other in-plane norms (median axis, mean step, turned | nearer, "
           "turned | other):\n" + sensitivity)

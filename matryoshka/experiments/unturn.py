@@ -58,7 +58,7 @@ from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
 from ..unturn import PARENT_RULES, Rebasing, reorder, unturn
-from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, summarize, write_outputs
+from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
@@ -218,7 +218,7 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
                "parent_std": parent_std, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds,
-               "runs": results, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
+               "runs": results, "reused": results.reused, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
 
@@ -279,7 +279,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
         f"Containers re-based: {len(moved)} ({len(moved) / max(1, len(payload['runs'])):.1f} per run); the parent "
         f"latent's row moved by a median {median:.1f}° (quartiles {first_quartile:.1f}–{third_quartile:.1f}°).",
         "",
-        f"{len(payload['runs'])} runs, {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s training CPU",
+        runs_line(payload),
     ]
     print("\n" + text + "\n\n" + kept_text)
     out.mkdir(parents=True, exist_ok=True)
