@@ -22,7 +22,6 @@ from .realdata import DEFAULT_CORPUS
 from .toy import ToyModel, nabeshima_spec
 from .stop_signals import Interrupted
 from .train import EVERY_WEIGHTS, PREFIX_MODES, train
-from .unturn import PARENT_RULES
 
 
 # A checkpoint holds the parameters and Adam's two moments (three times the SAE): a long run that
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     rebase.add_argument("--parent-std", type=float, default=0.0,
                         help="standard deviation of each family parent's magnitude, of mean 1 (default: %(default)s, "
                              "fixed magnitudes)")
-    rebase.add_argument("--parent-rule", choices=PARENT_RULES, default=PARENT_RULES[0],
+    rebase.add_argument("--parent-rule", choices=unturn.PARENT_RULES, default=unturn.PARENT_RULES[0],
                         help="how the re-basing picks a parent's direction: least-varying (u ∝ C⁻¹μ) or uncorrelated "
                              "(the least-varying eigenvector of the rows' covariance, for a parent whose magnitude "
                              "varies) (default: %(default)s)")

@@ -95,7 +95,7 @@ import torch
 from .code_spread import FLOOR
 from .sae import SparseAutoencoder
 
-__all__ = ["Rebasing", "unturn", "reorder", "MAX_SPAN", "MAX_CHILDREN", "PARENT_RULES"]
+__all__ = ["Rebasing", "unturn", "check_settings", "reorder", "MAX_SPAN", "MAX_CHILDREN", "PARENT_RULES"]
 
 MAX_SPAN = 4  # correlated nested latents (most correlated first) whose subsets are searched
 MAX_CHILDREN = 2  # child directions found per container: the frequent child and one sibling
@@ -149,16 +149,7 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
     ``"uncorrelated"`` for a parent whose magnitude varies, module doc).  Computed in float64."""
     if x.dim() != 2 or x.shape[1] != sae.config.d:
         raise ValueError(f"unturn: x must be (rows, d={sae.config.d}) inputs, got shape {tuple(x.shape)}")
-    if not 0 < nesting <= 1:
-        raise ValueError(f"unturn: nesting must be in (0, 1], got {nesting}")
-    if not 0 <= min_correlation <= 1:
-        raise ValueError(f"unturn: min_correlation must be in [0, 1], got {min_correlation}")
-    if min_firings < 2:
-        raise ValueError(f"unturn: min_firings must be >= 2 (a spread needs two rows), got {min_firings}")
-    if not 0 < energy < 1:
-        raise ValueError(f"unturn: energy must be in (0, 1), got {energy}")
-    if parent_rule not in PARENT_RULES:
-        raise ValueError(f"unturn: parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
+    check_settings(nesting, min_correlation, min_firings, energy, parent_rule)
     codes = sae.dense_acts(x).double()
     fires = codes > FLOOR * codes.amax(0, keepdim=True).clamp_min(0)
     counts = fires.sum(0)
@@ -203,6 +194,22 @@ def unturn(sae: SparseAutoencoder, x: torch.Tensor, nesting: float = 0.9, min_co
     return moved
 
 
+def check_settings(nesting: float = 0.9, min_correlation: float = 0.5, min_firings: int = 50, energy: float = 0.01,
+                   parent_rule: str = PARENT_RULES[0]) -> None:
+    """Refuse, naming it, a setting of :func:`unturn` out of its range (a study checks its own before
+    training anything)."""
+    if not 0 < nesting <= 1:
+        raise ValueError(f"unturn: nesting must be in (0, 1], got {nesting}")
+    if not 0 <= min_correlation <= 1:
+        raise ValueError(f"unturn: min_correlation must be in [0, 1], got {min_correlation}")
+    if min_firings < 2:
+        raise ValueError(f"unturn: min_firings must be >= 2 (a spread needs two rows), got {min_firings}")
+    if not 0 < energy < 1:
+        raise ValueError(f"unturn: energy must be in (0, 1), got {energy}")
+    if parent_rule not in PARENT_RULES:
+        raise ValueError(f"unturn: parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
+
+
 def reorder(sae: SparseAutoencoder, moved: list[Rebasing], order: list[int]) -> list[Rebasing]:
     """Permute ``sae``'s latents in place (new latent ``k`` is old latent ``order[k]``) and return
     ``moved`` with its indices in the new order."""
@@ -223,13 +230,14 @@ def _rebased(inputs: torch.Tensor, rows: torch.Tensor, energy: float, parent_rul
     children = _children_directions(coords, u)
     if parent_rule == "uncorrelated":
         # the rows on which no child's coordinate reaches half its largest hold the parent alone
-        alone = (coords @ children.T < 0.5 * (coords @ children.T).amax(0)).all(1)
+        along = coords @ children.T
+        alone = (along < 0.5 * along.amax(0)).all(1)
         if int(alone.sum()) >= ALONE:
             u = coords[alone].mean(0)
             u = u / u.norm()
             children = _children_directions(coords, u)
     projections = coords @ u
-    spread = float(projections.std() / projections.mean())
+    spread = _spread(projections)
     captured = float(coords.pow(2).sum() / inputs.pow(2).sum())
     return _Option(spread, float(projections.mean()), captured, u @ subspace, children @ subspace)
 
@@ -257,13 +265,14 @@ def _parent_direction(coords: torch.Tensor, rule: str) -> torch.Tensor:
     # only one along the rows' mean has energy without variance, and step 1 keeps no direction
     # without energy.
     _, vectors = torch.linalg.eigh(cov)
-
-    def spread(u: torch.Tensor) -> float:
-        projections = coords @ u
-        return float(projections.std() / projections.mean().abs().clamp_min(1e-300))
-
-    u = min(vectors.T, key=spread)
+    u = min(vectors.T, key=lambda v: _spread(coords @ v))
     return u if float(u @ mean) >= 0 else -u  # an eigenvector's sign is arbitrary
+
+
+def _spread(projections: torch.Tensor) -> float:
+    """The coefficient of variation of ``projections``: their standard deviation over their mean's
+    size (a direction whose projections average 0 varies without bound)."""
+    return float(projections.std() / projections.mean().abs().clamp_min(1e-300))
 
 
 def _sparsest_basis(coords: torch.Tensor) -> torch.Tensor:

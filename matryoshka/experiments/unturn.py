@@ -57,13 +57,13 @@ import torch
 from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
-from ..unturn import PARENT_RULES, Rebasing, reorder, unturn
+from ..unturn import PARENT_RULES, Rebasing, check_settings, reorder, unturn
 from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, summarize, write_outputs
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
 
-__all__ = ["UnturnSpec", "run_unturn", "children_last", "with_parent_std", "ORDERS", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
+__all__ = ["UnturnSpec", "run_unturn", "children_last", "with_parent_std", "ORDERS", "PARENT_RULES", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
 
 DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MODE = "every-b0.2-orth3"
@@ -199,26 +199,21 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     if retrain_resort_every is not None and (isinstance(retrain_resort_every, bool) or not isinstance(retrain_resort_every, int)
                                              or retrain_resort_every < 0):
         raise ValueError(f"retrain_resort_every must be an integer >= 0 (0: never; None: the recipe's), got {retrain_resort_every!r}")
-    if parent_rule not in PARENT_RULES:
-        raise ValueError(f"parent_rule must be one of {PARENT_RULES}, got {parent_rule!r}")
-    if not 0 <= min_correlation <= 1:
-        raise ValueError(f"min_correlation must be in [0, 1], got {min_correlation}")
+    check_settings(min_correlation=min_correlation, parent_rule=parent_rule)
     # refuses a q outside (0, 0.83] and a bad parent_std now
     toys = {q: with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std) for q in qs}
     start = time.perf_counter()
-    print(f"unturn: {mode} on the unequal toy with its most frequent child at q in {list(qs)}; {steps} steps, "
-          f"re-based (order: {order}), then {retrain_steps} more (and the control; coefficient: {retrain}; "
-          f"{_schedule_text(retrain_warmup, retrain_resort_every)}); parents' magnitude std {parent_std:g}, "
-          f"parent rule {parent_rule}, min correlation {min_correlation:g}; seeds 0..{seeds - 1}, {jobs} process(es)")
+    settings = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
+                "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
+                "parent_std": parent_std, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
+    print(f"unturn: {_settings_text(settings)}, q in {list(qs)} (and the control, trained on without the "
+          f"re-basing); {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
                         retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, parent_rule=parent_rule,
                         min_correlation=min_correlation)
              for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
-    payload = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
-               "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-               "parent_std": parent_std, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds,
-               "runs": results, "reused": results.reused, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
+    payload = {**settings, "runs": results, "reused": results.reused, "wall_s": time.perf_counter() - start, "cpu_s": sum(r["seconds"] for r in results)}
     return report(out, payload, docs)
 
 
@@ -257,13 +252,7 @@ def report(out: Path, payload: dict, docs: Path | None = None) -> dict:
     moved = [m["angle"] for r in payload["runs"] for m in r["moved"]]
     first_quartile, median, third_quartile = np.percentile(moved, [25, 50, 75]) if moved else [math.nan] * 3
     lines = [
-        f"# Un-turning: {payload['mode']}, {payload['steps']} steps, re-based "
-        f"(order: {payload.get('order', 'kept')}), then {payload['retrain_steps']} more "
-        f"({_RETRAIN_TEXT[payload.get('retrain', 'recipe')]}; "
-        f"{_schedule_text(payload.get('retrain_warmup'), payload.get('retrain_resort_every'))}); "
-        f"parents' magnitude std {payload.get('parent_std', 0):g}, parent rule {payload.get('parent_rule', PARENT_RULES[0])}, "
-        f"min correlation {payload.get('min_correlation', 0.5):g}; "
-        f"{payload['seeds']} seeds per q",
+        f"# Un-turning: {_settings_text(payload)}",
         "",
         "Each family (3 per run), in the plane of the parent and that child: "
         "true, turned or other (turn_dynamics.end_state). Stages: the trained SAE; re-based "
@@ -298,12 +287,18 @@ def _coefficients(runs: list[dict], stage: str) -> list[str]:
     return [fmt(summarize([r["stages"][stage][key] for r in runs]), 4) for key in ("coeff_max", "coeff_end")]
 
 
-def _schedule_text(warmup: float | None, resort_every: int | None) -> str:
-    """The training on's warm-up and re-sort period, in words ("the recipe's" where not given)."""
+def _settings_text(settings: dict) -> str:
+    """A study's settings in words (:func:`unturn_study`'s print and the results' title); a payload
+    from before a setting existed reads as that setting's value then."""
+    warmup, resort_every = settings.get("retrain_warmup"), settings.get("retrain_resort_every")
     warm = "the recipe's warm-up" if warmup is None else f"warm-up {warmup:g} of the steps"
     resort = ("the recipe's re-sort" if resort_every is None
               else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
-    return f"{warm}, {resort}"
+    return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {settings.get('order', 'kept')}), then "
+            f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}); "
+            f"parents' magnitude std {settings.get('parent_std', 0):g}, parent rule "
+            f"{settings.get('parent_rule', PARENT_RULES[0])}, min correlation {settings.get('min_correlation', 0.5):g}; "
+            f"{settings['seeds']} seeds per q")
 
 
 def _transitions(states: list[str]) -> str:
