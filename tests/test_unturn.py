@@ -299,6 +299,14 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     assert len(states.splitlines()) == 2 + len(study.STAGES) and len(paths.splitlines()) == 3
 
 
+@pytest.mark.parametrize("keys, order", [({"order": "children-last", "resort": True}, "children-last"),
+                                         ({"resort": True}, "re-sorted"), ({"resort": False}, "kept"), ({}, "kept")])
+def test_the_results_title_names_the_order_of_payloads_from_every_version(keys, order):
+    """A payload from before ``order`` said ``resort``, and one from before that kept the order."""
+    settings = {"mode": study.DEFAULT_MODE, "steps": 10, "retrain_steps": 5, "seeds": 1, **keys}
+    assert f"re-based (order: {order}), then 5 more" in study._settings_text(settings)
+
+
 def test_a_sibling_is_entangled_when_a_latent_lies_along_it_and_the_pair():
     toy, sae = _toy_and_truth()
     cos = torch.eye(toy.num_features, sae.config.n).T  # latent f along feature f: nothing entangled

@@ -291,10 +291,12 @@ def _settings_text(settings: dict) -> str:
     """A study's settings in words (:func:`unturn_study`'s print and the results' title); a payload
     from before a setting existed reads as that setting's value then."""
     warmup, resort_every = settings.get("retrain_warmup"), settings.get("retrain_resort_every")
+    # before "order", a payload said "resort" (True: re-sorted); before that, the order was kept
+    order = settings.get("order", "re-sorted" if settings.get("resort") else "kept")
     warm = "the recipe's warm-up" if warmup is None else f"warm-up {warmup:g} of the steps"
     resort = ("the recipe's re-sort" if resort_every is None
               else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
-    return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {settings.get('order', 'kept')}), then "
+    return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {order}), then "
             f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}); "
             f"parents' magnitude std {settings.get('parent_std', 0):g}, parent rule "
             f"{settings.get('parent_rule', PARENT_RULES[0])}, min correlation {settings.get('min_correlation', 0.5):g}; "
