@@ -223,6 +223,7 @@ def unturn_cmd(args: argparse.Namespace) -> None:
                         retrain_steps=unturn.QUICK_STEPS if args.quick else args.retrain_steps, seeds=seeds,
                         jobs=args.jobs, retrain=args.retrain, order=args.order, retrain_warmup=args.retrain_warmup,
                         retrain_resort_every=args.retrain_resort_every, parent_std=args.parent_std,
+                        parent_scale=args.parent_scale,
                         parent_rule=args.parent_rule, min_correlation=args.min_correlation, docs=None if args.quick or not args.docs else Path(args.docs))
 
 
@@ -392,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     rebase.add_argument("--parent-std", type=float, default=0.0,
                         help="standard deviation of each family parent's magnitude, of mean 1 (default: %(default)s, "
                              "fixed magnitudes)")
+    rebase.add_argument("--parent-scale", type=float, default=1.0,
+                        help="each family parent's magnitude is multiplied by this where its most frequent child "
+                             "fires: a parent whose magnitude depends on which child fires (default: %(default)s)")
     rebase.add_argument("--parent-rule", choices=unturn.PARENT_RULES, default=unturn.PARENT_RULES[0],
                         help="how the re-basing picks a parent's direction: least-varying (u ∝ C⁻¹μ) or uncorrelated "
                              "(the least-varying eigenvector of the rows' covariance, for a parent whose magnitude "

@@ -13,6 +13,10 @@ A model is built from a plain (JSON-able) spec::
   ``p`` each, or none with the remaining ``1 - sum(p)``.  Otherwise children fire independently.
 * ``magnitude`` is a number (a constant, e.g. ``1.0`` for binary features) or ``{"mean", "std"}``
   (Gaussian, clipped at 0 so that an active feature never points backwards).
+* ``parent_scale`` (a child's, default 1): its parent's magnitude is multiplied by it on the
+  samples where this child fires, so a parent's magnitude can depend on which child fires.  Such a
+  family's inputs are those of a parent of fixed magnitude whose child's direction leans towards it
+  (``s·p + c = p + ((s − 1)p + c)``): no rule on the inputs alone can tell the two apart.
 
 Features are numbered depth-first (a parent, then its subtree), which is also the order used by
 every plot and metric.  Directions are the first ``F`` columns of the Q of a seeded Gaussian matrix's
@@ -22,6 +26,7 @@ QR decomposition (exactly orthonormal), each scaled by ``1 + norm_jitter * N(0, 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,7 @@ class _Node:
     p: float  # given the parent
     mean: float
     std: float
+    parent_scale: float  # the parent's magnitude is multiplied by it where this node fires
     group: int  # index of the exclusive group this node is an option of, or -1
     depth: int
 
@@ -59,8 +65,14 @@ def _flatten(features: list[dict]) -> tuple[list[_Node], list[list[int]]]:
         p = float(spec["p"])
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"toy spec: feature {spec.get('name')!r} has p={p} outside [0, 1]")
+        parent_scale = float(spec.get("parent_scale", 1.0))
+        if not (math.isfinite(parent_scale) and parent_scale > 0):
+            raise ValueError(f"toy spec: feature {spec.get('name')!r} has parent_scale={parent_scale}; "
+                             "expected a finite number > 0")
+        if parent < 0 and parent_scale != 1.0:
+            raise ValueError(f"toy spec: feature {spec.get('name')!r} has a parent_scale but no parent")
         me = len(nodes)
-        nodes.append(_Node(str(spec.get("name", f"f{me}")), parent, p, mean, std, group, depth))
+        nodes.append(_Node(str(spec.get("name", f"f{me}")), parent, p, mean, std, parent_scale, group, depth))
         children = spec.get("children", [])
         child_group = -1
         if children and spec.get("exclusive", False):
@@ -98,6 +110,7 @@ class ToyModel:
         self._p = torch.tensor([n.p for n in nodes], dtype=torch.float64)
         self._mean = torch.tensor([n.mean for n in nodes])
         self._std = torch.tensor([n.std for n in nodes])
+        self._parent_scales = [(f, n.parent, n.parent_scale) for f, n in enumerate(nodes) if n.parent_scale != 1.0]
         self._group = torch.tensor([n.group for n in nodes])
         self._depth = max(n.depth for n in nodes)
         # An exclusive option fires when the group's uniform falls in [lo, hi): options tile [0, 1)
@@ -172,6 +185,8 @@ class ToyModel:
             active = fires & parent_active
         noise = torch.randn(num, F, generator=generator)
         magnitude = (self._mean + self._std * noise).clamp(min=0.0)
+        for child, parent, scale in self._parent_scales:
+            magnitude[:, parent] *= torch.where(active[:, child], scale, 1.0)
         acts = torch.where(active, magnitude, 0.0)
         return acts @ self.directions, acts
 

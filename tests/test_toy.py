@@ -86,6 +86,26 @@ def test_gaussian_magnitudes_and_independent_children():
             given.shape[0])
 
 
+def test_a_parent_scale_multiplies_the_parents_magnitude_where_that_child_fires():
+    """The same draws with and without ``parent_scale``: only the parent's code moves, to ``s`` times
+    its own where the child fires; and the inputs are those of a fixed parent whose child's
+    direction leans towards it, ``c + (s − 1)·p`` (the module doc's equivalence)."""
+    spec = {"d": 6, "norm_jitter": 0.05, "features": [
+        {"name": "p", "p": 0.5, "magnitude": {"mean": 1.0, "std": 0.2}, "exclusive": True,
+         "children": [{"name": "a", "p": 0.5}, {"name": "b", "p": 0.3}]}, {"name": "i", "p": 0.2}]}
+    plain = ToyModel(spec)
+    spec["features"][0]["children"][0]["parent_scale"] = 1.5
+    scaled = ToyModel(spec)
+    x1, acts1 = plain.sample(N, torch.Generator().manual_seed(4))
+    xs, acts_s = scaled.sample(N, torch.Generator().manual_seed(4))
+    child = acts1[:, 1] > 0
+    assert 0.2 < float(child.float().mean()) < 0.3  # the child fires, and not always
+    torch.testing.assert_close(acts_s[:, 0], torch.where(child, 1.5, 1.0) * acts1[:, 0])
+    torch.testing.assert_close(acts_s[:, 1:], acts1[:, 1:])
+    leaning = x1 + (1.5 - 1) * (acts1[:, :1] * child[:, None]) * plain.directions[0]
+    torch.testing.assert_close(xs, leaning, atol=1e-5, rtol=0)
+
+
 def test_seeded_and_json_roundtrip():
     spec = json.loads(json.dumps(nabeshima_spec(seed=3)))
     a, b = ToyModel(spec), ToyModel(nabeshima_spec(seed=3))
@@ -99,6 +119,9 @@ def test_seeded_and_json_roundtrip():
     ({"d": 2, "features": [{"p": 0.1}] * 3}, "orthogonal"),
     ({"d": 4, "features": [{"p": 0.5, "exclusive": True, "children": [{"p": 0.6}, {"p": 0.6}]}]}, "sum"),
     ({"d": 4, "features": [{"p": 1.5}]}, "outside"),
+    ({"d": 4, "features": [{"p": 0.5, "children": [{"p": 0.5, "parent_scale": 0.0}]}]}, "parent_scale=0.0; expected"),
+    ({"d": 4, "features": [{"p": 0.5, "children": [{"p": 0.5, "parent_scale": float("nan")}]}]}, "parent_scale=nan"),
+    ({"d": 4, "features": [{"p": 0.5, "parent_scale": 2.0}]}, "a parent_scale but no parent"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -223,6 +223,44 @@ def test_with_parent_std_draws_only_the_family_parents_magnitudes():
             study.with_parent_std(spec, bad)
 
 
+@pytest.mark.parametrize("scale", [1.2, 1.5])
+def test_a_parent_whose_magnitude_depends_on_its_child_turns_the_least_varying_rule_off_the_truth(scale):
+    """A true dictionary whose parents' codes are ``s`` times larger where the most frequent child
+    fires: the codes correlate, so every family is re-based.  The least-varying rule takes the
+    direction orthogonal to the rows' difference ``(s − 1)p + c``, atan((s − 1)|p|/|c|) off the
+    parent (the inputs of a fixed parent whose child leans towards it); the uncorrelated rule's
+    refinement, on the rows holding the parent alone, keeps the truth."""
+    spec = study.with_parent_scale(family_toy_spec("unequal-q0.7"), scale)
+    toy = ToyModel(spec)
+    norms = toy.directions.norm(dim=1)
+    unit = toy.directions / norms[:, None]
+    planes = {parent: child for parent, child, _ in toy.family_planes()}
+    for rule in PARENT_RULES:
+        sae = RunSpec(spec, "every-b0.2-fromtruth", 0, 1).build_sae(toy)
+        moved = unturn(sae, _samples(toy), resort=False, parent_rule=rule)
+        sae.requires_grad_(False)
+        assert sorted(m.parent for m in moved) == sorted(planes)
+        for m in moved:
+            child = planes[m.parent]
+            expected = math.degrees(math.atan((scale - 1) * float(norms[m.parent] / norms[child])))
+            assert m.angle == pytest.approx(expected if rule == "least-varying" else 0.0, abs=1e-3)
+            assert float(sae.W_dec[child] @ unit[child]) == pytest.approx(
+                math.cos(math.radians(expected)) if rule == "least-varying" else 1.0, abs=1e-5)
+
+
+def test_with_parent_scale_scales_each_parent_with_its_most_frequent_child_only():
+    spec = family_toy_spec("unequal-q0.7")
+    assert study.with_parent_scale(spec, 1.0) is spec
+    scaled = study.with_parent_scale(spec, 1.5)
+    children = [f["children"] for f in scaled["features"] if f.get("children")]
+    assert len(children) == 3
+    assert all([c.get("parent_scale", 1.0) for c in group] == [1.0, 1.0, 1.5] for group in children)  # p 0.02, 0.15, 0.7
+    assert all("parent_scale" not in c for f in spec["features"] for c in f.get("children", []))  # left as it was
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="parent_scale must be a finite number > 0"):
+            study.with_parent_scale(spec, bad)
+
+
 def test_a_true_dictionary_is_left_alone():
     """A true parent's code is constant on its rows: no nested latent's code correlates with it."""
     toy, sae = _toy_and_truth()
@@ -266,13 +304,17 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     from matryoshka.__main__ import main
 
     main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
-          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45"])
+          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2"])
     first = capsys.readouterr().out
     payload = json.loads((tmp_path / "unturn_results.json").read_text())
     runs = payload["runs"]
     assert (payload["retrain_warmup"], payload["retrain_resort_every"]) == (None, 25)
     assert all(run["spec"]["retrain_resort_every"] == 25 and run["spec"]["min_correlation"] == 0.45 for run in runs)
     assert "the recipe's warm-up, re-sorted every 25 steps" in (tmp_path / "unturn_results.md").read_text()
+    assert payload["parent_scale"] == 1.2 and "×1.2 where the most frequent child fires" in (
+        tmp_path / "unturn_results.md").read_text()
+    assert all(sorted(c.get("parent_scale", 1) for c in f["children"]) == [1, 1, 1.2]
+               for run in runs for f in run["spec"]["toy_spec"]["features"] if f.get("children"))
     assert len(runs) == 2 and all(list(run["stages"]) == list(study.STAGES) for run in runs)
     assert all(len(stage["families"]) == 3 for run in runs for stage in run["stages"].values())
     # the control starts from the trained SAE, the re-based run from the re-based one: without
@@ -283,7 +325,7 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     assert payload["reused"] == 0 and "reused" not in (tmp_path / "unturn_results.md").read_text()
     # the same command again: every run from the run cache, which the results say
     main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
-          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45"])
+          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2"])
     capsys.readouterr()
     assert json.loads((tmp_path / "unturn_results.json").read_text())["reused"] == 2
     assert "2 runs (2 reused from run_cache: their training is not in the wall time)" in (
@@ -335,6 +377,8 @@ def test_refuses_bad_step_counts_retrain_and_order(tmp_path):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, parent_rule="largest")
     with pytest.raises(ValueError, match="parent_std must be"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, parent_std=-1.0)
+    with pytest.raises(ValueError, match="parent_scale must be"):
+        study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, parent_scale=0.0)
     with pytest.raises(ValueError, match="min_correlation must be in"):
         study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, min_correlation=1.5)
     with pytest.raises(ValueError, match="retrain_warmup must be a share"):

@@ -25,7 +25,9 @@ whether the adaptive coefficient's climb is what turns the truth again.  ``retra
 until the trainer's first re-sort puts it back, and that pull acts during the learning-rate warm-up,
 so the two are varied apart.  ``parent_std`` (``--parent-std``): each family parent's magnitude
 drawn from a normal law of mean 1 and that standard deviation instead of fixed at 1
-(:func:`with_parent_std`); ``parent_rule`` (``--parent-rule``): how the re-basing picks the
+(:func:`with_parent_std`); ``parent_scale`` (``--parent-scale``): each family parent's magnitude
+multiplied by it where its most frequent child fires (:func:`with_parent_scale`: a parent whose
+magnitude depends on which child fires, against the rule's assumption); ``parent_rule`` (``--parent-rule``): how the re-basing picks the
 parent's direction (:data:`matryoshka.unturn.PARENT_RULES`); ``min_correlation``
 (``--min-correlation``): the re-basing's detection threshold (a varying parent's own spread dilutes
 a turned latent's correlation).  At each :data:`STAGES`, each family's state in the
@@ -63,7 +65,7 @@ from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
 
-__all__ = ["UnturnSpec", "run_unturn", "children_last", "with_parent_std", "ORDERS", "PARENT_RULES", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
+__all__ = ["UnturnSpec", "run_unturn", "children_last", "with_parent_std", "with_parent_scale", "ORDERS", "PARENT_RULES", "unturn_study", "report", "replot", "STAGES", "RETRAINS", "DEFAULT_QS"]
 
 DEFAULT_QS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MODE = "every-b0.2-orth3"
@@ -153,6 +155,22 @@ def with_parent_std(toy_spec: dict, std: float) -> dict:
     return spec
 
 
+def with_parent_scale(toy_spec: dict, scale: float) -> dict:
+    """``toy_spec`` with each family parent's magnitude multiplied by ``scale`` on the samples where its
+    most frequent child fires (the toy's ``parent_scale``), so that the parent's magnitude depends on
+    which child fires; ``scale = 1``: ``toy_spec`` itself.  Such inputs are also those of a parent of
+    fixed magnitude whose child leans towards it by ``atan(scale − 1)`` (the toy's module doc)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"parent_scale must be a finite number > 0, got {scale}")
+    if scale == 1:
+        return toy_spec
+    spec = copy.deepcopy(toy_spec)
+    for feature in spec["features"]:
+        if feature.get("children"):
+            max(feature["children"], key=lambda child: float(child["p"]))["parent_scale"] = scale
+    return spec
+
+
 def _measure(sae, toy: ToyModel) -> dict:
     """Each family's state in its plane and whether its sibling is entangled (:func:`_entangled`),
     and the SAE's MCC, L0 and explained variance."""
@@ -184,7 +202,7 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
                  retrain: str = RETRAINS[0], order: str = ORDERS[0], retrain_warmup: float | None = None,
-                 retrain_resort_every: int | None = None, parent_std: float = 0.0,
+                 retrain_resort_every: int | None = None, parent_std: float = 0.0, parent_scale: float = 1.0,
                  parent_rule: str = PARENT_RULES[0], min_correlation: float = 0.5, docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
@@ -200,12 +218,13 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
                                              or retrain_resort_every < 0):
         raise ValueError(f"retrain_resort_every must be an integer >= 0 (0: never; None: the recipe's), got {retrain_resort_every!r}")
     check_settings(min_correlation=min_correlation, parent_rule=parent_rule)
-    # refuses a q outside (0, 0.83] and a bad parent_std now
-    toys = {q: with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std) for q in qs}
+    # refuses a q outside (0, 0.83], a bad parent_std or parent_scale now
+    toys = {q: with_parent_scale(with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std), parent_scale)
+            for q in qs}
     start = time.perf_counter()
     settings = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                 "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-                "parent_std": parent_std, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
+                "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
     print(f"unturn: {_settings_text(settings)}, q in {list(qs)} (and the control, trained on without the "
           f"re-basing); {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
@@ -298,9 +317,14 @@ def _settings_text(settings: dict) -> str:
               else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
     return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {order}), then "
             f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}); "
-            f"parents' magnitude std {settings.get('parent_std', 0):g}, parent rule "
+            f"parents' magnitude std {settings.get('parent_std', 0):g}{_scale_text(settings.get('parent_scale', 1))}, parent rule "
             f"{settings.get('parent_rule', PARENT_RULES[0])}, min correlation {settings.get('min_correlation', 0.5):g}; "
             f"{settings['seeds']} seeds per q")
+
+
+def _scale_text(scale: float) -> str:
+    """The parents' child-dependent magnitude in words ("" for none, as before it existed)."""
+    return "" if scale == 1 else f", ×{scale:g} where the most frequent child fires"
 
 
 def _transitions(states: list[str]) -> str:
