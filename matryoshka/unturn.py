@@ -76,6 +76,17 @@ objective already prefers the turn, the first steps of training on (before the t
 re-sort) were enough to turn most re-based families again; so by default the latents are re-sorted
 by energy once re-based.
 
+**A parent whose magnitude depends on which child fires** (``s`` times larger with a child ``c``)
+breaks the assumption, and no rule on the inputs alone can see it: the rows ``p`` and ``s·p + c``
+are also those of a fixed parent whose child leans towards it, ``(s − 1)p + c``.  The correlated
+codes get a true dictionary re-based.  ``"least-varying"`` then takes the direction orthogonal to
+the rows' difference, ``atan((s − 1)|p|/|c|)`` off ``p`` and leaning *away* from the child, towards
+the turned pair's second latent ``p − c`` (11° at s = 1.2).  ``"uncorrelated"``'s refinement takes the
+parent from the rows where it fires alone, so it keeps the truth (tested at s = 1.2 and 1.5).
+At s = 2, q = 0.7, with the sibling in the span, the eigenvector lies 51° off ``p`` and the rows
+taken as alone include the sibling's (500 of 872 on the true dictionary), which pull the parent's
+direction towards the sibling.
+
 The rule assumes that a parent's magnitude does not depend on which child fires, and that features
 are orthogonal; a probe of the explanation on the toys, not a recipe for real data
 (``python -m matryoshka unturn``: where it restores the truth and whether training keeps it).
