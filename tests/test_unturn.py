@@ -304,13 +304,15 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     from matryoshka.__main__ import main
 
     main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
-          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2"])
+          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2",
+          "--retrain-beta", "0.5"])
     first = capsys.readouterr().out
     payload = json.loads((tmp_path / "unturn_results.json").read_text())
     runs = payload["runs"]
     assert (payload["retrain_warmup"], payload["retrain_resort_every"]) == (None, 25)
-    assert all(run["spec"]["retrain_resort_every"] == 25 and run["spec"]["min_correlation"] == 0.45 for run in runs)
-    assert "the recipe's warm-up, re-sorted every 25 steps" in (tmp_path / "unturn_results.md").read_text()
+    assert all(run["spec"]["retrain_resort_every"] == 25 and run["spec"]["min_correlation"] == 0.45
+               and run["spec"]["retrain_beta"] == 0.5 for run in runs)
+    assert "the recipe's warm-up, re-sorted every 25 steps; inner prefixes ×0.5" in (tmp_path / "unturn_results.md").read_text()
     assert payload["parent_scale"] == 1.2 and "×1.2 where the most frequent child fires" in (
         tmp_path / "unturn_results.md").read_text()
     assert all(sorted(c.get("parent_scale", 1) for c in f["children"]) == [1, 1, 1.2]
@@ -325,7 +327,8 @@ def test_cli_runs_and_replots_the_study(tmp_path, capsys, monkeypatch):
     assert payload["reused"] == 0 and "reused" not in (tmp_path / "unturn_results.md").read_text()
     # the same command again: every run from the run cache, which the results say
     main(["unturn", "--out", str(tmp_path), "--steps", "60", "--retrain-steps", "20", "--seeds", "2", "--jobs", "1",
-          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2"])
+          "--qs", "0.5", "--retrain-resort-every", "25", "--min-correlation", "0.45", "--parent-scale", "1.2",
+          "--retrain-beta", "0.5"])
     capsys.readouterr()
     assert json.loads((tmp_path / "unturn_results.json").read_text())["reused"] == 2
     assert "2 runs (2 reused from run_cache: their training is not in the wall time)" in (
@@ -386,11 +389,14 @@ def test_refuses_bad_step_counts_retrain_and_order(tmp_path):
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="retrain_resort_every must be an integer >= 0"):
             study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain_resort_every=bad)
+    for bad, mode in ((-0.1, study.DEFAULT_MODE), (math.nan, study.DEFAULT_MODE), (0.5, "vanilla-orth3")):
+        with pytest.raises(ValueError, match="retrain_beta must be a finite number >= 0 .* with an 'every' mode"):
+            study.unturn_study(tmp_path, qs=(0.5,), steps=10, retrain_steps=10, seeds=1, retrain_beta=bad, mode=mode)
 
 
-@pytest.mark.parametrize("warmup, resort_every", [(None, None), (0.0, 25), (0.2, 0)])
+@pytest.mark.parametrize("warmup, resort_every, beta", [(None, None, None), (0.0, 25, 0.0), (0.2, 0, 1.0)])
 def test_the_schedule_given_for_training_on_reaches_both_stages_trained_on_and_nothing_else(monkeypatch, warmup,
-                                                                                           resort_every):
+                                                                                           resort_every, beta):
     configs = []
 
     def recording_train(sae, sampler, config):
@@ -407,7 +413,7 @@ def test_the_schedule_given_for_training_on_reaches_both_stages_trained_on_and_n
     monkeypatch.setattr(study, "unturn", recording_unturn)
     spec = study.UnturnSpec(family_toy_spec("unequal-q0.7"), study.DEFAULT_MODE, 0, steps=30, retrain_steps=20,
                             samples=1_000, retrain_warmup=warmup, retrain_resort_every=resort_every,
-                            parent_rule="uncorrelated", min_correlation=0.4)
+                            retrain_beta=beta, parent_rule="uncorrelated", min_correlation=0.4)
     study.run_unturn(spec)
     assert rebasings == [{"resort": True, "parent_rule": "uncorrelated", "min_correlation": 0.4}]
     recipe = RunSpec(spec.toy_spec, spec.mode, spec.seed, spec.steps).train_config(ToyModel(spec.toy_spec))
@@ -416,7 +422,8 @@ def test_the_schedule_given_for_training_on_reaches_both_stages_trained_on_and_n
         assert config.steps == 20
         assert config.warmup_frac == (recipe.warmup_frac if warmup is None else warmup)
         assert config.resort_every == (recipe.resort_every if resort_every is None else resort_every)
-    assert (recipe.warmup_frac, recipe.resort_every) == (0.05, 100)  # the recipe's, as the study's docs say
+        assert config.balance_beta == (recipe.balance_beta if beta is None else beta)
+    assert (recipe.warmup_frac, recipe.resort_every, recipe.balance_beta) == (0.05, 100, 0.2)  # as the study's docs say
 
 
 @pytest.mark.parametrize("retrain", study.RETRAINS)

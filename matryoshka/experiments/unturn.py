@@ -23,7 +23,10 @@ whether the adaptive coefficient's climb is what turns the truth again.  ``retra
 ``retrain_resort_every`` (``--retrain-warmup``, ``--retrain-resort-every``; ``None``: the recipe's
 5% and 100 steps) set the schedule of both stages trained on: a child out of its place is pulled on
 until the trainer's first re-sort puts it back, and that pull acts during the learning-rate warm-up,
-so the two are varied apart.  ``parent_std`` (``--parent-std``): each family parent's magnitude
+so the two are varied apart.  ``retrain_beta`` (``--retrain-beta``; ``None``: the mode's) scales the
+inner prefixes of both stages trained on (``TrainConfig.balance_beta``): the objective's pull on a
+child out of its place comes from the prefixes between it and its parent, and at β = 0 there are
+none.  ``parent_std`` (``--parent-std``): each family parent's magnitude
 drawn from a normal law of mean 1 and that standard deviation instead of fixed at 1
 (:func:`with_parent_std`); ``parent_scale`` (``--parent-scale``): each family parent's magnitude
 multiplied by it where its most frequent child fires (:func:`with_parent_scale`: a parent whose
@@ -60,7 +63,8 @@ from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
 from ..unturn import PARENT_RULES, Rebasing, check_settings, reorder, unturn
-from .common import RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, summarize, write_outputs
+from .common import (RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, study_mode, summarize,
+                     write_outputs)
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
@@ -97,13 +101,15 @@ class UnturnSpec:
     order: str = ORDERS[0]
     retrain_warmup: float | None = None
     retrain_resort_every: int | None = None
+    retrain_beta: float | None = None
     parent_rule: str = PARENT_RULES[0]
     min_correlation: float = 0.5
 
-    def retrain_schedule(self) -> dict:
+    def retrain_overrides(self) -> dict:
         """The :class:`~matryoshka.train.TrainConfig` fields this run sets for training on, beyond the
-        recipe's: the warm-up's share and the re-sort period, where given."""
-        given = {"warmup_frac": self.retrain_warmup, "resort_every": self.retrain_resort_every}
+        recipe's: the warm-up's share, the re-sort period and the inner prefixes' scale, where given."""
+        given = {"warmup_frac": self.retrain_warmup, "resort_every": self.retrain_resort_every,
+                 "balance_beta": self.retrain_beta}
         return {key: value for key, value in given.items() if value is not None}
 
 
@@ -125,7 +131,7 @@ def run_unturn(spec: UnturnSpec) -> dict:
         # coefficient held at its start (no target L0 to adapt it to).
         again = dataclasses.replace(config, steps=spec.retrain_steps, seed=config.seed + 1,
                                     target_l0=config.target_l0 if spec.retrain == "recipe" else None,
-                                    **spec.retrain_schedule())
+                                    **spec.retrain_overrides())
         for name, model in zip(TRAINED_ON, (sae, control)):
             history = train(model, lambda rows, g: toy.sample(rows, g)[0], again).history
             coefficients = [row["sparsity_coeff"] for row in history]
@@ -202,7 +208,8 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
                  retrain: str = RETRAINS[0], order: str = ORDERS[0], retrain_warmup: float | None = None,
-                 retrain_resort_every: int | None = None, parent_std: float = 0.0, parent_scale: float = 1.0,
+                 retrain_resort_every: int | None = None, retrain_beta: float | None = None,
+                 parent_std: float = 0.0, parent_scale: float = 1.0,
                  parent_rule: str = PARENT_RULES[0], min_correlation: float = 0.5, docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
     ``unturn_results.json``/``.md`` and the figure into ``out`` (and ``docs``)."""
@@ -217,6 +224,9 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     if retrain_resort_every is not None and (isinstance(retrain_resort_every, bool) or not isinstance(retrain_resort_every, int)
                                              or retrain_resort_every < 0):
         raise ValueError(f"retrain_resort_every must be an integer >= 0 (0: never; None: the recipe's), got {retrain_resort_every!r}")
+    if retrain_beta is not None and (study_mode(mode)[0] != "every" or not (math.isfinite(retrain_beta) and retrain_beta >= 0)):
+        raise ValueError(f"retrain_beta must be a finite number >= 0 (the inner prefixes' scale) with an 'every' mode, "
+                         f"got {retrain_beta} with mode {mode!r}")
     check_settings(min_correlation=min_correlation, parent_rule=parent_rule)
     # refuses a q outside (0, 0.83], a bad parent_std or parent_scale now
     toys = {q: with_parent_scale(with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std), parent_scale)
@@ -224,11 +234,12 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     start = time.perf_counter()
     settings = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                 "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-                "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
+                "retrain_beta": retrain_beta, "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
     print(f"unturn: {_settings_text(settings)}, q in {list(qs)} (and the control, trained on without the "
           f"re-basing); {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
-                        retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, parent_rule=parent_rule,
+                        retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, retrain_beta=retrain_beta,
+                        parent_rule=parent_rule,
                         min_correlation=min_correlation)
              for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
@@ -315,8 +326,10 @@ def _settings_text(settings: dict) -> str:
     warm = "the recipe's warm-up" if warmup is None else f"warm-up {warmup:g} of the steps"
     resort = ("the recipe's re-sort" if resort_every is None
               else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
+    beta = settings.get("retrain_beta")
+    inner = "" if beta is None else f"; inner prefixes ×{beta:g}"
     return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {order}), then "
-            f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}); "
+            f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}{inner}); "
             f"parents' magnitude std {settings.get('parent_std', 0):g}{_scale_text(settings.get('parent_scale', 1))}, parent rule "
             f"{settings.get('parent_rule', PARENT_RULES[0])}, min correlation {settings.get('min_correlation', 0.5):g}; "
             f"{settings['seeds']} seeds per q")
