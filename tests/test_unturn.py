@@ -498,3 +498,32 @@ def test_children_last_moves_only_the_rebased_children_and_their_indices_follow(
     rest = [i for i in range(sae.config.n) if i not in children]
     kept = [i for i in rest if i not in {m.parent for m in moved_last}]
     assert torch.equal(sae.W_dec.detach()[kept], before_others)
+
+
+def test_batchtopk_cuts_the_smallest_true_codes_of_the_unequal_toy():
+    """The README's reading of why BatchTopK leaves the basin ("The batch selection drops that
+    family's parent"): on the true dictionary of the q = 1/2 toy, half the batches of 200 hold more
+    firings than the budget, and the cut falls on family A's parent and family C's child, the
+    frequent features with the shortest true directions (their codes are the smallest)."""
+    spec = family_toy_spec("unequal-q0.5")
+    toy = ToyModel(spec)
+    sae = RunSpec(spec, "every-b0.2-batchtopk-fromtruth", 0, 1).build_sae(toy).train()
+    generator = torch.Generator().manual_seed(3)
+    fired, cut, over = torch.zeros(toy.num_features), torch.zeros(toy.num_features), 0
+    with torch.no_grad():
+        for _ in range(500):
+            x, acts = toy.sample(200, generator)
+            kept, true = sae.dense_acts(x) > 0, acts > 0
+            fired += true.sum(0)
+            cut += (true & ~kept).sum(0)
+            over += int(true.sum() > sae.batch_budget(200))
+    share = cut / fired
+    (parent_a, _, _), _, (_, child_c, _) = toy.family_planes()
+    assert 0.4 < over / 500 < 0.6
+    assert float(share[parent_a]) == pytest.approx(0.068, abs=0.02)
+    assert float(share[child_c]) == pytest.approx(0.37, abs=0.05)
+    others = [f for f in range(toy.num_features) if f not in (parent_a, child_c)]
+    assert float(share[others].max()) < 0.005
+    norms = toy.directions.norm(dim=1)
+    frequent = [f for f in range(toy.num_features) if float(toy.marginal_probabilities()[f]) >= 0.05]
+    assert sorted(frequent, key=lambda f: float(norms[f]))[:2] == sorted([parent_a, child_c], key=lambda f: float(norms[f]))
