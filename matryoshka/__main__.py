@@ -224,6 +224,7 @@ def unturn_cmd(args: argparse.Namespace) -> None:
                         jobs=args.jobs, retrain=args.retrain, order=args.order, retrain_warmup=args.retrain_warmup,
                         retrain_resort_every=args.retrain_resort_every, parent_std=args.parent_std,
                         parent_scale=args.parent_scale, retrain_beta=args.retrain_beta,
+                        retrain_budget=args.retrain_budget,
                         parent_rule=args.parent_rule, min_correlation=args.min_correlation, docs=None if args.quick or not args.docs else Path(args.docs))
 
 
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     rebase.add_argument("--retrain-beta", type=float, default=None,
                         help="the inner prefixes' scale β while training on, for an 'every' mode (0: the full "
                              "prefix alone; default: the mode's, 0.2 in the recipe)")
+    rebase.add_argument("--retrain-budget", type=float, default=1.0,
+                        help="multiply BatchTopK's k (the share of the batch it keeps) while training on, for a "
+                             "BatchTopK mode (default: %(default)s)")
     rebase.add_argument("--parent-std", type=float, default=0.0,
                         help="standard deviation of each family parent's magnitude, of mean 1 (default: %(default)s, "
                              "fixed magnitudes)")

@@ -26,7 +26,9 @@ until the trainer's first re-sort puts it back, and that pull acts during the le
 so the two are varied apart.  ``retrain_beta`` (``--retrain-beta``; ``None``: the mode's) scales the
 inner prefixes of both stages trained on (``TrainConfig.balance_beta``): the objective's pull on a
 child out of its place comes from the prefixes between it and its parent, and at β = 0 there are
-none.  ``parent_std`` (``--parent-std``): each family parent's magnitude
+none.  ``retrain_budget`` (``--retrain-budget``; a BatchTopK mode only) multiplies the share of the
+batch BatchTopK keeps (its ``k``) while training on: whether the batch's cut of the smallest true
+codes is what takes BatchTopK out of the basin.  ``parent_std`` (``--parent-std``): each family parent's magnitude
 drawn from a normal law of mean 1 and that standard deviation instead of fixed at 1
 (:func:`with_parent_std`); ``parent_scale`` (``--parent-scale``): each family parent's magnitude
 multiplied by it where its most frequent child fires (:func:`with_parent_scale`: a parent whose
@@ -63,8 +65,8 @@ from ..metrics import cosine_matrix, evaluate
 from ..toy import ToyModel
 from ..train import train
 from ..unturn import PARENT_RULES, Rebasing, check_settings, reorder, unturn
-from .common import (RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, study_mode, summarize,
-                     write_outputs)
+from .common import (RUN_CACHE, RunSpec, fmt, format_table, one_thread, run_many, runs_line, study_activation,
+                     study_mode, summarize, write_outputs)
 from .hedging import UNEQUAL_PREFIX, family_toy_spec
 from .orthogonality import share_interval
 from .turn_dynamics import END_STATES, end_state
@@ -102,6 +104,7 @@ class UnturnSpec:
     retrain_warmup: float | None = None
     retrain_resort_every: int | None = None
     retrain_beta: float | None = None
+    retrain_budget: float = 1.0
     parent_rule: str = PARENT_RULES[0]
     min_correlation: float = 0.5
 
@@ -133,6 +136,8 @@ def run_unturn(spec: UnturnSpec) -> dict:
                                     target_l0=config.target_l0 if spec.retrain == "recipe" else None,
                                     **spec.retrain_overrides())
         for name, model in zip(TRAINED_ON, (sae, control)):
+            if spec.retrain_budget != 1:  # a BatchTopK SAE (the study checks): keep more of each batch
+                model.config.k *= spec.retrain_budget
             history = train(model, lambda rows, g: toy.sample(rows, g)[0], again).history
             coefficients = [row["sparsity_coeff"] for row in history]
             stages[name] = {**_measure(model, toy), "coeff_max": max(coefficients), "coeff_end": coefficients[-1]}
@@ -208,7 +213,7 @@ def _entangled(cos: torch.Tensor, toy: ToyModel) -> list[bool]:
 def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAULT_MODE, steps: int = DEFAULT_STEPS,
                  retrain_steps: int = DEFAULT_RETRAIN_STEPS, seeds: int = DEFAULT_SEEDS, jobs: int = 1,
                  retrain: str = RETRAINS[0], order: str = ORDERS[0], retrain_warmup: float | None = None,
-                 retrain_resort_every: int | None = None, retrain_beta: float | None = None,
+                 retrain_resort_every: int | None = None, retrain_beta: float | None = None, retrain_budget: float = 1.0,
                  parent_std: float = 0.0, parent_scale: float = 1.0,
                  parent_rule: str = PARENT_RULES[0], min_correlation: float = 0.5, docs: Path | None = None) -> dict:
     """Run ``seeds`` runs on each ``unequal-q<q>`` toy, report (module doc) and write
@@ -227,6 +232,9 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     if retrain_beta is not None and (study_mode(mode)[0] != "every" or not (math.isfinite(retrain_beta) and retrain_beta >= 0)):
         raise ValueError(f"retrain_beta must be a finite number >= 0 (the inner prefixes' scale) with an 'every' mode, "
                          f"got {retrain_beta} with mode {mode!r}")
+    if retrain_budget != 1 and (study_activation(mode) != "batchtopk" or not (math.isfinite(retrain_budget) and retrain_budget > 0)):
+        raise ValueError(f"retrain_budget must be a finite number > 0 (a multiple of BatchTopK's k) with a BatchTopK mode, "
+                         f"got {retrain_budget} with mode {mode!r}")
     check_settings(min_correlation=min_correlation, parent_rule=parent_rule)
     # refuses a q outside (0, 0.83], a bad parent_std or parent_scale now
     toys = {q: with_parent_scale(with_parent_std(family_toy_spec(f"{UNEQUAL_PREFIX}{q:g}"), parent_std), parent_scale)
@@ -234,12 +242,12 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     start = time.perf_counter()
     settings = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                 "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-                "retrain_beta": retrain_beta, "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
+                "retrain_beta": retrain_beta, "retrain_budget": retrain_budget, "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
     print(f"unturn: {_settings_text(settings)}, q in {list(qs)} (and the control, trained on without the "
           f"re-basing); {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
                         retrain_warmup=retrain_warmup, retrain_resort_every=retrain_resort_every, retrain_beta=retrain_beta,
-                        parent_rule=parent_rule,
+                        retrain_budget=retrain_budget, parent_rule=parent_rule,
                         min_correlation=min_correlation)
              for q in qs for seed in range(seeds)]
     results = run_many(specs, jobs, desc="unturn", worker=run_unturn, cache=out / RUN_CACHE)
@@ -327,7 +335,8 @@ def _settings_text(settings: dict) -> str:
     resort = ("the recipe's re-sort" if resort_every is None
               else "never re-sorted" if resort_every == 0 else f"re-sorted every {resort_every} steps")
     beta = settings.get("retrain_beta")
-    inner = "" if beta is None else f"; inner prefixes ×{beta:g}"
+    budget = settings.get("retrain_budget", 1)
+    inner = ("" if beta is None else f"; inner prefixes ×{beta:g}") + ("" if budget == 1 else f"; BatchTopK's k ×{budget:g}")
     return (f"{settings['mode']}, {settings['steps']} steps, re-based (order: {order}), then "
             f"{settings['retrain_steps']} more ({_RETRAIN_TEXT[settings.get('retrain', 'recipe')]}; {warm}, {resort}{inner}); "
             f"parents' magnitude std {settings.get('parent_std', 0):g}{_scale_text(settings.get('parent_scale', 1))}, parent rule "
