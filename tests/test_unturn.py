@@ -556,3 +556,17 @@ def test_the_command_line_passes_the_retrain_budget(tmp_path, capsys):
               "--mode", "every-b0.2-batchtopk-orth3", "--retrain-budget", "0"])
     captured = capsys.readouterr()
     assert "retrain_budget must be a finite number > 0" in captured.err + captured.out  # the study refused it: it got there
+
+
+def test_the_study_gives_its_retrain_settings_to_every_run(tmp_path, monkeypatch):
+    given = []
+
+    def recording_run_many(specs, *args, **kwargs):
+        given.extend(specs)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(study, "run_many", recording_run_many)
+    with pytest.raises(KeyboardInterrupt):
+        study.unturn_study(tmp_path, qs=(0.5, 0.7), steps=10, retrain_steps=10, seeds=2, mode="every-b0.2-batchtopk-orth3",
+                           retrain_budget=1.3, retrain_beta=0.5)
+    assert len(given) == 4 and all((s.retrain_budget, s.retrain_beta) == (1.3, 0.5) for s in given)
