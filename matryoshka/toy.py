@@ -14,9 +14,10 @@ A model is built from a plain (JSON-able) spec::
 * ``magnitude`` is a number (a constant, e.g. ``1.0`` for binary features) or ``{"mean", "std"}``
   (Gaussian, clipped at 0 so that an active feature never points backwards).
 * ``parent_scale`` (a child's, default 1): its parent's magnitude is multiplied by it on the
-  samples where this child fires, so a parent's magnitude can depend on which child fires.  Such a
-  family's inputs are those of a parent of fixed magnitude whose child's direction leans towards it
-  (``s·p + c = p + ((s − 1)p + c)``): no rule on the inputs alone can tell the two apart.
+  samples where this child fires, so a parent's magnitude can depend on which child fires.  With a
+  parent of fixed magnitude, such a family's inputs are those of a parent whose magnitude does not
+  depend on the child but whose child's direction leans towards it (``s·p + c = p + ((s − 1)p + c)``):
+  no rule on the inputs alone can tell the two apart.
 
 Features are numbered depth-first (a parent, then its subtree), which is also the order used by
 every plot and metric.  Directions are the first ``F`` columns of the Q of a seeded Gaussian matrix's

@@ -170,7 +170,8 @@ def with_parent_scale(toy_spec: dict, scale: float) -> dict:
     """``toy_spec`` with each family parent's magnitude multiplied by ``scale`` on the samples where its
     most frequent child fires (the toy's ``parent_scale``), so that the parent's magnitude depends on
     which child fires; ``scale = 1``: ``toy_spec`` itself.  Such inputs are also those of a parent of
-    fixed magnitude whose child leans towards it by ``atan(scale − 1)`` (the toy's module doc)."""
+    fixed magnitude whose child leans towards it, by ``atan(scale − 1)`` for directions of equal norm
+    (the toy's module doc)."""
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"parent_scale must be a finite number > 0, got {scale}")
     if scale == 1:
@@ -242,7 +243,8 @@ def unturn_study(out: Path, qs: Sequence[float] = DEFAULT_QS, mode: str = DEFAUL
     start = time.perf_counter()
     settings = {"mode": mode, "qs": list(qs), "steps": steps, "retrain_steps": retrain_steps, "retrain": retrain,
                 "order": order, "retrain_warmup": retrain_warmup, "retrain_resort_every": retrain_resort_every,
-                "retrain_beta": retrain_beta, "retrain_budget": retrain_budget, "parent_std": parent_std, "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
+                "retrain_beta": retrain_beta, "retrain_budget": retrain_budget, "parent_std": parent_std,
+                "parent_scale": parent_scale, "parent_rule": parent_rule, "min_correlation": min_correlation, "seeds": seeds}
     print(f"unturn: {_settings_text(settings)}, q in {list(qs)} (and the control, trained on without the "
           f"re-basing); {jobs} process(es)")
     specs = [UnturnSpec(toys[q], mode, seed, steps, retrain_steps, retrain=retrain, order=order,
